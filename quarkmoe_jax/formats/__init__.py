@@ -1,0 +1,45 @@
+"""Number formats: element codecs, OCP MX block quantization and FP8 / INT8 activation quantizers."""
+
+from quarkmoe_jax.formats.elements import (
+    BFLOAT16,
+    E2M1,
+    E2M3,
+    E3M2,
+    E4M3FN,
+    E8M0_NAN,
+    FLOAT16,
+    FLOAT32,
+    FloatFormat,
+    decode,
+    e8m0_decode,
+    e8m0_encode,
+    e8m0_is_nan,
+    element_format,
+    encode,
+)
+from quarkmoe_jax.formats.mx import (
+    MX_BLOCK_SIZE,
+    MX_FORMATS,
+    MXFP4,
+    MXFP6_E2M3,
+    MXFP6_E3M2,
+    SCALE_MODES,
+    MXFormat,
+    MXTensor,
+    block_scale_exponents,
+    dequantize,
+    mx_format,
+    pack_codes,
+    quant_dequant,
+    quantize,
+    unpack_codes,
+)
+from quarkmoe_jax.formats.quantizers import (
+    FP8_E4M3_MAX,
+    fp8_dequantize,
+    fp8_quant_dequant,
+    fp8_quantize,
+    int8_dequantize,
+    int8_quant_dequant,
+    int8_quantize,
+)

@@ -1,0 +1,183 @@
+"""Generate golden MX vectors with amd-quark's own quantizer (run once, offline; CI only reads the .npz).
+
+Environment (separate from the project's, Python 3.11, CPU torch):
+    python3 -m venv /tmp/quark-env
+    /tmp/quark-env/bin/pip install torch==2.13.0 amd-quark==0.13 transformers numpy
+    /tmp/quark-env/bin/python tests/golden/generate_quark_golden.py
+
+For each element format (fp4, fp6_e3m2, fp6_e2m3), scale mode (even, floor, ceil) and input dtype
+(float32, bfloat16) this runs exactly the path Quark's exporter takes for a weight:
+``PerBlockMXObserver`` -> ``get_scale`` -> ``scaled_real_quantize`` -> ``Pack_fp4``/``Pack_fp6`` ->
+``to_e8m0_uint8``, plus the fake-quant (QDQ) output of the same ``FakeQuantize`` module. Output files:
+``data/quark_mx_<fmt>_<mode>_<dtype>.npz`` with ``x_bits`` (input bit patterns), ``packed`` (uint8 codes in
+Quark's layout), ``scales`` (uint8 E8M0), ``qdq_bits`` (fake-quant output bit patterns) and ``case`` (one label
+per row). Rows of NaN/Inf inputs are in separate ``nonfinite`` files: Quark's behaviour there is recorded,
+not promised.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+import quark.torch.kernel  # noqa: F401  (registers torch.ops.quark)
+from quark.torch.quantization.config.config import OCP_MXFP4Spec, OCP_MXFP6E2M3Spec, OCP_MXFP6E3M2Spec
+from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
+from quark.torch.utils.numerics import to_e8m0_uint8
+from quark.torch.utils.pack import create_pack_method
+
+OUT = pathlib.Path(__file__).parent / "data"
+K = 128  # elements per row = 4 blocks of 32
+SPECS = {"fp4": OCP_MXFP4Spec, "fp6_e3m2": OCP_MXFP6E3M2Spec, "fp6_e2m3": OCP_MXFP6E2M3Spec}
+GRID = {  # representable magnitudes of each element format
+    "fp4": [0, 0.5, 1, 1.5, 2, 3, 4, 6],
+    "fp6_e3m2": sorted({m / 4 * 2.0**e for e in range(-2, 5) for m in range(4, 8)} | {k / 16 for k in range(4)}),
+    "fp6_e2m3": sorted({m / 8 * 2.0**e for e in range(0, 3) for m in range(8, 16)} | {k / 8 for k in range(8)}),
+}
+
+
+def rows_for(fmt: str, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    rows: list[np.ndarray] = []
+    labels: list[str] = []
+
+    def add(label: str, row) -> None:
+        row = np.asarray(row, dtype=np.float64)
+        assert row.shape == (K,), (label, row.shape)
+        rows.append(row)
+        labels.append(label)
+
+    for mag in [1.0, 1e-3, 1e3, 2.0**-60, 2.0**60]:
+        for _ in range(4):
+            add(f"gauss_{mag:g}", rng.standard_normal(K) * mag)
+    for _ in range(4):
+        add("student_t3", rng.standard_t(3, K))
+    add("uniform", rng.uniform(-1, 1, K))
+
+    grid = np.array(GRID[fmt])
+    mids = (grid[1:] + grid[:-1]) / 2  # exact ties between neighbours
+    top = grid[-1]
+    for scale_exp in [0, -3, 5]:
+        s = 2.0**scale_exp
+        # pin the block amax to the top grid value so the scale is exactly s in every mode
+        body = np.concatenate([mids, -mids, grid, -grid])
+        body = np.resize(body, K)
+        for b in range(0, K, 32):
+            body[b] = top
+        add(f"ties_scale2^{scale_exp}", body * s)
+    # just above / below each tie
+    body = np.resize(np.concatenate([np.nextafter(mids, 0), np.nextafter(mids, 10)]), K)
+    for b in range(0, K, 32):
+        body[b] = top
+    add("near_ties", body)
+
+    # amax around the even-rounding thresholds and saturation
+    for amax in [top * 1.1, top * 1.15, top * 1.16, 6.9, 7.0, 7.5, 7.49, 28, 29, 30, 31, 1.75, 1.875, 1.9375, 1.99]:
+        row = rng.uniform(-1, 1, K) * amax * 0.9
+        for b in range(0, K, 32):
+            row[b + 5] = amax
+            row[b + 7] = -amax
+        add(f"amax_{amax:g}", row)
+
+    # exact powers of two and the float32 neighbours just below / above them
+    for k in [-130, -127, -126, -100, -20, -3, -1, 0, 1, 2, 3, 7, 20, 60, 100, 125, 126, 127]:
+        p = np.float32(2.0**k)
+        for tag, v in [("pow2", p), ("below", np.nextafter(p, np.float32(0))), ("above", np.nextafter(p, np.float32(np.inf)))]:
+            if not np.isfinite(v) or v == 0:
+                continue
+            row = rng.uniform(-1, 1, K) * float(v)
+            for b in range(0, K, 32):
+                row[b + 3] = float(v)
+            add(f"amax_{tag}_2^{k}", row)
+    # significands just under 2.0 at many exponents (log2 rounding in floor / ceil modes)
+    for k in [-140, -120, -60, -10, 2, 3, 10, 40, 100, 126]:
+        for ulps in [1, 2, 3, 8, 64]:
+            v = np.float32(2.0 ** (k + 1))
+            for _ in range(ulps):
+                v = np.nextafter(v, np.float32(0))
+            row = rng.uniform(-1, 1, K) * float(v)
+            for b in range(0, K, 32):
+                row[b + 1] = float(v)
+            add(f"sig_below2_{ulps}ulp_2^{k}", row)
+
+    # zero and single-element blocks, subnormal inputs, huge values
+    add("all_zero", np.zeros(K))
+    row = np.zeros(K)
+    row[::32] = 1.0
+    add("one_nonzero_per_block", row)
+    row = np.zeros(K)
+    row[5::32] = -3.25
+    add("one_negative_per_block", row)
+    add("subnormal_f32", rng.uniform(-1, 1, K) * 2.0**-135)
+    add("mixed_tiny", np.concatenate([np.zeros(32), rng.standard_normal(32) * 2.0**-149 * 64, rng.standard_normal(32) * 2.0**-126, rng.standard_normal(32)]))
+    add("huge", rng.uniform(-1, 1, K) * 3.0e38)
+    add("float32_max", np.full(K, float(np.finfo(np.float32).max)) * np.resize([1, -1, 0.5, -0.25], K))
+    add("negative_zero", np.resize([-0.0, 0.0, -1e-30, 1.0], K))
+    return np.stack(rows), labels
+
+
+def nonfinite_rows(rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+    rows, labels = [], []
+    base = rng.standard_normal(K)
+    for label, pos, val in [("inf", 3, np.inf), ("neg_inf", 40, -np.inf), ("nan", 70, np.nan)]:
+        row = base.copy()
+        row[pos] = val
+        rows.append(row)
+        labels.append(label)
+    return np.stack(rows), labels
+
+
+def quark_mx(x: torch.Tensor, fmt: str, mode: str) -> dict[str, np.ndarray]:
+    spec = SPECS[fmt](ch_axis=-1, is_dynamic=False, scale_calculation_mode=mode).to_quantization_spec()
+    fq = FakeQuantizeBase.get_fake_quantize(spec)
+    qdq = fq(x)
+    codes = quark.torch.kernel.scaled_real_quantize(
+        fmt, x, fq.scale, fq.zero_point, -1, 32, fq.quant_min, fq.quant_max, 8, "per_group"
+    )
+    packed = create_pack_method("per_group", fmt).pack(codes, False)
+    return {
+        "packed": packed.numpy().astype(np.uint8),
+        "scales": to_e8m0_uint8(fq.scale).numpy().astype(np.uint8),
+        "qdq": qdq,
+    }
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.float32:
+        return t.view(torch.int32).numpy().view(np.uint32)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def main() -> None:
+    import quark
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta = {"amd_quark": quark.__version__, "torch": torch.__version__, "files": []}
+    for fmt in SPECS:
+        rng = np.random.default_rng(abs(hash(fmt)) % 2**32 if False else {"fp4": 4, "fp6_e3m2": 63, "fp6_e2m3": 62}[fmt])
+        x64, labels = rows_for(fmt, rng)
+        xn, nlabels = nonfinite_rows(rng)
+        for dtype_name, tdtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+            for mode in ["even", "floor", "ceil"]:
+                for tag, data, lab in [("", x64, labels), ("_nonfinite", xn, nlabels)]:
+                    x = torch.tensor(data, dtype=torch.float32).to(tdtype)
+                    r = quark_mx(x, fmt, mode)
+                    name = f"quark_mx_{fmt}_{mode}_{dtype_name}{tag}.npz"
+                    np.savez_compressed(
+                        OUT / name,
+                        x_bits=bits(x),
+                        packed=r["packed"],
+                        scales=r["scales"],
+                        qdq_bits=bits(r["qdq"].to(tdtype)),
+                        case=np.array(lab),
+                    )
+                    meta["files"].append(name)
+    (OUT / "quark_mx_meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print("wrote", len(meta["files"]), "files to", OUT, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
