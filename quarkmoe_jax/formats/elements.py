@@ -178,7 +178,7 @@ def compose_bits(sign, significand, exponent, fmt: FloatFormat):
     return sign_bit | magnitude
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parts_tables(fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
     """Per magnitude code: integer significand and exponent with value = significand * 2^exponent."""
     codes = np.arange(1 << (fmt.ebits + fmt.mbits))
@@ -189,7 +189,7 @@ def _parts_tables(fmt: FloatFormat) -> tuple[np.ndarray, np.ndarray]:
     return significand, exponent
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def decode_table(fmt: FloatFormat) -> np.ndarray:
     """float64 value of every code of an element format (NaN at ``nan_code``), the reference grid."""
     significand, exponent = _parts_tables(fmt)

@@ -174,7 +174,7 @@ _MIN_SUBNORMAL_EXPONENT = {np.float32: -149, ml_dtypes.bfloat16: -133, np.float1
 _LOWEST_BINADE = -149  # float32's smallest subnormal
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log2_rounding_thresholds(dtype_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Where ``dtype(float32(log2(v)))`` leaves the binade ``[2^e, 2^(e+1))``: how Quark's floor/ceil round.
 

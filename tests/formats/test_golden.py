@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import quarkmoe_jax as qm
-from quarkmoe_jax.formats import MX_BLOCK_SIZE, E8M0_NAN
+from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE
 
 DATA = pathlib.Path(__file__).parents[1] / "golden" / "data"
 QUARK_TO_OURS = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3"}

@@ -22,9 +22,8 @@ import pathlib
 import sys
 
 import numpy as np
-import torch
-
 import quark.torch.kernel  # noqa: F401  (registers torch.ops.quark)
+import torch
 from quark.torch.quantization.config.config import OCP_MXFP4Spec, OCP_MXFP6E2M3Spec, OCP_MXFP6E3M2Spec
 from quark.torch.quantization.tensor_quantize import FakeQuantizeBase
 from quark.torch.utils.numerics import to_e8m0_uint8
@@ -32,6 +31,7 @@ from quark.torch.utils.pack import create_pack_method
 
 OUT = pathlib.Path(__file__).parent / "data"
 K = 128  # elements per row = 4 blocks of 32
+SEEDS = {"fp4": 4, "fp6_e3m2": 63, "fp6_e2m3": 62}
 SPECS = {"fp4": OCP_MXFP4Spec, "fp6_e3m2": OCP_MXFP6E3M2Spec, "fp6_e2m3": OCP_MXFP6E2M3Spec}
 GRID = {  # representable magnitudes of each element format
     "fp4": [0, 0.5, 1, 1.5, 2, 3, 4, 6],
@@ -85,7 +85,11 @@ def rows_for(fmt: str, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]
     # exact powers of two and the float32 neighbours just below / above them
     for k in [-130, -127, -126, -100, -20, -3, -1, 0, 1, 2, 3, 7, 20, 60, 100, 125, 126, 127]:
         p = np.float32(2.0**k)
-        for tag, v in [("pow2", p), ("below", np.nextafter(p, np.float32(0))), ("above", np.nextafter(p, np.float32(np.inf)))]:
+        for tag, v in [
+            ("pow2", p),
+            ("below", np.nextafter(p, np.float32(0))),
+            ("above", np.nextafter(p, np.float32(np.inf))),
+        ]:
             if not np.isfinite(v) or v == 0:
                 continue
             row = rng.uniform(-1, 1, K) * float(v)
@@ -112,7 +116,17 @@ def rows_for(fmt: str, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]
     row[5::32] = -3.25
     add("one_negative_per_block", row)
     add("subnormal_f32", rng.uniform(-1, 1, K) * 2.0**-135)
-    add("mixed_tiny", np.concatenate([np.zeros(32), rng.standard_normal(32) * 2.0**-149 * 64, rng.standard_normal(32) * 2.0**-126, rng.standard_normal(32)]))
+    add(
+        "mixed_tiny",
+        np.concatenate(
+            [
+                np.zeros(32),
+                rng.standard_normal(32) * 2.0**-149 * 64,
+                rng.standard_normal(32) * 2.0**-126,
+                rng.standard_normal(32),
+            ]
+        ),
+    )
     add("huge", rng.uniform(-1, 1, K) * 3.0e38)
     add("float32_max", np.full(K, float(np.finfo(np.float32).max)) * np.resize([1, -1, 0.5, -0.25], K))
     add("negative_zero", np.resize([-0.0, 0.0, -1e-30, 1.0], K))
@@ -157,7 +171,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"amd_quark": quark.__version__, "torch": torch.__version__, "files": []}
     for fmt in SPECS:
-        rng = np.random.default_rng(abs(hash(fmt)) % 2**32 if False else {"fp4": 4, "fp6_e3m2": 63, "fp6_e2m3": 62}[fmt])
+        rng = np.random.default_rng(SEEDS[fmt])
         x64, labels = rows_for(fmt, rng)
         xn, nlabels = nonfinite_rows(rng)
         for dtype_name, tdtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:

@@ -1,0 +1,147 @@
+"""``quarkmoe`` command line: thin wrappers over the public API.
+
+Subcommands:
+  demo   quantize a seeded random expert weight in every format; print error, bytes and round-trip checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import quarkmoe_jax as qm
+from quarkmoe_jax.formats import quantizers
+
+# Relative RMS error of each MX format on Gaussian data (N = 4M, blocks of 32; performance_floors.md §5).
+REFERENCE_GAUSSIAN_REL_RMS = {"mxfp4": 0.115, "mxfp6_e3m2": 0.054, "mxfp6_e2m3": 0.028}
+
+
+def _rel_rms(approx: np.ndarray, exact: np.ndarray) -> float:
+    approx, exact = approx.astype(np.float64), exact.astype(np.float64)
+    return float(np.sqrt(np.mean((approx - exact) ** 2) / np.mean(exact**2)))
+
+
+def demo_rows(shape: tuple[int, int] = (2048, 4096), seed: int = 0) -> list[dict]:
+    """Quantize one seeded Gaussian expert weight ``[N, K]`` (float32) in every format.
+
+    Returns one dict per format/scale rule: relative RMS error, storage bytes per weight and round-trip
+    checks (dequantize(quantize(w)) == quant_dequant(w) bit for bit, unpack∘pack is the identity,
+    re-quantizing the dequantized weight reproduces the same bytes).
+    """
+    w = jax.random.normal(jax.random.key(seed), shape, jnp.float32) * 0.02
+    w_np = np.asarray(w)
+    rows = []
+    quantize = jax.jit(qm.quantize, static_argnums=(1, 2))
+    quant_dequant = jax.jit(qm.quant_dequant, static_argnums=(1, 2))
+    for name, fmt in qm.MX_FORMATS.items():
+        for mode in ("even", "floor"):
+            t = quantize(w, name, mode)
+            deq = t.dequantize(jnp.float32)
+            qdq = quant_dequant(w, name, mode)
+            again = quantize(deq, name, mode)
+            codes = t.codes()
+            checks = {
+                "dequantize == quant_dequant": bool(jnp.array_equal(deq, qdq)),
+                "unpack∘pack == id": bool(jnp.array_equal(qm.formats.pack_codes(codes, fmt), t.packed)),
+                "requantize stable": bool(
+                    jnp.array_equal(again.packed, t.packed) and jnp.array_equal(again.scales, t.scales)
+                ),
+            }
+            rows.append(
+                {
+                    "format": name,
+                    "scale": f"e8m0 {mode}",
+                    "rel_rms": _rel_rms(np.asarray(deq), w_np),
+                    "reference": REFERENCE_GAUSSIAN_REL_RMS[name],
+                    "bytes_per_weight": t.nbytes / w.size,
+                    "checks": checks,
+                }
+            )
+    for label, quant, dequant in [
+        ("fp8_e4m3", quantizers.fp8_quantize, quantizers.fp8_dequantize),
+        ("int8", quantizers.int8_quantize, quantizers.int8_dequantize),
+    ]:
+        # Per output channel (one scale per row of W [N, K]) with Quark's weight numerics.
+        q, s = quant(w, granularity="token", semantics="quark")
+        if label == "int8":
+            deq = dequant(q, s, jnp.float32)
+        else:
+            deq = dequant(q, s, jnp.float32, semantics="quark")
+        if label == "int8":
+            # Rounding error is at most half a step. Quark's s = amax/127.5 puts the row maximum on the
+            # 127.5 tie (saturated to 127), so allow the float32 rounding of s itself (~128 ulps of amax).
+            check = {"|error| <= scale/2": bool(jnp.all(jnp.abs(deq - w) <= s * (0.5 + 2.0**-12)))}
+        else:
+            check = {
+                "requantize stable": bool(jnp.array_equal(quant(deq, granularity="token", semantics="quark")[0], q))
+            }
+        rows.append(
+            {
+                "format": label,
+                "scale": "fp32 per-channel",
+                "rel_rms": _rel_rms(np.asarray(deq), w_np),
+                "reference": None,
+                "bytes_per_weight": (q.size * 1 + s.size * 4) / w.size,
+                "checks": check,
+            }
+        )
+    return rows
+
+
+def _print_table(rows: list[dict], out=None) -> None:
+    out = out or sys.stdout
+    header = f"{'format':<12} {'scale':<18} {'rel RMS err':>11} {'expected':>9} {'bytes/weight':>13}  round-trip"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for r in rows:
+        ref = f"{r['reference']:.3f}" if r["reference"] is not None else "-"
+        ok = "ok" if all(r["checks"].values()) else "FAILED: " + ", ".join(k for k, v in r["checks"].items() if not v)
+        print(
+            f"{r['format']:<12} {r['scale']:<18} {r['rel_rms']:>11.4f} {ref:>9} {r['bytes_per_weight']:>13.4f}  {ok}",
+            file=out,
+        )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    rows = demo_rows((args.rows, args.cols), args.seed)
+    print(
+        f"quarkmoe-jax {qm.__version__} on {jax.devices()[0].platform}: seeded Gaussian expert weight "
+        f"[{args.rows}, {args.cols}] (std 0.02, seed {args.seed}); bf16 = 2 bytes/weight\n"
+    )
+    _print_table(rows)
+    print(f"\n({time.perf_counter() - start:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    failed = [r for r in rows if not all(r["checks"].values())]
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quarkmoe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="quantize a seeded random expert weight in every format")
+    demo.add_argument("--rows", type=int, default=2048, help="output channels N (default 2048)")
+    demo.add_argument("--cols", type=int, default=4096, help="input channels K, a multiple of 32 (default 4096)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", help="also write the table as JSON to this path")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
