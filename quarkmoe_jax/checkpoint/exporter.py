@@ -1,0 +1,273 @@
+"""Write Quark-format checkpoints from float weights: the inverse of the loader.
+
+``export_quark_checkpoint(source, out_dir, scheme)`` quantizes every MoE layer's routed experts (and shared
+experts) with the project's codecs, using Quark's weight numerics (MX: ``quantize`` bit-exact to Quark's
+exporter; INT8: symmetric ``amax / 127.5`` per channel or per tensor, round half to even; FP8:
+``amax / 448``), writes Quark's tensor names, dtypes and layouts (``.weight`` codes, ``.weight_scale``,
+``.input_scale`` for static activations, INT8 zero points), copies every other tensor unchanged, and writes a
+``config.json`` whose ``quantization_config`` is what Quark writes (``quant_method: quark``, ``export``
+block, ``global_quant_config``, ``exclude`` listing the non-expert linear layers).
+
+Scheme names are those the loader reports (:data:`EXPORT_SCHEMES`): ``w_mxfp4``, ``w_mxfp4_a_mxfp4``,
+``w_mxfp6_e2m3_a_fp8``, ``w_mxfp4_a_fp8_dynamic_token``, ``w8a8_int8_channel_dynamic_token``,
+``w8a8_fp8_tensor_static``, …
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+import quarkmoe_jax as qm
+from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, save_file
+from quarkmoe_jax.config import LayerQuantConfig
+from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers
+from quarkmoe_jax.schemes import get_moe_scheme
+
+__all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint"]
+
+_MX = {"mxfp4": "fp4", "mxfp6_e3m2": "fp6_e3m2", "mxfp6_e2m3": "fp6_e2m3"}
+_MX_ACTIVATIONS = [None, "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "fp8", "fp8_dynamic_token", "fp8_dynamic_tensor"]
+EXPORT_SCHEMES: tuple[str, ...] = tuple(
+    [f"w_{w}" + (f"_a_{a}" if a else "") for w in _MX for a in _MX_ACTIVATIONS]
+    + [
+        f"w8a8_{kind}_{wg}_{ag}"
+        for kind in ("int8", "fp8")
+        for wg in ("channel", "tensor")
+        for ag in ("static", "dynamic_token", "dynamic_tensor")
+    ]
+)
+
+
+def _mx_spec(quark_dtype: str, dynamic: bool, scale_mode: str) -> dict[str, Any]:
+    return {
+        "dtype": quark_dtype,
+        "is_dynamic": dynamic,
+        "qscheme": "per_group",
+        "ch_axis": -1,
+        "group_size": MX_BLOCK_SIZE,
+        "symmetric": None,
+        "round_method": "half_even",
+        "scale_type": "float",
+        "scale_format": "e8m0",
+        "scale_calculation_mode": scale_mode,
+        "mx_element_dtype": None,
+        "observer_cls": "PerBlockMXObserver",
+    }
+
+
+def _linear_spec(dtype: str, qscheme: str, dynamic: bool, ch_axis: int | None) -> dict[str, Any]:
+    return {
+        "dtype": dtype,
+        "is_dynamic": dynamic,
+        "qscheme": qscheme,
+        "ch_axis": ch_axis,
+        "group_size": None,
+        "symmetric": True,
+        "round_method": "half_even",
+        "scale_type": "float",
+        "scale_format": None,
+        "scale_calculation_mode": None,
+        "mx_element_dtype": None,
+        "observer_cls": "PerChannelMinMaxObserver" if qscheme == "per_channel" else "PerTensorMinMaxObserver",
+    }
+
+
+def scheme_layer_config(scheme: str, scale_mode: str = "even") -> LayerQuantConfig:
+    """The Quark layer config (weight / input_tensors specs) of a named scheme."""
+    if scheme not in EXPORT_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {list(EXPORT_SCHEMES)}")
+    if scheme.startswith("w8a8_"):
+        _, kind, wg, ag = scheme.split("_", 3)
+        dtype = "int8" if kind == "int8" else "fp8_e4m3"
+        weight = _linear_spec(
+            dtype, "per_channel" if wg == "channel" else "per_tensor", False, 0 if wg == "channel" else None
+        )
+        if ag == "static":
+            act = _linear_spec(dtype, "per_tensor", False, None)
+        else:
+            token = ag == "dynamic_token"
+            act = _linear_spec(dtype, "per_channel" if token else "per_tensor", True, -1 if token else None)
+    else:
+        match = re.fullmatch(r"w_(mxfp\w+?)(?:_a_(.+))?", scheme)
+        weight = _mx_spec(_MX[match[1]], False, scale_mode)
+        a = match[2]
+        if a is None:
+            act = None
+        elif a in _MX:
+            act = _mx_spec(_MX[a], True, scale_mode)
+        elif a == "fp8":
+            act = _linear_spec("fp8_e4m3", "per_tensor", False, None)
+        else:
+            token = a.endswith("token")
+            act = _linear_spec("fp8_e4m3", "per_channel" if token else "per_tensor", True, -1 if token else None)
+    return LayerQuantConfig.from_dict(
+        {"weight": weight, "input_tensors": act, "output_tensors": None, "bias": None}, f"scheme {scheme}"
+    )
+
+
+def _quantize_weight(w: np.ndarray, scheme, scale_mode: str) -> dict[str, np.ndarray]:
+    """Quantize one float weight ``[..., N, K]`` (K = contraction) into Quark's stored tensors."""
+    cfg = scheme.quant_config()
+    w32 = jnp.asarray(np.asarray(w, np.float32))
+    if cfg.weight.kind == "mx":
+        fmt = qm.MX_FORMATS[cfg.weight.mx_format]
+        k = w32.shape[-1]
+        padded = -(-k // MX_BLOCK_SIZE) * MX_BLOCK_SIZE
+        if padded != k:  # Quark pads the last block with zeros and stores the unpadded length
+            w32 = jnp.pad(w32, [(0, 0)] * (w32.ndim - 1) + [(0, padded - k)])
+        t = qm.quantize(w32, fmt, scale_mode)
+        return {
+            "weight": np.asarray(t.packed)[..., : fmt.packed_length(k)],
+            "weight_scale": np.asarray(t.scales)[..., : -(-k // MX_BLOCK_SIZE)],
+        }
+    granularity = "token" if cfg.weight.granularity == "channel" else "tensor"
+    if w32.ndim == 3 and granularity == "tensor":  # one scale per expert of an all-expert tensor
+        parts = [_quantize_weight(np.asarray(w32[e]), scheme, scale_mode) for e in range(w32.shape[0])]
+        return {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    if cfg.weight.kind == "int8":
+        q, s = quantizers.int8_quantize(w32, granularity=granularity, semantics="quark")
+        out = {"weight": np.asarray(q), "weight_scale": np.asarray(s, np.float32)}
+        out["weight_zero_point"] = np.zeros(out["weight_scale"].shape[:-1] if granularity == "token" else (), np.int8)
+    else:
+        q, s = quantizers.fp8_quantize(w32, granularity=granularity, semantics="quark")
+        out = {"weight": np.asarray(q), "weight_scale": np.asarray(s, np.float32)}
+    if granularity == "token":
+        out["weight_scale"] = out["weight_scale"][..., 0]
+    return out
+
+
+def _input_scale(cfg, amax) -> np.ndarray:
+    amax = np.asarray(amax, np.float32)
+    if cfg.activation.kind == "fp8":
+        return amax / np.float32(quantizers.FP8_E4M3_MAX)
+    return amax / np.float32(127.5)
+
+
+def export_quark_checkpoint(
+    source: str | pathlib.Path | tuple[dict[str, Any], Mapping[str, np.ndarray]],
+    out_dir: str | pathlib.Path,
+    scheme: str,
+    *,
+    scale_mode: str = "even",
+    input_amax: float | Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    exclude_layers: tuple[int, ...] = (),
+) -> pathlib.Path:
+    """Quantize a float MoE checkpoint into Quark's format.
+
+    Args:
+      source: a float Hugging Face checkpoint folder, or ``(config_dict, {name: array})``.
+      out_dir: created if needed; receives ``config.json`` and ``model.safetensors``.
+      scheme: one of :data:`EXPORT_SCHEMES`.
+      scale_mode: MX scale rule ("even", "floor", "ceil"), written as ``scale_calculation_mode``.
+      input_amax: calibration for static activation scales: one float for everything, or
+        ``{layer: {"w13": [E] amax of the expert inputs, "w2": [E] amax of the intermediates}}``.
+        Required by static schemes.
+      exclude_layers: MoE layers left unquantized (listed in ``exclude``, as Quark does).
+
+    Returns:
+      ``out_dir`` as a Path.
+    """
+    out_dir = pathlib.Path(out_dir)
+    hf_config, tensors, reader = _open_source(source)
+    try:
+        arch = MoEArchitecture.from_hf_config(hf_config)
+        layer_config = scheme_layer_config(scheme, scale_mode)
+        moe_scheme = get_moe_scheme(layer_config, "quark")
+        if moe_scheme.name != scheme:
+            raise AssertionError(f"scheme preset {scheme} dispatches to {moe_scheme.name}")  # internal invariant
+        cfg = moe_scheme.quant_config()
+        static = cfg.activation.kind in ("fp8", "int8") and not cfg.activation.dynamic
+        if static and input_amax is None:
+            raise ValueError(f"scheme {scheme} has static input scales: pass input_amax (calibration)")
+        expert_re = re.compile(
+            r"^(?P<block>.+?)\.(?P<kind>experts|shared_experts?)\.(?:(?P<expert>\d+)\.)?"
+            r"(?P<proj>gate_up_proj|gate_proj|up_proj|down_proj|w13|w1|w2|w3)\.weight$"
+        )
+        layer_re = re.compile(r"^model\.layers\.(\d+)\.")
+        out: dict[str, np.ndarray] = {}
+        exclude: list[str] = []
+        for name in tensors:
+            tensor = tensors[name]
+            match = expert_re.match(name)
+            layer_match = layer_re.match(name)
+            layer = int(layer_match[1]) if layer_match else None
+            if match and layer in arch.moe_layers and layer not in exclude_layers:
+                stem = name[: -len(".weight")]
+                for suffix, value in _quantize_weight(tensor, moe_scheme, scale_mode).items():
+                    out[f"{stem}.{suffix}"] = value
+                if static:
+                    out[f"{stem}.input_scale"] = _static_scale(cfg, input_amax, layer, match, tensor)
+                    if cfg.activation.kind == "int8":
+                        out[f"{stem}.input_zero_point"] = np.zeros_like(out[f"{stem}.input_scale"], np.int8)
+                continue
+            out[name] = np.asarray(tensor)
+            if name.endswith(".weight") and np.ndim(tensor) == 2:
+                exclude.append(name[: -len(".weight")])
+            elif match:  # an excluded MoE layer's experts: exclude each expert projection, as Quark lists them
+                exclude.append(name[: -len(".weight")])
+        quant = {
+            "quant_method": "quark",
+            "export": {
+                "kv_cache_group": [],
+                "min_kv_scale": 0.0,
+                "pack_method": "reorder",
+                "weight_format": "real_quantized",
+                "weight_merge_groups": None,
+            },
+            "global_quant_config": layer_config.to_dict(),
+            "layer_quant_config": {},
+            "layer_type_quant_config": {},
+            "exclude": sorted(exclude),
+            "algo_config": None,
+            "quant_mode": "eager_mode",
+            "version": "0.13",
+        }
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(out, out_dir / "model.safetensors", metadata={"format": "pt"})
+        (out_dir / "config.json").write_text(json.dumps({**hf_config, "quantization_config": quant}, indent=2) + "\n")
+    finally:
+        if reader is not None:
+            reader.close()
+    return out_dir
+
+
+def _static_scale(cfg, input_amax, layer, match, tensor) -> np.ndarray:
+    proj = match["proj"]
+    which = "w2" if proj in ("down_proj", "w2") else "w13"
+    if isinstance(input_amax, (int, float)):
+        amax = np.float32(input_amax)
+    else:
+        try:
+            per_expert = np.asarray(input_amax[layer][which], np.float32)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"input_amax has no entry [{layer}][{which!r}] for {match.string}") from e
+        if match["expert"] is not None:
+            amax = per_expert[int(match["expert"])]
+        elif match["kind"] == "experts":  # all-expert tensor: one scale per expert
+            amax = per_expert
+        else:
+            amax = per_expert.max()
+    return _input_scale(cfg, amax).astype(np.float32)
+
+
+def _open_source(source):
+    if isinstance(source, tuple):
+        hf_config, tensors = source
+        return dict(hf_config), tensors, None
+    path = pathlib.Path(source)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: missing (a Hugging Face checkpoint needs config.json)")
+    hf_config = json.loads(config_path.read_text())
+    if "quantization_config" in hf_config:
+        raise CheckpointError(f"{config_path}: already has a quantization_config; export needs float weights")
+    reader = CheckpointReader(path)
+    return hf_config, reader, reader

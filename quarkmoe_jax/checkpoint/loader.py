@@ -1,0 +1,368 @@
+"""Load one MoE layer of a Quark checkpoint: config -> scheme -> expert tensors -> processed parameters.
+
+The loader reads lazily, tensor by tensor, into host buffers created by the scheme, and hands the module
+device arrays only after every tensor was found and checked: a malformed checkpoint raises
+:class:`CheckpointError` (naming the tensor, the expected and the found) and nothing is half-loaded.
+
+Accepted expert tensor layouts under ``<block>.experts`` (``<suffix>`` is ``weight``, ``weight_scale``,
+``input_scale``, ``weight_zero_point``, ``input_zero_point`` or ``bias``):
+
+* per expert and projection: ``experts.{e}.{gate_proj|up_proj|down_proj|w1|w3|w2}.<suffix>``;
+* per expert, gate and up fused: ``experts.{e}.{gate_up_proj|w13}.<suffix>`` (rows ``[gate; up]``, or
+  interleaved for gpt-oss);
+* all experts in one tensor: ``experts.{gate_up_proj|w13|down_proj|w2|...}.<suffix>`` with a leading
+  expert axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from quarkmoe_jax.checkpoint.architectures import PROJECTIONS, MoEArchitecture
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
+from quarkmoe_jax.config import QuarkConfig
+from quarkmoe_jax.schemes import MoEScheme, MoEShape, get_moe_scheme
+
+__all__ = [
+    "LoadedExperts",
+    "LoadedMoEBlock",
+    "load_moe_block",
+    "load_experts",
+    "read_hf_config",
+    "linear_expert_map",
+    "round_robin_expert_map",
+    "check_expert_map",
+]
+
+SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point", "bias")
+_PROGRESS_BYTES = 256 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class LoadedExperts:
+    """One set of experts after ``process_weights_after_loading``.
+
+    ``params`` holds device arrays / :class:`MXTensor` keyed ``w13``, ``w2``, ``w13_weight_scale``…;
+    ``scheme`` is the scheme that made them (its ``quant_config()`` drives the forward).
+    """
+
+    prefix: str
+    scheme: MoEScheme
+    shape: MoEShape
+    params: dict[str, Any]
+    expert_map: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class LoadedMoEBlock:
+    """A whole MoE block: routed experts, router, optional shared expert(s)."""
+
+    architecture: MoEArchitecture
+    layer: int
+    prefix: str
+    experts: LoadedExperts
+    router_weight: np.ndarray
+    router_bias: np.ndarray | None = None
+    correction_bias: np.ndarray | None = None
+    shared: LoadedExperts | None = None
+    shared_gate_weight: np.ndarray | None = None
+
+
+def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    try:
+        return json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_path}: missing (a Hugging Face checkpoint needs config.json)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+
+
+# ------------------------------------------------------------------------------------------ expert maps
+
+
+def linear_expert_map(num_experts: int, ep_size: int, ep_rank: int) -> np.ndarray:
+    """vLLM's linear placement: contiguous ranges, the first ``E % ep`` ranks get one extra expert."""
+    base, extra = divmod(num_experts, ep_size)
+    start = ep_rank * base + min(ep_rank, extra)
+    count = base + (1 if ep_rank < extra else 0)
+    expert_map = np.full(num_experts, -1, np.int32)
+    expert_map[start : start + count] = np.arange(count, dtype=np.int32)
+    return expert_map
+
+
+def round_robin_expert_map(num_experts: int, ep_size: int, ep_rank: int) -> np.ndarray:
+    """vLLM's round-robin placement: rank r holds experts r, r + ep, r + 2·ep, …"""
+    expert_map = np.full(num_experts, -1, np.int32)
+    local = np.arange(ep_rank, num_experts, ep_size)
+    expert_map[local] = np.arange(local.size, dtype=np.int32)
+    return expert_map
+
+
+def check_expert_map(expert_map, num_experts: int) -> np.ndarray:
+    """Validate an ``expert_map [E_global]`` (global id -> local id, -1 = not here)."""
+    expert_map = np.asarray(expert_map)
+    if expert_map.shape != (num_experts,) or expert_map.dtype.kind not in "iu":
+        raise CheckpointError(
+            f"expert_map must be an integer array of shape ({num_experts},), found {expert_map.dtype}{expert_map.shape}"
+        )
+    local = np.sort(expert_map[expert_map >= 0])
+    if (expert_map < -1).any() or not np.array_equal(local, np.arange(local.size)):
+        raise CheckpointError(
+            f"expert_map must map each global expert to -1 or a distinct local id 0..n-1, found {expert_map.tolist()}"
+        )
+    if local.size == 0:
+        raise CheckpointError("expert_map places no expert on this device")
+    return expert_map.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    name: str
+    expert: int | None  # None: one tensor holding all experts (or the single expert of a dense MLP)
+    shard: str  # w1, w3, w2, w13
+    suffix: str
+
+
+def _parse_names(reader: CheckpointReader, prefix: str, indexed: bool) -> list[_Entry]:
+    expert_part = r"(?:(?P<expert>\d+)\.)?" if indexed else ""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.{expert_part}(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z_]+)$")
+    entries = []
+    for name in reader:
+        if not name.startswith(prefix + "."):
+            continue
+        match = pattern.match(name)
+        if not match or match["proj"] not in PROJECTIONS or match["suffix"] not in SUFFIXES:
+            raise CheckpointError(
+                f"unexpected tensor {name!r} under {prefix!r}; expected {prefix}.[<expert>.]<projection>.<suffix> "
+                f"with projection in {sorted(PROJECTIONS)} and suffix in {list(SUFFIXES)}"
+            )
+        expert = match.groupdict().get("expert")
+        entries.append(
+            _Entry(name, int(expert) if expert is not None else None, PROJECTIONS[match["proj"]], match["suffix"])
+        )
+    return entries
+
+
+def _split_fused(tensor: np.ndarray, part: int, name: str) -> np.ndarray:
+    """Half ``part`` (0 = gate, 1 = up) of a fused ``[gate; up]`` tensor along its first axis."""
+    if tensor.ndim == 0 or tensor.size == 1:
+        return tensor.reshape(())  # a per-tensor scale shared by both halves
+    if tensor.shape[0] == 2 and tensor.ndim == 1:
+        return tensor[part]  # per-tensor scales of the two shards
+    if tensor.shape[0] % 2:
+        raise CheckpointError(f"{name}: fused gate_up tensor has an odd first axis {tensor.shape[0]}")
+    half = tensor.shape[0] // 2
+    return tensor[part * half : (part + 1) * half]
+
+
+def load_experts(
+    reader: CheckpointReader,
+    prefix: str,
+    scheme: MoEScheme,
+    shape: MoEShape,
+    *,
+    num_global_experts: int,
+    expert_map: np.ndarray | None = None,
+    indexed: bool = True,
+    progress: bool | None = None,
+) -> LoadedExperts:
+    """Read the experts under ``prefix`` into ``scheme``'s parameters.
+
+    Args:
+      reader: the checkpoint.
+      prefix: e.g. ``model.layers.3.mlp.experts``.
+      scheme: from :func:`get_moe_scheme`; its ``create_weights(shape)`` allocates the buffers.
+      shape: local sizes (``shape.num_experts`` = local experts).
+      num_global_experts: experts in the checkpoint.
+      expert_map: ``[num_global_experts]`` global -> local id (-1 skips the expert); None = all.
+      indexed: expert tensors carry an expert index (False for a dense MLP such as a shared expert).
+      progress: show a tqdm bar (default: only for loads above 256 MiB).
+    """
+    entries = _parse_names(reader, prefix, indexed)
+    if not entries:
+        raise CheckpointError(f"no expert tensors found under {prefix!r}")
+    by_key: dict[tuple[int | None, str, str], _Entry] = {}
+    for entry in entries:
+        if entry.expert is not None and entry.expert >= num_global_experts:
+            raise CheckpointError(
+                f"{entry.name}: expert index {entry.expert} out of range for {num_global_experts} experts"
+            )
+        key = (entry.expert, entry.shard, entry.suffix)
+        if key in by_key:
+            raise CheckpointError(f"duplicate tensors {by_key[key].name!r} and {entry.name!r}")
+        by_key[key] = entry
+    buffers = {k: spec.allocate() for k, spec in scheme.create_weights(shape).items()}
+    shards = ("w13", "w2") if shape.interleaved else (("w1", "w3", "w2") if shape.gated else ("w1", "w2"))
+    suffixes = list(scheme.required_suffixes())
+    optional = ["weight_zero_point", "input_zero_point"]
+    if shape.has_bias:
+        suffixes.append("bias")
+    plan: list[tuple[_Entry, Callable[[np.ndarray], np.ndarray], int, str, str]] = []
+    used: set[str] = set()
+    missing: list[str] = []
+    experts = range(num_global_experts) if indexed else [0]
+    for g in experts:
+        local = g if expert_map is None else int(expert_map[g])
+        for shard in shards:
+            for suffix in suffixes + optional:
+                found = _find(by_key, g if indexed else None, shard, suffix, indexed)
+                if found is None:
+                    if suffix in suffixes:
+                        missing.append(f"{prefix}.{g}.{shard}.{suffix}" if indexed else f"{prefix}.{shard}.{suffix}")
+                    continue
+                entry, select = found
+                used.add(entry.name)
+                if local >= 0:
+                    plan.append((entry, select, local, shard, suffix))
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} expert tensors missing under {prefix!r} for scheme {scheme.name}, e.g. "
+            f"{missing[:4]} (projection names may be gate_proj/up_proj/down_proj, w1/w3/w2 or gate_up_proj)"
+        )
+    extra = sorted(e.name for e in entries if e.name not in used)
+    if extra:
+        raise CheckpointError(f"unexpected tensors under {prefix!r} for scheme {scheme.name}: {extra[:4]}")
+    _run_plan(reader, plan, scheme, buffers, progress)
+    params = scheme.process_weights_after_loading(buffers)
+    return LoadedExperts(prefix, scheme, shape, params, expert_map)
+
+
+def _find(by_key, expert, shard, suffix, indexed):
+    """Find the tensor for (expert, shard, suffix) in any accepted layout; returns (entry, selector)."""
+
+    def from_all(entry, index_part):
+        def select(t):
+            if indexed and entry.expert is None:  # all-expert tensor: leading expert axis
+                if t.ndim == 0 or t.shape[0] <= expert:
+                    raise CheckpointError(f"{entry.name}: expected a leading expert axis, found shape {t.shape}")
+                t = t[expert]
+            return index_part(t, entry.name) if index_part else t
+
+        return select
+
+    for candidate_expert in (expert, None) if indexed else (None,):
+        entry = by_key.get((candidate_expert, shard, suffix))
+        if entry is not None:
+            return entry, from_all(entry, None)
+        if shard in ("w1", "w3"):
+            fused = by_key.get((candidate_expert, "w13", suffix))
+            if fused is not None:
+                part = 0 if shard == "w1" else 1
+                return fused, from_all(fused, lambda t, name, part=part: _split_fused(t, part, name))
+    return None
+
+
+def _run_plan(reader, plan, scheme, buffers, progress) -> None:
+    total = sum(int(np.prod(reader.info(e.name)[1])) * reader.info(e.name)[0].itemsize for e, *_ in plan)
+    bar = None
+    if progress or (progress is None and total > _PROGRESS_BYTES):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading experts")
+    cache: dict[str, np.ndarray] = {}
+    try:
+        for entry, select, local, shard, suffix in plan:
+            if entry.name not in cache:
+                cache.clear()  # a fused all-expert tensor is reused across experts; keep one at a time
+                cache[entry.name] = reader[entry.name]
+                if bar is not None:
+                    bar.update(cache[entry.name].nbytes)
+            scheme.load_weights(buffers, suffix, select(cache[entry.name]), local, shard, entry.name)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _block_prefix(reader: CheckpointReader, arch: MoEArchitecture, layer: int) -> str:
+    candidates = arch.block_prefix_candidates(layer)
+    for block in candidates:
+        if any(name.startswith(block + ".experts.") for name in reader):
+            return block
+    raise CheckpointError(f"layer {layer}: no expert tensors under any of {[c + '.experts' for c in candidates]}")
+
+
+def _float(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    tensor = reader[name]
+    if tensor.dtype.kind != "f" and tensor.dtype.name != "bfloat16":
+        raise CheckpointError(f"{name}: expected a float tensor, found dtype {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"{name}: shape {tuple(tensor.shape)}, expected {shape}")
+    return tensor.astype(np.float32)
+
+
+def load_moe_block(
+    path: str | pathlib.Path,
+    layer: int,
+    *,
+    semantics: str = "vllm",
+    expert_map=None,
+    progress: bool | None = None,
+) -> LoadedMoEBlock:
+    """Load MoE block ``layer`` (router, routed experts, shared experts) from a checkpoint folder."""
+    hf_config = read_hf_config(path)
+    arch = MoEArchitecture.from_hf_config(hf_config)
+    arch.check_moe_layer(layer)
+    quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
+    with CheckpointReader(path) as reader:
+        block = _block_prefix(reader, arch, layer)
+        prefix = block + ".experts"
+        children = sorted({name.rsplit(".", 1)[0] for name in reader if name.startswith(prefix + ".")})
+        layer_config = quark.resolve(prefix, "FusedMoE", child_names=children) if quark else None
+        scheme = get_moe_scheme(layer_config, semantics, layer=prefix)
+        if expert_map is not None:
+            expert_map = check_expert_map(expert_map, arch.num_experts)
+        num_local = arch.num_experts if expert_map is None else int(expert_map.max()) + 1
+        has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
+        shape = MoEShape(
+            num_local, arch.hidden_size, arch.intermediate_size, has_bias=has_bias, interleaved=arch.interleaved
+        )
+        experts = load_experts(
+            reader,
+            prefix,
+            scheme,
+            shape,
+            num_global_experts=arch.num_experts,
+            expert_map=expert_map,
+            progress=progress,
+        )
+        router = f"{block}.{arch.router_suffix}"
+        loaded = LoadedMoEBlock(
+            arch, layer, block, experts, _float(reader, f"{router}.weight", (arch.num_experts, arch.hidden_size))
+        )
+        if f"{router}.bias" in reader:
+            loaded.router_bias = _float(reader, f"{router}.bias", (arch.num_experts,))
+        if arch.has_correction_bias:
+            loaded.correction_bias = _float(reader, f"{router}.e_score_correction_bias", (arch.num_experts,))
+        if arch.shared_suffix:
+            loaded.shared = _load_shared(reader, arch, block, quark, semantics)
+        if arch.shared_gate_suffix:
+            loaded.shared_gate_weight = _float(
+                reader, f"{block}.{arch.shared_gate_suffix}.weight", (1, arch.hidden_size)
+            )
+    return loaded
+
+
+def _load_shared(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str):
+    prefix = f"{block}.{arch.shared_suffix}"
+    configs = []
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        name = f"{prefix}.{proj}"
+        configs.append(quark.resolve(name, "Linear", child_names=[name]) if quark else None)
+    if any(c != configs[0] for c in configs):
+        raise CheckpointError(f"{prefix}: gate/up/down projections resolve to different quantization configs")
+    scheme = get_moe_scheme(configs[0], semantics, layer=prefix)
+    has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
+    shape = MoEShape(1, arch.hidden_size, arch.shared_intermediate_size, has_bias=has_bias)
+    return load_experts(reader, prefix, scheme, shape, num_global_experts=1, indexed=False)

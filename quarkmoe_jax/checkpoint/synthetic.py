@@ -1,0 +1,167 @@
+"""Small seeded float MoE checkpoints with real Hugging Face configs and tensor names, per architecture.
+
+Used by the tests, the CLI and the notebooks to make checkpoints without downloads; export them with
+:func:`quarkmoe_jax.checkpoint.exporter.export_quark_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from quarkmoe_jax.checkpoint.architectures import SUPPORTED_MODEL_TYPES
+from quarkmoe_jax.checkpoint.safetensors_io import save_file
+
+__all__ = ["synthetic_moe", "write_float_checkpoint"]
+
+
+def _hf_config(model_type: str, layers: int, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
+    common = {
+        "model_type": model_type,
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "vocab_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "torch_dtype": "bfloat16",
+    }
+    if model_type == "mixtral":
+        return {
+            **common,
+            "architectures": ["MixtralForCausalLM"],
+            "num_local_experts": experts,
+            "num_experts_per_tok": top_k,
+            "intermediate_size": intermediate,
+        }
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        extra = {"shared_expert_intermediate_size": 2 * intermediate} if model_type == "qwen2_moe" else {}
+        return {
+            **common,
+            "architectures": ["Qwen2MoeForCausalLM" if model_type == "qwen2_moe" else "Qwen3MoeForCausalLM"],
+            "num_experts": experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": intermediate,
+            "intermediate_size": 4 * intermediate,
+            "norm_topk_prob": model_type == "qwen3_moe",
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            **extra,
+        }
+    if model_type in ("deepseek_v2", "deepseek_v3"):
+        v3 = model_type == "deepseek_v3"
+        return {
+            **common,
+            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+            "n_routed_experts": experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": intermediate,
+            "intermediate_size": 4 * intermediate,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 1,
+            "scoring_func": "sigmoid" if v3 else "softmax",
+            "topk_method": "noaux_tc" if v3 else "group_limited_greedy",
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5 if v3 else 1.0,
+            "norm_topk_prob": v3,
+        }
+    if model_type == "gpt_oss":
+        return {
+            **common,
+            "architectures": ["GptOssForCausalLM"],
+            "num_local_experts": experts,
+            "num_experts_per_tok": top_k,
+            "experts_per_token": top_k,
+            "intermediate_size": intermediate,
+            "swiglu_limit": 7.0,
+        }
+    raise ValueError(f"unknown model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+
+
+def synthetic_moe(
+    model_type: str = "mixtral",
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 64,
+    num_experts: int = 4,
+    top_k: int = 2,
+    fused_experts: bool = False,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A float MoE model: ``(config.json dict, {tensor name: bfloat16 / float32 array})``.
+
+    Weights are Gaussian (std 0.02) with a few larger outliers per expert so that MX blocks see different
+    scales. ``fused_experts`` stores each layer's experts as all-expert ``gate_up_proj`` / ``down_proj``
+    tensors instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``).
+    """
+    config = _hf_config(model_type, num_layers, hidden_size, intermediate_size, num_experts, top_k)
+    rng = np.random.default_rng(seed)
+    bf16 = ml_dtypes.bfloat16
+    h, i, e = hidden_size, intermediate_size, num_experts
+
+    def weight(*shape):
+        w = rng.standard_normal(shape).astype(np.float32) * 0.02
+        w.reshape(-1)[rng.integers(0, w.size, max(1, w.size // 500))] *= 8
+        return w.astype(bf16)
+
+    tensors: dict[str, np.ndarray] = {"model.embed_tokens.weight": weight(128, h), "lm_head.weight": weight(128, h)}
+    first_dense = config.get("first_k_dense_replace", 0)
+    block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    for layer in range(num_layers):
+        p = f"model.layers.{layer}"
+        tensors[f"{p}.input_layernorm.weight"] = np.ones(h, bf16)
+        for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
+            tensors[f"{p}.self_attn.{proj}.weight"] = weight(rows, h)
+        if layer < first_dense:
+            for proj, shape in (("gate_proj", (4 * i, h)), ("up_proj", (4 * i, h)), ("down_proj", (h, 4 * i))):
+                tensors[f"{p}.mlp.{proj}.weight"] = weight(*shape)
+            continue
+        moe = f"{p}.{block}"
+        if model_type == "gpt_oss":
+            tensors[f"{moe}.router.weight"] = weight(e, h)
+            tensors[f"{moe}.router.bias"] = (rng.standard_normal(e) * 0.1).astype(np.float32)
+            for x in range(e):
+                tensors[f"{moe}.experts.{x}.gate_up_proj.weight"] = weight(2 * i, h)
+                tensors[f"{moe}.experts.{x}.gate_up_proj.bias"] = (rng.standard_normal(2 * i) * 0.02).astype(np.float32)
+                tensors[f"{moe}.experts.{x}.down_proj.weight"] = weight(h, i)
+                tensors[f"{moe}.experts.{x}.down_proj.bias"] = (rng.standard_normal(h) * 0.02).astype(np.float32)
+            continue
+        tensors[f"{moe}.gate.weight"] = weight(e, h)
+        names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        if fused_experts:
+            tensors[f"{moe}.experts.gate_up_proj.weight"] = weight(e, 2 * i, h)
+            tensors[f"{moe}.experts.down_proj.weight"] = weight(e, h, i)
+        else:
+            for x in range(e):
+                tensors[f"{moe}.experts.{x}.{names[0]}.weight"] = weight(i, h)
+                tensors[f"{moe}.experts.{x}.{names[1]}.weight"] = weight(i, h)
+                tensors[f"{moe}.experts.{x}.{names[2]}.weight"] = weight(h, i)
+        if model_type == "deepseek_v3":
+            tensors[f"{moe}.gate.e_score_correction_bias"] = (rng.standard_normal(e) * 0.01).astype(np.float32)
+        shared = config.get("shared_expert_intermediate_size") or (
+            config.get("n_shared_experts", 0) * config.get("moe_intermediate_size", 0)
+        )
+        if shared:
+            sp = f"{moe}.shared_expert" if model_type == "qwen2_moe" else f"{moe}.shared_experts"
+            tensors[f"{sp}.gate_proj.weight"] = weight(shared, h)
+            tensors[f"{sp}.up_proj.weight"] = weight(shared, h)
+            tensors[f"{sp}.down_proj.weight"] = weight(h, shared)
+            if model_type == "qwen2_moe":
+                tensors[f"{moe}.shared_expert_gate.weight"] = weight(1, h)
+    return config, tensors
+
+
+def write_float_checkpoint(path: str | pathlib.Path, model_type: str = "mixtral", **kwargs) -> pathlib.Path:
+    """Write :func:`synthetic_moe` as a Hugging Face folder (config.json + model.safetensors)."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config, tensors = synthetic_moe(model_type, **kwargs)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path

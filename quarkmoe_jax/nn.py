@@ -1,0 +1,279 @@
+"""Flax NNX modules holding a Quark MoE layer's packed parameters exactly as the checkpoint stores them.
+
+* :class:`QuarkMoE`: the routed experts of one layer (``apply(x, topk_weights, topk_ids)``).
+* :class:`QuarkMoEBlock`: router + experts + optional shared expert(s) (``__call__(x)`` or
+  ``__call__(x, router_logits)``).
+
+Parameters are ``nnx.Param`` values: :class:`~quarkmoe_jax.MXTensor` (uint8 codes + E8M0 scales) for OCP MX
+weights, int8 / float8_e4m3fn arrays for W8A8, float32 scales and biases. The quantization scheme
+(:class:`~quarkmoe_jax.schemes.MoEQuantConfig`) and the sizes are static module attributes.
+
+The forward pass (routing, dispatch, the emulation oracle and the GPU kernels) lands with the MoE-forward
+issue; until then ``apply`` / ``__call__`` raise ``NotImplementedError`` and the modules load, validate,
+``nnx.split`` / ``merge``, and expose dequantized weights for inspection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
+from quarkmoe_jax.checkpoint.loader import LoadedExperts, check_expert_map, load_moe_block
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
+
+__all__ = ["RoutingConfig", "QuarkMoE", "QuarkMoEBlock", "ExpertMap"]
+
+_OPTIONAL_PARAMS = (
+    "w13_weight_scale",
+    "w2_weight_scale",
+    "w13_input_scale",
+    "w2_input_scale",
+    "w13_bias",
+    "w2_bias",
+)
+
+
+class ExpertMap(nnx.Variable):
+    """``[E_global]`` int32: global expert id -> local id, -1 where the expert lives on another device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingConfig:
+    """How router logits become ``(topk_weights, topk_ids)``; read from the architecture's config.json."""
+
+    top_k: int
+    scoring: str = "softmax"
+    renormalize: bool = True
+    softmax_after_topk: bool = False
+    num_expert_group: int | None = None
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
+
+    @classmethod
+    def from_architecture(cls, arch: MoEArchitecture) -> RoutingConfig:
+        return cls(
+            top_k=arch.top_k,
+            scoring=arch.scoring,
+            renormalize=arch.renormalize,
+            softmax_after_topk=arch.softmax_after_topk,
+            num_expert_group=arch.num_expert_group,
+            topk_group=arch.topk_group,
+            routed_scaling_factor=arch.routed_scaling_factor,
+        )
+
+
+class QuarkMoE(nnx.Module):
+    """Routed experts of one MoE layer.
+
+    Attributes (``nnx.Param``): ``w13`` ``[E, S*I_pad, H_pad]`` and ``w2`` ``[E, H_pad, I_pad]`` (logical shapes;
+    MXTensor for MX schemes), and where the scheme has them ``w13_weight_scale``, ``w2_weight_scale``,
+    ``w13_input_scale``, ``w2_input_scale``, ``w13_bias [E, S*I_pad]``, ``w2_bias [E, H_pad]``.
+    Static: ``quant_config``, ``shape`` (logical sizes before padding), ``activation``.
+    """
+
+    def __init__(
+        self,
+        quant_config: MoEQuantConfig,
+        shape: MoEShape,
+        params: dict[str, Any],
+        *,
+        activation: str = "silu",
+        swiglu_limit: float | None = None,
+        expert_map=None,
+        num_global_experts: int | None = None,
+    ):
+        self.quant_config = quant_config
+        self.shape = shape
+        self.activation = activation
+        self.swiglu_limit = swiglu_limit
+        missing = {"w13", "w2"} - set(params)
+        unknown = set(params) - {"w13", "w2", *_OPTIONAL_PARAMS}
+        if missing or unknown:
+            raise ValueError(f"QuarkMoE params: missing {sorted(missing)}, unknown {sorted(unknown)}")
+        e = shape.num_experts
+        w13, w2 = params["w13"], params["w2"]
+        if w13.shape[0] != e or w2.shape[0] != e or w13.shape[2] != w2.shape[1] or w13.shape[1] % shape.num_shards:
+            raise ValueError(
+                f"QuarkMoE params: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit {e} experts "
+                f"with {shape.num_shards} shard(s)"
+            )
+        self.w13 = nnx.Param(w13)
+        self.w2 = nnx.Param(w2)
+        for key in _OPTIONAL_PARAMS:
+            setattr(self, key, nnx.Param(params[key]) if key in params else None)
+        if expert_map is not None:
+            expert_map = check_expert_map(expert_map, num_global_experts or len(expert_map))
+            if int(expert_map.max()) + 1 != e:
+                raise ValueError(f"expert_map places {int(expert_map.max()) + 1} experts here, params hold {e}")
+            self.expert_map = ExpertMap(jnp.asarray(expert_map))
+        else:
+            self.expert_map = None
+        self.num_global_experts = num_global_experts or e
+
+    @classmethod
+    def from_loaded(
+        cls, loaded: LoadedExperts, *, activation="silu", swiglu_limit=None, num_global_experts=None
+    ) -> QuarkMoE:
+        return cls(
+            loaded.scheme.quant_config(),
+            loaded.shape,
+            loaded.params,
+            activation=activation,
+            swiglu_limit=swiglu_limit,
+            expert_map=loaded.expert_map,
+            num_global_experts=num_global_experts,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | pathlib.Path, layer: int, *, semantics: str = "vllm", expert_map=None
+    ) -> QuarkMoE:
+        """The routed experts of MoE layer ``layer`` of a Quark checkpoint folder."""
+        return QuarkMoEBlock.from_checkpoint(path, layer, semantics=semantics, expert_map=expert_map).experts
+
+    def params(self) -> dict[str, Any]:
+        """The parameter values by name (``w13``, ``w2``, scales, biases that exist)."""
+        out = {"w13": self.w13.get_value(), "w2": self.w2.get_value()}
+        for key in _OPTIONAL_PARAMS:
+            var = getattr(self, key)
+            if var is not None:
+                out[key] = var.get_value()
+        return out
+
+    def dequantized_weights(self, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """``(w13 [E, S*I_pad, H_pad], w2 [E, H_pad, I_pad])`` in ``dtype``, scales applied (for inspection).
+
+        Per-tensor INT8/FP8 scales that Quark semantics keep per shard apply to their w1/w3 halves.
+        """
+        p = self.params()
+        return _dequantize(p["w13"], p.get("w13_weight_scale"), dtype, self.shape), _dequantize(
+            p["w2"], p.get("w2_weight_scale"), dtype, None
+        )
+
+    def apply(self, x, topk_weights, topk_ids):
+        """MoE experts forward: ``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` int32 -> ``[T, H]``."""
+        raise NotImplementedError(
+            "the MoE forward (emulation oracle and kernels) is not implemented yet; this version loads, "
+            "validates and exports Quark checkpoints"
+        )
+
+    def __repr__(self) -> str:
+        s = self.shape
+        return (
+            f"QuarkMoE({self.quant_config.scheme}, semantics={self.quant_config.semantics}, experts={s.num_experts}, "
+            f"hidden={s.hidden_size}, intermediate={s.intermediate_size}, activation={self.activation})"
+        )
+
+
+def _dequantize(weight, scale, dtype, shape: MoEShape | None):
+    if isinstance(weight, MXTensor):
+        return weight.dequantize(dtype)
+    values = weight.astype(jnp.float32)
+    if scale is not None:
+        scale = jnp.asarray(scale, jnp.float32)
+        if scale.ndim == 2 and scale.shape[1] == values.shape[1]:  # per channel [E, N]
+            values = values * scale[:, :, None]
+        elif scale.ndim == 2:  # per shard [E, S]
+            rows = values.shape[1] // scale.shape[1]
+            values = values * jnp.repeat(scale, rows, axis=1)[:, :, None]
+        else:  # per tensor [E]
+            values = values * scale.reshape(-1, 1, 1)
+    return values.astype(dtype)
+
+
+class QuarkMoEBlock(nnx.Module):
+    """A whole MoE block: router, routed experts and optional shared expert(s).
+
+    Attributes: ``router_weight`` ``nnx.Param [E, H]`` float32, optional ``router_bias [E]``,
+    ``correction_bias [E]`` (DeepSeek-V3 ``e_score_correction_bias``, used for selection only),
+    ``experts`` (:class:`QuarkMoE`), ``shared`` (:class:`QuarkMoE` with one expert, or None),
+    ``shared_gate_weight [1, H]`` (Qwen2-MoE). Static: ``routing`` (:class:`RoutingConfig`),
+    ``architecture``.
+    """
+
+    def __init__(
+        self,
+        experts: QuarkMoE,
+        router_weight,
+        routing: RoutingConfig,
+        *,
+        router_bias=None,
+        correction_bias=None,
+        shared: QuarkMoE | None = None,
+        shared_gate_weight=None,
+        architecture: MoEArchitecture | None = None,
+    ):
+        num_experts = experts.num_global_experts
+        router_weight = jnp.asarray(router_weight, jnp.float32)
+        if router_weight.shape != (num_experts, experts.shape.hidden_size):
+            raise ValueError(
+                f"router_weight shape {router_weight.shape}, expected {(num_experts, experts.shape.hidden_size)}"
+            )
+        if not 1 <= routing.top_k <= num_experts:
+            raise ValueError(f"top_k {routing.top_k} must be in 1..{num_experts}")
+        self.routing = routing
+        self.architecture = architecture
+        self.experts = experts
+        self.router_weight = nnx.Param(router_weight)
+        self.router_bias = _optional_param(router_bias, (num_experts,), "router_bias")
+        self.correction_bias = _optional_param(correction_bias, (num_experts,), "correction_bias")
+        self.shared = shared
+        self.shared_gate_weight = _optional_param(
+            shared_gate_weight, (1, experts.shape.hidden_size), "shared_gate_weight"
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | pathlib.Path,
+        layer: int,
+        *,
+        semantics: str = "vllm",
+        expert_map=None,
+        progress: bool | None = None,
+    ) -> QuarkMoEBlock:
+        """Load MoE block ``layer`` from a Quark checkpoint folder (config.json + safetensors)."""
+        loaded = load_moe_block(path, layer, semantics=semantics, expert_map=expert_map, progress=progress)
+        arch = loaded.architecture
+        experts = QuarkMoE.from_loaded(
+            loaded.experts,
+            activation=arch.activation,
+            swiglu_limit=arch.swiglu_limit,
+            num_global_experts=arch.num_experts,
+        )
+        shared = QuarkMoE.from_loaded(loaded.shared, activation="silu") if loaded.shared else None
+        return cls(
+            experts,
+            loaded.router_weight,
+            RoutingConfig.from_architecture(arch),
+            router_bias=loaded.router_bias,
+            correction_bias=loaded.correction_bias,
+            shared=shared,
+            shared_gate_weight=loaded.shared_gate_weight,
+            architecture=arch,
+        )
+
+    def __call__(self, x, router_logits=None):
+        """MoE block forward: ``x [T, H]`` (and optionally precomputed ``router_logits [T, E]``) -> ``[T, H]``."""
+        raise NotImplementedError(
+            "the MoE forward (routing, emulation oracle and kernels) is not implemented yet; this version loads, "
+            "validates and exports Quark checkpoints"
+        )
+
+
+def _optional_param(value, shape, name):
+    if value is None:
+        return None
+    value = jnp.asarray(np.asarray(value), jnp.float32)
+    if value.shape != shape:
+        raise CheckpointError(f"{name}: shape {value.shape}, expected {shape}")
+    return nnx.Param(value)

@@ -1,0 +1,137 @@
+"""Pick the MoE scheme for a layer's Quark config, in vLLM's order: FP8 W8A8, OCP MX, INT8 W8A8.
+
+Mirrors ``QuarkMoEMethod.get_moe_method`` (vLLM 0.33, semantics reference §1) with two differences:
+* the combinations vLLM refuses but that are well defined run (weight-only MXFP6, MXFP6 with FP8
+  activations, MX weights with dynamic FP8 activations, MX pairs outside vLLM's table, W8A8 granularity pairs
+  outside vLLM's three);
+* every refusal is a :class:`SchemeError` naming the scheme and the offending key with the expected and
+  found values, where vLLM often falls through to "Unsupported FusedMoe scheme".
+"""
+
+from __future__ import annotations
+
+from quarkmoe_jax.config import LayerQuantConfig, TensorSpec
+from quarkmoe_jax.schemes.base import ActivationQuant, MoEScheme, SchemeError
+from quarkmoe_jax.schemes.ocp_mx import OcpMxScheme
+from quarkmoe_jax.schemes.unquantized import UnquantizedScheme
+from quarkmoe_jax.schemes.w8a8 import Fp8W8A8Scheme, Int8W8A8Scheme
+
+__all__ = ["get_moe_scheme", "MX_WEIGHT_DTYPES"]
+
+MX_WEIGHT_DTYPES = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3"}
+
+
+def get_moe_scheme(config: LayerQuantConfig | None, semantics: str = "vllm", layer: str = "") -> MoEScheme:
+    """The scheme for one MoE layer; ``config`` None (excluded or no config) gives the unquantized scheme."""
+    where = f" (layer {layer})" if layer else ""
+    if config is None or config.weight is None:
+        if config is not None and config.input_tensors is not None:
+            raise SchemeError(f"input_tensors are quantized but weight is not{where}: no MoE scheme does that")
+        return UnquantizedScheme(semantics)
+    for key in ("output_tensors", "bias"):
+        if getattr(config, key) is not None:
+            raise SchemeError(f"{key} quantization is not supported for MoE layers{where} (vLLM refuses it too)")
+    weight, act = config.weight, config.input_tensors
+    if weight.dtype == "fp8_e4m3" and weight.qscheme in ("per_tensor", "per_channel"):
+        return _w8a8(Fp8W8A8Scheme, "fp8_e4m3", config, semantics, where)
+    if weight.dtype in MX_WEIGHT_DTYPES or (weight.dtype == "fp8_e4m3" and weight.qscheme == "per_group"):
+        return _ocp_mx(config, semantics, where)
+    if weight.dtype == "int8":
+        return _w8a8(Int8W8A8Scheme, "int8", config, semantics, where)
+    if weight.dtype in ("int4", "uint4"):
+        raise SchemeError(f"weight.dtype {weight.dtype!r}{where}: W4A16 INT4 MoE is not supported")
+    raise SchemeError(
+        f"unsupported MoE scheme{where}: weight.dtype {weight.dtype!r} with qscheme {weight.qscheme!r}, "
+        f"input_tensors.dtype {act.dtype if act else None!r}; supported: fp8_e4m3 per_tensor/per_channel, "
+        f"{sorted(MX_WEIGHT_DTYPES)} per_group (group 32, e8m0), int8 per_tensor/per_channel"
+    )
+
+
+def _require(spec: TensorSpec, key: str, expected, scheme: str, where: str) -> None:
+    found = getattr(spec, key)
+    ok = found in expected if isinstance(expected, tuple) else found == expected
+    if not ok:
+        raise SchemeError(f"{scheme}{where}: {key} must be {expected!r}, found {found!r}")
+
+
+def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme:
+    weight, act = config.weight, config.input_tensors
+    if weight.dtype == "fp8_e4m3":
+        raise SchemeError(f"MXFP8 weights (fp8_e4m3 per_group){where} are not supported (QuarkW8A8Mxfp8MoEMethod)")
+    weight_format = MX_WEIGHT_DTYPES[weight.dtype]
+    scheme = f"w_{weight_format}"
+    _require(weight, "qscheme", "per_group", scheme, " weight" + where)
+    _require(weight, "group_size", 32, scheme, " weight" + where)
+    _require(weight, "scale_format", "e8m0", scheme, " weight" + where)
+    if weight.is_dynamic:
+        raise SchemeError(f"{scheme} weight{where}: is_dynamic must be false for stored weights, found True")
+    if weight.ch_axis not in (None, -1, 1):
+        raise SchemeError(
+            f"{scheme} weight{where}: ch_axis must be -1 (blocks along the input axis), found {weight.ch_axis}"
+        )
+    if act is None:
+        activation = ActivationQuant("none")
+    elif act.dtype == "fp8_e4m3":
+        if act.is_dynamic:
+            if act.qscheme == "per_group":
+                raise SchemeError(f"{scheme}{where}: dynamic MXFP8 activations (fp8_e4m3 per_group) are not supported")
+            granularity = "token" if act.qscheme == "per_channel" else "tensor"
+            activation = ActivationQuant("fp8", dynamic=True, granularity=granularity)
+            scheme += f"_a_fp8_dynamic_{granularity}"
+        else:
+            _require(act, "qscheme", "per_tensor", scheme + "_a_fp8", " input_tensors" + where)
+            if act.symmetric is False:
+                raise SchemeError(f"{scheme}_a_fp8 input_tensors{where}: symmetric must be true, found False")
+            activation = ActivationQuant("fp8", dynamic=False, granularity="tensor")
+            scheme += "_a_fp8"
+    elif act.dtype in MX_WEIGHT_DTYPES:
+        act_format = MX_WEIGHT_DTYPES[act.dtype]
+        scheme += f"_a_{act_format}"
+        if not act.is_dynamic:
+            raise SchemeError(f"{scheme} input_tensors{where}: MX activations must be dynamic, found is_dynamic False")
+        _require(act, "qscheme", "per_group", scheme, " input_tensors" + where)
+        _require(act, "group_size", 32, scheme, " input_tensors" + where)
+        mode = (act.scale_calculation_mode or "even") if semantics == "quark" else "even"
+        activation = ActivationQuant("mx", act_format, dynamic=True, scale_mode=mode)
+    else:
+        raise SchemeError(
+            f"{scheme}{where}: input_tensors.dtype {act.dtype!r} cannot pair with MX weights; expected None, "
+            f"fp8_e4m3 or one of {sorted(MX_WEIGHT_DTYPES)}"
+        )
+    return OcpMxScheme(config, semantics, weight_format, activation, scheme)
+
+
+def _w8a8(cls, dtype: str, config: LayerQuantConfig, semantics: str, where: str):
+    weight, act = config.weight, config.input_tensors
+    kind = "int8" if dtype == "int8" else "fp8"
+    scheme = f"w8a8_{kind}"
+    _require(weight, "qscheme", ("per_tensor", "per_channel"), scheme, " weight" + where)
+    if kind == "int8" and weight.symmetric is not True:
+        raise SchemeError(
+            f"{scheme} weight{where}: symmetric must be true (vLLM's INT8 MoE is symmetric), found {weight.symmetric!r}"
+        )
+    if weight.is_dynamic:
+        raise SchemeError(f"{scheme} weight{where}: is_dynamic must be false for stored weights, found True")
+    granularity = "channel" if weight.qscheme == "per_channel" else "tensor"
+    if act is None:
+        raise SchemeError(f"{scheme}{where}: input_tensors must be quantized ({dtype}); found none (weight-only)")
+    _require(act, "dtype", dtype, scheme, " input_tensors" + where)
+    if act.is_dynamic:
+        _require(act, "qscheme", ("per_channel", "per_tensor"), scheme, " input_tensors" + where)
+        act_granularity = "token" if act.qscheme == "per_channel" else "tensor"
+        activation = ActivationQuant(kind, dynamic=True, granularity=act_granularity)
+        scheme += f"_{granularity}_dynamic_{act_granularity}"
+    else:
+        _require(act, "qscheme", "per_tensor", scheme, " input_tensors" + where)
+        activation = ActivationQuant(kind, dynamic=False, granularity="tensor")
+        scheme += f"_{granularity}_static"
+    if kind == "int8" and act.symmetric is not True and semantics == "quark":
+        raise SchemeError(
+            f"{scheme} input_tensors{where}: asymmetric INT8 activations (symmetric {act.symmetric!r}) are only "
+            "supported with semantics='vllm', which runs them as symmetric like vLLM"
+        )
+    if kind == "int8" and act.symmetric is not True:
+        import warnings
+
+        warnings.warn(f"{scheme}{where}: asymmetric INT8 activations run as symmetric (vLLM semantics)", stacklevel=3)
+    return cls(config, semantics, granularity, activation, scheme)

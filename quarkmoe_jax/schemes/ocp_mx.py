@@ -1,0 +1,128 @@
+"""OCP MX weights (MXFP4 / MXFP6) with any activation quantization: vLLM's ``QuarkOCP_MX_MoEMethod``.
+
+Weights stay packed exactly as Quark wrote them: ``w13_weight`` uint8 ``[E, S*I, packed(H)]``, ``w2_weight``
+uint8 ``[E, H, packed(I)]`` and E8M0 scales ``[E, N, K/32]``, wrapped in :class:`MXTensor`. Hidden and
+intermediate sizes are padded up to a multiple of 32 (zero codes, scale code 127 = 1.0), as vLLM's emulation
+does.
+
+Activations: none (W4A16 / W6A16), dynamic MXFP4 / MXFP6, static per-tensor FP8, or dynamic FP8 per token /
+per tensor. vLLM runs 7 of these pairs; it refuses weight-only MXFP6 (an assertion), MXFP6 weights with FP8
+activations and any MX weights with dynamic FP8 activations, and pairs outside its table (e.g. MXFP6 weights
+with MXFP4 activations). Every pair is well defined (dequantize the weights, fake-quantize the GEMM inputs),
+so we run all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE, MXTensor, mx_format
+from quarkmoe_jax.schemes.base import (
+    ActivationQuant,
+    MoEQuantConfig,
+    MoEScheme,
+    MoEShape,
+    ParamSpec,
+    WeightQuant,
+    _copy_into,
+)
+
+__all__ = ["OcpMxScheme", "round_up"]
+
+_NEUTRAL_SCALE = 127  # E8M0 code of 1.0
+
+
+def round_up(n: int, multiple: int = MX_BLOCK_SIZE) -> int:
+    return -(-n // multiple) * multiple
+
+
+class OcpMxScheme(MoEScheme):
+    """MX-packed expert weights; see the module docstring for the activation options."""
+
+    vllm_method = "QuarkOCP_MX_MoEMethod"
+
+    def __init__(self, config, semantics: str, weight_format: str, activation: ActivationQuant, name: str):
+        super().__init__(config, semantics, name)
+        self.weight_format = mx_format(weight_format)
+        self.activation = activation
+
+    @property
+    def static_input_scales(self) -> bool:
+        return self.activation.kind == "fp8" and not self.activation.dynamic
+
+    @property
+    def padded_intermediate(self) -> int:
+        return round_up(self.shape.intermediate_size)
+
+    @property
+    def padded_hidden(self) -> int:
+        return round_up(self.shape.hidden_size)
+
+    def create_weights(self, shape: MoEShape) -> dict[str, ParamSpec]:
+        self.shape = shape
+        fmt, e, s = self.weight_format, shape.num_experts, shape.num_shards
+        h, i = self.padded_hidden, self.padded_intermediate
+        u8 = np.dtype(np.uint8)
+        specs = {
+            "w13_weight": ParamSpec((e, s * i, fmt.packed_length(h)), u8),
+            "w2_weight": ParamSpec((e, h, fmt.packed_length(i)), u8),
+            "w13_weight_scale": ParamSpec((e, s * i, h // MX_BLOCK_SIZE), u8, _NEUTRAL_SCALE),
+            "w2_weight_scale": ParamSpec((e, h, i // MX_BLOCK_SIZE), u8, _NEUTRAL_SCALE),
+        }
+        if self.static_input_scales:
+            specs["w13_input_scale"] = ParamSpec((e,), np.dtype(np.float32), 1.0)
+            specs["w2_input_scale"] = ParamSpec((e,), np.dtype(np.float32), 1.0)
+        specs.update(self._bias_specs())
+        return specs
+
+    def required_suffixes(self) -> tuple[str, ...]:
+        return ("weight", "weight_scale") + (("input_scale",) if self.static_input_scales else ())
+
+    def _logical_k(self, shard) -> int:
+        """Contraction length of a shard in the checkpoint (before padding)."""
+        return self.shape.intermediate_size if shard == "w2" else self.shape.hidden_size
+
+    def _target(self, buffers, key, expert, shard):
+        if shard == "w2":
+            return buffers[f"w2_{key}"][expert], self.shape.hidden_size
+        rows = self._rows(shard)
+        return buffers[f"w13_{key}"][expert, rows], rows.stop - rows.start
+
+    def _load_weight(self, buffers, tensor, expert, shard, name):
+        fmt = self.weight_format
+        if tensor.dtype != np.uint8:
+            raise CheckpointError(f"{name}: packed {fmt.name} weights must be uint8 codes, found dtype {tensor.dtype}")
+        k = self._logical_k(shard)
+        if (k * fmt.bits) % 8:
+            raise CheckpointError(f"{name}: contraction length {k} cannot be packed as {fmt.name}")
+        target, rows = self._target(buffers, "weight", expert, shard)
+        _copy_into(target, tensor, (rows, fmt.packed_length(k)), name, f"packed {fmt.name} {shard} weight")
+
+    def _load_weight_scale(self, buffers, tensor, expert, shard, name):
+        if tensor.dtype != np.uint8:
+            raise CheckpointError(f"{name}: E8M0 weight scales must be uint8, found dtype {tensor.dtype}")
+        if (tensor == E8M0_NAN).any():
+            where = tuple(int(i) for i in np.argwhere(tensor == E8M0_NAN)[0])
+            raise CheckpointError(f"{name}: E8M0 code 255 (NaN) in a weight scale, first at index {where}")
+        target, rows = self._target(buffers, "weight_scale", expert, shard)
+        blocks = -(-self._logical_k(shard) // MX_BLOCK_SIZE)
+        _copy_into(target, tensor, (rows, blocks), name, f"E8M0 {shard} weight scale (one per 32 elements)")
+
+    def process_weights_after_loading(self, buffers: dict[str, np.ndarray]) -> dict[str, Any]:
+        fmt = self.weight_format
+        params: dict[str, Any] = {
+            "w13": MXTensor(jnp.asarray(buffers["w13_weight"]), jnp.asarray(buffers["w13_weight_scale"]), fmt),
+            "w2": MXTensor(jnp.asarray(buffers["w2_weight"]), jnp.asarray(buffers["w2_weight_scale"]), fmt),
+        }
+        for key in ("w13_bias", "w2_bias"):
+            if key in buffers:
+                params[key] = jnp.asarray(buffers[key])
+        params.update(self._collapse_input_scales(buffers))
+        return params
+
+    def quant_config(self) -> MoEQuantConfig:
+        return MoEQuantConfig(self.name, WeightQuant("mx", self.weight_format.name), self.activation, self.semantics)
