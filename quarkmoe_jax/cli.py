@@ -1,7 +1,10 @@
 """``quarkmoe`` command line: thin wrappers over the public API.
 
 Subcommands:
-  demo   quantize a seeded random expert weight in every format; print error, bytes and round-trip checks.
+  demo       quantize a seeded random expert weight in every format; print error, bytes and round-trip checks
+  inspect    describe a checkpoint: architecture, scheme per MoE layer, expert bytes, padding, refusals
+  quantize   export a float Hugging Face MoE checkpoint to Quark's format with a named scheme
+  synthetic  write a small seeded float MoE checkpoint (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss)
 """
 
 from __future__ import annotations
@@ -124,6 +127,89 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from quarkmoe_jax.checkpoint.loader import inspect_checkpoint
+
+    report = inspect_checkpoint(args.checkpoint, semantics=args.semantics)
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+        return 0
+    arch = report["architecture"]
+    print(
+        f"{args.checkpoint}: {arch['model_type']}, {arch['num_layers']} layers, MoE layers "
+        f"{_span(arch['moe_layers'])}; {arch['num_experts']} experts, top-{arch['top_k']}, hidden "
+        f"{arch['hidden_size']}, expert intermediate {arch['intermediate_size']}"
+    )
+    routing = f"{arch['scoring']}" + (", renormalized" if arch["renormalize"] else "")
+    if arch["num_expert_group"]:
+        routing += f", grouped top-k ({arch['topk_group']} of {arch['num_expert_group']} groups)"
+    if arch["routed_scaling_factor"] != 1.0:
+        routing += f", scaling {arch['routed_scaling_factor']}"
+    print(
+        f"routing: {routing}; activation {arch['activation']}"
+        + (", interleaved gate/up" if arch["interleaved"] else "")
+    )
+    if arch["shared_intermediate_size"]:
+        print(f"shared experts: intermediate {arch['shared_intermediate_size']}")
+    print(f"quantized: {report['quantized']}; semantics: {args.semantics}\n")
+    print(f"{'layer':>5}  {'scheme':<34} {'expert MiB':>10}  {'hidden':>11}  {'intermediate':>12}  notes")
+    refused = 0
+    for layer, entry in report["layers"].items():
+        if "refused" in entry:
+            refused += 1
+            print(f"{layer:>5}  {'REFUSED':<34} {'':>10}  {'':>11}  {'':>12}  {entry['refused']}")
+            continue
+        h, i = entry["hidden_size"], entry["intermediate_size"]
+        pad = lambda v: f"{v[0]}" if v[0] == v[1] else f"{v[0]}->{v[1]}"  # noqa: E731
+        print(
+            f"{layer:>5}  {entry['scheme']:<34} {entry['expert_bytes'] / 2**20:>10.2f}  {pad(h):>11}  {pad(i):>12}  "
+            f"{entry['vllm_method']}"
+        )
+    return 1 if refused else 0
+
+
+def _span(values) -> str:
+    values = list(values)
+    if values and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ",".join(map(str, values))
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
+    from quarkmoe_jax.checkpoint.loader import inspect_checkpoint
+
+    out = export_quark_checkpoint(
+        args.float_checkpoint,
+        args.out,
+        args.scheme,
+        scale_mode=args.scale_mode,
+        input_amax=args.input_amax,
+        exclude_layers=tuple(args.exclude_layer),
+    )
+    report = inspect_checkpoint(out, semantics=args.semantics)
+    ok = [e for e in report["layers"].values() if "refused" not in e]
+    print(f"wrote {out} ({args.scheme}); reloads as: " + ", ".join(sorted({e["scheme"] for e in ok})))
+    return 0
+
+
+def cmd_synthetic(args: argparse.Namespace) -> int:
+    from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+
+    path = write_float_checkpoint(
+        args.out,
+        args.model_type,
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    print(f"wrote float {args.model_type} checkpoint to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quarkmoe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -135,12 +221,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="also write the table as JSON to this path")
     demo.set_defaults(func=cmd_demo)
+
+    from quarkmoe_jax.checkpoint.architectures import SUPPORTED_MODEL_TYPES
+    from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES
+
+    inspect = sub.add_parser("inspect", help="describe a checkpoint (reads headers only)")
+    inspect.add_argument("checkpoint", help="Hugging Face folder with config.json and *.safetensors")
+    inspect.add_argument("--semantics", choices=["vllm", "quark"], default="vllm")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(func=cmd_inspect)
+
+    quantize = sub.add_parser("quantize", help="export a float checkpoint to Quark's format")
+    quantize.add_argument("float_checkpoint")
+    quantize.add_argument("out")
+    quantize.add_argument(
+        "--scheme",
+        required=True,
+        choices=EXPORT_SCHEMES,
+        metavar="SCHEME",
+        help="e.g. w_mxfp4, w_mxfp4_a_mxfp4, w_mxfp6_e2m3_a_fp8, w8a8_int8_channel_dynamic_token",
+    )
+    quantize.add_argument("--scale-mode", choices=["even", "floor", "ceil"], default="even")
+    quantize.add_argument("--input-amax", type=float, help="calibration amax for static activation scales")
+    quantize.add_argument("--exclude-layer", type=int, action="append", default=[], help="leave a MoE layer in float")
+    quantize.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="for the reload check")
+    quantize.set_defaults(func=cmd_quantize)
+
+    synthetic = sub.add_parser("synthetic", help="write a small seeded float MoE checkpoint")
+    synthetic.add_argument("out")
+    synthetic.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, default="mixtral")
+    synthetic.add_argument("--layers", type=int, default=2)
+    synthetic.add_argument("--hidden", type=int, default=64)
+    synthetic.add_argument("--intermediate", type=int, default=64)
+    synthetic.add_argument("--experts", type=int, default=4)
+    synthetic.add_argument("--top-k", type=int, default=2)
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(func=cmd_synthetic)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError) as e:  # bad input: one clear line, no traceback
+        print(f"quarkmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ __all__ = [
     "LoadedMoEBlock",
     "load_moe_block",
     "load_experts",
+    "plan_experts",
     "read_hf_config",
+    "inspect_checkpoint",
     "linear_expert_map",
     "round_robin_expert_map",
     "check_expert_map",
@@ -77,6 +79,8 @@ class LoadedMoEBlock:
 
 def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
     config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
     try:
         return json.loads(config_path.read_text())
@@ -167,7 +171,7 @@ def _split_fused(tensor: np.ndarray, part: int, name: str) -> np.ndarray:
     return tensor[part * half : (part + 1) * half]
 
 
-def load_experts(
+def plan_experts(
     reader: CheckpointReader,
     prefix: str,
     scheme: MoEScheme,
@@ -176,19 +180,11 @@ def load_experts(
     num_global_experts: int,
     expert_map: np.ndarray | None = None,
     indexed: bool = True,
-    progress: bool | None = None,
-) -> LoadedExperts:
-    """Read the experts under ``prefix`` into ``scheme``'s parameters.
+):
+    """Match the checkpoint's tensor names to the scheme's parameters without reading any data.
 
-    Args:
-      reader: the checkpoint.
-      prefix: e.g. ``model.layers.3.mlp.experts``.
-      scheme: from :func:`get_moe_scheme`; its ``create_weights(shape)`` allocates the buffers.
-      shape: local sizes (``shape.num_experts`` = local experts).
-      num_global_experts: experts in the checkpoint.
-      expert_map: ``[num_global_experts]`` global -> local id (-1 skips the expert); None = all.
-      indexed: expert tensors carry an expert index (False for a dense MLP such as a shared expert).
-      progress: show a tqdm bar (default: only for loads above 256 MiB).
+    Returns ``(param_specs, plan)``; raises :class:`CheckpointError` for missing, duplicate, out-of-range or
+    unexpected tensors. Used by :func:`load_experts` and by ``quarkmoe inspect``.
     """
     entries = _parse_names(reader, prefix, indexed)
     if not entries:
@@ -203,7 +199,7 @@ def load_experts(
         if key in by_key:
             raise CheckpointError(f"duplicate tensors {by_key[key].name!r} and {entry.name!r}")
         by_key[key] = entry
-    buffers = {k: spec.allocate() for k, spec in scheme.create_weights(shape).items()}
+    specs = scheme.create_weights(shape)
     shards = ("w13", "w2") if shape.interleaved else (("w1", "w3", "w2") if shape.gated else ("w1", "w2"))
     suffixes = list(scheme.required_suffixes())
     optional = ["weight_zero_point", "input_zero_point"]
@@ -234,6 +230,36 @@ def load_experts(
     extra = sorted(e.name for e in entries if e.name not in used)
     if extra:
         raise CheckpointError(f"unexpected tensors under {prefix!r} for scheme {scheme.name}: {extra[:4]}")
+    return specs, plan
+
+
+def load_experts(
+    reader: CheckpointReader,
+    prefix: str,
+    scheme: MoEScheme,
+    shape: MoEShape,
+    *,
+    num_global_experts: int,
+    expert_map: np.ndarray | None = None,
+    indexed: bool = True,
+    progress: bool | None = None,
+) -> LoadedExperts:
+    """Read the experts under ``prefix`` into ``scheme``'s parameters.
+
+    Args:
+      reader: the checkpoint.
+      prefix: e.g. ``model.layers.3.mlp.experts``.
+      scheme: from :func:`get_moe_scheme`; its ``create_weights(shape)`` allocates the buffers.
+      shape: local sizes (``shape.num_experts`` = local experts).
+      num_global_experts: experts in the checkpoint.
+      expert_map: ``[num_global_experts]`` global -> local id (-1 skips the expert); None = all.
+      indexed: expert tensors carry an expert index (False for a dense MLP such as a shared expert).
+      progress: show a tqdm bar (default: only for loads above 256 MiB).
+    """
+    specs, plan = plan_experts(
+        reader, prefix, scheme, shape, num_global_experts=num_global_experts, expert_map=expert_map, indexed=indexed
+    )
+    buffers = {k: spec.allocate() for k, spec in specs.items()}
     _run_plan(reader, plan, scheme, buffers, progress)
     params = scheme.process_weights_after_loading(buffers)
     return LoadedExperts(prefix, scheme, shape, params, expert_map)
@@ -302,6 +328,55 @@ def _float(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> np.nd
     return tensor.astype(np.float32)
 
 
+def _layer_setup(reader, arch: MoEArchitecture, quark: QuarkConfig | None, layer: int, semantics: str, expert_map):
+    """Block prefix, experts prefix, scheme, local shape and checked expert map of one MoE layer (no data read)."""
+    block = _block_prefix(reader, arch, layer)
+    prefix = block + ".experts"
+    children = sorted({name.rsplit(".", 1)[0] for name in reader if name.startswith(prefix + ".")})
+    layer_config = quark.resolve(prefix, "FusedMoE", child_names=children) if quark else None
+    scheme = get_moe_scheme(layer_config, semantics, layer=prefix)
+    if expert_map is not None:
+        expert_map = check_expert_map(expert_map, arch.num_experts)
+    num_local = arch.num_experts if expert_map is None else int(expert_map.max()) + 1
+    has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
+    shape = MoEShape(
+        num_local, arch.hidden_size, arch.intermediate_size, has_bias=has_bias, interleaved=arch.interleaved
+    )
+    return block, prefix, scheme, shape, expert_map
+
+
+def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> dict[str, Any]:
+    """Describe a checkpoint without reading tensor data: architecture, and per MoE layer the scheme, the
+    parameter bytes, the padding, or why it is refused. Used by ``quarkmoe inspect``."""
+    hf_config = read_hf_config(path)
+    arch = MoEArchitecture.from_hf_config(hf_config)
+    quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
+    report: dict[str, Any] = {"architecture": dataclasses.asdict(arch), "quantized": quark is not None, "layers": {}}
+    with CheckpointReader(path) as reader:
+        for layer in arch.moe_layers:
+            entry: dict[str, Any] = {}
+            try:
+                block, prefix, scheme, shape, _ = _layer_setup(reader, arch, quark, layer, semantics, None)
+                specs, _ = plan_experts(reader, prefix, scheme, shape, num_global_experts=arch.num_experts)
+                cfg = scheme.quant_config()
+                entry.update(
+                    prefix=prefix,
+                    scheme=scheme.name,
+                    vllm_method=scheme.vllm_method,
+                    weight=dataclasses.asdict(cfg.weight),
+                    activation=dataclasses.asdict(cfg.activation),
+                    expert_bytes=int(sum(np.prod(p.shape) * p.dtype.itemsize for p in specs.values())),
+                    hidden_size=[shape.hidden_size, scheme.padded_hidden],
+                    intermediate_size=[shape.intermediate_size, scheme.padded_intermediate],
+                )
+                if arch.shared_suffix:
+                    entry["shared_experts"] = f"{block}.{arch.shared_suffix}"
+            except (CheckpointError, ValueError) as e:
+                entry["refused"] = str(e)
+            report["layers"][layer] = entry
+    return report
+
+
 def load_moe_block(
     path: str | pathlib.Path,
     layer: int,
@@ -316,18 +391,7 @@ def load_moe_block(
     arch.check_moe_layer(layer)
     quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
     with CheckpointReader(path) as reader:
-        block = _block_prefix(reader, arch, layer)
-        prefix = block + ".experts"
-        children = sorted({name.rsplit(".", 1)[0] for name in reader if name.startswith(prefix + ".")})
-        layer_config = quark.resolve(prefix, "FusedMoE", child_names=children) if quark else None
-        scheme = get_moe_scheme(layer_config, semantics, layer=prefix)
-        if expert_map is not None:
-            expert_map = check_expert_map(expert_map, arch.num_experts)
-        num_local = arch.num_experts if expert_map is None else int(expert_map.max()) + 1
-        has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
-        shape = MoEShape(
-            num_local, arch.hidden_size, arch.intermediate_size, has_bias=has_bias, interleaved=arch.interleaved
-        )
+        block, prefix, scheme, shape, expert_map = _layer_setup(reader, arch, quark, layer, semantics, expert_map)
         experts = load_experts(
             reader,
             prefix,
