@@ -23,6 +23,7 @@ import dataclasses
 import warnings
 from typing import Any, Literal
 
+import jax.numpy as jnp
 import numpy as np
 
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
@@ -143,6 +144,7 @@ class MoEScheme(abc.ABC):
         self.semantics = semantics
         self.name = name
         self.shape: MoEShape | None = None
+        self._loaded_input_scales: dict[tuple[str, int], float] = {}  # (param, expert) -> value, w1/w3 share
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -229,17 +231,9 @@ class MoEScheme(abc.ABC):
             )
         buffers[key][expert] = max(loaded, value)
 
-    @property
-    def _loaded_input_scales(self) -> dict:
-        if not hasattr(self, "_input_scale_cache"):
-            self._input_scale_cache = {}
-        return self._input_scale_cache
-
-    def _collapse_input_scales(self, buffers: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Static input scales: per expert under Quark semantics, max over experts (0-d) under vLLM's."""
-        import jax.numpy as jnp
-
-        out = {}
+    def _bias_and_input_scale_params(self, buffers: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Biases as they are; static input scales per expert (Quark) or max over experts, 0-d (vLLM)."""
+        out = {key: jnp.asarray(buffers[key]) for key in ("w13_bias", "w2_bias") if key in buffers}
         for key in ("w13_input_scale", "w2_input_scale"):
             if key not in buffers:
                 continue

@@ -118,10 +118,7 @@ class OcpMxScheme(MoEScheme):
             "w13": MXTensor(jnp.asarray(buffers["w13_weight"]), jnp.asarray(buffers["w13_weight_scale"]), fmt),
             "w2": MXTensor(jnp.asarray(buffers["w2_weight"]), jnp.asarray(buffers["w2_weight_scale"]), fmt),
         }
-        for key in ("w13_bias", "w2_bias"):
-            if key in buffers:
-                params[key] = jnp.asarray(buffers[key])
-        params.update(self._collapse_input_scales(buffers))
+        params.update(self._bias_and_input_scale_params(buffers))
         return params
 
     def quant_config(self) -> MoEQuantConfig:

@@ -56,9 +56,7 @@ class UnquantizedScheme(MoEScheme):
 
     def process_weights_after_loading(self, buffers: dict[str, np.ndarray]) -> dict[str, Any]:
         params = {"w13": jnp.asarray(buffers["w13_weight"]), "w2": jnp.asarray(buffers["w2_weight"])}
-        for key in ("w13_bias", "w2_bias"):
-            if key in buffers:
-                params[key] = jnp.asarray(buffers[key])
+        params.update(self._bias_and_input_scale_params(buffers))
         return params
 
     def quant_config(self) -> MoEQuantConfig:

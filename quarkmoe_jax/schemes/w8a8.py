@@ -150,10 +150,7 @@ class _W8A8Scheme(MoEScheme):
             "w13_weight_scale": jnp.asarray(w13_scale),
             "w2_weight_scale": jnp.asarray(buffers["w2_weight_scale"]),
         }
-        for key in ("w13_bias", "w2_bias"):
-            if key in buffers:
-                params[key] = jnp.asarray(buffers[key])
-        params.update(self._collapse_input_scales(buffers))
+        params.update(self._bias_and_input_scale_params(buffers))
         return params
 
     def _requantize_shards_to_max(self, w13: np.ndarray, scales: np.ndarray):
