@@ -222,6 +222,13 @@ def plan_experts(
                 used.add(entry.name)
                 if local >= 0:
                     plan.append((entry, select, local, shard, suffix))
+    missing_bias = [m for m in missing if m.endswith(".bias")]
+    if missing_bias:
+        present = sorted(e.name for e in entries if e.suffix == "bias")
+        raise CheckpointError(
+            f"biases under {prefix!r} are incomplete: found {len(present)} (e.g. {present[:2]}) but "
+            f"{len(missing_bias)} are missing (e.g. {missing_bias[:2]}); a layer has biases on every projection or none"
+        )
     if missing:
         raise CheckpointError(
             f"{len(missing)} expert tensors missing under {prefix!r} for scheme {scheme.name}, e.g. "

@@ -30,7 +30,10 @@ def get_moe_scheme(config: LayerQuantConfig | None, semantics: str = "vllm", lay
         return UnquantizedScheme(semantics)
     for key in ("output_tensors", "bias"):
         if getattr(config, key) is not None:
-            raise SchemeError(f"{key} quantization is not supported for MoE layers{where} (vLLM refuses it too)")
+            raise SchemeError(
+                f"{key} quantization is not supported for MoE layers{where} (vLLM refuses it too): expected "
+                f"{key} null, found dtype {getattr(config, key).dtype!r}"
+            )
     weight, act = config.weight, config.input_tensors
     if weight.dtype == "fp8_e4m3" and weight.qscheme in ("per_tensor", "per_channel"):
         return _w8a8(Fp8W8A8Scheme, "fp8_e4m3", config, semantics, where)

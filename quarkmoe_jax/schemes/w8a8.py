@@ -35,6 +35,7 @@ from quarkmoe_jax.schemes.base import (
     MoEShape,
     ParamSpec,
     WeightQuant,
+    _as_float32,
     _copy_into,
     _scalar,
 )
@@ -97,7 +98,7 @@ class _W8A8Scheme(MoEScheme):
             )
 
     def _load_weight_scale(self, buffers, tensor, expert, shard, name):
-        values = np.asarray(tensor, np.float32)
+        values = _as_float32(tensor, name)
         if not np.isfinite(values).all() or (values <= 0).any():
             raise CheckpointError(f"{name}: weight scales must be finite and positive, found {values.ravel()[:4]}...")
         if self.weight_granularity == "tensor":
@@ -126,11 +127,16 @@ class _W8A8Scheme(MoEScheme):
         self._check_zero_point(tensor, name)
 
     def _check_zero_point(self, tensor, name):
-        if np.any(np.asarray(tensor) != 0):
+        tensor = np.asarray(tensor)
+        if tensor.dtype.kind not in "iu":
+            raise CheckpointError(f"{name}: zero points must be integers, found dtype {tensor.dtype}")
+        if np.any(tensor != 0):
             if self.semantics == "quark":
+                index = tuple(int(i) for i in np.argwhere(tensor != 0)[0])
                 raise CheckpointError(
-                    f"{name}: nonzero zero points (asymmetric quantization) are only supported with "
-                    "semantics='vllm', which treats them as symmetric, as vLLM does"
+                    f"{name}: expected zero points of 0, found {tensor[index]} at index {index}; nonzero zero "
+                    "points (asymmetric quantization) are only supported with semantics='vllm', which treats them "
+                    "as symmetric, as vLLM does"
                 )
             self._nonzero_zero_points.append(name)
 

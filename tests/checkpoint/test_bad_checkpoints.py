@@ -256,7 +256,7 @@ def test_duplicate_projection_names(bad):
             "w8a8_int8_channel_dynamic_token",
             expert(0, "w3", "weight_scale"),
             np.ones(64, np.int32),
-            r"float.*found dtype int32",
+            r"expected a float tensor, found dtype int32",
         ),
         ("w_mxfp4", ROUTER, np.zeros((4, 64), np.int8), r"expected a float tensor, found dtype int8"),
     ],
@@ -410,7 +410,7 @@ def test_nonzero_int8_zero_point_warns_under_vllm(bad, scheme, name):
 def test_nonzero_int8_zero_point_fails_under_quark(bad, scheme, name):
     path = _nonzero_zero_point(bad, scheme, name)
     # the error must show the value found, not only that some value was nonzero
-    refuse(path, CheckpointError, rf"{q(name)}: nonzero zero point.*found.*\b3\b", semantics="quark")
+    refuse(path, CheckpointError, rf"{q(name)}: expected zero points of 0, found 3 at index", semantics="quark")
 
 
 # --------------------------------------------------------------------------------------- router tensors
