@@ -251,3 +251,9 @@ def test_w8a8_quantizers_follow_quark_numerics(make_checkpoint):
         np.testing.assert_array_equal(q[f"{PREFIX}.0.w2.weight_scale"], np.asarray(scale)[:, 0])
         assert q[f"{PREFIX}.0.w2.input_scale"] == np.float32(0.5) / np.float32(127.5)
         assert not q[f"{PREFIX}.0.w2.weight_zero_point"].any()
+
+
+def test_progress_bar_on_request(make_checkpoint, capsys):
+    _, path = make_checkpoint("mixtral", "w_mxfp4")
+    QuarkMoEBlock.from_checkpoint(path, 1, progress=True)
+    assert "loading experts" in capsys.readouterr().err
