@@ -8,14 +8,12 @@ Parameters are ``nnx.Param`` values: :class:`~quarkmoe_jax.MXTensor` (uint8 code
 weights, int8 / float8_e4m3fn arrays for W8A8, float32 scales and biases. The quantization scheme
 (:class:`~quarkmoe_jax.schemes.MoEQuantConfig`) and the sizes are static module attributes.
 
-The forward pass (routing, dispatch, the emulation oracle and the GPU kernels) lands with the MoE-forward
-issue; until then ``apply`` / ``__call__`` raise ``NotImplementedError`` and the modules load, validate,
-``nnx.split`` / ``merge``, and expose dequantized weights for inspection.
+``apply`` / ``__call__`` run the MoE forward through ``moe.op`` (``backend="auto"``: the emulation oracle on
+CPU); both work under ``nnx.jit``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from typing import Any
 
@@ -28,6 +26,8 @@ from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
 from quarkmoe_jax.checkpoint.loader import LoadedExperts, check_expert_map, load_moe_block
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.moe import op, routing
+from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
 
 __all__ = ["RoutingConfig", "QuarkMoE", "QuarkMoEBlock", "ExpertMap"]
@@ -44,31 +44,6 @@ _OPTIONAL_PARAMS = (
 
 class ExpertMap(nnx.Variable):
     """``[E_global]`` int32: global expert id -> local id, -1 where the expert lives on another device."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutingConfig:
-    """How router logits become ``(topk_weights, topk_ids)``; read from the architecture's config.json."""
-
-    top_k: int
-    scoring: str = "softmax"
-    renormalize: bool = True
-    softmax_after_topk: bool = False
-    num_expert_group: int | None = None
-    topk_group: int | None = None
-    routed_scaling_factor: float = 1.0
-
-    @classmethod
-    def from_architecture(cls, arch: MoEArchitecture) -> RoutingConfig:
-        return cls(
-            top_k=arch.top_k,
-            scoring=arch.scoring,
-            renormalize=arch.renormalize,
-            softmax_after_topk=arch.softmax_after_topk,
-            num_expert_group=arch.num_expert_group,
-            topk_group=arch.topk_group,
-            routed_scaling_factor=arch.routed_scaling_factor,
-        )
 
 
 class QuarkMoE(nnx.Module):
@@ -159,11 +134,32 @@ class QuarkMoE(nnx.Module):
             p["w2"], p.get("w2_weight_scale"), dtype, None
         )
 
-    def apply(self, x, topk_weights, topk_ids):
-        """MoE experts forward: ``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` int32 -> ``[T, H]``."""
-        raise NotImplementedError(
-            "the MoE forward (emulation oracle and kernels) is not implemented yet; this version loads, "
-            "validates and exports Quark checkpoints"
+    def apply(self, x, topk_weights, topk_ids, *, backend: str = "auto", apply_router_weight_on_input: bool = False):
+        """MoE experts forward.
+
+        Args:
+          x: ``[T, H]`` float32 / bfloat16 / float16 hidden states.
+          topk_weights: ``[T, k]`` router weights (float32).
+          topk_ids: ``[T, k]`` int32 **global** expert ids; pairs whose expert is not local contribute zero.
+          backend: "auto" (the best available; the emulation oracle on CPU) or a name from ``moe.op.BACKENDS``.
+          apply_router_weight_on_input: scale ``x`` by the (top-1) weight before GEMM1 instead of the output.
+
+        Returns:
+          ``[T, H]`` in ``x``'s dtype.
+        """
+        return op.moe_experts(
+            x,
+            topk_weights,
+            topk_ids,
+            self.params(),
+            self.quant_config,
+            self.shape,
+            activation=self.activation,
+            swiglu_limit=self.swiglu_limit,
+            expert_map=None if self.expert_map is None else self.expert_map.get_value(),
+            num_global_experts=self.num_global_experts,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+            backend=backend,
         )
 
     def __repr__(self) -> str:
@@ -262,12 +258,34 @@ class QuarkMoEBlock(nnx.Module):
             architecture=arch,
         )
 
-    def __call__(self, x, router_logits=None):
-        """MoE block forward: ``x [T, H]`` (and optionally precomputed ``router_logits [T, E]``) -> ``[T, H]``."""
-        raise NotImplementedError(
-            "the MoE forward (routing, emulation oracle and kernels) is not implemented yet; this version loads, "
-            "validates and exports Quark checkpoints"
-        )
+    def route(self, x, logits=None):
+        """``(topk_weights f32 [T, k], topk_ids int32 [T, k])`` for ``x [T, H]`` (or given logits ``[T, E]``)."""
+        if logits is None:
+            bias = None if self.router_bias is None else self.router_bias.get_value()
+            logits = routing.router_logits(x, self.router_weight.get_value(), bias)
+        correction = None if self.correction_bias is None else self.correction_bias.get_value()
+        return routing.route(logits, self.routing, correction)
+
+    def __call__(self, x, router_logits=None, *, backend: str = "auto"):
+        """MoE block forward: ``x [T, H]`` (optionally with precomputed ``router_logits [T, E]``) -> ``[T, H]``.
+
+        Routed experts, plus the shared expert(s) where the architecture has them (Qwen2-MoE gates the
+        shared output with ``sigmoid(x @ shared_gate^T)``); the sum is taken in float32 and cast to ``x``'s
+        dtype.
+        """
+        x = jnp.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"x must be [T, {self.experts.shape.hidden_size}], got shape {tuple(x.shape)}")
+        weights, ids = self.route(x, router_logits)
+        out = self.experts.apply(x, weights, ids, backend=backend)
+        if self.shared is None:
+            return out
+        t = x.shape[0]
+        shared = self.shared.apply(x, jnp.ones((t, 1), jnp.float32), jnp.zeros((t, 1), jnp.int32), backend=backend)
+        shared = shared.astype(jnp.float32)
+        if self.shared_gate_weight is not None:
+            shared = shared * jax.nn.sigmoid(routing.router_logits(x, self.shared_gate_weight.get_value()))
+        return (out.astype(jnp.float32) + shared).astype(x.dtype)
 
 
 def _optional_param(value, shape, name):

@@ -18,7 +18,8 @@ Two numeric semantics (chosen per call; the checkpoint loader picks one per mode
     dequant ``q * s`` in float32.
   * A zero ``amax`` gives ``s = float32 eps`` (Quark's observer replaces zero scales by eps).
 
-Shapes: ``x [..., H]``; a per-tensor scale is a 0-d float32, a per-token scale is ``[..., 1]`` float32.
+Shapes: ``x [..., H]``; a per-tensor scale is a 0-d float32, a per-token (or per-row static) scale is
+``[..., 1]`` float32. Dynamic per-tensor scales are taken over the finite values.
 Quantized FP8 values are ``jnp.float8_e4m3fn`` arrays (their codes are bit-exact to torch's e4m3fn cast),
 INT8 values are ``int8``.
 
@@ -62,17 +63,24 @@ def _check(semantics: str, granularity: str) -> None:
 
 
 def _amax(x, granularity: str):
+    """Per-row ``max|x|`` (a NaN / Inf stays in its row), or per-tensor over the finite values only, so that
+    one non-finite token cannot change every other token's scale (vLLM's float atomicMax skips NaN too)."""
     x = jnp.abs(jnp.asarray(x).astype(jnp.float32))
     if granularity == "token":
         return jnp.max(x, axis=-1, keepdims=True)
-    return jnp.max(x)
+    return jnp.max(jnp.where(jnp.isfinite(x), x, 0.0))
 
 
 def _static_scale(scale, name: str):
+    """A static scale: a scalar (per tensor), or ``[..., 1]`` (one per row, e.g. per expert under Quark)."""
     scale = jnp.asarray(scale, jnp.float32)
-    if scale.ndim != 0 and scale.size != 1:
-        raise ValueError(f"static {name} input scale must be a scalar (per-tensor), got shape {scale.shape}")
-    return scale.reshape(())
+    if scale.size == 1:
+        return scale.reshape(())
+    if scale.shape[-1] != 1:
+        raise ValueError(
+            f"static {name} input scale must be a scalar (per-tensor) or [..., 1] per row, got shape {scale.shape}"
+        )
+    return scale
 
 
 def _e4m3_from_float32(values):

@@ -1,0 +1,326 @@
+"""The MoE experts forward in pure jnp: the emulation backend and the numerical oracle of every kernel.
+
+What it computes, per (token, expert) pair, for every scheme (docs/moe.md has the full description):
+
+1. GEMM1 input: the token's hidden state, quantized as the scheme says (MX: fake-quant per token, blocks
+   along H; FP8 with MX weights: fake-quant, vLLM's fp16 dequant; W8A8: INT8 / FP8 codes with their scale).
+2. ``acc = x_q @ W13^T`` with float32 accumulation (int32 for INT8 x INT8); epilogue
+   ``(acc * a_scale * w_scale) + bias``, cast to the activation dtype (``x``'s dtype).
+3. The activation (``moe.activations``), in the activation dtype.
+4. GEMM2 input quantized per (token, expert) row, blocks along I; GEMM2 with the same epilogue, then
+   ``* topk_weight`` in float32 (unless ``apply_router_weight_on_input``), cast to the activation dtype.
+5. The sum over the k experts of a token in float32, cast to the activation dtype.
+
+Efficient rather than naive: the (token, k) pairs are sorted by local expert and run as grouped matmuls
+(``jax.lax.ragged_dot``) on the dequantized local experts; pairs whose expert is not local (``expert_map``
+-1) or that belong to bucket padding fall outside every group and contribute exactly zero. The jitted entry
+point pads the token count to a bucket (:data:`TOKEN_BUCKETS`), so it compiles once per bucket.
+
+Non-finite inputs stay local: a NaN / Inf in a token's hidden state makes that token's output non-finite
+and nothing else. Dynamic per-tensor scales are taken over the finite values (vLLM's float ``atomicMax``
+also skips NaN).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from quarkmoe_jax.formats import MXTensor, quant_dequant
+from quarkmoe_jax.formats import quantizers as qz
+from quarkmoe_jax.moe.activations import apply_activation, is_gated
+from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape
+
+__all__ = ["TOKEN_BUCKETS", "token_bucket", "moe_experts", "moe_experts_unpadded", "validate_moe_inputs"]
+
+TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+"""Token counts the jitted forward compiles for; larger counts round up to a multiple of 8192."""
+
+
+def token_bucket(num_tokens: int) -> int:
+    for bucket in TOKEN_BUCKETS:
+        if num_tokens <= bucket:
+            return bucket
+    return -(-num_tokens // TOKEN_BUCKETS[-1]) * TOKEN_BUCKETS[-1]
+
+
+def validate_moe_inputs(x, topk_weights, topk_ids, hidden_size: int, num_experts: int, apply_on_input: bool) -> None:
+    """Clear errors for bad forward inputs (shapes and dtypes are static, so this also works under jit)."""
+    if x.ndim != 2 or x.shape[1] != hidden_size:
+        raise ValueError(f"x must be [T, {hidden_size}], got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a float array (float32 / bfloat16 / float16), got {x.dtype}")
+    if topk_ids.ndim != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids must be [T={x.shape[0]}, k], got shape {tuple(topk_ids.shape)}")
+    if not jnp.issubdtype(topk_ids.dtype, jnp.integer):
+        raise TypeError(f"topk_ids must be integers, got {topk_ids.dtype}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_weights shape {tuple(topk_weights.shape)} != topk_ids shape {tuple(topk_ids.shape)}")
+    if apply_on_input and topk_ids.shape[1] != 1:
+        raise ValueError(f"apply_router_weight_on_input needs top_k == 1, got k = {topk_ids.shape[1]}")
+    if not isinstance(topk_ids, jax.core.Tracer):
+        ids = np.asarray(topk_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
+            raise ValueError(f"topk_ids must be in [0, {num_experts}), found values in [{ids.min()}, {ids.max()}]")
+
+
+# ----------------------------------------------------------------------------------- input quantization
+
+
+def _quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_scale, semantics: str):
+    """Quantize a GEMM input ``[P, K]`` (rows = tokens or pairs) as the scheme says.
+
+    Returns ``(operand, a_scale)``: the GEMM operand (float32, or int8 codes for INT8 x INT8) and the
+    activation scale for the epilogue (``None``, a scalar or ``[P, 1]``).
+    """
+    if act.kind == "none":
+        return values.astype(jnp.float32), None
+    if act.kind == "mx":
+        return quant_dequant(values, act.mx_format, act.scale_mode).astype(jnp.float32), None
+    scale = None if act.dynamic else static_scale
+    granularity = act.granularity or "tensor"
+    if act.kind == "fp8":
+        if weight_kind == "mx":  # MX weights: activations are fake-quantized, as vLLM's emulation does
+            qdq = qz.fp8_quant_dequant(values, scale, granularity=granularity, semantics=semantics)
+            return qdq.astype(jnp.float32), None
+        q, s = qz.fp8_quantize(values, scale, granularity=granularity, semantics=semantics)
+        return q.astype(jnp.float32), s
+    return qz.int8_quantize(values, scale, granularity=granularity, semantics=semantics)
+
+
+# ------------------------------------------------------------------------------------------- the GEMMs
+
+
+def _weights_for_gemm(weight, act_kind: str):
+    """``[E, N, K]`` stored weights -> ``[E, K, N]`` GEMM operand (float32, or int8 for INT8 x INT8)."""
+    if isinstance(weight, MXTensor):
+        w = weight.dequantize(jnp.float32)
+    elif weight.dtype == jnp.int8 and act_kind == "int8":
+        w = weight
+    else:
+        w = weight.astype(jnp.float32)
+    return jnp.swapaxes(w, 1, 2)
+
+
+def _row_scale(scale, rows_expert, num_columns: int, shards: int):
+    """Per-row weight scale ``[P, N]`` or ``[P, 1]`` from ``[E]`` / ``[E, N]`` / ``[E, S]`` scales."""
+    if scale is None:
+        return None
+    scale = jnp.asarray(scale, jnp.float32)
+    per_row = scale[rows_expert]
+    if scale.ndim == 1:
+        return per_row[:, None]
+    if scale.shape[1] == num_columns:
+        return per_row
+    return jnp.repeat(per_row, num_columns // scale.shape[1], axis=1)  # per-shard scales [E, S]
+
+
+def _grouped_gemm(operand, weights, group_sizes, rows_expert, a_scale, w_scale, bias, dtype):
+    """``ragged_dot`` + epilogue ``(acc * a_scale * w_scale) + bias``; float32 result (cast by the caller)."""
+    if operand.dtype == jnp.int8:
+        acc = lax.ragged_dot(operand, weights, group_sizes, preferred_element_type=jnp.int32).astype(jnp.float32)
+    else:
+        acc = lax.ragged_dot(
+            operand, weights, group_sizes, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+        )
+    if a_scale is not None:
+        acc = acc * jnp.asarray(a_scale, jnp.float32)
+    if w_scale is not None:
+        acc = acc * w_scale
+    if bias is not None:
+        acc = acc + jnp.asarray(bias, jnp.float32)[rows_expert]
+    return acc
+
+
+def _static_input_scale(params, key, rows_expert):
+    scale = params.get(key)
+    if scale is None:
+        return None
+    scale = jnp.asarray(scale, jnp.float32)
+    return scale if scale.ndim == 0 else scale[rows_expert][:, None]  # Quark semantics: one per expert
+
+
+# ------------------------------------------------------------------------------------------ the forward
+
+
+def moe_experts_unpadded(
+    x,
+    topk_weights,
+    topk_ids,
+    valid_tokens,
+    params: dict[str, Any],
+    quant_config: MoEQuantConfig,
+    shape: MoEShape,
+    activation: str,
+    swiglu_limit: float | None,
+    expert_map,
+    apply_router_weight_on_input: bool,
+):
+    """The forward on given arrays (no bucketing); ``valid_tokens [T]`` bool masks padding tokens."""
+    dtype = x.dtype
+    t, k = topk_ids.shape
+    w13, w2 = params["w13"], params["w2"]
+    num_local = w13.shape[0]
+    h_pad, n13, i_pad = w13.shape[2], w13.shape[1], w2.shape[2]
+    shards = 2 if is_gated(activation) else 1
+    if n13 != shards * i_pad:
+        raise ValueError(f"w13 has {n13} rows; activation {activation!r} needs {shards} x {i_pad}")
+    hidden = x.shape[1]
+    if apply_router_weight_on_input:
+        x = (x.astype(jnp.float32) * topk_weights.astype(jnp.float32)).astype(dtype)
+    if h_pad > hidden:
+        x = jnp.pad(x, ((0, 0), (0, h_pad - hidden)))
+
+    local = topk_ids.astype(jnp.int32) if expert_map is None else jnp.asarray(expert_map)[topk_ids]
+    local = jnp.where(valid_tokens[:, None], local, -1).reshape(-1)
+    sort_key = jnp.where(local < 0, num_local, local)  # non-local pairs last, outside every group
+    order = jnp.argsort(sort_key, stable=True)
+    group_sizes = jnp.bincount(sort_key, length=num_local + 1)[:num_local].astype(jnp.int32)
+    rows_expert = jnp.minimum(sort_key[order], num_local - 1)
+    rows_valid = sort_key[order] < num_local
+    rows_token = order // k
+
+    act = quant_config.activation
+    weight_kind = quant_config.weight.kind
+    semantics = quant_config.semantics
+    static13 = _static_input_scale(params, "w13_input_scale", rows_expert)
+    if static13 is not None and static13.ndim == 2:  # per-expert static scales (Quark): quantize each pair
+        operand, a_scale = _quantize_gemm_input(x[rows_token], act, weight_kind, static13, semantics)
+    else:  # the same for every expert of a token: quantize each token once, then gather its pairs
+        operand, a_scale = _quantize_gemm_input(x, act, weight_kind, static13, semantics)
+        operand = operand[rows_token]
+        a_scale = a_scale[rows_token] if a_scale is not None and jnp.ndim(a_scale) == 2 else a_scale
+
+    h = _grouped_gemm(
+        operand,
+        _weights_for_gemm(w13, act.kind),
+        group_sizes,
+        rows_expert,
+        a_scale,
+        _row_scale(params.get("w13_weight_scale"), rows_expert, n13, shards),
+        params.get("w13_bias"),
+        dtype,
+    ).astype(dtype)
+    a2 = apply_activation(h, activation, limit=swiglu_limit)
+    a2 = jnp.where(rows_valid[:, None], a2, 0).astype(dtype)
+
+    operand, a_scale = _quantize_gemm_input(
+        a2, act, weight_kind, _static_input_scale(params, "w2_input_scale", rows_expert), semantics
+    )
+    y = _grouped_gemm(
+        operand,
+        _weights_for_gemm(w2, act.kind),
+        group_sizes,
+        rows_expert,
+        a_scale,
+        _row_scale(params.get("w2_weight_scale"), rows_expert, h_pad, 1),
+        params.get("w2_bias"),
+        dtype,
+    )
+    if not apply_router_weight_on_input:
+        y = y * topk_weights.reshape(-1).astype(jnp.float32)[order][:, None]
+    y = jnp.where(rows_valid[:, None], y.astype(dtype), 0)
+    per_pair = jnp.zeros((t * k, h_pad), dtype).at[order].set(y)
+    out = per_pair.reshape(t, k, h_pad).astype(jnp.float32).sum(axis=1).astype(dtype)
+    return out[:, :hidden]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("quant_config", "shape", "activation", "swiglu_limit", "apply_router_weight_on_input"),
+)
+def _moe_experts_jit(
+    x,
+    topk_weights,
+    topk_ids,
+    valid_tokens,
+    params,
+    expert_map,
+    *,
+    quant_config,
+    shape,
+    activation,
+    swiglu_limit,
+    apply_router_weight_on_input,
+):
+    return moe_experts_unpadded(
+        x,
+        topk_weights,
+        topk_ids,
+        valid_tokens,
+        params,
+        quant_config,
+        shape,
+        activation,
+        swiglu_limit,
+        expert_map,
+        apply_router_weight_on_input,
+    )
+
+
+def moe_experts(
+    x,
+    topk_weights,
+    topk_ids,
+    params: dict[str, Any],
+    quant_config: MoEQuantConfig,
+    shape: MoEShape,
+    *,
+    activation: str = "silu",
+    swiglu_limit: float | None = None,
+    expert_map=None,
+    num_global_experts: int | None = None,
+    apply_router_weight_on_input: bool = False,
+):
+    """Emulated MoE experts: ``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` (global ids).
+
+    Returns ``[T, H]`` in ``x``'s dtype. Pads T to :func:`token_bucket` and calls a jitted core compiled once
+    per (bucket, scheme, shape). Inside ``jax.jit`` (traced inputs) it runs the core directly.
+    """
+    x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
+    num_global = num_global_experts or shape.num_experts
+    validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, num_global, apply_router_weight_on_input)
+    t = x.shape[0]
+    if t == 0:
+        return jnp.zeros((0, shape.hidden_size), x.dtype)
+    topk_ids = topk_ids.astype(jnp.int32)
+    kwargs = dict(
+        quant_config=quant_config,
+        shape=shape,
+        activation=activation,
+        swiglu_limit=swiglu_limit,
+        apply_router_weight_on_input=apply_router_weight_on_input,
+    )
+    expert_map = None if expert_map is None else jnp.asarray(expert_map, jnp.int32)
+    if isinstance(x, jax.core.Tracer):
+        return moe_experts_unpadded(
+            x,
+            topk_weights,
+            topk_ids,
+            jnp.ones((t,), bool),
+            params,
+            quant_config,
+            shape,
+            activation,
+            swiglu_limit,
+            expert_map,
+            apply_router_weight_on_input,
+        )
+    bucket = token_bucket(t)
+    pad = bucket - t
+    valid = jnp.arange(bucket) < t
+    out = _moe_experts_jit(
+        jnp.pad(x, ((0, pad), (0, 0))),
+        jnp.pad(topk_weights, ((0, pad), (0, 0))),
+        jnp.pad(topk_ids, ((0, pad), (0, 0))),
+        valid,
+        params,
+        expert_map,
+        **kwargs,
+    )
+    return out[:t]
