@@ -1,7 +1,9 @@
 """``quarkmoe`` command line: thin wrappers over the public API.
 
 Subcommands:
-  demo       quantize a seeded random expert weight in every format; print error, bytes and round-trip checks
+  demo       the main job on an embedded default: codec table, then a seeded small MoE layer exported in every
+             scheme and run, with error vs the float layer, bytes per weight and time
+  run-layer  run MoE block N of a checkpoint (router included) on x.npy [T, hidden] and write y.npy
   inspect    describe a checkpoint: architecture, scheme per MoE layer, expert bytes, padding, refusals
   quantize   export a float Hugging Face MoE checkpoint to Quark's format with a named scheme
   synthetic  write a small seeded float MoE checkpoint (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss)
@@ -120,11 +122,93 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     _print_table(rows)
     print(f"\n({time.perf_counter() - start:.1f} s)")
+    failed = [r for r in rows if not all(r["checks"].values())]
+    if args.no_layer:
+        return 1 if failed else 0
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        layer_rows = demo_layer_rows(tmp, tokens=args.tokens, seed=args.seed)
+    print(
+        f"\nA seeded Mixtral-style MoE layer (8 experts, top-2, hidden 256, intermediate 512) exported in every "
+        f"scheme and run on {args.tokens} tokens (emulation backend, vLLM semantics; static scales calibrated on "
+        "256 tokens); error relative to the float (bf16-weight) layer:\n"
+    )
+    print(f"{'scheme':<34} {'rel RMS err':>11} {'bytes/weight':>13} {'ms':>8}")
+    print("-" * 69)
+    for r in layer_rows:
+        print(f"{r['scheme']:<34} {r['rel_rms']:>11.4f} {r['bytes_per_weight']:>13.4f} {r['ms']:>8.2f}")
+    print(f"\n({time.perf_counter() - start:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    failed = [r for r in rows if not all(r["checks"].values())]
+            json.dump({"codecs": rows, "layer": layer_rows}, f, indent=1)
     return 1 if failed else 0
+
+
+def demo_layer_rows(tmp_dir, tokens: int = 64, seed: int = 0, schemes=None) -> list[dict]:
+    """Export one seeded small Mixtral-style MoE layer in every scheme and run it against the float layer."""
+    import pathlib
+    import warnings
+
+    from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, calibrate_input_amax, export_quark_checkpoint
+    from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+    from quarkmoe_jax.nn import QuarkMoEBlock
+
+    tmp_dir = pathlib.Path(tmp_dir)
+    src = write_float_checkpoint(
+        tmp_dir / "float",
+        "mixtral",
+        num_layers=1,
+        hidden_size=256,
+        intermediate_size=512,
+        num_experts=8,
+        top_k=2,
+        seed=seed,
+    )
+    x = jax.random.normal(jax.random.key(seed + 1), (tokens, 256), jnp.float32)
+    reference = np.asarray(QuarkMoEBlock.from_checkpoint(src, 0)(x), np.float64)
+    amax = calibrate_input_amax(src, jax.random.normal(jax.random.key(seed + 2), (256, 256)))
+    rows = []
+    for scheme in schemes or EXPORT_SCHEMES:
+        path = export_quark_checkpoint(src, tmp_dir / scheme, scheme, input_amax=amax)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            block = QuarkMoEBlock.from_checkpoint(path, 0)
+        jax.block_until_ready(block(x))  # compile
+        start = time.perf_counter()
+        out = np.asarray(jax.block_until_ready(block(x)), np.float64)
+        elapsed = time.perf_counter() - start
+        params = jax.tree_util.tree_leaves(block.experts.params())
+        weights = block.experts.shape.num_experts * 3 * 256 * 512
+        rows.append(
+            {
+                "scheme": scheme,
+                "rel_rms": float(np.sqrt(np.mean((out - reference) ** 2) / np.mean(reference**2))),
+                "bytes_per_weight": sum(p.nbytes for p in params) / weights,
+                "ms": elapsed * 1e3,
+            }
+        )
+    return rows
+
+
+def cmd_run_layer(args: argparse.Namespace) -> int:
+    from quarkmoe_jax.nn import QuarkMoEBlock
+
+    block = QuarkMoEBlock.from_checkpoint(args.checkpoint, args.layer, semantics=args.semantics)
+    try:
+        x = np.load(args.input)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read --input {args.input}: {e}") from e
+    if x.dtype.kind != "f":
+        raise ValueError(f"--input {args.input}: expected a float array [T, hidden], found dtype {x.dtype}")
+    y = block(jnp.asarray(x, jnp.dtype(args.dtype)), backend=args.backend)
+    np.save(args.output, np.asarray(y, np.float32))
+    print(
+        f"{args.output}: [{y.shape[0]}, {y.shape[1]}] ({args.dtype} values, saved as float32); "
+        f"scheme {block.experts.quant_config.scheme}, semantics {args.semantics}, backend {args.backend}"
+    )
+    return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -219,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=2048, help="output channels N (default 2048)")
     demo.add_argument("--cols", type=int, default=4096, help="input channels K, a multiple of 32 (default 4096)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", help="also write the table as JSON to this path")
+    demo.add_argument("--json", help="also write the tables as JSON to this path")
+    demo.add_argument("--tokens", type=int, default=64, help="tokens for the MoE layer run (default 64)")
+    demo.add_argument("--no-layer", action="store_true", help="only the codec table")
     demo.set_defaults(func=cmd_demo)
 
     from quarkmoe_jax.checkpoint.architectures import SUPPORTED_MODEL_TYPES
@@ -246,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--exclude-layer", type=int, action="append", default=[], help="leave a MoE layer in float")
     quantize.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="for the reload check")
     quantize.set_defaults(func=cmd_quantize)
+
+    run = sub.add_parser("run-layer", help="run MoE block N of a checkpoint on x.npy, write y.npy")
+    run.add_argument("checkpoint")
+    run.add_argument("--layer", type=int, required=True)
+    run.add_argument("--input", required=True, help=".npy float array [T, hidden]")
+    run.add_argument("--output", required=True, help=".npy to write [T, hidden] (float32 values)")
+    run.add_argument("--backend", default="auto", help="auto (default), emulation, ...")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="activation dtype")
+    run.add_argument("--semantics", choices=["vllm", "quark"], default="vllm")
+    run.set_defaults(func=cmd_run_layer)
 
     synthetic = sub.add_parser("synthetic", help="write a small seeded float MoE checkpoint")
     synthetic.add_argument("out")

@@ -274,8 +274,11 @@ class QuarkMoEBlock(nnx.Module):
         dtype.
         """
         x = jnp.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"x must be [T, {self.experts.shape.hidden_size}], got shape {tuple(x.shape)}")
+        hidden = self.experts.shape.hidden_size
+        if x.ndim != 2 or x.shape[1] != hidden:
+            raise ValueError(f"x must be [T, {hidden}], got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"x must be a float array (float32 / bfloat16 / float16), got {x.dtype}")
         weights, ids = self.route(x, router_logits)
         out = self.experts.apply(x, weights, ids, backend=backend)
         if self.shared is None:

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 
 
 def test_demo_prints_every_format_and_passes_its_round_trips(capsys):
-    assert cli.main(["demo", "--rows", "64", "--cols", "256", "--seed", "3"]) == 0
+    assert cli.main(["demo", "--rows", "64", "--cols", "256", "--seed", "3", "--no-layer"]) == 0
     out = capsys.readouterr().out
     for name in ["mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "fp8_e4m3", "int8", "0.5312", "0.7812"]:
         assert name in out
@@ -37,3 +37,58 @@ def test_kernels_folder_maps_into_the_package_not_top_level():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert config["package-dir"] == {"quarkmoe_jax.kernels": "kernels"}
     assert "kernels" not in config["packages"]
+
+
+def test_demo_layer_runs_each_scheme_against_the_float_layer(tmp_path):
+    rows = cli.demo_layer_rows(
+        tmp_path, tokens=16, schemes=["w_mxfp4_a_mxfp4", "w_mxfp6_e2m3", "w8a8_int8_channel_dynamic_token"]
+    )
+    errors = {r["scheme"]: r["rel_rms"] for r in rows}
+    # more bits, less error; every run is finite and measured
+    assert errors["w8a8_int8_channel_dynamic_token"] < errors["w_mxfp6_e2m3"] < errors["w_mxfp4_a_mxfp4"] < 0.5
+    assert all(r["ms"] > 0 and 0.5 < r["bytes_per_weight"] < 1.1 for r in rows)
+
+
+def test_run_layer(tmp_path, capsys):
+    import numpy as np
+
+    f, q = tmp_path / "f", tmp_path / "q"
+    cli.main(["synthetic", str(f), "--model-type", "qwen3_moe"])
+    cli.main(["quantize", str(f), str(q), "--scheme", "w_mxfp4_a_mxfp4"])
+    x = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    argv = [
+        "run-layer",
+        str(q),
+        "--layer",
+        "1",
+        "--input",
+        str(tmp_path / "x.npy"),
+        "--output",
+        str(tmp_path / "y.npy"),
+    ]
+    assert cli.main(argv + ["--dtype", "float32", "--semantics", "quark"]) == 0
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (7, 64) and y.dtype == np.float32 and np.isfinite(y).all()
+    from quarkmoe_jax.nn import QuarkMoEBlock
+
+    block = QuarkMoEBlock.from_checkpoint(q, 1, semantics="quark")
+    np.testing.assert_array_equal(y, np.asarray(block(x)))
+    np.save(tmp_path / "bad.npy", np.ones((3, 65), np.float32))
+    capsys.readouterr()
+    assert (
+        cli.main(
+            [
+                "run-layer",
+                str(q),
+                "--layer",
+                "1",
+                "--input",
+                str(tmp_path / "bad.npy"),
+                "--output",
+                str(tmp_path / "z.npy"),
+            ]
+        )
+        == 2
+    )
+    assert "x must be [T, 64]" in capsys.readouterr().err

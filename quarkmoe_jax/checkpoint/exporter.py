@@ -31,7 +31,7 @@ from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers
 from quarkmoe_jax.schemes import get_moe_scheme
 
-__all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint"]
+__all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint", "calibrate_input_amax"]
 
 _MX = {"mxfp4": "fp4", "mxfp6_e3m2": "fp6_e3m2", "mxfp6_e2m3": "fp6_e2m3"}
 _MX_ACTIVATIONS = [None, "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "fp8", "fp8_dynamic_token", "fp8_dynamic_tensor"]
@@ -271,3 +271,33 @@ def _open_source(source):
         raise CheckpointError(f"{config_path}: already has a quantization_config; export needs float weights")
     reader = CheckpointReader(path)
     return hf_config, reader, reader
+
+
+def calibrate_input_amax(float_checkpoint, x, layers=None) -> dict[int, dict[str, np.ndarray]]:
+    """Per-expert ``amax`` of each MoE layer's GEMM inputs on calibration hidden states ``x [T, H]``.
+
+    Routes ``x`` with the float layer's router; for expert e, ``"w13"`` is the max |x| over the tokens routed
+    to it and ``"w2"`` the max |activation| of its intermediate. Experts that receive no token get the
+    layer's maximum. The result is the ``input_amax`` argument of :func:`export_quark_checkpoint`.
+    """
+    from quarkmoe_jax.moe.activations import apply_activation
+    from quarkmoe_jax.nn import QuarkMoEBlock
+
+    hf_config = json.loads((pathlib.Path(float_checkpoint) / "config.json").read_text())
+    arch = MoEArchitecture.from_hf_config(hf_config)
+    x = jnp.asarray(x, jnp.float32)
+    result = {}
+    for layer in arch.moe_layers if layers is None else layers:
+        block = QuarkMoEBlock.from_checkpoint(float_checkpoint, layer)
+        _, ids = block.route(x)
+        w13, _ = block.experts.dequantized_weights(jnp.float32)
+        bias = block.experts.params().get("w13_bias")
+        h = jnp.einsum("th,enh->ten", x, w13) + (0 if bias is None else bias[None])
+        a2 = apply_activation(h, block.experts.activation, limit=block.experts.swiglu_limit)
+        routed = (ids[:, :, None] == jnp.arange(arch.num_experts)).any(1)  # [T, E]
+        x_amax = jnp.where(routed, jnp.abs(x).max(-1, keepdims=True), 0).max(0)
+        a2_amax = jnp.where(routed, jnp.abs(a2).max(-1), 0).max(0)
+        x_amax = jnp.where(x_amax > 0, x_amax, jnp.abs(x).max())
+        a2_amax = jnp.where(a2_amax > 0, a2_amax, jnp.abs(a2).max())
+        result[layer] = {"w13": np.asarray(x_amax), "w2": np.asarray(a2_amax)}
+    return result
