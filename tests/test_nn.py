@@ -65,8 +65,3 @@ def test_construction_errors(key):
         QuarkMoEBlock(experts, np.zeros((4, 64)), RoutingConfig(top_k=5))
     with pytest.raises(ValueError, match="expert_map places 2 experts here, params hold 4"):
         QuarkMoE(config, MoEShape(4, 64, 32), params, expert_map=np.array([0, 1, -1, -1]), num_global_experts=4)
-
-
-def test_apply_is_not_there_yet(key):
-    with pytest.raises(NotImplementedError, match="forward"):
-        mx_experts(key).apply(jnp.ones((1, 64)), jnp.ones((1, 2)), jnp.zeros((1, 2), jnp.int32))

@@ -238,8 +238,10 @@ def test_dequantized_weights_under_jit_and_nnx_round_trip(make_checkpoint):
         np.testing.assert_array_equal(as_bytes(a), as_bytes(b))
     w13 = nnx.jit(lambda m: m.experts.dequantized_weights(jnp.bfloat16)[0])(restored)
     assert w13.dtype == jnp.bfloat16 and w13.shape == (4, 128, 64)
-    with pytest.raises(NotImplementedError, match="forward"):
-        block(jnp.ones((2, 64)))
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(nnx.jit(lambda m, x: m(x))(restored, x), np.float32), np.asarray(block(x), np.float32)
+    )
 
 
 def test_w8a8_quantizers_follow_quark_numerics(make_checkpoint):
