@@ -277,12 +277,46 @@ def _encode_blocks(x, fmt: MXFormat, scale_mode: str):
     return code.astype(jnp.uint8), quant_exponent, scale_codes, nonfinite
 
 
+# Scale exponents for which every MX value times 2^e is a normal float32 (element exponents span
+# [2^-4, 28], so e in [-120, 120] keeps the result's biased exponent inside [1, 254]).
+_FAST_EXPONENT_RANGE = (-120, 120)
+
+
+@functools.cache
+def _value_bits_table(fmt: MXFormat) -> np.ndarray:
+    """int32 float32 bit patterns of every element code (signed zero included)."""
+    return el.decode_table(fmt.element).astype(np.float32).view(np.int32)
+
+
 def _rescale(codes, exponents, nan_blocks, fmt: MXFormat, dtype):
-    """``decode(code) * 2**exponent`` per block, computed in float32 and then cast to ``dtype`` (as Quark)."""
+    """``decode(code) * 2**exponent`` per block, computed in float32 and then cast to ``dtype`` (as Quark).
+
+    Exact either way: when every exponent is in :data:`_FAST_EXPONENT_RANGE` the float32 result is the
+    element's bit pattern with the exponent added to its exponent field (and bfloat16 is its top half, exact
+    for these values); otherwise every value is composed and rounded by :func:`elements.compose_bits`.
+    """
     per_element = jnp.repeat(exponents, MX_BLOCK_SIZE, axis=-1)
-    values = el.decode(codes, fmt.element, jnp.float32, per_element)
-    values = jnp.where(jnp.repeat(nan_blocks, MX_BLOCK_SIZE, axis=-1), jnp.float32(jnp.nan), values)
-    return el.round_float32_to(values, dtype)
+    nan = jnp.repeat(nan_blocks, MX_BLOCK_SIZE, axis=-1)
+    target_dtype = jnp.dtype(dtype)
+
+    def exact():
+        values = el.decode(codes, fmt.element, jnp.float32, per_element)
+        values = jnp.where(nan, jnp.float32(jnp.nan), values)
+        return el.round_float32_to(values, target_dtype)
+
+    def fast():
+        bits = jnp.asarray(_value_bits_table(fmt))[codes.astype(jnp.int32)]
+        nonzero = (bits & 0x7FFFFFFF) != 0
+        bits = jnp.where(nonzero, bits + (per_element << 23), bits)
+        bits = jnp.where(nan, jnp.int32(0x7FC00000), bits)
+        if target_dtype == jnp.bfloat16:
+            return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
+        values = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return values if target_dtype == jnp.float32 else el.round_float32_to(values, target_dtype)
+
+    lo, hi = _FAST_EXPONENT_RANGE
+    in_range = jnp.all((exponents >= lo) & (exponents <= hi))
+    return jax.lax.cond(in_range, fast, exact)
 
 
 # ------------------------------------------------------------------------------------------- MXTensor

@@ -13,7 +13,8 @@ What it computes, per (token, expert) pair, for every scheme (docs/moe.md has th
 
 Efficient rather than naive: the (token, k) pairs are sorted by local expert and run as grouped matmuls
 (``jax.lax.ragged_dot``) on the dequantized local experts; pairs whose expert is not local (``expert_map``
--1) or that belong to bucket padding fall outside every group and contribute exactly zero. The jitted entry
+-1) or that belong to bucket padding fall outside every group and contribute exactly zero. With fewer pairs
+than local experts (decode) only the experts the pairs touch are gathered and dequantized. The jitted entry
 point pads the token count to a bucket (:data:`TOKEN_BUCKETS`), so it compiles once per bucket.
 
 Non-finite inputs stay local: a NaN / Inf in a token's hidden state makes that token's output non-finite
@@ -38,7 +39,7 @@ from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape
 
 __all__ = ["TOKEN_BUCKETS", "token_bucket", "moe_experts", "moe_experts_unpadded", "validate_moe_inputs"]
 
-TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 """Token counts the jitted forward compiles for; larger counts round up to a multiple of 8192."""
 
 
@@ -96,15 +97,19 @@ def _quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_
 # ------------------------------------------------------------------------------------------- the GEMMs
 
 
-def _weights_for_gemm(weight, act_kind: str):
-    """``[E, N, K]`` stored weights -> ``[E, K, N]`` GEMM operand (float32, or int8 for INT8 x INT8)."""
+def _weights_for_gemm(weight, act_kind: str, rows_expert=None):
+    """Stored weights ``[E, N, K]`` as a GEMM operand (float32, or int8 for INT8 x INT8).
+
+    With ``rows_expert`` the weights of each row's expert are gathered first, ``[P, N, K]``: for few pairs
+    (decode) only the touched experts are dequantized.
+    """
+    if rows_expert is not None:
+        weight = weight[rows_expert]
     if isinstance(weight, MXTensor):
-        w = weight.dequantize(jnp.float32)
-    elif weight.dtype == jnp.int8 and act_kind == "int8":
-        w = weight
-    else:
-        w = weight.astype(jnp.float32)
-    return jnp.swapaxes(w, 1, 2)
+        return weight.dequantize(jnp.float32)
+    if weight.dtype == jnp.int8 and act_kind == "int8":
+        return weight
+    return weight.astype(jnp.float32)
 
 
 def _row_scale(scale, rows_expert, num_columns: int, shards: int):
@@ -120,14 +125,27 @@ def _row_scale(scale, rows_expert, num_columns: int, shards: int):
     return jnp.repeat(per_row, num_columns // scale.shape[1], axis=1)  # per-shard scales [E, S]
 
 
-def _grouped_gemm(operand, weights, group_sizes, rows_expert, a_scale, w_scale, bias, dtype):
-    """``ragged_dot`` + epilogue ``(acc * a_scale * w_scale) + bias``; float32 result (cast by the caller)."""
-    if operand.dtype == jnp.int8:
-        acc = lax.ragged_dot(operand, weights, group_sizes, preferred_element_type=jnp.int32).astype(jnp.float32)
+def _grouped_gemm(operand, weight, act_kind, group_sizes, rows_expert, rows_valid, a_scale, w_scale, bias):
+    """Expert GEMM of every row + epilogue ``(acc * a_scale * w_scale) + bias``; float32 ``[P, N]``.
+
+    Many rows: one ``ragged_dot`` over all local experts (rows outside the groups give 0). Fewer rows than
+    experts (decode): each row's expert is gathered and dequantized, and invalid rows are zeroed.
+    """
+    num_rows, num_experts = operand.shape[0], weight.shape[0]
+    integer = operand.dtype == jnp.int8
+    kwargs = (
+        {"preferred_element_type": jnp.int32}
+        if integer
+        else {"precision": lax.Precision.HIGHEST, "preferred_element_type": jnp.float32}
+    )
+    if num_rows < num_experts:
+        w = _weights_for_gemm(weight, act_kind, rows_expert)
+        acc = jnp.einsum("pk,pnk->pn", operand, w, **kwargs)
+        acc = jnp.where(rows_valid[:, None], acc, 0)
     else:
-        acc = lax.ragged_dot(
-            operand, weights, group_sizes, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-        )
+        w = jnp.swapaxes(_weights_for_gemm(weight, act_kind), 1, 2)
+        acc = lax.ragged_dot(operand, w, group_sizes, **kwargs)
+    acc = acc.astype(jnp.float32)
     if a_scale is not None:
         acc = acc * jnp.asarray(a_scale, jnp.float32)
     if w_scale is not None:
@@ -198,13 +216,14 @@ def moe_experts_unpadded(
 
     h = _grouped_gemm(
         operand,
-        _weights_for_gemm(w13, act.kind),
+        w13,
+        act.kind,
         group_sizes,
         rows_expert,
+        rows_valid,
         a_scale,
         _row_scale(params.get("w13_weight_scale"), rows_expert, n13, shards),
         params.get("w13_bias"),
-        dtype,
     ).astype(dtype)
     a2 = apply_activation(h, activation, limit=swiglu_limit)
     a2 = jnp.where(rows_valid[:, None], a2, 0).astype(dtype)
@@ -214,13 +233,14 @@ def moe_experts_unpadded(
     )
     y = _grouped_gemm(
         operand,
-        _weights_for_gemm(w2, act.kind),
+        w2,
+        act.kind,
         group_sizes,
         rows_expert,
+        rows_valid,
         a_scale,
         _row_scale(params.get("w2_weight_scale"), rows_expert, h_pad, 1),
         params.get("w2_bias"),
-        dtype,
     )
     if not apply_router_weight_on_input:
         y = y * topk_weights.reshape(-1).astype(jnp.float32)[order][:, None]

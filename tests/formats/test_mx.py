@@ -223,3 +223,17 @@ def test_quantize_is_jittable_and_vmappable(key):
     for other in (jitted, mapped):
         np.testing.assert_array_equal(np.asarray(other.packed), np.asarray(eager.packed))
         np.testing.assert_array_equal(np.asarray(other.scales), np.asarray(eager.scales))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_fast_rescale_path_is_bit_identical_to_the_exact_path(fmt, dtype, key, monkeypatch):
+    x = jax.random.normal(key, (64, 256), jnp.float32) * jnp.exp2(jax.random.randint(key, (64, 1), -100, 100))
+    t = qm.quantize(x, fmt)
+    assert int(jnp.abs(t.scales.astype(jnp.int32) - 127).max()) > 60  # a wide spread of in-range scales
+    fast_deq, fast_qdq = t.dequantize(dtype), qm.quant_dequant(x.astype(dtype), fmt)
+    monkeypatch.setattr(mx, "_FAST_EXPONENT_RANGE", (0, -1))  # no exponent is in range: exact path only
+    exact_deq, exact_qdq = t.dequantize(dtype), qm.quant_dequant(x.astype(dtype), fmt)
+    for fast, exact in ((fast_deq, exact_deq), (fast_qdq, exact_qdq)):
+        bits = np.uint32 if dtype == jnp.float32 else np.uint16
+        np.testing.assert_array_equal(np.asarray(fast).view(bits), np.asarray(exact).view(bits))

@@ -149,7 +149,7 @@ def test_zero_tokens_and_experts_without_tokens(key):
 
 
 def test_token_buckets_compile_once_per_bucket(key):
-    assert [emulation.token_bucket(t) for t in (1, 8, 9, 100, 8192, 8193)] == [8, 8, 16, 128, 8192, 16384]
+    assert [emulation.token_bucket(t) for t in (1, 3, 8, 9, 100, 8192, 8193)] == [1, 4, 8, 16, 128, 8192, 16384]
     experts = random_mx_experts(key, "gelu_tanh")
     sizes = []
     for t in (33, 40, 64):  # all in the 64-token bucket
@@ -197,3 +197,15 @@ def test_nan_and_inf_stay_in_their_token(key):
 def test_bad_inputs(key, args, error, match):
     with pytest.raises(error, match=match):
         random_mx_experts(key, "silu").apply(*args)
+
+
+@pytest.mark.parametrize(
+    "scheme", ["w_mxfp4_a_mxfp4", "w_mxfp6_e2m3_a_fp8", "w8a8_int8_channel_static", "w8a8_fp8_tensor_dynamic_token"]
+)
+def test_decode_path_gathers_only_the_touched_experts(float_checkpoint, tmp_path, key, scheme):
+    # one token, top-2 of 4 experts: 2 pairs < 4 experts, so each pair's expert is gathered (no ragged_dot)
+    experts = load(export_quark_checkpoint(float_checkpoint, tmp_path / "q", scheme, input_amax=AMAX), "quark").experts
+    for t in (1, 2):
+        x, weights, ids = inputs(key, t=t)
+        out = experts.apply(x, weights, ids)
+        assert_close(out, reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts))
