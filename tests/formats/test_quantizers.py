@@ -8,6 +8,13 @@ import pytest
 
 from quarkmoe_jax.formats import quantizers as qz
 
+# XLA:GPU's float32 division is not always correctly rounded (1-ulp differences seen on H100 with jax
+# 0.11.2), so the bit-exact checks of dynamic scales (amax / 448, amax / 127.5, ...) hold on CPU only.
+# docs/formats.md explains; the MX codecs are integer-only and bit-exact on both.
+cpu_only_division = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="XLA:GPU float32 division is not correctly rounded (docs/formats.md)"
+)
+
 
 def activations(key, shape=(16, 256)):
     x = np.asarray(jax.random.normal(key, shape, jnp.float32)) * 3
@@ -44,6 +51,7 @@ def test_fp8_static_quark_divides_and_dequantizes_in_float32(key):
 
 
 @pytest.mark.parametrize("granularity", ["token", "tensor"])
+@cpu_only_division
 def test_fp8_dynamic_vllm(key, granularity):
     x = activations(key)
     q, s = qz.fp8_quantize(x, granularity=granularity)
@@ -63,6 +71,7 @@ def test_int8_static_vllm_rne_and_saturation():
     assert float(s) == 1.0
 
 
+@cpu_only_division
 def test_int8_dynamic_per_token_vllm_rounds_half_away(key):
     x = activations(key)
     q, s = qz.int8_quantize(x, granularity="token")
@@ -83,6 +92,7 @@ def test_int8_dynamic_per_tensor_vllm(key):
     np.testing.assert_array_equal(np.asarray(q), np.clip(np.round(x / want_s), -128, 127).astype(np.int8))
 
 
+@cpu_only_division
 def test_int8_quark_uses_amax_over_127_5_and_rne(key):
     x = activations(key)
     q, s = qz.int8_quantize(x, granularity="token", semantics="quark")
