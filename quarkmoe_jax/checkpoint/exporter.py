@@ -92,9 +92,9 @@ def scheme_layer_config(scheme: str, scale_mode: str = "even") -> LayerQuantConf
         )
         if ag == "static":
             act = _linear_spec(dtype, "per_tensor", False, None)
-        else:
+        else:  # per token: ch_axis 0 of the 2-D expert input, which Quark's own fake-quant also reads per token
             token = ag == "dynamic_token"
-            act = _linear_spec(dtype, "per_channel" if token else "per_tensor", True, -1 if token else None)
+            act = _linear_spec(dtype, "per_channel" if token else "per_tensor", True, 0 if token else None)
     else:
         match = re.fullmatch(r"w_(mxfp\w+?)(?:_a_(.+))?", scheme)
         weight = _mx_spec(_MX[match[1]], False, scale_mode)
@@ -107,7 +107,7 @@ def scheme_layer_config(scheme: str, scale_mode: str = "even") -> LayerQuantConf
             act = _linear_spec("fp8_e4m3", "per_tensor", False, None)
         else:
             token = a.endswith("token")
-            act = _linear_spec("fp8_e4m3", "per_channel" if token else "per_tensor", True, -1 if token else None)
+            act = _linear_spec("fp8_e4m3", "per_channel" if token else "per_tensor", True, 0 if token else None)
     return LayerQuantConfig.from_dict(
         {"weight": weight, "input_tensors": act, "output_tensors": None, "bias": None}, f"scheme {scheme}"
     )

@@ -381,9 +381,7 @@ class MXTensor:
 
     def dequantize(self, dtype=jnp.bfloat16):
         """Float values ``[..., K]`` in ``dtype`` (exact in float32/bfloat16; E8M0 code 0xFF gives NaN)."""
-        return _rescale(
-            self.codes(), self.scales.astype(jnp.int32) - 127, el.e8m0_is_nan(self.scales), self.fmt, dtype
-        )
+        return _rescale(self.codes(), self.scales.astype(jnp.int32) - 127, el.e8m0_is_nan(self.scales), self.fmt, dtype)
 
     def __getitem__(self, index) -> MXTensor:
         index = index if isinstance(index, tuple) else (index,)

@@ -83,6 +83,8 @@ def _quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_
         return values.astype(jnp.float32), None
     if act.kind == "mx":
         return quant_dequant(values, act.mx_format, act.scale_mode).astype(jnp.float32), None
+    if act.granularity == "channel":
+        return _fake_quant_per_expert_channel(values, act.kind, *static_scale), None
     scale = None if act.dynamic else static_scale
     granularity = act.granularity or "tensor"
     if act.kind == "fp8":
@@ -92,6 +94,22 @@ def _quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_
         q, s = qz.fp8_quantize(values, scale, granularity=granularity, semantics=semantics)
         return q.astype(jnp.float32), s
     return qz.int8_quantize(values, scale, granularity=granularity, semantics=semantics)
+
+
+def _fake_quant_per_expert_channel(values, kind: str, rows_expert, rows_valid, num_experts: int):
+    """Quark's dynamic ``per_channel`` (ch_axis 1 / -1) fake-quant of expert inputs ``[P, K]``: one scale
+    per input channel, ``amax / 127.5`` (INT8) or ``amax / 448`` (FP8) over the rows routed to each expert."""
+    magnitude = jnp.where(rows_valid[:, None], jnp.abs(values.astype(jnp.float32)), 0.0)
+    magnitude = jnp.where(jnp.isfinite(magnitude), magnitude, 0.0)
+    amax = jax.ops.segment_max(magnitude, rows_expert, num_segments=num_experts)  # [E, K]
+    denominator = 127.5 if kind == "int8" else qz.FP8_E4M3_MAX
+    scale = jnp.where(amax > 0, qz.el.exact_divide(amax, denominator), jnp.float32(qz._F32_EPS))[rows_expert]
+    x = values.astype(jnp.float32)
+    if kind == "int8":
+        q = jnp.clip(jnp.round(x * (1.0 / scale)), -128, 127)
+    else:
+        q = qz._e4m3_to_float32(qz._e4m3_from_float32(qz.el.exact_divide(x, scale)))
+    return (q * scale).astype(values.dtype).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------- the GEMMs
@@ -207,7 +225,10 @@ def moe_experts_unpadded(
     weight_kind = quant_config.weight.kind
     semantics = quant_config.semantics
     static13 = _static_input_scale(params, "w13_input_scale", rows_expert)
-    if static13 is not None and static13.ndim == 2:  # per-expert static scales (Quark): quantize each pair
+    if act.granularity == "channel":  # scales over each expert's rows: quantize the gathered pairs
+        segments = (rows_expert, rows_valid, num_local)
+        operand, a_scale = _quantize_gemm_input(x[rows_token], act, weight_kind, segments, semantics)
+    elif static13 is not None and static13.ndim == 2:  # per-expert static scales (Quark): quantize each pair
         operand, a_scale = _quantize_gemm_input(x[rows_token], act, weight_kind, static13, semantics)
     else:  # the same for every expert of a token: quantize each token once, then gather its pairs
         operand, a_scale = _quantize_gemm_input(x, act, weight_kind, static13, semantics)
@@ -228,9 +249,12 @@ def moe_experts_unpadded(
     a2 = apply_activation(h, activation, limit=swiglu_limit)
     a2 = jnp.where(rows_valid[:, None], a2, 0).astype(dtype)
 
-    operand, a_scale = _quantize_gemm_input(
-        a2, act, weight_kind, _static_input_scale(params, "w2_input_scale", rows_expert), semantics
+    static2 = (
+        (rows_expert, rows_valid, num_local)
+        if act.granularity == "channel"
+        else _static_input_scale(params, "w2_input_scale", rows_expert)
     )
+    operand, a_scale = _quantize_gemm_input(a2, act, weight_kind, static2, semantics)
     y = _grouped_gemm(
         operand,
         w2,

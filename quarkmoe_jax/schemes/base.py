@@ -106,7 +106,9 @@ class ActivationQuant:
     kind: Literal["none", "mx", "fp8", "int8"] = "none"
     mx_format: str | None = None
     dynamic: bool = True
-    granularity: Literal["tensor", "token"] | None = None
+    # "channel": one scale per input channel over the tokens routed to each expert, which is what Quark's
+    # fake-quant computes for dynamic per_channel inputs with ch_axis 1 / -1 on the 2-D expert inputs.
+    granularity: Literal["tensor", "token", "channel"] | None = None
     scale_mode: str = "even"  # MX activations: vLLM always uses "even"; Quark semantics use the config's mode
 
 

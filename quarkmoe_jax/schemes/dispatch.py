@@ -50,6 +50,21 @@ def get_moe_scheme(config: LayerQuantConfig | None, semantics: str = "vllm", lay
     )
 
 
+def _dynamic_granularity(act: TensorSpec, semantics: str) -> str:
+    """Granularity of a dynamic FP8 / INT8 activation spec.
+
+    vLLM reads ``per_channel`` as per token whatever ``ch_axis`` says. Quark's observer keeps one scale per
+    ``ch_axis`` slice of the 2-D ``[tokens, H]`` expert input: ``ch_axis`` 0 is per token, 1 / -1 is per
+    hidden channel over the tokens routed to the expert (its recipes write 1 or -1 meaning per token for
+    3-D dense-layer inputs). ``semantics="quark"`` reproduces what Quark computes.
+    """
+    if act.qscheme != "per_channel":
+        return "tensor"
+    if semantics == "quark" and act.ch_axis in (1, -1):
+        return "channel"
+    return "token"
+
+
 def _require(spec: TensorSpec, key: str, expected, scheme: str, where: str) -> None:
     found = getattr(spec, key)
     ok = found in expected if isinstance(expected, tuple) else found == expected
@@ -79,8 +94,8 @@ def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme
             if act.qscheme == "per_group":
                 raise SchemeError(f"{scheme}{where}: dynamic MXFP8 activations (fp8_e4m3 per_group) are not supported")
             granularity = "token" if act.qscheme == "per_channel" else "tensor"
-            activation = ActivationQuant("fp8", dynamic=True, granularity=granularity)
             scheme += f"_a_fp8_dynamic_{granularity}"
+            activation = ActivationQuant("fp8", dynamic=True, granularity=_dynamic_granularity(act, semantics))
         else:
             _require(act, "qscheme", "per_tensor", scheme + "_a_fp8", " input_tensors" + where)
             if act.symmetric is False:
@@ -122,7 +137,7 @@ def _w8a8(cls, dtype: str, config: LayerQuantConfig, semantics: str, where: str)
     if act.is_dynamic:
         _require(act, "qscheme", ("per_channel", "per_tensor"), scheme, " input_tensors" + where)
         act_granularity = "token" if act.qscheme == "per_channel" else "tensor"
-        activation = ActivationQuant(kind, dynamic=True, granularity=act_granularity)
+        activation = ActivationQuant(kind, dynamic=True, granularity=_dynamic_granularity(act, semantics))
         scheme += f"_{granularity}_dynamic_{act_granularity}"
     else:
         _require(act, "qscheme", "per_tensor", scheme, " input_tensors" + where)

@@ -44,6 +44,15 @@ def activation_f64(h: np.ndarray, name: str, limit=None, dtype=np.float32) -> np
 def _quantized_values(rows: np.ndarray, act, weight_kind: str, semantics: str, static_scale):
     """float64 values of the quantized GEMM input rows (codes x scale), one call for all rows."""
     x = jnp.asarray(rows.astype(np.float32))
+    if act.granularity == "channel":  # Quark: one scale per column over these rows (one expert's)
+        amax = np.abs(rows.astype(np.float32)).max(0)
+        denominator = np.float32(127.5 if act.kind == "int8" else 448.0)
+        scale = np.where(amax > 0, amax / denominator, np.finfo(np.float32).eps).astype(np.float32)
+        if act.kind == "int8":
+            q = np.clip(np.round(rows.astype(np.float32) * (np.float32(1) / scale)), -128, 127)
+        else:
+            q = np.clip(rows.astype(np.float32) / scale, -448, 448).astype(jnp.float8_e4m3fn).astype(np.float32)
+        return (q * scale).astype(np.float32).astype(np.float64)
     if act.kind == "none":
         return rows.astype(np.float64)
     if act.kind == "mx":
@@ -87,7 +96,9 @@ def reference_moe(x, topk_weights, topk_ids, experts, *, apply_router_weight_on_
     if apply_router_weight_on_input:
         inputs = (inputs * np.asarray(topk_weights, np.float32)[:, :1]).astype(np.float32)
     per_expert_static = s13 is not None and np.ndim(s13) == 1
-    if per_expert_static:
+    if cfg.activation.granularity == "channel":
+        quantized = _per_expert_rows(pairs, lambda p: inputs[p[0]], cfg)
+    elif per_expert_static:
         quantized = {
             p: _quantized_values(inputs[p[0]][None], cfg.activation, cfg.weight.kind, cfg.semantics, static(s13, p[2]))[
                 0
@@ -105,7 +116,10 @@ def reference_moe(x, topk_weights, topk_ids, experts, *, apply_router_weight_on_
             h.astype(np.float32).astype(np.float64), experts.activation, experts.swiglu_limit
         )
     a2 = np.stack([intermediates[p] for p in pairs]) if pairs else np.zeros((0, w2.shape[2]), np.float32)
-    if s2 is not None and np.ndim(s2) == 1:
+    if cfg.activation.granularity == "channel":
+        by_pair = _per_expert_rows(pairs, lambda p: intermediates[p], cfg)
+        a2q = np.stack([by_pair[p] for p in pairs]) if pairs else a2
+    elif s2 is not None and np.ndim(s2) == 1:
         a2q = (
             np.stack(
                 [
@@ -125,3 +139,15 @@ def reference_moe(x, topk_weights, topk_ids, experts, *, apply_router_weight_on_
             y = y * np.float64(np.float32(topk_weights[i, j]))
         out[i] += y.astype(np.float32)
     return out[:, :hidden].astype(np.float32)
+
+
+def _per_expert_rows(pairs, row_of, cfg):
+    """Quantize each expert's rows together (Quark's per-channel-over-tokens scales)."""
+    out = {}
+    for e in sorted({p[2] for p in pairs}):
+        mine = [p for p in pairs if p[2] == e]
+        values = _quantized_values(
+            np.stack([row_of(p) for p in mine]), cfg.activation, cfg.weight.kind, cfg.semantics, None
+        )
+        out.update(zip(mine, values, strict=True))
+    return out

@@ -209,3 +209,24 @@ def test_decode_path_gathers_only_the_touched_experts(float_checkpoint, tmp_path
         x, weights, ids = inputs(key, t=t)
         out = experts.apply(x, weights, ids)
         assert_close(out, reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quark_per_channel_over_tokens_activations(float_checkpoint, tmp_path, key, kind):
+    """Dynamic per_channel inputs with ch_axis -1 under Quark semantics: one scale per channel per expert."""
+    import json
+
+    path = export_quark_checkpoint(float_checkpoint, tmp_path / "q", f"w8a8_{kind}_channel_dynamic_token")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["global_quant_config"]["input_tensors"]["ch_axis"] = -1
+    (path / "config.json").write_text(json.dumps(config))
+    experts = load(path, "quark").experts
+    assert experts.quant_config.activation.granularity == "channel"
+    assert load(path, "vllm").experts.quant_config.activation.granularity == "token"
+    x, weights, ids = inputs(key)
+    out = experts.apply(x, weights, ids)
+    assert_close(
+        out,
+        reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
+        rtol=2e-3 if kind == "int8" else 2e-5,
+    )
