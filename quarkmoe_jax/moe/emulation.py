@@ -80,20 +80,26 @@ def _quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_
     activation scale for the epilogue (``None``, a scalar or ``[P, 1]``).
     """
     if act.kind == "none":
-        return values.astype(jnp.float32), None
-    if act.kind == "mx":
-        return quant_dequant(values, act.mx_format, act.scale_mode).astype(jnp.float32), None
+        return _operand(values, values.dtype == jnp.bfloat16), None
+    if act.kind == "mx":  # MX values have at most 4 significant bits: exact in bfloat16
+        return _operand(quant_dequant(values, act.mx_format, act.scale_mode), True), None
     if act.granularity == "channel":
-        return _fake_quant_per_expert_channel(values, act.kind, *static_scale), None
+        return _operand(_fake_quant_per_expert_channel(values, act.kind, *static_scale), False), None
     scale = None if act.dynamic else static_scale
     granularity = act.granularity or "tensor"
     if act.kind == "fp8":
         if weight_kind == "mx":  # MX weights: activations are fake-quantized, as vLLM's emulation does
             qdq = qz.fp8_quant_dequant(values, scale, granularity=granularity, semantics=semantics)
-            return qdq.astype(jnp.float32), None
+            return _operand(qdq, qdq.dtype == jnp.bfloat16), None
         q, s = qz.fp8_quantize(values, scale, granularity=granularity, semantics=semantics)
-        return q.astype(jnp.float32), s
+        return _operand(q.astype(jnp.float32), True), s  # e4m3 codes are exact in bfloat16
     return qz.int8_quantize(values, scale, granularity=granularity, semantics=semantics)
+
+
+def _operand(values, exact_in_bfloat16: bool):
+    """GEMM operand dtype: bfloat16 where every value is exactly representable (tensor cores on GPU; the
+    products are exact in the float32 accumulator, so the result equals the float32 GEMM), else float32."""
+    return values.astype(jnp.bfloat16 if exact_in_bfloat16 else jnp.float32)
 
 
 def _fake_quant_per_expert_channel(values, kind: str, rows_expert, rows_valid, num_experts: int):
@@ -115,19 +121,19 @@ def _fake_quant_per_expert_channel(values, kind: str, rows_expert, rows_valid, n
 # ------------------------------------------------------------------------------------------- the GEMMs
 
 
-def _weights_for_gemm(weight, act_kind: str, rows_expert=None):
-    """Stored weights ``[E, N, K]`` as a GEMM operand (float32, or int8 for INT8 x INT8).
+def _weights_for_gemm(weight, operand_dtype, rows_expert=None):
+    """Stored weights ``[E, N, K]`` as a GEMM operand of ``operand_dtype`` (int8 stays int8).
 
-    With ``rows_expert`` the weights of each row's expert are gathered first, ``[P, N, K]``: for few pairs
-    (decode) only the touched experts are dequantized.
+    MX values, INT8 and FP8 codes are exact in bfloat16. With ``rows_expert`` the weights of each row's
+    expert are gathered first, ``[P, N, K]``: for few pairs (decode) only the touched experts are dequantized.
     """
     if rows_expert is not None:
         weight = weight[rows_expert]
     if isinstance(weight, MXTensor):
-        return weight.dequantize(jnp.float32)
-    if weight.dtype == jnp.int8 and act_kind == "int8":
+        return weight.dequantize(operand_dtype)
+    if operand_dtype == jnp.int8:
         return weight
-    return weight.astype(jnp.float32)
+    return weight.astype(operand_dtype)
 
 
 def _row_scale(scale, rows_expert, num_columns: int, shards: int):
@@ -143,25 +149,37 @@ def _row_scale(scale, rows_expert, num_columns: int, shards: int):
     return jnp.repeat(per_row, num_columns // scale.shape[1], axis=1)  # per-shard scales [E, S]
 
 
-def _grouped_gemm(operand, weight, act_kind, group_sizes, rows_expert, rows_valid, a_scale, w_scale, bias):
+def _gemm_dtype(operand, weight):
+    """int8 for INT8 x INT8; bfloat16 when both sides are exact in it (MX values, INT8 / FP8 codes, bfloat16
+    data); float32 otherwise."""
+    weight_dtype = weight.packed.dtype if isinstance(weight, MXTensor) else weight.dtype
+    if operand.dtype == jnp.int8 and weight_dtype == jnp.int8:
+        return jnp.int8
+    weight_exact = isinstance(weight, MXTensor) or weight_dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16)
+    return jnp.bfloat16 if operand.dtype == jnp.bfloat16 and weight_exact else jnp.float32
+
+
+def _grouped_gemm(operand, weight, group_sizes, rows_expert, rows_valid, a_scale, w_scale, bias):
     """Expert GEMM of every row + epilogue ``(acc * a_scale * w_scale) + bias``; float32 ``[P, N]``.
 
     Many rows: one ``ragged_dot`` over all local experts (rows outside the groups give 0). Fewer rows than
     experts (decode): each row's expert is gathered and dequantized, and invalid rows are zeroed.
     """
     num_rows, num_experts = operand.shape[0], weight.shape[0]
-    integer = operand.dtype == jnp.int8
+    gemm_dtype = _gemm_dtype(operand, weight)
+    operand = operand.astype(gemm_dtype)
+    integer = gemm_dtype == jnp.int8
     kwargs = (
         {"preferred_element_type": jnp.int32}
         if integer
         else {"precision": lax.Precision.HIGHEST, "preferred_element_type": jnp.float32}
     )
     if num_rows < num_experts:
-        w = _weights_for_gemm(weight, act_kind, rows_expert)
+        w = _weights_for_gemm(weight, gemm_dtype, rows_expert)
         acc = jnp.einsum("pk,pnk->pn", operand, w, **kwargs)
         acc = jnp.where(rows_valid[:, None], acc, 0)
     else:
-        w = jnp.swapaxes(_weights_for_gemm(weight, act_kind), 1, 2)
+        w = jnp.swapaxes(_weights_for_gemm(weight, gemm_dtype), 1, 2)
         acc = lax.ragged_dot(operand, w, group_sizes, **kwargs)
     acc = acc.astype(jnp.float32)
     if a_scale is not None:
@@ -238,7 +256,6 @@ def moe_experts_unpadded(
     h = _grouped_gemm(
         operand,
         w13,
-        act.kind,
         group_sizes,
         rows_expert,
         rows_valid,
@@ -258,7 +275,6 @@ def moe_experts_unpadded(
     y = _grouped_gemm(
         operand,
         w2,
-        act.kind,
         group_sizes,
         rows_expert,
         rows_valid,

@@ -66,8 +66,10 @@ def _quantized_values(rows: np.ndarray, act, weight_kind: str, semantics: str, s
     return np.asarray(q.astype(jnp.float32), np.float64) * np.asarray(s, np.float64)
 
 
-def reference_moe(x, topk_weights, topk_ids, experts, *, apply_router_weight_on_input=False):
-    """``[T, H]`` float32 output of ``experts`` (a QuarkMoE) for float32 ``x``, computed in float64."""
+def reference_moe(x, topk_weights, topk_ids, experts, *, apply_router_weight_on_input=False, dtype=np.float32):
+    """``[T, H]`` output of ``experts`` (a QuarkMoE), computed in float64 and rounded to the activation
+    ``dtype`` (float32 or bfloat16) where vLLM rounds: after GEMM1's epilogue, after the activation, after
+    GEMM2's router weighting, after the combine. Returned as float32."""
     cfg = experts.quant_config
     params = experts.params()
     w13, w2 = (np.asarray(w, np.float64) for w in experts.dequantized_weights(jnp.float32))
@@ -113,8 +115,8 @@ def reference_moe(x, topk_weights, topk_ids, experts, *, apply_router_weight_on_
         _, _, e = p
         h = w13[e] @ quantized[p] + (b13[e] if b13 is not None else 0.0)
         intermediates[p] = activation_f64(
-            h.astype(np.float32).astype(np.float64), experts.activation, experts.swiglu_limit
-        )
+            h.astype(dtype).astype(np.float64), experts.activation, experts.swiglu_limit, dtype=dtype
+        ).astype(np.float64)
     a2 = np.stack([intermediates[p] for p in pairs]) if pairs else np.zeros((0, w2.shape[2]), np.float32)
     if cfg.activation.granularity == "channel":
         by_pair = _per_expert_rows(pairs, lambda p: intermediates[p], cfg)
@@ -137,8 +139,8 @@ def reference_moe(x, topk_weights, topk_ids, experts, *, apply_router_weight_on_
         y = w2[e] @ a2q[n] + (b2[e] if b2 is not None else 0.0)
         if not apply_router_weight_on_input:
             y = y * np.float64(np.float32(topk_weights[i, j]))
-        out[i] += y.astype(np.float32)
-    return out[:, :hidden].astype(np.float32)
+        out[i] += y.astype(dtype).astype(np.float64)
+    return out[:, :hidden].astype(dtype).astype(np.float32)
 
 
 def _per_expert_rows(pairs, row_of, cfg):

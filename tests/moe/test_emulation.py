@@ -129,12 +129,17 @@ def test_apply_router_weight_on_input(key):
 
 
 def test_bfloat16_activations_run_in_bfloat16(key):
-    experts = random_mx_experts(key, "silu", scheme="w_mxfp4_a_mxfp4")
+    import ml_dtypes
+
+    experts = random_mx_experts(key, "silu", scheme="w_mxfp4")  # W4A16: no activation fake-quant to flip
     x, weights, ids = inputs(key)
-    out = experts.apply(x.astype(jnp.bfloat16), weights, ids)
+    x = x.astype(jnp.bfloat16)
+    out = experts.apply(x, weights, ids)
     assert out.dtype == jnp.bfloat16
-    ref = reference_moe(np.asarray(x.astype(jnp.bfloat16), np.float32), np.asarray(weights), np.asarray(ids), experts)
-    assert_close(out, ref, rtol=2e-2)  # bf16 rounding of h, the activation and each expert output
+    ref = reference_moe(
+        np.asarray(x, np.float32), np.asarray(weights), np.asarray(ids), experts, dtype=ml_dtypes.bfloat16
+    )
+    assert_close(out, ref, rtol=4e-3)  # one bf16 ulp (2^-8) where summation order flips a rounding
 
 
 def test_zero_tokens_and_experts_without_tokens(key):
@@ -213,7 +218,11 @@ def test_decode_path_gathers_only_the_touched_experts(float_checkpoint, tmp_path
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_quark_per_channel_over_tokens_activations(float_checkpoint, tmp_path, key, kind):
-    """Dynamic per_channel inputs with ch_axis -1 under Quark semantics: one scale per channel per expert."""
+    """Dynamic per_channel inputs with ch_axis -1 under Quark semantics: one scale per channel per expert.
+
+    INT8: every column maximum sits on Quark's amax/127.5 rounding tie, so summation-order noise flips more
+    elements than per token; the tolerance is the one used against Quark's own output (test_quark_reference).
+    """
     import json
 
     path = export_quark_checkpoint(float_checkpoint, tmp_path / "q", f"w8a8_{kind}_channel_dynamic_token")
@@ -228,5 +237,5 @@ def test_quark_per_channel_over_tokens_activations(float_checkpoint, tmp_path, k
     assert_close(
         out,
         reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
-        rtol=2e-3 if kind == "int8" else 2e-5,
+        rtol=5e-3 if kind == "int8" else 2e-5,
     )
