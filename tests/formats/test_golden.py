@@ -17,7 +17,11 @@ from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE
 
 DATA = pathlib.Path(__file__).parents[1] / "golden" / "data"
 QUARK_TO_OURS = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3"}
-DTYPES = {"float32": (np.float32, np.uint32), "bfloat16": (ml_dtypes.bfloat16, np.uint16)}
+DTYPES = {
+    "float32": (np.float32, np.uint32),
+    "bfloat16": (ml_dtypes.bfloat16, np.uint16),
+    "float16": (np.float16, np.uint16),
+}
 CASES = [(q, m, d) for q in QUARK_TO_OURS for m in ("even", "floor", "ceil") for d in DTYPES]
 
 

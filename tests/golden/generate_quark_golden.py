@@ -6,7 +6,7 @@ Environment (separate from the project's, Python 3.11, CPU torch):
     /tmp/quark-env/bin/python tests/golden/generate_quark_golden.py
 
 For each element format (fp4, fp6_e3m2, fp6_e2m3), scale mode (even, floor, ceil) and input dtype
-(float32, bfloat16) this runs exactly the path Quark's exporter takes for a weight:
+(float32, bfloat16, float16) this runs exactly the path Quark's exporter takes for a weight:
 ``PerBlockMXObserver`` -> ``get_scale`` -> ``scaled_real_quantize`` -> ``Pack_fp4``/``Pack_fp6`` ->
 ``to_e8m0_uint8``, plus the fake-quant (QDQ) output of the same ``FakeQuantize`` module. Output files:
 ``data/quark_mx_<fmt>_<mode>_<dtype>.npz`` with ``x_bits`` (input bit patterns), ``packed`` (uint8 codes in
@@ -174,7 +174,11 @@ def main() -> None:
         rng = np.random.default_rng(SEEDS[fmt])
         x64, labels = rows_for(fmt, rng)
         xn, nlabels = nonfinite_rows(rng)
-        for dtype_name, tdtype in [("float32", torch.float32), ("bfloat16", torch.bfloat16)]:
+        for dtype_name, tdtype in [
+            ("float32", torch.float32),
+            ("bfloat16", torch.bfloat16),
+            ("float16", torch.float16),
+        ]:
             for mode in ["even", "floor", "ceil"]:
                 for tag, data, lab in [("", x64, labels), ("_nonfinite", xn, nlabels)]:
                     x = torch.tensor(data, dtype=torch.float32).to(tdtype)
