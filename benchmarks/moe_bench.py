@@ -13,9 +13,9 @@ Per (shape, tokens, routing) it times, in one process:
 It reports microseconds, TB/s over the bytes actually touched (packed weights of the touched experts plus
 activations), TF/s, the fraction of each ceiling, the speedup over ``lax.ragged_dot`` and peak device memory.
 
-Timing: warm-up, then the median of ``--repeats`` runs, each synchronized; weights of small problems are
-rotated across copies that together exceed L2 so repeated runs do not measure the cache. Inputs are seeded
-random normals, never zeros.
+Timing: warm-up, then the median of ``--repeats`` runs: CUPTI kernel time on a GPU (the ``timer`` field of
+the JSON says which), wall time otherwise; weights of small problems are rotated across copies that together
+exceed L2 so repeated runs do not measure the cache. Inputs are seeded random normals, never zeros.
 """
 
 from __future__ import annotations
@@ -48,15 +48,39 @@ SCHEMES = ("w_mxfp4", "w_mxfp4_a_mxfp4", "w_mxfp6_e2m3_a_mxfp6_e2m3", "w_mxfp4_a
 L2_BYTES = 50 * 2**20
 
 
-def timeit(fn, *args, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time in microseconds of ``fn(*args)``, synchronizing after each call."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
+def _cupti_measure():
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+    except ImportError:
+        return None
+    return profiler.measure if jax.default_backend() == "gpu" else None
+
+
+TIMER = "cupti" if _cupti_measure() else "wall"
+
+
+def timeit(fn, arg_sets, repeats: int = 20, warmup: int = 3) -> float:
+    """Median time in microseconds of ``fn(*args)``, cycling through ``arg_sets`` (rotate beyond L2).
+
+    ``fn`` must take every array as an argument (a jitted closure would bake captured arrays in as
+    constants). On a GPU each repeat is one CUPTI measurement (summed kernel time of the call, leaving out
+    Python dispatch and launch gaps; ``jax.experimental.mosaic.gpu.profiler``). Elsewhere: wall time,
+    synchronizing after each call.
+    """
+    fn = jax.jit(fn)
+    for n in range(warmup):
+        jax.block_until_ready(fn(*arg_sets[n % len(arg_sets)]))
+    measure = _cupti_measure()
     samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - start)
+    for n in range(repeats):
+        args = arg_sets[n % len(arg_sets)]
+        if measure is not None:
+            _, ms = measure(fn)(*args)
+            samples.append((ms or 0.0) / 1e3)
+        else:
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            samples.append(time.perf_counter() - start)
     return statistics.median(samples) * 1e6
 
 
@@ -72,9 +96,9 @@ def ceilings(repeats: int) -> dict[str, float]:
     n = 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    matmul_us = timeit(jax.jit(lambda a, b: a @ b), a, b, repeats=repeats)
+    matmul_us = timeit(lambda a, b: a @ b, [(a, b)], repeats=repeats)
     x = jax.random.normal(jax.random.key(2), (256 * 2**20,), jnp.bfloat16)  # 512 MiB
-    copy_us = timeit(jax.jit(lambda x: x + jnp.bfloat16(1)), x, repeats=repeats)
+    copy_us = timeit(lambda x: x + jnp.bfloat16(1), [(x,)], repeats=repeats)
     return {"matmul_tflops": 2 * n**3 / matmul_us / 1e6, "copy_tbps": 2 * x.nbytes / copy_us / 1e6}
 
 
@@ -117,7 +141,6 @@ def weight_copies(bytes_per_copy: int) -> int:
 def bench_ragged_dot(p: Problem, w13s, w2s, repeats: int) -> float:
     """``lax.ragged_dot`` on bf16 weights: sorted rows, GEMM1, silu-and-mul, GEMM2 (no combine)."""
 
-    @jax.jit
     def run(x, ids, w13, w2):
         flat = ids.reshape(-1)
         order = jnp.argsort(flat)
@@ -127,14 +150,7 @@ def bench_ragged_dot(p: Problem, w13s, w2s, repeats: int) -> float:
         a = (jax.nn.silu(h[:, : p.intermediate]) * h[:, p.intermediate :]).astype(jnp.bfloat16)
         return lax.ragged_dot(a, w2, sizes, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
 
-    state = {"i": 0}
-
-    def rotating(x, ids):
-        j = state["i"] % len(w13s)
-        state["i"] += 1
-        return run(x, ids, w13s[j], w2s[j])
-
-    return timeit(rotating, p.x, p.ids, repeats=repeats)
+    return timeit(run, [(p.x, p.ids, w13, w2) for w13, w2 in zip(w13s, w2s, strict=True)], repeats=repeats)
 
 
 def bench_ragged_dot_mgpu(p: Problem, w13s, repeats: int) -> float | None:
@@ -150,8 +166,9 @@ def bench_ragged_dot_mgpu(p: Problem, w13s, repeats: int) -> float | None:
     best = None
     for block_m, block_n, block_k in ((64, 128, 64), (128, 128, 64), (128, 256, 64)):
         try:
-            fn = jax.jit(
-                lambda lhs, rhs, gs, bm=block_m, bn=block_n, bk=block_k: ragged_dot_mgpu.ragged_dot(
+
+            def fn(lhs, rhs, gs, bm=block_m, bn=block_n, bk=block_k):
+                return ragged_dot_mgpu.ragged_dot(
                     lhs,
                     rhs,
                     group_sizes=gs,
@@ -161,8 +178,8 @@ def bench_ragged_dot_mgpu(p: Problem, w13s, repeats: int) -> float | None:
                     max_concurrent_steps=4,
                     grid_block_n=1,
                 )
-            )
-            us = timeit(fn, rows, w13s[0], sizes, repeats=repeats)
+
+            us = timeit(fn, [(rows, w, sizes) for w in w13s], repeats=repeats)
         except Exception as e:  # configs the kernel rejects for this shape
             print(
                 f"  ragged_dot_mgpu {block_m}x{block_n}x{block_k}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr
@@ -193,10 +210,10 @@ def bench_scheme(p: Problem, scheme: str, backend: str, repeats: int) -> dict:
         params["w13_input_scale"] = jnp.float32(4.0 / 448)
         params["w2_input_scale"] = jnp.float32(0.5 / 448)
 
-    def run(x, weights, ids):
+    def run(x, weights, ids, params):
         return op.moe_experts(x, weights, ids, params, config, shape, backend=backend)
 
-    us = timeit(run, p.x, p.weights, p.ids, repeats=repeats)
+    us = timeit(run, [(p.x, p.weights, p.ids, params)], repeats=repeats)
     per_expert = (w13.nbytes + w2.nbytes) / p.experts
     touched = p.touched * per_expert + 2 * p.x.nbytes
     return {"us": us, "touched_bytes": touched}
@@ -220,6 +237,7 @@ def main(argv=None) -> int:
         "platform": device.platform,
         "jax": jax.__version__,
         "quarkmoe_jax": qm.__version__,
+        "timer": TIMER,
     }
     ceiling = {} if args.no_baselines or device.platform == "cpu" else ceilings(args.repeats)
     rows = []
