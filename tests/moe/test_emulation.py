@@ -175,14 +175,19 @@ def test_under_nnx_jit(key):
 
 
 def test_nan_and_inf_stay_in_their_token(key):
-    for scheme in ("w_mxfp4_a_mxfp4", "w_mxfp4_a_fp8_dynamic_tensor"):
+    """Non-finite values never poison other tokens. With per-token / MX block scales the other tokens are
+    bit-identical to a clean run; with a per-tensor dynamic scale they stay finite (the poisoned token's
+    values leave the shared amax, so their scale may legitimately change)."""
+    others = np.setdiff1d(np.arange(13), [3, 7])
+    for scheme, identical in (("w_mxfp4_a_mxfp4", True), ("w_mxfp4_a_fp8_dynamic_tensor", False)):
         experts = random_mx_experts(key, "silu", scheme=scheme)
         x, weights, ids = inputs(key)
         clean = np.asarray(experts.apply(x, weights, ids))
         bad = x.at[3, 5].set(jnp.nan).at[7, 40].set(jnp.inf)
         out = np.asarray(experts.apply(bad, weights, ids))
-        others = np.setdiff1d(np.arange(13), [3, 7])
-        np.testing.assert_array_equal(out[others], clean[others])
+        assert np.isfinite(out[others]).all()
+        if identical:
+            np.testing.assert_array_equal(out[others], clean[others])
         assert not np.isfinite(out[3]).all()
 
 
