@@ -1,14 +1,29 @@
-"""Shared test set-up: CPU-only, deterministic, small shapes."""
+"""Shared test set-up: CPU-only by default, small shapes, fresh but reproducible random inputs."""
 
 import os
+import random
+import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Every run draws fresh inputs; the run's seed is printed in pytest's header so that a failure can be
+# replayed exactly with QUARKMOE_TEST_SEED=<seed>.
+RUN_SEED = int(os.environ.get("QUARKMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"quarkmoe test seed: QUARKMOE_TEST_SEED={RUN_SEED}"
+
 
 @pytest.fixture
 def key(request):
-    """A PRNG key seeded from the test's name, so every test draws its own fresh, reproducible inputs."""
-    return jax.random.key(abs(hash(request.node.nodeid)) % (2**31))
+    """A PRNG key from the run's seed and the test's id: fresh each run, reproducible from the header."""
+    return jax.random.key((RUN_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # also under -q, where the header is not shown
+    terminalreporter.write_line(f"quarkmoe test seed: QUARKMOE_TEST_SEED={RUN_SEED}")

