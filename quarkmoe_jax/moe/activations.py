@@ -14,7 +14,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ACTIVATIONS", "GATED_ACTIVATIONS", "is_gated", "apply_activation", "SWIGLUOAI_ALPHA", "SWIGLUOAI_LIMIT"]
+__all__ = [
+    "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "is_gated",
+    "apply_activation",
+    "gated_activation",
+    "unary_activation",
+    "SWIGLUOAI_ALPHA",
+    "SWIGLUOAI_LIMIT",
+]
 
 SWIGLUOAI_ALPHA = 1.702
 SWIGLUOAI_LIMIT = 7.0
@@ -37,15 +46,29 @@ def is_gated(name: str) -> bool:
 
 def apply_activation(h, name: str, *, limit: float | None = None, alpha: float = SWIGLUOAI_ALPHA, beta: float = 1.0):
     """``h [..., S*I]`` (any float dtype) -> ``[..., I]`` in ``h``'s dtype."""
-    dtype = h.dtype
     if not is_gated(name):
-        base = name.removesuffix("_no_mul")
-        return _UNARY[base](h.astype(jnp.float32)).astype(dtype)
+        return unary_activation(h, name)
     if name == "swigluoai":
         gate, up = h[..., 0::2], h[..., 1::2]
     else:
         half = h.shape[-1] // 2
         gate, up = h[..., :half], h[..., half:]
+    return gated_activation(gate, up, name, limit=limit, alpha=alpha, beta=beta)
+
+
+def unary_activation(h, name: str):
+    """A non-gated activation (``*_no_mul``) of ``h`` in float32, rounded to ``h``'s dtype."""
+    return _UNARY[name.removesuffix("_no_mul")](h.astype(jnp.float32)).astype(h.dtype)
+
+
+def gated_activation(
+    gate, up, name: str, *, limit: float | None = None, alpha: float = SWIGLUOAI_ALPHA, beta: float = 1.0
+):
+    """A gated activation of ``gate, up [..., I]`` (the activation dtype) -> ``[..., I]`` in that dtype.
+
+    Elementwise only, so the Pallas kernels call it in their epilogue on the gate / up accumulators.
+    """
+    dtype = gate.dtype
     gate, up = gate.astype(jnp.float32), up.astype(jnp.float32)
     if name.startswith("swigluoai"):
         lim = SWIGLUOAI_LIMIT if limit is None else limit

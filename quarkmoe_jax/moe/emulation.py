@@ -25,6 +25,7 @@ also skips NaN).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,9 +36,19 @@ from jax import lax
 from quarkmoe_jax.formats import MXTensor, quant_dequant
 from quarkmoe_jax.formats import quantizers as qz
 from quarkmoe_jax.moe.activations import apply_activation, is_gated
+from quarkmoe_jax.moe.dispatch import sort_pairs
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape
 
-__all__ = ["TOKEN_BUCKETS", "token_bucket", "moe_experts", "moe_experts_unpadded", "validate_moe_inputs"]
+__all__ = [
+    "TOKEN_BUCKETS",
+    "token_bucket",
+    "moe_experts",
+    "moe_experts_unpadded",
+    "validate_moe_inputs",
+    "bucketed_backend",
+    "quantize_gemm_input",
+    "static_input_scale",
+]
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 """Token counts the jitted forward compiles for; larger counts round up to a multiple of 8192."""
@@ -73,7 +84,7 @@ def validate_moe_inputs(x, topk_weights, topk_ids, hidden_size: int, num_experts
 # ----------------------------------------------------------------------------------- input quantization
 
 
-def _quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_scale, semantics: str):
+def quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_scale, semantics: str):
     """Quantize a GEMM input ``[P, K]`` (rows = tokens or pairs) as the scheme says.
 
     Returns ``(operand, a_scale)``: the GEMM operand (float32, or int8 codes for INT8 x INT8) and the
@@ -191,7 +202,7 @@ def _grouped_gemm(operand, weight, group_sizes, rows_expert, rows_valid, a_scale
     return acc
 
 
-def _static_input_scale(params, key, rows_expert):
+def static_input_scale(params, key, rows_expert):
     scale = params.get(key)
     if scale is None:
         return None
@@ -230,26 +241,21 @@ def moe_experts_unpadded(
     if h_pad > hidden:
         x = jnp.pad(x, ((0, 0), (0, h_pad - hidden)))
 
-    local = topk_ids.astype(jnp.int32) if expert_map is None else jnp.asarray(expert_map)[topk_ids]
-    local = jnp.where(valid_tokens[:, None], local, -1).reshape(-1)
-    sort_key = jnp.where(local < 0, num_local, local)  # non-local pairs last, outside every group
-    order = jnp.argsort(sort_key, stable=True)
-    group_sizes = jnp.bincount(sort_key, length=num_local + 1)[:num_local].astype(jnp.int32)
-    rows_expert = jnp.minimum(sort_key[order], num_local - 1)
-    rows_valid = sort_key[order] < num_local
-    rows_token = order // k
+    pairs = sort_pairs(topk_ids, valid_tokens, expert_map, num_local)
+    order, group_sizes = pairs.order, pairs.group_sizes
+    rows_expert, rows_valid, rows_token = pairs.rows_expert, pairs.rows_valid, pairs.rows_token
 
     act = quant_config.activation
     weight_kind = quant_config.weight.kind
     semantics = quant_config.semantics
-    static13 = _static_input_scale(params, "w13_input_scale", rows_expert)
+    static13 = static_input_scale(params, "w13_input_scale", rows_expert)
     if act.granularity == "channel":  # scales over each expert's rows: quantize the gathered pairs
         segments = (rows_expert, rows_valid, num_local)
-        operand, a_scale = _quantize_gemm_input(x[rows_token], act, weight_kind, segments, semantics)
+        operand, a_scale = quantize_gemm_input(x[rows_token], act, weight_kind, segments, semantics)
     elif static13 is not None and static13.ndim == 2:  # per-expert static scales (Quark): quantize each pair
-        operand, a_scale = _quantize_gemm_input(x[rows_token], act, weight_kind, static13, semantics)
+        operand, a_scale = quantize_gemm_input(x[rows_token], act, weight_kind, static13, semantics)
     else:  # the same for every expert of a token: quantize each token once, then gather its pairs
-        operand, a_scale = _quantize_gemm_input(x, act, weight_kind, static13, semantics)
+        operand, a_scale = quantize_gemm_input(x, act, weight_kind, static13, semantics)
         operand = operand[rows_token]
         a_scale = a_scale[rows_token] if a_scale is not None and jnp.ndim(a_scale) == 2 else a_scale
 
@@ -269,9 +275,9 @@ def moe_experts_unpadded(
     static2 = (
         (rows_expert, rows_valid, num_local)
         if act.granularity == "channel"
-        else _static_input_scale(params, "w2_input_scale", rows_expert)
+        else static_input_scale(params, "w2_input_scale", rows_expert)
     )
-    operand, a_scale = _quantize_gemm_input(a2, act, weight_kind, static2, semantics)
+    operand, a_scale = quantize_gemm_input(a2, act, weight_kind, static2, semantics)
     y = _grouped_gemm(
         operand,
         w2,
@@ -290,97 +296,73 @@ def moe_experts_unpadded(
     return out[:, :hidden]
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("quant_config", "shape", "activation", "swiglu_limit", "apply_router_weight_on_input"),
-)
-def _moe_experts_jit(
-    x,
-    topk_weights,
-    topk_ids,
-    valid_tokens,
-    params,
-    expert_map,
-    *,
-    quant_config,
-    shape,
-    activation,
-    swiglu_limit,
-    apply_router_weight_on_input,
-):
-    return moe_experts_unpadded(
+def bucketed_backend(core: Callable) -> Callable:
+    """Wrap a forward core with :func:`moe_experts_unpadded`'s signature into a backend entry point.
+
+    The entry point validates the inputs, pads T to :func:`token_bucket` and calls the core under ``jit``
+    (compiled once per bucket, scheme and shape); inside an outer ``jit`` it calls the core directly.
+    """
+    static = ("quant_config", "shape", "activation", "swiglu_limit", "apply_router_weight_on_input")
+
+    @functools.partial(jax.jit, static_argnames=static)
+    def jitted(x, topk_weights, topk_ids, valid_tokens, params, expert_map, **kwargs):
+        return core(x, topk_weights, topk_ids, valid_tokens, params, expert_map=expert_map, **kwargs)
+
+    def entry(
         x,
         topk_weights,
         topk_ids,
-        valid_tokens,
-        params,
-        quant_config,
-        shape,
-        activation,
-        swiglu_limit,
-        expert_map,
-        apply_router_weight_on_input,
-    )
-
-
-def moe_experts(
-    x,
-    topk_weights,
-    topk_ids,
-    params: dict[str, Any],
-    quant_config: MoEQuantConfig,
-    shape: MoEShape,
-    *,
-    activation: str = "silu",
-    swiglu_limit: float | None = None,
-    expert_map=None,
-    num_global_experts: int | None = None,
-    apply_router_weight_on_input: bool = False,
-):
-    """Emulated MoE experts: ``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` (global ids).
-
-    Returns ``[T, H]`` in ``x``'s dtype. Pads T to :func:`token_bucket` and calls a jitted core compiled once
-    per (bucket, scheme, shape). Inside ``jax.jit`` (traced inputs) it runs the core directly.
-    """
-    x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
-    num_global = num_global_experts or shape.num_experts
-    validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, num_global, apply_router_weight_on_input)
-    t = x.shape[0]
-    if t == 0:
-        return jnp.zeros((0, shape.hidden_size), x.dtype)
-    topk_ids = topk_ids.astype(jnp.int32)
-    kwargs = dict(
-        quant_config=quant_config,
-        shape=shape,
-        activation=activation,
-        swiglu_limit=swiglu_limit,
-        apply_router_weight_on_input=apply_router_weight_on_input,
-    )
-    expert_map = None if expert_map is None else jnp.asarray(expert_map, jnp.int32)
-    if isinstance(x, jax.core.Tracer):
-        return moe_experts_unpadded(
-            x,
-            topk_weights,
-            topk_ids,
-            jnp.ones((t,), bool),
-            params,
-            quant_config,
-            shape,
-            activation,
-            swiglu_limit,
-            expert_map,
-            apply_router_weight_on_input,
+        params: dict[str, Any],
+        quant_config: MoEQuantConfig,
+        shape: MoEShape,
+        *,
+        activation: str = "silu",
+        swiglu_limit: float | None = None,
+        expert_map=None,
+        num_global_experts: int | None = None,
+        apply_router_weight_on_input: bool = False,
+    ):
+        x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
+        num_global = num_global_experts or shape.num_experts
+        validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, num_global, apply_router_weight_on_input)
+        t = x.shape[0]
+        if t == 0:
+            return jnp.zeros((0, shape.hidden_size), x.dtype)
+        topk_ids = topk_ids.astype(jnp.int32)
+        kwargs = dict(
+            quant_config=quant_config,
+            shape=shape,
+            activation=activation,
+            swiglu_limit=swiglu_limit,
+            apply_router_weight_on_input=apply_router_weight_on_input,
         )
-    bucket = token_bucket(t)
-    pad = bucket - t
-    valid = jnp.arange(bucket) < t
-    out = _moe_experts_jit(
-        jnp.pad(x, ((0, pad), (0, 0))),
-        jnp.pad(topk_weights, ((0, pad), (0, 0))),
-        jnp.pad(topk_ids, ((0, pad), (0, 0))),
-        valid,
-        params,
-        expert_map,
-        **kwargs,
+        expert_map = None if expert_map is None else jnp.asarray(expert_map, jnp.int32)
+        if isinstance(x, jax.core.Tracer):
+            return core(x, topk_weights, topk_ids, jnp.ones((t,), bool), params, expert_map=expert_map, **kwargs)
+        bucket = token_bucket(t)
+        pad = bucket - t
+        out = jitted(
+            jnp.pad(x, ((0, pad), (0, 0))),
+            jnp.pad(topk_weights, ((0, pad), (0, 0))),
+            jnp.pad(topk_ids, ((0, pad), (0, 0))),
+            jnp.arange(bucket) < t,
+            params,
+            expert_map,
+            **kwargs,
+        )
+        return out[:t]
+
+    entry.cache_size = jitted._cache_size  # compiled variants, for tests of the bucketing
+    entry.__doc__ = (
+        "MoE experts: ``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` (global ids) -> ``[T, H]`` "
+        "in ``x``'s dtype. " + (core.__doc__ or "")
     )
-    return out[:t]
+    return entry
+
+
+def _emulation_core(x, topk_weights, topk_ids, valid_tokens, params, *, expert_map, **kwargs):
+    """The pure-jnp oracle (this module's docstring)."""
+    return moe_experts_unpadded(x, topk_weights, topk_ids, valid_tokens, params, expert_map=expert_map, **kwargs)
+
+
+moe_experts = bucketed_backend(_emulation_core)

@@ -1,4 +1,4 @@
-"""One MoE-experts op, several backends: ``emulation`` (the jnp oracle) now; ``pallas`` / ``triton`` later.
+"""One MoE-experts op, several backends: ``emulation`` (the jnp oracle), ``pallas`` (fused kernels); ``triton`` later.
 
 Backends are tried in order for ``backend="auto"``; a backend raises ``NotImplementedError`` for what it
 cannot do (a scheme, a device) and the next one runs. The emulation backend supports everything.
@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import jax
 
-from quarkmoe_jax.moe import emulation
+from quarkmoe_jax.moe import emulation, pallas_backend
 
 __all__ = ["BACKENDS", "AUTO_ORDER", "register_backend", "moe_experts"]
 
-BACKENDS: dict[str, Callable] = {"emulation": emulation.moe_experts}
+BACKENDS: dict[str, Callable] = {"emulation": emulation.moe_experts, "pallas": pallas_backend.moe_experts}
 AUTO_ORDER: tuple[str, ...] = ("pallas", "triton", "emulation")
 
 

@@ -187,10 +187,10 @@ def test_token_buckets_compile_once_per_bucket(key):
     sizes = []
     for t in (33, 40, 64):  # all in the 64-token bucket
         experts.apply(*inputs(key, t=t))
-        sizes.append(emulation._moe_experts_jit._cache_size())
+        sizes.append(emulation.moe_experts.cache_size())
     assert sizes[0] == sizes[1] == sizes[2]
     experts.apply(*inputs(key, t=65))
-    assert emulation._moe_experts_jit._cache_size() == sizes[0] + 1
+    assert emulation.moe_experts.cache_size() == sizes[0] + 1
 
 
 def test_under_nnx_jit(key):

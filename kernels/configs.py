@@ -1,0 +1,35 @@
+"""Tile configurations per device kind and regime, chosen by measurement (``benchmarks/tune_tiles.py``).
+
+Keys: ``(device kind, regime)``; regime ``"decode"`` (<= 16 rows per touched expert), ``"mid"`` (<= 128) or
+``"prefill"``. Values: the GEMM1 and GEMM2 :class:`TileConfig`. Unknown devices (and the CPU interpreter)
+use ``DEFAULT``. ``block_n`` is an upper bound: the launch uses the largest power of two <= it that divides N.
+"""
+
+from __future__ import annotations
+
+from quarkmoe_jax.kernels.grouped_gemm import TileConfig
+
+__all__ = ["TILE_CONFIGS", "DEFAULT", "regime", "tile_configs"]
+
+DEFAULT = {
+    "decode": (TileConfig(16, 64, 4, 3), TileConfig(16, 64, 4, 3)),
+    "mid": (TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 3)),
+    "prefill": (TileConfig(128, 128, 8, 3), TileConfig(128, 128, 8, 3)),
+}
+
+TILE_CONFIGS: dict[str, dict[str, tuple[TileConfig, TileConfig]]] = {
+    "NVIDIA H100 80GB HBM3": dict(DEFAULT),
+}
+
+
+def regime(rows_per_expert: float) -> str:
+    if rows_per_expert <= 16:
+        return "decode"
+    if rows_per_expert <= 128:
+        return "mid"
+    return "prefill"
+
+
+def tile_configs(device_kind: str, rows_per_expert: float) -> tuple[TileConfig, TileConfig]:
+    """GEMM1 and GEMM2 tile configs for a device kind (``jax.Device.device_kind``) and load."""
+    return TILE_CONFIGS.get(device_kind, DEFAULT)[regime(rows_per_expert)]

@@ -1,0 +1,185 @@
+"""The ``pallas`` backend: the MoE experts forward on the fused grouped-GEMM kernels.
+
+Same signature and result as the emulation oracle (:mod:`quarkmoe_jax.moe.emulation`), computed as:
+
+1. Sort the (token, k) pairs by local expert and pad each expert's group to the kernel's row tile
+   (:mod:`quarkmoe_jax.moe.dispatch`); all static shapes, no host sync.
+2. Quantize the GEMM1 input with the oracle's own quantizer (once per token, fused by XLA with the gather
+   into the padded row layout), so the operand is the oracle's bit for bit.
+3. GEMM1 kernel: MX weights decoded in the kernel (or bfloat16 weights), bias and the gated activation in the
+   epilogue, intermediate written in the activation dtype.
+4. The intermediate's quantization (MX / FP8 schemes) with the oracle's quantizer.
+5. GEMM2 kernel: bias and router weight in the epilogue.
+6. Combine: each token gathers its k rows and sums them in float32 (deterministic; no atomics).
+
+What it does not take (it raises ``NotImplementedError``, and ``backend="auto"`` moves on): W8A8 INT8 / FP8
+weights (their tensor-core kernels are a later issue), Quark's per-channel dynamic activation scales, and
+FP6 weights whose K is not a multiple of 64. The exact gelu (erf) has no Triton lowering: for it the GEMM1
+kernel writes the pre-activation and XLA applies the activation.
+
+Weights are read in the kernel layout (:mod:`quarkmoe_jax.formats.kernel_layout`); ``MXTensor`` weights in
+Quark's layout are re-laid on every call, which costs a pass over the weights: re-lay them once after loading
+(``QuarkMoE(..., kernel_layout=True)`` / ``prepare_for_kernels``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.formats.kernel_layout import DEFAULT_CHUNK, MXKernelWeights, to_kernel_layout
+from quarkmoe_jax.kernels.configs import tile_configs
+from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
+from quarkmoe_jax.moe.activations import apply_activation, is_gated
+from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
+from quarkmoe_jax.moe.emulation import bucketed_backend, quantize_gemm_input, static_input_scale
+
+__all__ = ["moe_experts", "kernel_weights", "UNFUSED_ACTIVATIONS"]
+
+UNFUSED_ACTIVATIONS = ("gelu", "gelu_no_mul")
+"""Activations applied by XLA after GEMM1 (the Triton dialect has no erf)."""
+
+
+def kernel_weights(weight, name: str):
+    """``weight`` as the kernels read it: :class:`MXKernelWeights`, or a float ``[E, N, K]`` array."""
+    if isinstance(weight, MXKernelWeights):
+        return weight
+    if isinstance(weight, MXTensor):
+        try:
+            return to_kernel_layout(weight, DEFAULT_CHUNK)
+        except ValueError as e:
+            raise NotImplementedError(f"pallas backend: {name}: {e}") from None
+    if jnp.issubdtype(weight.dtype, jnp.floating):
+        return weight
+    raise NotImplementedError(f"pallas backend: {name} of dtype {weight.dtype} (W8A8 weights) is not supported yet")
+
+
+def _fit_block_n(config: TileConfig, n: int) -> TileConfig:
+    block_n = config.block_n
+    while n % block_n:
+        block_n //= 2
+    if block_n < 16:
+        raise NotImplementedError(f"pallas backend: N = {n} has no power-of-two tile >= 16")
+    return TileConfig(config.block_m, block_n, config.num_warps, config.num_stages)
+
+
+def _padded(values, row_sorted, fill=0):
+    """Rows in sorted-pair order ``[P, ...]`` -> the padded row layout ``[M_pad, ...]`` (``fill`` in padding)."""
+    return jnp.take(values, row_sorted, axis=0, mode="fill", fill_value=fill)
+
+
+def _pallas_core(
+    x,
+    topk_weights,
+    topk_ids,
+    valid_tokens,
+    params,
+    *,
+    expert_map,
+    quant_config,
+    shape,
+    activation,
+    swiglu_limit,
+    apply_router_weight_on_input,
+):
+    """Fused Pallas kernels (:mod:`quarkmoe_jax.moe.pallas_backend`)."""
+    act = quant_config.activation
+    if act.granularity == "channel":
+        raise NotImplementedError("pallas backend: per-channel dynamic activation scales (Quark) are not supported")
+    w13 = kernel_weights(params["w13"], "w13")
+    w2 = kernel_weights(params["w2"], "w2")
+    if params.get("w13_weight_scale") is not None or params.get("w2_weight_scale") is not None:
+        raise NotImplementedError("pallas backend: weights with float scales (W8A8) are not supported yet")
+
+    dtype = x.dtype
+    t, k = topk_ids.shape
+    num_local, n13, h_pad = w13.shape[0], w13.shape[1], w13.shape[2]
+    i_pad = w2.shape[2]
+    gated = is_gated(activation)
+    if n13 != (2 if gated else 1) * i_pad:
+        raise ValueError(f"w13 has {n13} rows; activation {activation!r} needs {2 if gated else 1} x {i_pad}")
+    hidden = x.shape[1]
+    if apply_router_weight_on_input:
+        x = (x.astype(jnp.float32) * topk_weights.astype(jnp.float32)).astype(dtype)
+    if h_pad > hidden:
+        x = jnp.pad(x, ((0, 0), (0, h_pad - hidden)))
+
+    num_pairs = t * k
+    device_kind = jax.devices()[0].device_kind
+    config1, config2 = tile_configs(device_kind, num_pairs / max(1, min(num_local, num_pairs)))
+    if config1.block_m != config2.block_m:
+        raise ValueError("GEMM1 and GEMM2 tile configs must share block_m (they share the row layout)")
+    interpret = jax.default_backend() == "cpu"
+    pairs = sort_pairs(topk_ids, valid_tokens, expert_map, num_local)
+    tiled = tile_rows(pairs, config1.block_m)
+
+    weight_kind = quant_config.weight.kind
+    semantics = quant_config.semantics
+    static13 = static_input_scale(params, "w13_input_scale", pairs.rows_expert)
+    if static13 is not None and static13.ndim == 2:  # per-expert static scales: quantize each pair
+        operand, a_scale = quantize_gemm_input(x[pairs.rows_token], act, weight_kind, static13, semantics)
+        a1 = _padded(operand, tiled.row_sorted)
+    else:  # quantize each token once, gather it into its rows
+        operand, a_scale = quantize_gemm_input(x, act, weight_kind, static13, semantics)
+        row_token = _padded(pairs.rows_token, tiled.row_sorted, fill=t)
+        a1 = _padded(operand, row_token)
+    if a_scale is not None:
+        raise NotImplementedError("pallas backend: integer / FP8 GEMM operands with scales are not supported yet")
+
+    fused = activation not in UNFUSED_ACTIVATIONS
+    epilogue1 = Epilogue(
+        activation=activation if fused else None,
+        gated=gated and fused,
+        interleaved=activation == "swigluoai",
+        swiglu_limit=swiglu_limit,
+        activation_dtype=jnp.dtype(dtype).name,
+        has_bias=params.get("w13_bias") is not None,
+    )
+    h = grouped_gemm(
+        a1,
+        w13,
+        tiled.tile_expert,
+        params.get("w13_bias"),
+        n_out=i_pad if fused else n13,
+        config=_fit_block_n(config1, i_pad if fused else n13),
+        epilogue=epilogue1,
+        out_dtype=dtype,
+        interpret=interpret,
+    )
+    if not fused:
+        h = apply_activation(h, activation, limit=swiglu_limit)
+    if act.kind == "fp8":  # dynamic per-tensor scales see only real rows, as in the oracle
+        row_valid = tiled.row_sorted < num_pairs
+        h = jnp.where(row_valid[:, None], h, 0).astype(dtype)
+
+    static2 = static_input_scale(params, "w2_input_scale", pairs.rows_expert)
+    if static2 is not None and static2.ndim == 2:
+        static2 = _padded(static2, tiled.row_sorted, fill=1)
+    a2, a_scale = quantize_gemm_input(h, act, weight_kind, static2, semantics)
+    if a_scale is not None:
+        raise NotImplementedError("pallas backend: integer / FP8 GEMM operands with scales are not supported yet")
+
+    row_weights = None
+    if not apply_router_weight_on_input:
+        row_weights = _padded(topk_weights.reshape(-1).astype(jnp.float32)[pairs.order], tiled.row_sorted)
+    y = grouped_gemm(
+        a2,
+        w2,
+        tiled.tile_expert,
+        params.get("w2_bias"),
+        row_weights,
+        n_out=h_pad,
+        config=_fit_block_n(config2, h_pad),
+        epilogue=Epilogue(has_bias=params.get("w2_bias") is not None, row_weights=row_weights is not None),
+        out_dtype=dtype,
+        interpret=interpret,
+    )
+    # Each pair's padded row (invalid pairs read the fill row: zero), in the original (token, k) order.
+    pair_row = jnp.zeros((num_pairs,), jnp.int32).at[pairs.order].set(tiled.pair_row)
+    per_pair = jnp.take(y, pair_row, axis=0, mode="fill", fill_value=0)
+    out = per_pair.reshape(t, k, h_pad).astype(jnp.float32).sum(axis=1).astype(dtype)
+    return out[:, :hidden]
+
+
+moe_experts = bucketed_backend(_pallas_core)
