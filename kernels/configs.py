@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from quarkmoe_jax.kernels.grouped_gemm import TileConfig
 
-__all__ = ["TILE_CONFIGS", "DEFAULT", "regime", "tile_configs"]
+__all__ = ["TILE_CONFIGS", "DEFAULT", "DEQUANT_MIN_ROWS", "regime", "tile_configs", "dequant_min_rows"]
 
 DEFAULT = {
     "decode": (TileConfig(16, 64, 4, 3), TileConfig(16, 64, 4, 3)),
@@ -20,6 +20,15 @@ DEFAULT = {
 TILE_CONFIGS: dict[str, dict[str, tuple[TileConfig, TileConfig]]] = {
     "NVIDIA H100 80GB HBM3": dict(DEFAULT),
 }
+
+
+DEQUANT_MIN_ROWS = {"NVIDIA H100 80GB HBM3": 128}
+"""Rows per expert from which the prefill path (dequantize to bfloat16, then the dense kernel) is used."""
+
+
+def dequant_min_rows(device_kind: str) -> float:
+    """Rows per expert from which prefill dequantizes (the CPU interpreter: never, unless forced)."""
+    return DEQUANT_MIN_ROWS.get(device_kind, 128 if device_kind != "cpu" else float("inf"))
 
 
 def regime(rows_per_expert: float) -> str:

@@ -33,7 +33,7 @@ from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, chunk_sizes
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 from quarkmoe_jax.moe.activations import gated_activation, unary_activation
 
-__all__ = ["TileConfig", "Epilogue", "grouped_gemm", "decode_mx_piece", "DENSE_BLOCK_K"]
+__all__ = ["TileConfig", "Epilogue", "grouped_gemm", "dequantize_to_bfloat16", "decode_mx_piece", "DENSE_BLOCK_K"]
 
 DENSE_BLOCK_K = 64
 
@@ -53,7 +53,8 @@ class Epilogue:
     """What the kernel does after the K loop (static).
 
     ``activation``: None (write ``acc + bias``), a gated name (GEMM1 with two accumulators) or a non-gated
-    one. ``row_weights``: multiply by a per-row float32 weight (GEMM2's router weight).
+    one. ``row_scales``: multiply the accumulator by a per-row float32 scale first (FP8 activation scales).
+    ``row_weights``: multiply by a per-row float32 weight last (GEMM2's router weight).
     """
 
     activation: str | None = None
@@ -63,6 +64,7 @@ class Epilogue:
     activation_dtype: str = "bfloat16"
     has_bias: bool = False
     row_weights: bool = False
+    row_scales: bool = False
 
 
 def decode_mx_piece(codes, scales, fmt, repeat: int):
@@ -123,8 +125,11 @@ def _kernel(
     config,
     epilogue,
     out_dtype,
+    has_out_input,
 ):
     refs = list(refs)
+    if has_out_input:
+        refs.pop(-2)  # the aliased output buffer arrives as an input too; the kernel only writes o_ref
     if weight_kind == "mx":
         nib_ref = refs.pop(0)
         high_ref = refs.pop(0) if fmt.bits == 6 else None
@@ -133,6 +138,7 @@ def _kernel(
         w_ref = refs.pop(0)
     bias_ref = refs.pop(0) if epilogue.has_bias else None
     row_weight_ref = refs.pop(0) if epilogue.row_weights else None
+    row_scale_ref = refs.pop(0) if epilogue.row_scales else None
     (o_ref,) = refs
 
     bm, bn = config.block_m, config.block_n
@@ -188,6 +194,8 @@ def _kernel(
             accs = step(k0, c, accs)
             k0 += c
         assert k0 == k_total
+        if epilogue.row_scales:
+            accs = tuple(acc * row_scale_ref[rows][:, None] for acc in accs)
         if epilogue.has_bias:
             accs = tuple(acc + bias_ref[expert, weight_rows(s)][None, :] for acc, s in zip(accs, shards, strict=True))
         act_dtype = jnp.dtype(epilogue.activation_dtype)
@@ -211,6 +219,8 @@ def grouped_gemm(
     tile_expert,
     bias=None,
     row_weights=None,
+    row_scales=None,
+    out=None,
     *,
     n_out: int,
     config: TileConfig,
@@ -225,7 +235,10 @@ def grouped_gemm(
         ``M_pad = len(tile_expert) * block_m``, rows grouped by expert in tiles of ``block_m``.
       weight: :class:`MXKernelWeights` ``[E, S*N, K]`` or a bfloat16 array ``[E, S*N, K]``.
       tile_expert: int32 ``[num_tiles]``, the local expert of each row tile, -1 for unused tiles.
-      bias: float32 ``[E, S*N]`` or None. row_weights: float32 ``[M_pad]`` or None (as ``epilogue`` says).
+      bias: float32 ``[E, S*N]`` or None. row_weights, row_scales: float32 ``[M_pad]`` or None (as
+        ``epilogue`` says).
+      out: optional ``[M_pad, N]`` buffer the result is written into (aliased, so rows of skipped tiles keep
+        its values): successive calls over disjoint sets of tiles fill one output.
       n_out: output columns N (with a gated activation the weight has ``2 * N`` rows).
       config, epilogue: static kernel parameters.
       out_dtype: output dtype.
@@ -254,8 +267,15 @@ def grouped_gemm(
         args.append(jnp.asarray(bias, jnp.float32))
     if epilogue.row_weights:
         args.append(jnp.asarray(row_weights, jnp.float32))
+    if epilogue.row_scales:
+        args.append(jnp.asarray(row_scales, jnp.float32))
+    aliases = {}
+    if out is not None:
+        aliases = {len(args): 0}
+        args.append(out)
     kernel = functools.partial(
         _kernel,
+        has_out_input=out is not None,
         weight_kind=weight_kind,
         fmt=fmt,
         chunks=chunks,
@@ -270,5 +290,57 @@ def grouped_gemm(
         out_shape=jax.ShapeDtypeStruct((m_pad, n_out), out_dtype),
         grid=(num_tiles, n_out // bn),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        input_output_aliases=aliases,
         interpret=interpret,
     )(*args)
+
+
+def _dequantize_kernel(nib_ref, *refs, fmt, chunks, block_n):
+    refs = list(refs)
+    high_ref = refs.pop(0) if fmt.bits == 6 else None
+    scale_ref, o_ref = refs
+    e, n, c_index = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(n * block_n, block_n)
+    full = chunks[0]
+    n_full = sum(1 for c in chunks if c == full)
+
+    def decode_chunk(k0, c):
+        for e0, w, byte_off, nib_shift, high_shift in _mx_pieces(c, fmt.bits):
+            codes = (nib_ref[e, rows, pl.ds(k0 // 2 + byte_off, w)].astype(jnp.int32) >> nib_shift) & 0xF
+            if high_shift is not None:
+                high = high_ref[e, rows, pl.ds(k0 // 4, w)].astype(jnp.int32)
+                codes = codes | (((high >> high_shift) & 0x3) << 4)
+            groups, repeat = max(w // MX_BLOCK_SIZE, 1), min(w, MX_BLOCK_SIZE)
+            scales = scale_ref[e, rows, pl.ds((k0 + e0) // MX_BLOCK_SIZE, groups)].astype(jnp.int32)
+            o_ref[e, rows, pl.ds(k0 + e0, w)] = decode_mx_piece(codes, scales, fmt, repeat)
+
+    if n_full:
+        decode_chunk(pl.multiple_of(c_index * full, full), full)
+
+    @pl.when(c_index == max(n_full, 1) - 1)
+    def _tail():  # the smaller chunks after the last full one
+        k0 = n_full * full
+        for c in chunks[n_full:]:
+            decode_chunk(k0, c)
+            k0 += c
+
+
+@functools.partial(jax.jit, static_argnames=("block_n", "interpret"))
+def dequantize_to_bfloat16(weight: MXKernelWeights, *, block_n: int = 32, interpret: bool = False):
+    """Kernel-layout MX weights ``[E, N, K]`` -> bfloat16 ``[E, N, K]`` (exact), one pass at memory speed.
+
+    The prefill path's transient buffer: its caller bounds how many experts it dequantizes at a time.
+    """
+    num_experts, n, k = weight.shape
+    while n % block_n:
+        block_n //= 2
+    fmt = weight.fmt
+    arrays = [weight.nibbles] + ([weight.high_bits] if fmt.bits == 6 else []) + [weight.scales]
+    kernel = functools.partial(_dequantize_kernel, fmt=fmt, chunks=chunk_sizes(k, weight.chunk), block_n=block_n)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_experts, n, k), jnp.bfloat16),
+        grid=(num_experts, n // block_n, max(1, k // weight.chunk)),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+    )(*arrays)

@@ -78,9 +78,23 @@ def test_encode_matches_ml_dtypes_rne_on_random_and_midpoints(fmt, key):
 def test_e2m1_tie_table_and_saturation():
     # value -> expected decoded value (RNE ties to even mantissa, saturation at 6, sign of zero dropped)
     table = {
-        0.25: 0.0, 0.75: 1.0, 1.25: 1.0, 1.75: 2.0, 2.5: 2.0, 3.5: 4.0, 5.0: 4.0,
-        0.2499: 0.0, 0.2501: 0.5, 6.9: 6.0, 7.0: 6.0, 100.0: 6.0, 1e30: 6.0, -5.0: -4.0, -7.0: -6.0,
-        -0.1: 0.0, -0.0: 0.0,
+        0.25: 0.0,
+        0.75: 1.0,
+        1.25: 1.0,
+        1.75: 2.0,
+        2.5: 2.0,
+        3.5: 4.0,
+        5.0: 4.0,
+        0.2499: 0.0,
+        0.2501: 0.5,
+        6.9: 6.0,
+        7.0: 6.0,
+        100.0: 6.0,
+        1e30: 6.0,
+        -5.0: -4.0,
+        -7.0: -6.0,
+        -0.1: 0.0,
+        -0.0: 0.0,
     }
     x = np.array(list(table), np.float32)
     codes = el.encode(x, el.E2M1)

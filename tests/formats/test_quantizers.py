@@ -58,9 +58,7 @@ def test_fp8_dynamic_vllm(key, granularity):
     amax = np.abs(x).max(-1, keepdims=True) if granularity == "token" else np.abs(x).max()
     want_s = np.maximum(amax / np.float32(448), np.float32(1 / (448 * 512))).astype(np.float32)
     np.testing.assert_array_equal(np.asarray(s), want_s)
-    np.testing.assert_array_equal(
-        np.asarray(q).view(np.uint8), e4m3(x * (np.float32(1) / want_s)).view(np.uint8)
-    )
+    np.testing.assert_array_equal(np.asarray(q).view(np.uint8), e4m3(x * (np.float32(1) / want_s)).view(np.uint8))
     assert np.isfinite(np.asarray(qz.fp8_quant_dequant(x, granularity=granularity))).all()
 
 

@@ -1,0 +1,190 @@
+"""The shared test base every kernel backend subclasses: the backend against the emulation oracle.
+
+A subclass sets ``backend`` (a name in ``moe.op.BACKENDS``) and, where it differs, ``schemes`` (the export
+schemes it must run). On CPU the Pallas kernels run in the Pallas interpreter; on a GPU the same tests run
+the compiled kernels. Inputs are fresh each run (the ``key`` fixture); the oracle is computed in float32.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quarkmoe_jax as qm
+from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint, scheme_layer_config
+from quarkmoe_jax.checkpoint.loader import linear_expert_map, round_robin_expert_map
+from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
+from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
+
+MX_SCHEMES = tuple(s for s in EXPORT_SCHEMES if s.startswith("w_mx"))
+AMAX = {layer: {"w13": np.array([3.0, 3.5, 4.0, 3.2]), "w2": np.array([0.05, 0.04, 0.06, 0.05])} for layer in (0, 1)}
+GATED = ("silu", "gelu", "gelu_tanh", "swigluoai", "swigluoai_uninterleave")
+
+
+def assert_matches_oracle(got, want, activation_quantized: bool, rtol: float = 5e-3):
+    """The issue's bar, relative RMS <= ``rtol`` (5e-3) against the float32 oracle, non-finite exactly where
+    the oracle is. With activation quantization, a GEMM2 input element summed in another order (or, for
+    FP8, scaled after instead of before the GEMM) can land on the other side of a rounding boundary and
+    move its token's row by about one quantization step (~1e-2): such rows (at most a quarter, each within
+    5e-2) are left out of the RMS. Without it every row is within 2e-2."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    finite = np.isfinite(want).all(axis=-1)
+    got, want = got[finite], want[finite]
+    if want.size == 0:
+        return
+    scale = np.sqrt(np.mean(want**2)) + 1e-30
+    err = np.abs(got - want)
+    row = np.sqrt(np.mean(err**2, axis=-1)) / scale
+    if activation_quantized:
+        flipped = row > rtol
+        assert flipped.sum() <= max(1, len(row) // 4) and row.max() <= 5e-2, row
+        err = err[~flipped]
+    else:
+        assert row.max() <= 2e-2, row
+    rel = np.sqrt(np.mean(err**2)) / scale if err.size else 0.0
+    assert rel <= rtol, rel
+
+
+def inputs(key, t=13, k=2, e=4, h=64, dtype=jnp.float32):
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = jax.random.normal(k1, (t, h), jnp.float32).astype(dtype)
+    ids = jnp.argsort(jax.random.uniform(k2, (t, e)), axis=-1)[:, :k].astype(jnp.int32)
+    weights = jax.random.uniform(k3, (t, k), minval=0.1, maxval=1.0)
+    return x, weights, ids
+
+
+def random_experts(key, activation="silu", e=4, h=64, i=64, scheme="w_mxfp4", bias=False, limit=None, weights=None):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    shards = 2 if activation in GATED else 1
+    config = get_moe_scheme(scheme_layer_config(scheme)).quant_config()
+    fmt = config.weight.mx_format
+    w13 = jax.random.normal(k1, (e, shards * i, h)) * 0.1 if weights is None else weights[0]
+    w2 = jax.random.normal(k2, (e, h, i)) * 0.1 if weights is None else weights[1]
+    params = {"w13": qm.quantize(w13, fmt), "w2": qm.quantize(w2, fmt)}
+    if bias:
+        params["w13_bias"] = jax.random.normal(k3, (e, shards * i)) * 0.1
+        params["w2_bias"] = jax.random.normal(k4, (e, h)) * 0.1
+    shape = MoEShape(e, h, i, has_bias=bias, gated=shards == 2, interleaved=activation == "swigluoai")
+    return QuarkMoE(config, shape, params, activation=activation, swiglu_limit=limit)
+
+
+def quantizes_activations(experts) -> bool:
+    return experts.quant_config.activation.kind != "none"
+
+
+class BackendSuite:
+    backend: str = ""
+    schemes: tuple[str, ...] = MX_SCHEMES
+
+    def check(self, experts, x, weights, ids, **kwargs):
+        got = experts.apply(x, weights, ids, backend=self.backend, **kwargs)
+        want = experts.apply(x, weights, ids, backend="emulation", **kwargs)
+        assert got.dtype == want.dtype
+        assert_matches_oracle(got, want, quantizes_activations(experts))
+        return got
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def float_checkpoint(cls, tmp_path_factory):
+        return write_float_checkpoint(
+            tmp_path_factory.mktemp("float") / "mixtral", "mixtral", hidden_size=64, intermediate_size=48
+        )
+
+    @staticmethod
+    def load(path, semantics="vllm", **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return QuarkMoEBlock.from_checkpoint(path, 1, semantics=semantics, **kwargs).experts
+
+    def test_every_scheme(self, float_checkpoint, tmp_path, key):
+        """Every scheme the backend claims, exported by the project's exporter and loaded from safetensors."""
+        for scheme in self.schemes:
+            path = export_quark_checkpoint(float_checkpoint, tmp_path / scheme, scheme, input_amax=AMAX)
+            for semantics in ("vllm", "quark"):
+                self.check(self.load(path, semantics), *inputs(key, t=32, dtype=jnp.bfloat16))
+
+    @pytest.mark.parametrize(
+        "activation, limit",
+        [
+            ("silu", None),
+            ("silu", 0.5),
+            ("gelu", None),
+            ("gelu_tanh", None),
+            ("swigluoai", None),
+            ("swigluoai_uninterleave", 0.3),
+            ("silu_no_mul", None),
+            ("gelu_no_mul", None),
+            ("relu2_no_mul", None),
+        ],
+    )
+    def test_activations_with_and_without_bias(self, key, activation, limit):
+        for bias in (False, True):
+            self.check(random_experts(key, activation, bias=bias, limit=limit, scheme="w_mxfp4_a_mxfp4"), *inputs(key))
+
+    @pytest.mark.parametrize("t", [1, 2, 37])
+    def test_group_sizes_zero_one_and_odd(self, key, t):
+        """T = 1 and 2 (decode: most experts get no rows), 37 (groups not multiples of the row tile), and a
+        routing where experts 1 and 2 get nothing and expert 0 gets every token."""
+        experts = random_experts(key, scheme="w_mxfp6_e2m3", i=192)
+        self.check(experts, *inputs(key, t=t))
+        x, weights, _ = inputs(key, t=t)
+        ids = jnp.zeros((t, 2), jnp.int32).at[:, 1].set(3)
+        self.check(experts, x, weights, ids)
+
+    def test_zero_tokens(self, key):
+        out = random_experts(key).apply(
+            jnp.zeros((0, 64)), jnp.zeros((0, 2)), jnp.zeros((0, 2), jnp.int32), backend=self.backend
+        )
+        assert out.shape == (0, 64)
+
+    @pytest.mark.parametrize("placement", [linear_expert_map, round_robin_expert_map])
+    def test_expert_map(self, float_checkpoint, tmp_path, key, placement):
+        path = export_quark_checkpoint(float_checkpoint, tmp_path / "q", "w_mxfp4_a_mxfp4")
+        x, weights, ids = inputs(key)
+        for rank in range(2):
+            self.check(self.load(path, expert_map=placement(4, 2, rank)), x, weights, ids)
+
+    def test_router_weight_on_input_and_bfloat16(self, key):
+        experts = random_experts(key, scheme="w_mxfp4_a_fp8")
+        x, weights, ids = inputs(key, k=1)
+        self.check(experts, x, weights, ids, apply_router_weight_on_input=True)
+        out = self.check(random_experts(key, scheme="w_mxfp6_e3m2"), *inputs(key, dtype=jnp.bfloat16))
+        assert out.dtype == jnp.bfloat16
+
+    def test_adversarial_weights(self, key):
+        """All-zero blocks, saturating values, exact ties of the element grid, extreme block scales."""
+        k1, k2 = jax.random.split(key)
+        w13 = jax.random.normal(k1, (4, 128, 64)) * 0.1
+        w13 = w13.at[0, :, :32].set(0.0)  # all-zero blocks
+        w13 = w13.at[1, 3].set(jnp.tile(jnp.array([6.0, -6.0, 5.0, 0.25]), 16))  # saturation and ties
+        w13 = w13.at[2].multiply(2.0**90).at[3].multiply(2.0**-100)  # extreme scales (normal results)
+        w2 = jax.random.normal(k2, (4, 64, 64)) * 0.1
+        w2 = w2.at[1, :, 32:].multiply(2.0**60)
+        for scheme in ("w_mxfp4", "w_mxfp6_e3m2", "w_mxfp6_e2m3"):
+            experts = random_experts(key, scheme=scheme, weights=(w13, w2))
+            x, weights, ids = inputs(key)
+            x = x.at[0].multiply(2.0**-60)
+            self.check(experts, x, weights, ids)
+
+    def test_nan_stays_in_its_token(self, key):
+        experts = random_experts(key, scheme="w_mxfp4_a_mxfp4")
+        x, weights, ids = inputs(key)
+        bad = x.at[3, 5].set(jnp.nan).at[7, 40].set(jnp.inf)
+        out = np.asarray(experts.apply(bad, weights, ids, backend=self.backend))
+        clean = np.asarray(experts.apply(x, weights, ids, backend=self.backend))
+        others = np.setdiff1d(np.arange(13), [3, 7])
+        np.testing.assert_array_equal(out[others], clean[others])
+        assert not np.isfinite(out[3]).all()
+
+    def test_under_jit(self, key):
+        experts = random_experts(key)
+        x, weights, ids = inputs(key)
+        jitted = jax.jit(lambda x, w, i: experts.apply(x, w, i, backend=self.backend))(x, weights, ids)
+        np.testing.assert_array_equal(
+            np.asarray(jitted), np.asarray(experts.apply(x, weights, ids, backend=self.backend))
+        )
