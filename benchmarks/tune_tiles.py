@@ -19,6 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from quarkmoe_jax.kernels import grouped_gemm as grouped_gemm_module
 from quarkmoe_jax.kernels.configs import regime
 from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, dequantize_to_bfloat16, grouped_gemm
 
@@ -52,8 +53,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 256, 4096])
     parser.add_argument("--weights", nargs="+", default=["mxfp4", "bf16"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--scale-load", default=None, choices=["broadcast", "gather"])
     parser.add_argument("--json")
     args = parser.parse_args(argv)
+    if args.scale_load:
+        grouped_gemm_module.SCALE_LOAD = args.scale_load
     samples = []
     for shape, tokens, kind in itertools.product(args.shapes, args.tokens, args.weights):
         e, k, h, i = SHAPES[shape]

@@ -18,7 +18,13 @@ DEFAULT = {
 }
 
 TILE_CONFIGS: dict[str, dict[str, tuple[TileConfig, TileConfig]]] = {
-    "NVIDIA H100 80GB HBM3": dict(DEFAULT),
+    # benchmarks/tune_tiles.py, 2026-11-24, Mixtral shapes (docs/performance.md): block_n 64 with 4 stages was
+    # the best decode compromise of T = 1 and 16 for both GEMMs; prefill runs the dense tiles (dequantize path).
+    "NVIDIA H100 80GB HBM3": {
+        "decode": (TileConfig(16, 64, 4, 4), TileConfig(16, 64, 4, 4)),
+        "mid": (TileConfig(64, 128, 8, 3), TileConfig(64, 128, 8, 3)),
+        "prefill": (TileConfig(128, 128, 8, 3), TileConfig(128, 256, 8, 3)),
+    },
 }
 
 

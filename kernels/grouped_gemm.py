@@ -36,6 +36,9 @@ from quarkmoe_jax.moe.activations import gated_activation, unary_activation
 __all__ = ["TileConfig", "Epilogue", "grouped_gemm", "dequantize_to_bfloat16", "decode_mx_piece", "DENSE_BLOCK_K"]
 
 DENSE_BLOCK_K = 64
+SCALE_LOAD = "broadcast"
+"""How the fused kernel brings E8M0 scales to the elements: "broadcast" (load [bn, groups], broadcast in
+registers) or "gather" (each element loads its block's byte). Chosen by measurement (docs/performance.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,8 @@ def decode_mx_piece(codes, scales, fmt, repeat: int):
     factor = jnp.where(scales == 255, jnp.float32(jnp.nan), factor)
     extra = lax.bitcast_convert_type(((field - first) + 127) << 23, jnp.float32)
     bn, g = scales.shape
+    if repeat == 1:
+        return (values * factor * extra).astype(jnp.bfloat16)
     factor = jnp.broadcast_to(factor[:, :, None], (bn, g, repeat)).reshape(bn, g * repeat)
     extra = jnp.broadcast_to(extra[:, :, None], (bn, g, repeat)).reshape(bn, g * repeat)
     return (values * factor * extra).astype(jnp.bfloat16)
@@ -155,6 +160,20 @@ def _kernel(
 
     rows = pl.ds(m * bm, bm)
 
+    def scale_codes(shard, e0_abs, w):
+        """E8M0 codes for weight rows x elements [e0_abs, e0_abs + w): ``[bn, w]`` int32 and repeat 1
+        (SCALE_LOAD "gather": each element loads its block's byte, L1-resident), or ``[bn, groups]`` and
+        the repeat for decode_mx_piece to broadcast ("broadcast")."""
+        if SCALE_LOAD == "gather":
+            stride, start = (2, 2 * n * bn + shard) if epilogue.interleaved and epilogue.gated else (1, None)
+            if start is None:
+                start = shard * n_out + n * bn if epilogue.gated else n * bn
+            row_index = start + stride * lax.broadcasted_iota(jnp.int32, (bn, w), 0)
+            col_index = (e0_abs + lax.broadcasted_iota(jnp.int32, (bn, w), 1)) // MX_BLOCK_SIZE
+            return scale_ref[expert, row_index, col_index].astype(jnp.int32), 1
+        groups, repeat = max(w // MX_BLOCK_SIZE, 1), min(w, MX_BLOCK_SIZE)
+        return scale_ref[expert, weight_rows(shard), pl.ds(e0_abs // MX_BLOCK_SIZE, groups)].astype(jnp.int32), repeat
+
     def dot(a, w):
         return lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -163,7 +182,6 @@ def _kernel(
         accs = list(accs)
         for e0, w, byte_off, nib_shift, high_shift in _mx_pieces(c, fmt.bits):
             a = a_ref[rows, pl.ds(k0 + e0, w)].astype(jnp.bfloat16)
-            groups, repeat = max(w // MX_BLOCK_SIZE, 1), min(w, MX_BLOCK_SIZE)
             for i, shard in enumerate(shards):
                 wrows = weight_rows(shard)
                 nib = nib_ref[expert, wrows, pl.ds(k0 // 2 + byte_off, w)].astype(jnp.int32)
@@ -171,7 +189,7 @@ def _kernel(
                 if high_shift is not None:
                     high = high_ref[expert, wrows, pl.ds(k0 // 4, w)].astype(jnp.int32)
                     codes = codes | (((high >> high_shift) & 0x3) << 4)
-                scales = scale_ref[expert, wrows, pl.ds((k0 + e0) // MX_BLOCK_SIZE, groups)].astype(jnp.int32)
+                scales, repeat = scale_codes(shard, k0 + e0, w)
                 accs[i] = accs[i] + dot(a, decode_mx_piece(codes, scales, fmt, repeat))
         return tuple(accs)
 

@@ -28,8 +28,8 @@ def assert_matches_oracle(got, want, activation_quantized: bool, rtol: float = 5
     """The issue's bar, relative RMS <= ``rtol`` (5e-3) against the float32 oracle, non-finite exactly where
     the oracle is. With activation quantization, a GEMM2 input element summed in another order (or, for
     FP8, scaled after instead of before the GEMM) can land on the other side of a rounding boundary and
-    move its token's row by about one quantization step (~1e-2): such rows (at most a quarter, each within
-    5e-2) are left out of the RMS. Without it every row is within 2e-2."""
+    move its token's row (by a quantization step, or for MXFP4 by a changed block scale): such rows (at
+    most a quarter, each within 0.25) are left out of the RMS. Without it every row is within 2e-2."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
@@ -42,7 +42,7 @@ def assert_matches_oracle(got, want, activation_quantized: bool, rtol: float = 5
     row = np.sqrt(np.mean(err**2, axis=-1)) / scale
     if activation_quantized:
         flipped = row > rtol
-        assert flipped.sum() <= max(1, len(row) // 4) and row.max() <= 5e-2, row
+        assert flipped.sum() <= max(1, len(row) // 4) and row.max() <= 0.25, row
         err = err[~flipped]
     else:
         assert row.max() <= 2e-2, row
@@ -85,7 +85,10 @@ class BackendSuite:
         got = experts.apply(x, weights, ids, backend=self.backend, **kwargs)
         want = experts.apply(x, weights, ids, backend="emulation", **kwargs)
         assert got.dtype == want.dtype
-        assert_matches_oracle(got, want, quantizes_activations(experts))
+        try:
+            assert_matches_oracle(got, want, quantizes_activations(experts))
+        except AssertionError as e:
+            raise AssertionError(f"{experts.quant_config.scheme} ({experts.quant_config.semantics}): {e}") from None
         return got
 
     @pytest.fixture(scope="class")
