@@ -28,7 +28,7 @@ TILE_CONFIGS: dict[str, dict[str, tuple[TileConfig, TileConfig]]] = {
 }
 
 
-DEQUANT_MIN_ROWS = {"NVIDIA H100 80GB HBM3": 128}
+DEQUANT_MIN_ROWS = {"NVIDIA H100 80GB HBM3": 32}
 """Rows per expert from which the prefill path (dequantize to bfloat16, then the dense kernel) is used."""
 
 

@@ -26,6 +26,7 @@ from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
 from quarkmoe_jax.checkpoint.loader import LoadedExperts, check_expert_map, load_moe_block
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
 from quarkmoe_jax.moe import op, routing
 from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
@@ -124,6 +125,23 @@ class QuarkMoE(nnx.Module):
                 out[key] = var.get_value()
         return out
 
+    def prepare_for_kernels(self) -> QuarkMoE:
+        """Re-lay MX weights once for the Pallas kernels (``process_weights_after_loading``'s kernel step).
+
+        Exact and the same bytes (:mod:`quarkmoe_jax.formats.kernel_layout`); every backend accepts either
+        layout, but without this the ``pallas`` backend re-lays the weights on every call. Returns ``self``.
+        """
+        from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
+
+        for var in (self.w13, self.w2):
+            value = var.get_value()
+            if isinstance(value, MXTensor):
+                try:
+                    var.set_value(to_kernel_layout(value))
+                except ValueError:  # FP6 with K % 64 != 0: the kernels do not take it; keep Quark's layout
+                    pass
+        return self
+
     def dequantized_weights(self, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
         """``(w13 [E, S*I_pad, H_pad], w2 [E, H_pad, I_pad])`` in ``dtype``, scales applied (for inspection).
 
@@ -171,7 +189,7 @@ class QuarkMoE(nnx.Module):
 
 
 def _dequantize(weight, scale, dtype, shape: MoEShape | None):
-    if isinstance(weight, MXTensor):
+    if isinstance(weight, MXTensor | MXKernelWeights):
         return weight.dequantize(dtype)
     values = weight.astype(jnp.float32)
     if scale is not None:

@@ -74,6 +74,10 @@ def test_run_layer(tmp_path, capsys):
 
     block = QuarkMoEBlock.from_checkpoint(q, 1, semantics="quark")
     np.testing.assert_array_equal(y, np.asarray(block(x)))
+    # the fused Pallas kernels (interpreter on CPU) through the CLI: the oracle's result to bf16 level
+    assert cli.main(argv + ["--dtype", "float32", "--semantics", "quark", "--backend", "pallas"]) == 0
+    y_pallas = np.load(tmp_path / "y.npy")
+    assert np.linalg.norm(y_pallas - y) <= 5e-3 * np.linalg.norm(y)
     np.save(tmp_path / "bad.npy", np.ones((3, 65), np.float32))
     capsys.readouterr()
     assert (

@@ -35,6 +35,7 @@ from jax import lax
 
 from quarkmoe_jax.formats import MXTensor, quant_dequant
 from quarkmoe_jax.formats import quantizers as qz
+from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
 from quarkmoe_jax.moe.activations import apply_activation, is_gated
 from quarkmoe_jax.moe.dispatch import sort_pairs
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape
@@ -229,6 +230,7 @@ def moe_experts_unpadded(
     """The forward on given arrays (no bucketing); ``valid_tokens [T]`` bool masks padding tokens."""
     dtype = x.dtype
     t, k = topk_ids.shape
+    params = {name: v.to_mx() if isinstance(v, MXKernelWeights) else v for name, v in params.items()}
     w13, w2 = params["w13"], params["w2"]
     num_local = w13.shape[0]
     h_pad, n13, i_pad = w13.shape[2], w13.shape[1], w2.shape[2]

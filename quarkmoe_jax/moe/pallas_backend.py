@@ -22,7 +22,7 @@ kernel writes the pre-activation and XLA applies the activation.
 
 Weights are read in the kernel layout (:mod:`quarkmoe_jax.formats.kernel_layout`); ``MXTensor`` weights in
 Quark's layout are re-laid on every call, which costs a pass over the weights: re-lay them once after loading
-(``QuarkMoE(..., kernel_layout=True)`` / ``prepare_for_kernels``).
+(``QuarkMoE.prepare_for_kernels()``).
 """
 
 from __future__ import annotations

