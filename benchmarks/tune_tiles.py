@@ -29,7 +29,10 @@ from quarkmoe_jax.formats.mx import mx_format
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
 
 CANDIDATES = {
-    "decode": [TileConfig(16, bn, w, s) for bn, w, s in itertools.product((32, 64, 128), (4,), (2, 4))],
+    "decode": [
+        TileConfig(16, bn, 4, 3, u, swap, split)
+        for swap, bn, u, split in itertools.product((False, True), (64, 128), (1, 2), (1, 2, 4))
+    ],
     "mid": [TileConfig(bm, bn, 4, s) for bm, bn, s in itertools.product((32, 64), (64, 128), (3,))],
     "prefill": [TileConfig(bm, bn, w, 3) for bm, bn, w in itertools.product((64, 128), (128, 256), (4, 8))],
 }
@@ -53,11 +56,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 256, 4096])
     parser.add_argument("--weights", nargs="+", default=["mxfp4", "bf16"])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--scale-load", default=None, choices=["broadcast", "gather"])
+    parser.add_argument("--decode", default=None, choices=["asm", "jnp"], help="MXFP4 decoder (default: the kernel's)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    if args.scale_load:
-        grouped_gemm_module.SCALE_LOAD = args.scale_load
+    if args.decode:
+        grouped_gemm_module.DECODE = args.decode
     samples = []
     for shape, tokens, kind in itertools.product(args.shapes, args.tokens, args.weights):
         e, k, h, i = SHAPES[shape]
@@ -110,6 +113,7 @@ def main(argv=None) -> int:
                     "tokens": tokens,
                     "gemm": gemm,
                     "weights": kind,
+                    "decode": grouped_gemm_module.DECODE,
                     "config": list(config.__dict__.values()),
                     "us": us,
                     "tbps": moved / us / 1e6,

@@ -33,22 +33,38 @@ from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, chunk_sizes
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 from quarkmoe_jax.moe.activations import gated_activation, unary_activation
 
-__all__ = ["TileConfig", "Epilogue", "grouped_gemm", "dequantize_to_bfloat16", "decode_mx_piece", "DENSE_BLOCK_K"]
+__all__ = [
+    "TileConfig",
+    "Epilogue",
+    "grouped_gemm",
+    "dequantize_to_bfloat16",
+    "decode_mx_piece",
+    "decode_fp4_pairs_asm",
+    "DENSE_BLOCK_K",
+]
 
 DENSE_BLOCK_K = 64
-SCALE_LOAD = "broadcast"
-"""How the fused kernel brings E8M0 scales to the elements: "broadcast" (load [bn, groups], broadcast in
-registers) or "gather" (each element loads its block's byte). Chosen by measurement (docs/performance.md)."""
+DECODE = "asm"
+"""How compiled GPU kernels decode MXFP4 tiles: "asm" (packed PTX, :func:`decode_fp4_pairs_asm`) or "jnp"
+(:func:`decode_mx_piece`, one element per lane). The interpreter always runs "jnp"; FP6 always runs "jnp"."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Static tiling of one kernel launch (``block_m``, ``block_n`` powers of two >= 16)."""
+    """Static tiling of one kernel launch (``block_m``, ``block_n`` powers of two >= 16; ``k_unroll`` K chunks
+    per loop iteration, so each software-pipelined iteration has more bytes in flight; ``swap_ab`` computes
+    the transposed product ``W_tile @ a_tile^T`` so the decoded weights are the MMA's M operand, for decode
+    tiles with few rows; ``split_k`` splits the K loop over a third grid axis (more programs when the grid is
+    smaller than the GPU; the largest divisor of the loop's iteration count up to it is used): float32
+    partial sums, reduced and epilogued by XLA; not with ``out``)."""
 
     block_m: int = 16
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    k_unroll: int = 1
+    swap_ab: bool = False
+    split_k: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +119,118 @@ def decode_mx_piece(codes, scales, fmt, repeat: int):
     return (values * factor * extra).astype(jnp.bfloat16)
 
 
+def scale_factors_bf16(scales, fmt, repeat: int):
+    """E8M0 codes ``[bn, g]`` (int32) -> two bfloat16 power-of-two factors ``[bn, g * repeat]`` whose product
+    is ``2^(s - bias)`` (``bias`` of the element format), NaN for code 255.
+
+    An element whose magnitude bits sit at the bottom of a bfloat16 mantissa reads as ``value * 2^(bias-127)``
+    (subnormals included); times ``first * second`` it is ``value * 2^(s - 127)``, exactly. ``first`` holds
+    the factor up to ``2^127`` and ``second`` the rest (1 below code ``127 + bias``), so neither leaves
+    bfloat16's normal range.
+    """
+    bias = fmt.element.bias
+    split = 127 + bias
+    first = ((jnp.minimum(scales, split) - bias + 127) << 7).astype(jnp.uint16)
+    second = jnp.where(scales == 255, 0x7FC0, (jnp.maximum(scales, split) - split + 127) << 7).astype(jnp.uint16)
+    bn, g = scales.shape
+    out = []
+    for factor in (first, second):
+        factor = lax.bitcast_convert_type(factor, jnp.bfloat16)
+        if repeat > 1:
+            factor = jnp.broadcast_to(factor[:, :, None], (bn, g, repeat)).reshape(bn, g * repeat)
+        out.append(factor)
+    return out
+
+
+# One instance decodes 4 bytes into 4 elements of one piece: byte i holds element i of the low piece (low
+# nibble) and element i of the high piece (high nibble). A byte permute puts elements i and i+1 16 bits
+# apart, so each bf16x2 pair is built with two shifts, an and and a lop3 ((a & b) | c, LUT 0xEA): magnitude
+# bits to bf16 bits 6-8 (value * 2^-126, subnormal for code 1), sign to bit 15. Two bf16x2 multiplies apply
+# scale_factors_bf16. Operands: $0-$1 the two output pairs, $2 the 4 bytes, $3-$4 / $5-$6 the first /
+# second factors. (One output per asm: JAX 0.11's lowering drops all but the first result of a
+# multi-result elementwise_inline_asm.)
+_FP4_PAIRS_ASM = {
+    # piece: (shift bringing the magnitude bits of elements 0 / 1 to bit 6, shift bringing their sign bits
+    # to bit 15, the same for elements 2 / 3); negative = right shift
+    "low": ((6, 12), (-2, 4)),
+    "high": ((2, 8), (-6, 0)),
+}
+
+
+def _shift(dst: str, src: str, amount: int) -> str:
+    if amount == 0:
+        return f"mov.b32 {dst}, {src};"
+    return f"shl.b32 {dst}, {src}, {amount};" if amount > 0 else f"shr.b32 {dst}, {src}, {-amount};"
+
+
+def _fp4_pairs_asm(piece: str) -> str:
+    lines = [
+        "{",
+        ".reg .b32 y, t, u, em, sg;",
+        "mov.b32 em, 0x01C001C0;",
+        "mov.b32 sg, 0x80008000;",
+        "prmt.b32 y, $2, $2, 0x3120;",
+    ]
+    for out, (magnitude_shift, sign_shift) in enumerate(_FP4_PAIRS_ASM[piece]):
+        lines += [
+            _shift("t", "y", magnitude_shift),
+            _shift("u", "y", sign_shift),
+            "and.b32 u, u, sg;",
+            "lop3.b32 t, t, em, u, 0xEA;",
+            f"mul.rn.bf16x2 t, t, ${3 + out};",
+            f"mul.rn.bf16x2 ${out}, t, ${5 + out};",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+def decode_fp4_pairs_asm(packed, factors, piece: str):
+    """Decode one piece of FP4 bytes to bfloat16 with packed PTX (compiled GPU kernels only).
+
+    Args:
+      packed: uint8 ``[bn, w]``; byte ``j`` holds element ``j`` of the low piece (low nibble) and element
+        ``j`` of the high piece (high nibble), the kernel layout's two halves of a chunk.
+      factors: the piece's two bfloat16 ``[bn, w]`` factors (:func:`scale_factors_bf16`).
+      piece: ``"low"`` or ``"high"``.
+
+    Returns:
+      bfloat16 ``[bn, w]``, bit-identical to :func:`decode_mx_piece` (subnormal results included).
+    """
+    (out,) = plgpu.elementwise_inline_asm(
+        _fp4_pairs_asm(piece),
+        args=[packed, *factors],
+        constraints="=r,=r,r,r,r,r,r",
+        pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)],
+    )
+    return out
+
+
+def apply_epilogue(accs, epilogue: Epilogue, out_dtype, row_scales=None, biases=None, row_weights=None):
+    """The epilogue on float32 accumulators (in the kernel, or in XLA after a split-K reduction).
+
+    Args:
+      accs: one float32 ``[rows, cols]`` accumulator per weight shard (two for a gated activation).
+      row_scales, row_weights: ``[rows, 1]`` float32 (as ``epilogue`` says), biases: one per shard,
+        broadcastable to ``[rows, cols]``.
+    """
+    if epilogue.row_scales:
+        accs = tuple(acc * row_scales for acc in accs)
+    if epilogue.has_bias:
+        accs = tuple(acc + bias for acc, bias in zip(accs, biases, strict=True))
+    act_dtype = jnp.dtype(epilogue.activation_dtype)
+    if epilogue.gated:
+        out = gated_activation(
+            accs[0].astype(act_dtype), accs[1].astype(act_dtype), epilogue.activation, limit=epilogue.swiglu_limit
+        )
+    elif epilogue.activation is not None:
+        out = unary_activation(accs[0].astype(act_dtype), epilogue.activation)
+    else:
+        out = accs[0]
+    if epilogue.row_weights:
+        out = out.astype(jnp.float32) * row_weights
+    return out.astype(out_dtype)
+
+
 def _mx_pieces(c: int, bits: int):
     """The pieces a chunk of ``c`` elements decodes into: (element offset, width, nibble byte offset,
     nibble shift, high-plane shift or None)."""
@@ -131,6 +259,7 @@ def _kernel(
     epilogue,
     out_dtype,
     has_out_input,
+    packed_decode,
 ):
     refs = list(refs)
     if has_out_input:
@@ -148,6 +277,7 @@ def _kernel(
 
     bm, bn = config.block_m, config.block_n
     m, n = pl.program_id(0), pl.program_id(1)
+    split = pl.program_id(2) if config.split_k > 1 else 0
     expert = tile_expert_ref[m]
     shards = (0, 1) if epilogue.gated else (0,)
 
@@ -161,73 +291,112 @@ def _kernel(
     rows = pl.ds(m * bm, bm)
 
     def scale_codes(shard, e0_abs, w):
-        """E8M0 codes for weight rows x elements [e0_abs, e0_abs + w): ``[bn, w]`` int32 and repeat 1
-        (SCALE_LOAD "gather": each element loads its block's byte, L1-resident), or ``[bn, groups]`` and
-        the repeat for decode_mx_piece to broadcast ("broadcast")."""
-        if SCALE_LOAD == "gather":
-            stride, start = (2, 2 * n * bn + shard) if epilogue.interleaved and epilogue.gated else (1, None)
-            if start is None:
-                start = shard * n_out + n * bn if epilogue.gated else n * bn
-            row_index = start + stride * lax.broadcasted_iota(jnp.int32, (bn, w), 0)
-            col_index = (e0_abs + lax.broadcasted_iota(jnp.int32, (bn, w), 1)) // MX_BLOCK_SIZE
-            return scale_ref[expert, row_index, col_index].astype(jnp.int32), 1
-        groups, repeat = max(w // MX_BLOCK_SIZE, 1), min(w, MX_BLOCK_SIZE)
-        return scale_ref[expert, weight_rows(shard), pl.ds(e0_abs // MX_BLOCK_SIZE, groups)].astype(jnp.int32), repeat
+        """uint8 E8M0 codes ``[bn, max(w // 32, 1)]`` of the weight rows x elements [e0_abs, e0_abs + w)."""
+        groups = max(w // MX_BLOCK_SIZE, 1)
+        return scale_ref[expert, weight_rows(shard), pl.ds(e0_abs // MX_BLOCK_SIZE, groups)]
 
     def dot(a, w):
-        return lax.dot_general(a, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        lhs, rhs = (w, a) if config.swap_ab else (a, w)
+        return lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
-    def mx_chunk(k0, c, accs):
-        """Accumulate one chunk of c elements starting at element k0 (k0 a traced or static int)."""
+    # Each chunk is split into what it reads (load_chunk) and what it computes (compute_chunk): an iteration of
+    # k_unroll chunks issues all its loads before the first decode. (Carrying the next iteration's loads
+    # through the loop by hand measured 1.2-7x slower: docs/performance.md.)
+    def load_chunk(k0, c):
+        """The memory a chunk of c elements at element k0 reads: activation pieces and, per shard, weights."""
+        if weight_kind == "dense":
+            return a_ref[rows, pl.ds(k0, c)], [w_ref[expert, weight_rows(s), pl.ds(k0, c)] for s in shards]
+        if packed_decode:
+            h = c // 2
+            pieces = [(0, h), (h, h)]
+            weights = [
+                (nib_ref[expert, weight_rows(s), pl.ds(k0 // 2, h)],)
+                + tuple(scale_codes(s, k0 + e0, h) for e0, _ in pieces)
+                for s in shards
+            ]
+        else:
+            pieces = [(e0, w) for e0, w, *_ in _mx_pieces(c, fmt.bits)]
+            weights = []
+            for s in shards:
+                wrows, loaded = weight_rows(s), []
+                for e0, w, byte_off, _, high_shift in _mx_pieces(c, fmt.bits):
+                    loaded.append(nib_ref[expert, wrows, pl.ds(k0 // 2 + byte_off, w)])
+                    if high_shift is not None:
+                        loaded.append(high_ref[expert, wrows, pl.ds(k0 // 4, w)])
+                    loaded.append(scale_codes(s, k0 + e0, w))
+                weights.append(tuple(loaded))
+        return tuple(a_ref[rows, pl.ds(k0 + e0, w)] for e0, w in pieces), weights
+
+    def compute_chunk(loaded, c, accs):
+        """Decode a loaded chunk and accumulate its products."""
+        a_pieces, weights = loaded
+        if weight_kind == "dense":
+            a = a_pieces.astype(jnp.bfloat16)
+            return tuple(acc + dot(a, w) for acc, w in zip(accs, weights, strict=True))
+        a_pieces = [a.astype(jnp.bfloat16) for a in a_pieces]
         accs = list(accs)
-        for e0, w, byte_off, nib_shift, high_shift in _mx_pieces(c, fmt.bits):
-            a = a_ref[rows, pl.ds(k0 + e0, w)].astype(jnp.bfloat16)
-            for i, shard in enumerate(shards):
-                wrows = weight_rows(shard)
-                nib = nib_ref[expert, wrows, pl.ds(k0 // 2 + byte_off, w)].astype(jnp.int32)
-                codes = (nib >> nib_shift) & 0xF
+        for i, shard_loaded in enumerate(weights):
+            if packed_decode:
+                packed, low_scales, high_scales = shard_loaded
+                repeat = min(c // 2, MX_BLOCK_SIZE)
+                for a, scales, piece in ((a_pieces[0], low_scales, "low"), (a_pieces[1], high_scales, "high")):
+                    factors = scale_factors_bf16(scales.astype(jnp.int32), fmt, repeat)
+                    accs[i] = accs[i] + dot(a, decode_fp4_pairs_asm(packed, factors, piece))
+                continue
+            loaded = list(shard_loaded)
+            for a, (_, w, _, nib_shift, high_shift) in zip(a_pieces, _mx_pieces(c, fmt.bits), strict=True):
+                codes = (loaded.pop(0).astype(jnp.int32) >> nib_shift) & 0xF
                 if high_shift is not None:
-                    high = high_ref[expert, wrows, pl.ds(k0 // 4, w)].astype(jnp.int32)
-                    codes = codes | (((high >> high_shift) & 0x3) << 4)
-                scales, repeat = scale_codes(shard, k0 + e0, w)
-                accs[i] = accs[i] + dot(a, decode_mx_piece(codes, scales, fmt, repeat))
+                    codes = codes | (((loaded.pop(0).astype(jnp.int32) >> high_shift) & 0x3) << 4)
+                scales = loaded.pop(0).astype(jnp.int32)
+                accs[i] = accs[i] + dot(a, decode_mx_piece(codes, scales, fmt, min(w, MX_BLOCK_SIZE)))
         return tuple(accs)
-
-    def dense_chunk(k0, c, accs):
-        a = a_ref[rows, pl.ds(k0, c)].astype(jnp.bfloat16)
-        weights = [w_ref[expert, weight_rows(s), pl.ds(k0, c)] for s in shards]
-        return tuple(acc + dot(a, w) for acc, w in zip(accs, weights, strict=True))
-
-    step = mx_chunk if weight_kind == "mx" else dense_chunk
 
     @pl.when(expert >= 0)
     def _():
-        accs = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in shards)
-        full = chunks[0]
-        n_full = sum(1 for c in chunks if c == full)
-        if n_full:
-            accs = lax.fori_loop(0, n_full, lambda i, accs: step(pl.multiple_of(i * full, full), full, accs), accs)
-        k0 = n_full * full
-        for c in chunks[n_full:]:
-            accs = step(k0, c, accs)
+        accs = tuple(jnp.zeros((bn, bm) if config.swap_ab else (bm, bn), jnp.float32) for _ in shards)
+        full, unroll = chunks[0], config.k_unroll
+        iterations = sum(1 for c in chunks if c == full) // unroll
+
+        def load_iteration(i):
+            starts = [(i * unroll + j) * full for j in range(unroll)]
+            if not isinstance(i, int):  # Triton's multiple_of needs a traced value
+                starts = [pl.multiple_of(k0, full) for k0 in starts]
+            return [load_chunk(k0, full) for k0 in starts]
+
+        def compute_iteration(loaded, accs):
+            for chunk in loaded:
+                accs = compute_chunk(chunk, full, accs)
+            return accs
+
+        per_split = iterations // config.split_k
+        first = 0 if config.split_k == 1 else split * per_split
+        if per_split:
+            accs = lax.fori_loop(0, per_split, lambda i, accs: compute_iteration(load_iteration(first + i), accs), accs)
+        k0 = iterations * unroll * full
+        tail = accs
+        for c in chunks[iterations * unroll :]:
+            tail = compute_chunk(load_chunk(k0, c), c, tail)
             k0 += c
         assert k0 == k_total
-        if epilogue.row_scales:
-            accs = tuple(acc * row_scale_ref[rows][:, None] for acc in accs)
-        if epilogue.has_bias:
-            accs = tuple(acc + bias_ref[expert, weight_rows(s)][None, :] for acc, s in zip(accs, shards, strict=True))
-        act_dtype = jnp.dtype(epilogue.activation_dtype)
-        if epilogue.gated:
-            out = gated_activation(
-                accs[0].astype(act_dtype), accs[1].astype(act_dtype), epilogue.activation, limit=epilogue.swiglu_limit
-            )
-        elif epilogue.activation is not None:
-            out = unary_activation(accs[0].astype(act_dtype), epilogue.activation)
-        else:
-            out = accs[0]
-        if epilogue.row_weights:
-            out = out.astype(jnp.float32) * row_weight_ref[rows][:, None]
-        o_ref[rows, pl.ds(n * bn, bn)] = out.astype(out_dtype)
+        if config.split_k == 1:
+            accs = tail
+        elif k0 > iterations * unroll * full:  # the last split takes the tail (a select: no NaN * 0)
+            accs = tuple(jnp.where(split == config.split_k - 1, t, acc) for t, acc in zip(tail, accs, strict=True))
+        if config.swap_ab:
+            accs = tuple(acc.T for acc in accs)
+        if config.split_k > 1:  # partial sums; gated: gate columns [0, N), up columns [N, 2N)
+            for i, acc in enumerate(accs):
+                o_ref[split, rows, pl.ds(i * n_out + n * bn, bn)] = acc
+            return
+        o_ref[rows, pl.ds(n * bn, bn)] = apply_epilogue(
+            accs,
+            epilogue,
+            out_dtype,
+            row_scales=row_scale_ref[rows][:, None] if epilogue.row_scales else None,
+            biases=[bias_ref[expert, weight_rows(s)][None, :] for s in shards] if epilogue.has_bias else None,
+            row_weights=row_weight_ref[rows][:, None] if epilogue.row_weights else None,
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("n_out", "config", "epilogue", "out_dtype", "interpret"))
@@ -280,6 +449,11 @@ def grouped_gemm(
         weight_kind, fmt = "dense", None
         chunks = chunk_sizes(k_total, DENSE_BLOCK_K)
         weight_arrays = [weight.astype(jnp.bfloat16)]
+    iterations = sum(1 for c in chunks if c == chunks[0]) // config.k_unroll
+    splits = max((d for d in range(1, config.split_k + 1) if iterations % d == 0), default=1)
+    config = dataclasses.replace(config, split_k=splits)
+    if splits > 1 and out is not None:
+        raise ValueError("split_k > 1 writes a new output: no out buffer")
     args = [tile_expert, a, *weight_arrays]
     if epilogue.has_bias:
         args.append(jnp.asarray(bias, jnp.float32))
@@ -294,6 +468,7 @@ def grouped_gemm(
     kernel = functools.partial(
         _kernel,
         has_out_input=out is not None,
+        packed_decode=_packed_decode(fmt, interpret),
         weight_kind=weight_kind,
         fmt=fmt,
         chunks=chunks,
@@ -303,17 +478,45 @@ def grouped_gemm(
         epilogue=epilogue,
         out_dtype=jnp.dtype(out_dtype),
     )
-    return pl.pallas_call(
+    shards = 2 if epilogue.gated else 1
+    kernel_out = (splits, m_pad, shards * n_out) if splits > 1 else (m_pad, n_out)
+    result = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_out), out_dtype),
-        grid=(num_tiles, n_out // bn),
+        out_shape=jax.ShapeDtypeStruct(kernel_out, jnp.float32 if splits > 1 else out_dtype),
+        grid=(num_tiles, n_out // bn, splits),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         input_output_aliases=aliases,
         interpret=interpret,
     )(*args)
+    if splits == 1:
+        return result
+    summed = result.sum(axis=0)
+    accs = (summed,) if shards == 1 else (summed[:, :n_out], summed[:, n_out:])
+    biases = None
+    if epilogue.has_bias:
+        rows_bias = jnp.asarray(bias, jnp.float32)[jnp.maximum(jnp.repeat(tile_expert, bm), 0)]
+        if shards == 1:
+            biases = [rows_bias]
+        elif epilogue.interleaved:
+            biases = [rows_bias[:, 0::2], rows_bias[:, 1::2]]
+        else:
+            biases = [rows_bias[:, :n_out], rows_bias[:, n_out:]]
+    return apply_epilogue(
+        accs,
+        epilogue,
+        out_dtype,
+        row_scales=jnp.asarray(row_scales, jnp.float32)[:, None] if epilogue.row_scales else None,
+        biases=biases,
+        row_weights=jnp.asarray(row_weights, jnp.float32)[:, None] if epilogue.row_weights else None,
+    )
 
 
-def _dequantize_kernel(nib_ref, *refs, fmt, chunks, block_n):
+def _packed_decode(fmt, interpret: bool) -> bool:
+    """Whether a launch decodes with :func:`decode_fp4_pairs_asm` (MXFP4, compiled, ``DECODE == "asm"``)."""
+    return fmt is not None and fmt.bits == 4 and not interpret and DECODE == "asm"
+
+
+def _dequantize_kernel(nib_ref, *refs, fmt, chunks, block_n, packed_decode):
     refs = list(refs)
     high_ref = refs.pop(0) if fmt.bits == 6 else None
     scale_ref, o_ref = refs
@@ -322,14 +525,27 @@ def _dequantize_kernel(nib_ref, *refs, fmt, chunks, block_n):
     full = chunks[0]
     n_full = sum(1 for c in chunks if c == full)
 
+    def piece_scales(k0, w):
+        groups, repeat = max(w // MX_BLOCK_SIZE, 1), min(w, MX_BLOCK_SIZE)
+        return scale_ref[e, rows, pl.ds(k0 // MX_BLOCK_SIZE, groups)].astype(jnp.int32), repeat
+
     def decode_chunk(k0, c):
+        if packed_decode:
+            h = c // 2
+            factors = []
+            for e0 in (0, h):
+                scales, repeat = piece_scales(k0 + e0, h)
+                factors.append(scale_factors_bf16(scales, fmt, repeat))
+            packed = nib_ref[e, rows, pl.ds(k0 // 2, h)]
+            o_ref[e, rows, pl.ds(k0, h)] = decode_fp4_pairs_asm(packed, factors[0], "low")
+            o_ref[e, rows, pl.ds(k0 + h, h)] = decode_fp4_pairs_asm(packed, factors[1], "high")
+            return
         for e0, w, byte_off, nib_shift, high_shift in _mx_pieces(c, fmt.bits):
             codes = (nib_ref[e, rows, pl.ds(k0 // 2 + byte_off, w)].astype(jnp.int32) >> nib_shift) & 0xF
             if high_shift is not None:
                 high = high_ref[e, rows, pl.ds(k0 // 4, w)].astype(jnp.int32)
                 codes = codes | (((high >> high_shift) & 0x3) << 4)
-            groups, repeat = max(w // MX_BLOCK_SIZE, 1), min(w, MX_BLOCK_SIZE)
-            scales = scale_ref[e, rows, pl.ds((k0 + e0) // MX_BLOCK_SIZE, groups)].astype(jnp.int32)
+            scales, repeat = piece_scales(k0 + e0, w)
             o_ref[e, rows, pl.ds(k0 + e0, w)] = decode_mx_piece(codes, scales, fmt, repeat)
 
     if n_full:
@@ -354,7 +570,13 @@ def dequantize_to_bfloat16(weight: MXKernelWeights, *, block_n: int = 32, interp
         block_n //= 2
     fmt = weight.fmt
     arrays = [weight.nibbles] + ([weight.high_bits] if fmt.bits == 6 else []) + [weight.scales]
-    kernel = functools.partial(_dequantize_kernel, fmt=fmt, chunks=chunk_sizes(k, weight.chunk), block_n=block_n)
+    kernel = functools.partial(
+        _dequantize_kernel,
+        fmt=fmt,
+        chunks=chunk_sizes(k, weight.chunk),
+        block_n=block_n,
+        packed_decode=_packed_decode(fmt, interpret),
+    )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_experts, n, k), jnp.bfloat16),

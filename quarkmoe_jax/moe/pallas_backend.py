@@ -27,6 +27,8 @@ Quark's layout are re-laid on every call, which costs a pass over the weights: r
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -69,7 +71,7 @@ def _fit_block_n(config: TileConfig, n: int) -> TileConfig:
         block_n //= 2
     if block_n < 16:
         raise NotImplementedError(f"pallas backend: N = {n} has no power-of-two tile >= 16")
-    return TileConfig(config.block_m, block_n, config.num_warps, config.num_stages)
+    return dataclasses.replace(config, block_n=block_n)
 
 
 def _padded(values, row_sorted, fill=0):
@@ -160,8 +162,9 @@ def _pallas_core(
 
     num_pairs = t * k
     device_kind = jax.devices()[0].device_kind
-    rows_per_expert = num_pairs / max(1, min(num_local, num_pairs))
-    config1, config2 = tile_configs(device_kind, rows_per_expert)
+    touched = max(1, min(num_local, num_pairs))
+    config1, config2 = tile_configs(device_kind, num_pairs / touched, touched)
+    rows_per_expert = num_pairs / touched
     dequant = rows_per_expert >= dequant_min_rows(device_kind)
     if config1.block_m != config2.block_m:
         raise ValueError("GEMM1 and GEMM2 tile configs must share block_m (they share the row layout)")

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from quarkmoe_jax.kernels.grouped_gemm import decode_mx_piece
@@ -54,6 +55,143 @@ def test_in_kernel_decode_is_exact_for_every_code_and_scale(fmt):
     np.testing.assert_array_equal(got[normal], want[normal])
     nan = decode_mx_piece(codes[None, :16], jnp.full((1, 1), 255, jnp.int32), f, 16)
     assert np.isnan(np.asarray(nan, np.float32)).all()
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3"])
+def test_tile_options_do_not_change_the_result(fmt, key):
+    """k_unroll and swap_ab reorganise the K loop, never the summation order: bit-identical output
+    (gated epilogue, K = 5 full chunks + a 64 tail so the unrolled loop leaves a remainder, an empty tile)."""
+    from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
+
+    from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
+
+    f = mx_format(fmt)
+    k_dim, n_rows = 704, 128
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    nibbles = jax.random.randint(k1, (2, n_rows, k_dim // 2), 0, 256).astype(jnp.uint8)
+    high = jax.random.randint(k2, (2, n_rows, k_dim // 4), 0, 256).astype(jnp.uint8) if f.bits == 6 else None
+    scales = jax.random.randint(k3, (2, n_rows, k_dim // 32), 118, 128).astype(jnp.uint8)
+    weight = MXKernelWeights(nibbles, high, scales, f, 128)
+    a = jax.random.normal(k4, (48, k_dim), jnp.float32)
+    tile_expert = jnp.array([1, 0, -1], jnp.int32)
+    results = [
+        np.asarray(
+            grouped_gemm(
+                a,
+                weight,
+                tile_expert,
+                n_out=n_rows // 2,
+                config=config,
+                epilogue=Epilogue("silu", gated=True),
+                out_dtype=jnp.float32,
+                interpret=True,
+            )
+        )[:32]
+        for config in (
+            TileConfig(16, 32),
+            TileConfig(16, 32, k_unroll=2),
+            TileConfig(16, 64, k_unroll=3, swap_ab=True),
+            TileConfig(16, 32, k_unroll=4, swap_ab=True),
+        )
+    ]
+    assert np.isfinite(results[0]).all() and np.abs(results[0]).max() > 0
+    for got in results[1:]:
+        np.testing.assert_array_equal(got, results[0])
+
+
+def test_split_k_matches_one_pass(key):
+    """split_k: float32 partial sums over K splits (the last one takes the 64-element tail), reduced and
+    epilogued by XLA (row scales, bias, router weights; a gated activation on [gate; up] and on interleaved
+    rows); equal to one pass up to summation order."""
+    from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
+
+    from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
+
+    f = mx_format("mxfp4")
+    k_dim, n_rows = 576, 64
+    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+    weight = MXKernelWeights(
+        jax.random.randint(k1, (2, n_rows, k_dim // 2), 0, 256).astype(jnp.uint8),
+        None,
+        jax.random.randint(k2, (2, n_rows, k_dim // 32), 118, 128).astype(jnp.uint8),
+        f,
+        128,
+    )
+    a = jax.random.normal(k3, (48, k_dim), jnp.float32)
+    bias = jax.random.normal(k4, (2, n_rows))
+    row_weights, row_scales = jax.random.uniform(k5, (2, 48))
+    tile_expert = jnp.array([1, 0, -1], jnp.int32)
+    epilogue = Epilogue(has_bias=True, row_weights=True, row_scales=True)
+
+    def run(config, epilogue, n_out):
+        out = grouped_gemm(
+            a,
+            weight,
+            tile_expert,
+            bias,
+            row_weights,
+            row_scales,
+            n_out=n_out,
+            config=config,
+            epilogue=epilogue,
+            out_dtype=jnp.float32,
+            interpret=True,
+        )
+        return np.asarray(out)[:32]
+
+    gated = Epilogue("silu", gated=True, has_bias=True, row_scales=True)
+    interleaved = Epilogue("swigluoai", gated=True, interleaved=True, swiglu_limit=7.0, has_bias=True)
+    for epilogue_ in (epilogue, gated, interleaved):
+        n_out = n_rows // 2 if epilogue_.gated else n_rows
+        want = run(TileConfig(16, 32), epilogue_, n_out)
+        assert np.isfinite(want).all() and np.abs(want).max() > 0
+        for config in (TileConfig(16, 32, split_k=4), TileConfig(16, 32, k_unroll=2, swap_ab=True, split_k=2)):
+            np.testing.assert_allclose(run(config, epilogue_, n_out), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_backend_with_split_k_decode_tiles(key, monkeypatch):
+    """The backend with split-K decode tiles (as the H100 table uses for few touched experts): both GEMMs'
+    partial sums reduced and epilogued by XLA, interleaved swigluoai with bias, against the oracle."""
+    import dataclasses
+
+    from quarkmoe_jax.kernels import configs
+
+    decode = tuple(dataclasses.replace(c, split_k=2) for c in configs.DEFAULT["decode"])
+    monkeypatch.setitem(configs.DEFAULT, "decode", decode)
+    jax.clear_caches()
+    experts = random_experts(key, activation="swigluoai", h=256, i=256, bias=True, limit=7.0)
+    x, weights, ids = inputs(key, t=2, h=256)
+    TestPallas().check(experts, x, weights, ids)
+    jax.clear_caches()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Pallas kernels need a GPU")
+@pytest.mark.parametrize("decoder", ["asm", "jnp"])
+def test_compiled_decode_is_bit_exact_including_subnormals(decoder, monkeypatch):
+    """Compiled dequantize kernel: every FP4 byte under every E8M0 code 0..255 (row n holds scale codes
+    n..n+3, byte j of row n is (n + j) mod 256) against an exact numpy decode, subnormal bfloat16 results and
+    overflow to inf included; code 255 gives NaN. "asm" is the packed PTX decode the fused kernels use."""
+    from quarkmoe_jax.kernels import grouped_gemm as kernel_module
+
+    from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
+
+    monkeypatch.setattr(kernel_module, "DECODE", decoder)
+    jax.clear_caches()
+    f = mx_format("mxfp4")
+    rows = np.arange(256)
+    nibbles = ((rows[:, None] + np.arange(64)[None, :]) % 256).astype(np.uint8)[None]
+    scales = ((rows[:, None] + np.arange(4)[None, :]) % 256).astype(np.uint8)[None]
+    weight = MXKernelWeights(jnp.asarray(nibbles), None, jnp.asarray(scales), f, 128)
+    got = np.asarray(kernel_module.dequantize_to_bfloat16(weight))
+    codes = np.asarray(weight.codes()).astype(np.int64)
+    magnitude = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])[codes & 7] * np.where(codes & 8, -1.0, 1.0)
+    scale_codes = np.repeat(scales.astype(np.int64), 32, axis=-1)
+    with np.errstate(over="ignore"):
+        want = (magnitude * np.exp2(scale_codes - 127.0)).astype(ml_dtypes.bfloat16)
+    want = np.where(scale_codes == 255, np.nan, want).astype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(want)], want.view(np.uint16)[~np.isnan(want)])
+    assert np.isnan(got[np.isnan(want)].astype(np.float32)).all()
+    jax.clear_caches()
 
 
 def test_prefill_dequantize_path_in_bounded_chunks(key, monkeypatch):
