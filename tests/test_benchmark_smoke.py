@@ -28,3 +28,24 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["rows"][0]["backend"] == "emulation" and result["rows"][0]["us"] > 0
     assert result["rows"][0]["ragged_dot_bf16_us"] > 0
+
+
+def test_roofline_plot_from_the_recorded_h100_results(tmp_path):
+    """benchmarks/roofline.py turns moe_bench JSON into a well-formed SVG with one point per timed row, every
+    point under the roof of its run's ceilings."""
+    import xml.dom.minidom
+    from pathlib import Path
+
+    roofline = runpy.run_path("benchmarks/roofline.py")
+    paths = sorted(Path("benchmarks/results").glob("h100_*_packed_decode_*.json"))
+    paths = [p for p in paths if "tile_sweep" not in p.name]
+    out = tmp_path / "roofline.svg"
+    assert roofline["main"]([*map(str, paths), "--out", str(out)]) == 0
+    svg = xml.dom.minidom.parse(str(out))
+    results = [json.loads(p.read_text()) for p in paths]
+    points = roofline["points"](results)
+    assert len(svg.getElementsByTagName("circle")) >= len(points) > 0
+    for point in points:
+        ceilings = results[0]["ceilings"]
+        roof = min(ceilings["copy_tbps"] * point["intensity"], ceilings["matmul_tflops"])
+        assert point["tflops"] <= roof * 1.05, point
