@@ -85,6 +85,15 @@ def timeit(fn, arg_sets, repeats: int = 20, warmup: int = 3) -> float:
     return statistics.median(samples) * 1e6
 
 
+def kernel_breakdown(fn, args) -> list[tuple[str, float]] | None:
+    """Per-kernel CUPTI times ``[(kernel name, us)]`` of one warm call (GPU only; None elsewhere)."""
+    measure = _cupti_measure()
+    if measure is None:
+        return None
+    _, timings = measure(jax.jit(fn), aggregate=False)(*args)
+    return [(name, ms * 1e3) for name, ms in timings or []]
+
+
 def routing(key, tokens: int, experts: int, top_k: int, skewed: bool):
     """``topk_ids [T, k]`` distinct per token: uniform, or Zipf-like (p ~ 1/(rank+1)) when skewed."""
     logits = jax.random.gumbel(key, (tokens, experts))
@@ -200,7 +209,7 @@ def random_mx_weights(key, shape, fmt) -> qm.MXTensor:
     return make(jax.random.split(key, shape[0]))
 
 
-def bench_scheme(p: Problem, scheme: str, backend: str, repeats: int) -> dict:
+def bench_scheme(p: Problem, scheme: str, backend: str, repeats: int, breakdown: bool = False) -> dict:
     config = get_moe_scheme(scheme_layer_config(scheme)).quant_config()
     fmt = config.weight.mx_format
     w13 = random_mx_weights(jax.random.key(1), (p.experts, 2 * p.intermediate, p.hidden), fmt)
@@ -219,7 +228,10 @@ def bench_scheme(p: Problem, scheme: str, backend: str, repeats: int) -> dict:
     us = timeit(run, [(p.x, p.weights, p.ids, params)], repeats=repeats)
     per_expert = (w13.nbytes + w2.nbytes) / p.experts
     touched = p.touched * per_expert + 2 * p.x.nbytes
-    return {"us": us, "touched_bytes": touched}
+    result = {"us": us, "touched_bytes": touched}
+    if breakdown:
+        result["kernels"] = kernel_breakdown(run, (p.x, p.weights, p.ids, params))
+    return result
 
 
 def main(argv=None) -> int:
@@ -231,6 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skewed", action="store_true", help="also Zipf-skewed routing")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="also record and print per-kernel times (GPU)")
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
@@ -270,7 +283,7 @@ def main(argv=None) -> int:
                 for scheme in args.schemes:
                     for backend in backends:
                         try:
-                            r = bench_scheme(p, scheme, backend, args.repeats)
+                            r = bench_scheme(p, scheme, backend, args.repeats, args.breakdown)
                         except NotImplementedError as e:
                             print(f"skip {backend} {scheme}: {e}", file=sys.stderr)
                             continue
@@ -295,6 +308,8 @@ def main(argv=None) -> int:
                         row["peak_bytes"] = stats.get("peak_bytes_in_use")
                         rows.append(row)
                         print(_format(row), flush=True)
+                        for name, us in row.get("kernels") or []:
+                            print(f"    {us:9.1f} us  {name[:100]}")
     if ceiling:
         print(f"ceilings: bf16 dense matmul {ceiling['matmul_tflops']:.0f} TF/s, copy {ceiling['copy_tbps']:.2f} TB/s")
     if args.json:

@@ -87,6 +87,8 @@ def tile_rows(pairs: SortedPairs, block_m: int) -> TiledRows:
     pair_row = jnp.where(pairs.rows_valid, tile_start[pairs.rows_expert] * block_m + rank, m_pad).astype(jnp.int32)
     row_sorted = jnp.full((m_pad + 1,), num_pairs, jnp.int32).at[pair_row].set(position)[:m_pad]
     tile_index = jnp.arange(num_tiles, dtype=jnp.int32)
-    tile_expert = jnp.searchsorted(tile_end, tile_index, side="right").astype(jnp.int32)
+    # One fused comparison: the default binary search is a loop of ~log2(E) tiny kernels on a GPU (~20 us of
+    # launches at gpt-oss decode, docs/performance.md).
+    tile_expert = jnp.searchsorted(tile_end, tile_index, side="right", method="compare_all").astype(jnp.int32)
     tile_expert = jnp.where(tile_expert < num_local, tile_expert, -1)
     return TiledRows(tile_expert=tile_expert, pair_row=pair_row, row_sorted=row_sorted)
