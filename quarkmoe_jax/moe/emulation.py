@@ -49,6 +49,7 @@ __all__ = [
     "bucketed_backend",
     "quantize_gemm_input",
     "static_input_scale",
+    "prepare_expert_input",
 ]
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -214,6 +215,23 @@ def static_input_scale(params, key, rows_expert):
 # ------------------------------------------------------------------------------------------ the forward
 
 
+def prepare_expert_input(x, topk_weights, w13_shape, i_pad: int, activation: str, apply_router_weight_on_input: bool):
+    """Every backend's first step: check that ``w13 [E, S*I_pad, H_pad]`` fits the activation (S = 2 when
+    gated), apply the router weight on the input if asked, and pad ``x [T, H]`` to ``[T, H_pad]``.
+
+    Returns the padded ``x`` (``x``'s dtype) and the number of weight shards ``S``.
+    """
+    n13, h_pad = w13_shape[1], w13_shape[2]
+    shards = 2 if is_gated(activation) else 1
+    if n13 != shards * i_pad:
+        raise ValueError(f"w13 has {n13} rows; activation {activation!r} needs {shards} x {i_pad}")
+    if apply_router_weight_on_input:
+        x = (x.astype(jnp.float32) * topk_weights.astype(jnp.float32)).astype(x.dtype)
+    if h_pad > x.shape[1]:
+        x = jnp.pad(x, ((0, 0), (0, h_pad - x.shape[1])))
+    return x, shards
+
+
 def moe_experts_unpadded(
     x,
     topk_weights,
@@ -234,14 +252,8 @@ def moe_experts_unpadded(
     w13, w2 = params["w13"], params["w2"]
     num_local = w13.shape[0]
     h_pad, n13, i_pad = w13.shape[2], w13.shape[1], w2.shape[2]
-    shards = 2 if is_gated(activation) else 1
-    if n13 != shards * i_pad:
-        raise ValueError(f"w13 has {n13} rows; activation {activation!r} needs {shards} x {i_pad}")
     hidden = x.shape[1]
-    if apply_router_weight_on_input:
-        x = (x.astype(jnp.float32) * topk_weights.astype(jnp.float32)).astype(dtype)
-    if h_pad > hidden:
-        x = jnp.pad(x, ((0, 0), (0, h_pad - hidden)))
+    x, shards = prepare_expert_input(x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input)
 
     pairs = sort_pairs(topk_ids, valid_tokens, expert_map, num_local)
     order, group_sizes = pairs.order, pairs.group_sizes

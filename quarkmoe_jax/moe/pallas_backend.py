@@ -37,9 +37,14 @@ from quarkmoe_jax.formats import quantizers as qz
 from quarkmoe_jax.formats.kernel_layout import DEFAULT_CHUNK, MXKernelWeights, to_kernel_layout
 from quarkmoe_jax.kernels.configs import dequant_min_rows, tile_configs
 from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, dequantize_to_bfloat16, grouped_gemm
-from quarkmoe_jax.moe.activations import apply_activation, is_gated
+from quarkmoe_jax.moe.activations import apply_activation
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
-from quarkmoe_jax.moe.emulation import bucketed_backend, quantize_gemm_input, static_input_scale
+from quarkmoe_jax.moe.emulation import (
+    bucketed_backend,
+    prepare_expert_input,
+    quantize_gemm_input,
+    static_input_scale,
+)
 
 __all__ = ["moe_experts", "kernel_weights", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
 
@@ -151,20 +156,15 @@ def _pallas_core(
     t, k = topk_ids.shape
     num_local, n13, h_pad = w13.shape[0], w13.shape[1], w13.shape[2]
     i_pad = w2.shape[2]
-    gated = is_gated(activation)
-    if n13 != (2 if gated else 1) * i_pad:
-        raise ValueError(f"w13 has {n13} rows; activation {activation!r} needs {2 if gated else 1} x {i_pad}")
     hidden = x.shape[1]
-    if apply_router_weight_on_input:
-        x = (x.astype(jnp.float32) * topk_weights.astype(jnp.float32)).astype(dtype)
-    if h_pad > hidden:
-        x = jnp.pad(x, ((0, 0), (0, h_pad - hidden)))
+    x, shards = prepare_expert_input(x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input)
+    gated = shards == 2
 
     num_pairs = t * k
     device_kind = jax.devices()[0].device_kind
     touched = max(1, min(num_local, num_pairs))
-    config1, config2 = tile_configs(device_kind, num_pairs / touched, touched)
     rows_per_expert = num_pairs / touched
+    config1, config2 = tile_configs(device_kind, rows_per_expert, touched)
     dequant = rows_per_expert >= dequant_min_rows(device_kind)
     if config1.block_m != config2.block_m:
         raise ValueError("GEMM1 and GEMM2 tile configs must share block_m (they share the row layout)")

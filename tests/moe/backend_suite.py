@@ -22,6 +22,17 @@ from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
 MX_SCHEMES = tuple(s for s in EXPORT_SCHEMES if s.startswith("w_mx"))
 AMAX = {layer: {"w13": np.array([3.0, 3.5, 4.0, 3.2]), "w2": np.array([0.05, 0.04, 0.06, 0.05])} for layer in (0, 1)}
 GATED = ("silu", "gelu", "gelu_tanh", "swigluoai", "swigluoai_uninterleave")
+ACTIVATION_CASES = [  # (activation, swiglu limit): every activation, clamped where the model clamps
+    ("silu", None),
+    ("silu", 0.5),
+    ("gelu", None),
+    ("gelu_tanh", None),
+    ("swigluoai", None),
+    ("swigluoai_uninterleave", 0.3),
+    ("silu_no_mul", None),
+    ("gelu_no_mul", None),
+    ("relu2_no_mul", None),
+]
 
 
 def assert_matches_oracle(got, want, activation_quantized: bool, rtol: float = 5e-3):
@@ -125,20 +136,7 @@ class BackendSuite:
             for semantics in ("vllm", "quark"):
                 self.check(self.load(path, semantics), *inputs(key, t=32, dtype=jnp.bfloat16))
 
-    @pytest.mark.parametrize(
-        "activation, limit",
-        [
-            ("silu", None),
-            ("silu", 0.5),
-            ("gelu", None),
-            ("gelu_tanh", None),
-            ("swigluoai", None),
-            ("swigluoai_uninterleave", 0.3),
-            ("silu_no_mul", None),
-            ("gelu_no_mul", None),
-            ("relu2_no_mul", None),
-        ],
-    )
+    @pytest.mark.parametrize("activation, limit", ACTIVATION_CASES)
     def test_activations_with_and_without_bias(self, key, activation, limit):
         for bias in (False, True):
             self.check(random_experts(key, activation, bias=bias, limit=limit, scheme="w_mxfp4_a_mxfp4"), *inputs(key))

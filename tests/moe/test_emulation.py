@@ -14,6 +14,7 @@ from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
 from quarkmoe_jax.moe import emulation
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
+from tests.moe.backend_suite import ACTIVATION_CASES
 from tests.moe.reference import reference_moe
 
 AMAX = {layer: {"w13": np.array([3.0, 3.5, 4.0, 3.2]), "w2": np.array([0.05, 0.04, 0.06, 0.05])} for layer in (0, 1)}
@@ -98,20 +99,7 @@ def random_mx_experts(key, activation, e=4, h=64, i=32, scheme="w_mxfp4_a_mxfp6_
     return QuarkMoE(config, shape, params, activation=activation, swiglu_limit=limit)
 
 
-@pytest.mark.parametrize(
-    "activation, limit",
-    [
-        ("silu", None),
-        ("silu", 0.5),
-        ("gelu", None),
-        ("gelu_tanh", None),
-        ("swigluoai", None),
-        ("swigluoai_uninterleave", 0.3),
-        ("silu_no_mul", None),
-        ("gelu_no_mul", None),
-        ("relu2_no_mul", None),
-    ],
-)
+@pytest.mark.parametrize("activation, limit", ACTIVATION_CASES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_activations_and_biases(key, activation, limit, bias):
     experts = random_mx_experts(key, activation, bias=bias, limit=limit)
