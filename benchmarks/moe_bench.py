@@ -6,7 +6,8 @@ Run on a GPU (one command; writes a table and JSON):
         --json benchmarks/results/h100.json
 
 Per (shape, tokens, routing) it times, in one process:
-* our backends (``emulation``, ``pallas``; ``triton`` once registered) for each scheme;
+* our backends (``emulation``, ``pallas``, ``triton`` where jax-triton is installed) for each scheme, and
+  the pseudo-scheme ``bf16`` (bfloat16 weights through the same kernels: our bf16 grouped matmul);
 * ``jax.lax.ragged_dot`` on bf16 weights (GEMM1 + silu-and-mul + GEMM2 on expert-sorted rows);
 * ``ragged_dot_mgpu`` (JAX's Hopper Mosaic GPU example) on bf16 weights, best of a small config sweep;
 * the two ceilings: a bf16 dense matmul (8192^3) and a device copy (bytes read + written).
@@ -32,12 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from quarkmoe_jax.kernels import configs
 
 import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import scheme_layer_config
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 from quarkmoe_jax.moe import op
-from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
+from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape, WeightQuant, get_moe_scheme
 
 SHAPES = {  # name: (experts, top_k, hidden, intermediate)
     "mixtral": (8, 2, 4096, 14336),
@@ -45,7 +47,17 @@ SHAPES = {  # name: (experts, top_k, hidden, intermediate)
     "deepseek_v3": (256, 8, 7168, 2048),
     "tiny": (4, 2, 64, 64),
 }
-SCHEMES = ("w_mxfp4", "w_mxfp4_a_mxfp4", "w_mxfp6_e2m3_a_mxfp6_e2m3", "w_mxfp4_a_fp8")
+SCHEMES = (
+    "w_mxfp4",
+    "w_mxfp4_a_mxfp4",
+    "w_mxfp6_e2m3_a_mxfp6_e2m3",
+    "w_mxfp4_a_fp8",
+    "w8a8_int8_channel_dynamic_token",
+    "w8a8_int8_tensor_static",
+    "w8a8_fp8_tensor_static",
+    "w8a8_fp8_channel_dynamic_token",
+    "bf16",
+)
 L2_BYTES = 50 * 2**20
 
 
@@ -209,24 +221,62 @@ def random_mx_weights(key, shape, fmt) -> qm.MXTensor:
     return make(jax.random.split(key, shape[0]))
 
 
+def random_w8a8_weights(key, shape, kind: str, granularity: str):
+    """Seeded Gaussian expert weights quantized to int8 / e4m3 codes with per-channel ``[E, N]`` or
+    per-tensor ``[E]`` float32 scales, one expert at a time."""
+    qmax = 127.0 if kind == "int8" else 448.0
+
+    def one(k):
+        w = jax.random.normal(k, shape[1:], jnp.float32) * 0.02
+        amax = jnp.max(jnp.abs(w), axis=-1) if granularity == "channel" else jnp.max(jnp.abs(w))
+        scale = amax / qmax
+        scaled = w / (scale[:, None] if granularity == "channel" else scale)
+        codes = jnp.clip(jnp.round(scaled), -128, 127).astype(jnp.int8) if kind == "int8" else scaled
+        return codes.astype(jnp.int8 if kind == "int8" else jnp.float8_e4m3fn), scale
+
+    return jax.jit(lambda keys: jax.lax.map(one, keys))(jax.random.split(key, shape[0]))
+
+
+def scheme_config(scheme: str) -> MoEQuantConfig:
+    if scheme == "bf16":
+        return MoEQuantConfig("bf16", WeightQuant("none"), ActivationQuant("none"))
+    return get_moe_scheme(scheme_layer_config(scheme)).quant_config()
+
+
+def expert_params(p: Problem, config: MoEQuantConfig, kernel_layout: bool) -> dict:
+    """Seeded random expert weights of ``config``'s kind (and static input scales where it has them)."""
+    shapes = {"w13": (p.experts, 2 * p.intermediate, p.hidden), "w2": (p.experts, p.hidden, p.intermediate)}
+    params = {}
+    for seed, (name, shape) in enumerate(shapes.items(), start=1):
+        key = jax.random.key(seed)
+        weight = config.weight
+        if weight.kind == "mx":
+            w = random_mx_weights(key, shape, weight.mx_format)
+            params[name] = to_kernel_layout(w) if kernel_layout else w  # re-laid once after loading
+        elif weight.kind in ("int8", "fp8"):
+            params[name], params[f"{name}_weight_scale"] = random_w8a8_weights(
+                key, shape, weight.kind, weight.granularity
+            )
+        else:
+            params[name] = (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
+    act = config.activation
+    if act.kind in ("fp8", "int8") and not act.dynamic:
+        qmax = 448.0 if act.kind == "fp8" else 127.0
+        params["w13_input_scale"] = jnp.float32(4.0 / qmax)
+        params["w2_input_scale"] = jnp.float32(0.5 / qmax)
+    return params
+
+
 def bench_scheme(p: Problem, scheme: str, backend: str, repeats: int, breakdown: bool = False) -> dict:
-    config = get_moe_scheme(scheme_layer_config(scheme)).quant_config()
-    fmt = config.weight.mx_format
-    w13 = random_mx_weights(jax.random.key(1), (p.experts, 2 * p.intermediate, p.hidden), fmt)
-    w2 = random_mx_weights(jax.random.key(2), (p.experts, p.hidden, p.intermediate), fmt)
+    config = scheme_config(scheme)
     shape = MoEShape(p.experts, p.hidden, p.intermediate)
-    if backend == "pallas":  # re-laid once after loading, as a model would (not on every call)
-        w13, w2 = to_kernel_layout(w13), to_kernel_layout(w2)
-    params = {"w13": w13, "w2": w2}
-    if config.activation.kind == "fp8" and not config.activation.dynamic:
-        params["w13_input_scale"] = jnp.float32(4.0 / 448)
-        params["w2_input_scale"] = jnp.float32(0.5 / 448)
+    params = expert_params(p, config, kernel_layout=backend != "emulation")
 
     def run(x, weights, ids, params):
         return op.moe_experts(x, weights, ids, params, config, shape, backend=backend)
 
     us = timeit(run, [(p.x, p.weights, p.ids, params)], repeats=repeats)
-    per_expert = (w13.nbytes + w2.nbytes) / p.experts
+    per_expert = sum(v.nbytes for name, v in params.items() if "input_scale" not in name) / p.experts
     touched = p.touched * per_expert + 2 * p.x.nbytes
     result = {"us": us, "touched_bytes": touched}
     if breakdown:
@@ -244,9 +294,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--breakdown", action="store_true", help="also record and print per-kernel times (GPU)")
+    parser.add_argument(
+        "--no-fp8-tensor-cores", action="store_true", help="FP8 W8A8 with e4m3 codes in bfloat16 (to compare)"
+    )
     parser.add_argument("--json", help="write all numbers here")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
+    if args.no_fp8_tensor_cores:
+        configs.FP8_TENSOR_CORES[device.device_kind] = False
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device.device_kind,
@@ -254,6 +309,7 @@ def main(argv=None) -> int:
         "jax": jax.__version__,
         "quarkmoe_jax": qm.__version__,
         "timer": TIMER,
+        "fp8_tensor_cores": configs.fp8_tensor_cores(device.device_kind),
     }
     ceiling = {} if args.no_baselines or device.platform == "cpu" else ceilings(args.repeats)
     rows = []

@@ -8,6 +8,10 @@ use ``DEFAULT``. ``block_n`` is an upper bound: the launch uses the largest powe
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
+import pathlib
 
 from quarkmoe_jax.kernels.grouped_gemm import TileConfig
 
@@ -19,6 +23,12 @@ __all__ = [
     "regime",
     "tile_configs",
     "dequant_min_rows",
+    "FP8_TENSOR_CORES",
+    "fp8_tensor_cores",
+    "BACKEND_TABLE_PATH",
+    "DEFAULT_BACKEND_ORDER",
+    "scheme_family",
+    "backend_order",
 ]
 
 DEFAULT = {
@@ -71,3 +81,50 @@ def tile_configs(device_kind: str, rows_per_expert: float, touched_experts: int)
     if touched_experts > SPLIT_K_MAX_EXPERTS:
         configs = tuple(dataclasses.replace(c, split_k=1) for c in configs)
     return configs
+
+
+FP8_TENSOR_CORES = {"cpu": True, "NVIDIA H100 80GB HBM3": True, "NVIDIA H200": True}
+"""Whether FP8 W8A8 runs e4m3 x e4m3 on the fp8 tensor cores (else the e4m3 codes go in as bfloat16, exact,
+at half the tensor-core rate). Unknown GPUs: no (before sm89 there are none). The CPU interpreter runs the
+fp8 kernel path so that CI tests it."""
+
+
+def fp8_tensor_cores(device_kind: str) -> bool:
+    return FP8_TENSOR_CORES.get(device_kind, False)
+
+
+BACKEND_TABLE_PATH = pathlib.Path(__file__).with_name("backend_table.json")
+"""``backend="auto"``'s measured order: ``{device kind: {scheme family: {tokens: [backends, fastest first]}}}``,
+written by ``benchmarks/backend_table.py`` from ``benchmarks/moe_bench.py`` results."""
+
+DEFAULT_BACKEND_ORDER = ("pallas", "triton")
+"""Kernel backends ``auto`` tries (before the emulation) where the table has no entry."""
+
+
+def scheme_family(quant_config) -> str:
+    """The table key of a scheme: weight format and activation kind, e.g. ``"mxfp4/mx"``, ``"mxfp6/none"``,
+    ``"int8/int8"``, ``"int8/none"`` (W8A16), ``"fp8/fp8"``, ``"bf16/none"``."""
+    weight = quant_config.weight
+    if weight.kind == "mx":
+        name = "mxfp4" if weight.mx_format == "mxfp4" else "mxfp6"
+    else:
+        name = {"none": "bf16"}.get(weight.kind, weight.kind)
+    return f"{name}/{quant_config.activation.kind}"
+
+
+@functools.cache
+def _backend_table() -> dict:
+    if not BACKEND_TABLE_PATH.exists():
+        return {}
+    return json.loads(BACKEND_TABLE_PATH.read_text()).get("order", {})
+
+
+def backend_order(device_kind: str, quant_config, num_tokens: int) -> tuple[str, ...]:
+    """Kernel backends for ``auto``, fastest first as measured on ``device_kind`` for the scheme's family at
+    the nearest measured token count (log scale), then the remaining default ones."""
+    by_tokens = _backend_table().get(device_kind, {}).get(scheme_family(quant_config))
+    if not by_tokens:
+        return DEFAULT_BACKEND_ORDER
+    nearest = min(by_tokens, key=lambda t: (abs(math.log2(int(t)) - math.log2(max(num_tokens, 1))), int(t)))
+    measured = tuple(by_tokens[nearest])
+    return measured + tuple(b for b in DEFAULT_BACKEND_ORDER if b not in measured)

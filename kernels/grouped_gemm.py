@@ -6,13 +6,20 @@ group to a multiple of ``block_m`` rows, so each row tile belongs to one expert 
 unused tiles at the end, which the kernel skips).
 
 Weights are either MX in the kernel layout (:class:`quarkmoe_jax.formats.kernel_layout.MXKernelWeights`,
-uint8 nibble planes + E8M0 scales, decoded tile by tile in registers) or a dense ``[E, N, K]`` bfloat16
-array (the project's bf16 grouped matmul, the baseline the MX kernels are measured against). The math is
-bfloat16 x bfloat16 on tensor cores with float32 accumulation; MX values are exact in bfloat16.
+uint8 nibble planes + E8M0 scales, decoded tile by tile in registers) or a dense ``[E, N, K]`` array:
+bfloat16 (the project's bf16 grouped matmul, the baseline the MX kernels are measured against), int8 or
+float8_e4m3fn (W8A8 / W8A16). The tensor-core math:
 
-Epilogue, in the oracle's order: ``acc + bias[e]``; for GEMM1 cast to the activation dtype and apply the
-gated activation on the gate / up accumulators (``w13`` rows ``[gate; up]`` or interleaved for
-``swigluoai``); for GEMM2 multiply by the row's router weight in float32; cast to ``out_dtype``.
+- int8 weights x int8 operand: int8 x int8 with int32 accumulation (exact);
+- float8_e4m3fn weights x float8_e4m3fn operand: e4m3 x e4m3 with float32 accumulation (Hopper's fp8 MMA
+  adds the products of one instruction's 32-element K slice in reduced precision before the float32 sum);
+- everything else: bfloat16 x bfloat16 with float32 accumulation; MX values, int8 and e4m3 codes are exact
+  in bfloat16, so the weights are cast in registers (W4A16, W6A16, W8A16).
+
+Epilogue, in the oracle's order: ``acc * row_scale * col_scale + bias[e]`` (the activation scale of the row,
+the weight scale of the output column); for GEMM1 cast to the activation dtype and apply the gated
+activation on the gate / up accumulators (``w13`` rows ``[gate; up]`` or interleaved for ``swigluoai``); for
+GEMM2 multiply by the row's router weight in float32; cast to ``out_dtype``.
 
 Grid ``(row tiles, N tiles)``, row tiles fastest: consecutive programs of one expert reuse the same weight
 tile from L2. On CPU the same kernel runs with ``interpret=True`` (the tests compare it with the oracle).
@@ -40,10 +47,18 @@ __all__ = [
     "dequantize_to_bfloat16",
     "decode_mx_piece",
     "decode_fp4_pairs_asm",
-    "DENSE_BLOCK_K",
+    "DENSE_BLOCK_BYTES",
+    "DENSE_MIN_K",
+    "dot_dtype",
+    "epilogue_of_accumulators",
 ]
 
-DENSE_BLOCK_K = 64
+DENSE_BLOCK_BYTES = 128
+"""K extent of one dense-weight chunk in bytes: 64 bfloat16 or 128 int8 / e4m3 elements."""
+DENSE_MIN_K = 16
+"""Dense weights need K to be a multiple of this (the smallest K of a bfloat16 tensor-core dot)."""
+EIGHT_BIT_MMA_K = 32
+"""The smallest K of an int8 / e4m3 tensor-core dot (a 16-wide K tail of 8-bit operands runs in bfloat16)."""
 DECODE = "asm"
 """How compiled GPU kernels decode MXFP4 tiles: "asm" (packed PTX, :func:`decode_fp4_pairs_asm`) or "jnp"
 (:func:`decode_mx_piece`, one element per lane). The interpreter always runs "jnp"; FP6 always runs "jnp"."""
@@ -72,7 +87,8 @@ class Epilogue:
     """What the kernel does after the K loop (static).
 
     ``activation``: None (write ``acc + bias``), a gated name (GEMM1 with two accumulators) or a non-gated
-    one. ``row_scales``: multiply the accumulator by a per-row float32 scale first (FP8 activation scales).
+    one. ``row_scales``: multiply the accumulator by a per-row float32 scale first (FP8 / INT8 activation
+    scales); ``col_scales``: then by a per-output-column float32 scale of the expert (W8A8 weight scales).
     ``row_weights``: multiply by a per-row float32 weight last (GEMM2's router weight).
     """
 
@@ -84,6 +100,7 @@ class Epilogue:
     has_bias: bool = False
     row_weights: bool = False
     row_scales: bool = False
+    col_scales: bool = False
 
 
 def decode_mx_piece(codes, scales, fmt, repeat: int):
@@ -205,16 +222,21 @@ def decode_fp4_pairs_asm(packed, factors, piece: str):
     return out
 
 
-def apply_epilogue(accs, epilogue: Epilogue, out_dtype, row_scales=None, biases=None, row_weights=None):
-    """The epilogue on float32 accumulators (in the kernel, or in XLA after a split-K reduction).
+def apply_epilogue(
+    accs, epilogue: Epilogue, out_dtype, row_scales=None, biases=None, row_weights=None, col_scales=None
+):
+    """The epilogue on the accumulators (in the kernel, or in XLA after a split-K reduction).
 
     Args:
-      accs: one float32 ``[rows, cols]`` accumulator per weight shard (two for a gated activation).
-      row_scales, row_weights: ``[rows, 1]`` float32 (as ``epilogue`` says), biases: one per shard,
-        broadcastable to ``[rows, cols]``.
+      accs: one float32 or int32 ``[rows, cols]`` accumulator per weight shard (two for a gated activation).
+      row_scales, row_weights: ``[rows, 1]`` float32 (as ``epilogue`` says); biases, col_scales: one per
+        shard, broadcastable to ``[rows, cols]``.
     """
+    accs = tuple(acc.astype(jnp.float32) for acc in accs)
     if epilogue.row_scales:
         accs = tuple(acc * row_scales for acc in accs)
+    if epilogue.col_scales:
+        accs = tuple(acc * scale for acc, scale in zip(accs, col_scales, strict=True))
     if epilogue.has_bias:
         accs = tuple(acc + bias for acc, bias in zip(accs, biases, strict=True))
     act_dtype = jnp.dtype(epilogue.activation_dtype)
@@ -260,6 +282,7 @@ def _kernel(
     out_dtype,
     has_out_input,
     packed_decode,
+    dot_dtype,
 ):
     refs = list(refs)
     if has_out_input:
@@ -271,6 +294,7 @@ def _kernel(
     else:
         w_ref = refs.pop(0)
     bias_ref = refs.pop(0) if epilogue.has_bias else None
+    col_scale_ref = refs.pop(0) if epilogue.col_scales else None
     row_weight_ref = refs.pop(0) if epilogue.row_weights else None
     row_scale_ref = refs.pop(0) if epilogue.row_scales else None
     (o_ref,) = refs
@@ -290,14 +314,20 @@ def _kernel(
 
     rows = pl.ds(m * bm, bm)
 
+    def expert_columns(ref):
+        """``[1, bn]`` per shard: the expert's values ``[E, S*N]`` of this tile's output columns."""
+        return [ref[expert, weight_rows(s)][None, :] for s in shards]
+
     def scale_codes(shard, e0_abs, w):
         """uint8 E8M0 codes ``[bn, max(w // 32, 1)]`` of the weight rows x elements [e0_abs, e0_abs + w)."""
         groups = max(w // MX_BLOCK_SIZE, 1)
         return scale_ref[expert, weight_rows(shard), pl.ds(e0_abs // MX_BLOCK_SIZE, groups)]
 
-    def dot(a, w):
+    acc_dtype = _accumulator_dtype(dot_dtype)
+
+    def dot(a, w, result_dtype=acc_dtype):
         lhs, rhs = (w, a) if config.swap_ab else (a, w)
-        return lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())), preferred_element_type=result_dtype)
 
     # Each chunk is split into what it reads (load_chunk) and what it computes (compute_chunk): an iteration of
     # k_unroll chunks issues all its loads before the first decode. (Carrying the next iteration's loads
@@ -331,8 +361,14 @@ def _kernel(
         """Decode a loaded chunk and accumulate its products."""
         a_pieces, weights = loaded
         if weight_kind == "dense":
-            a = a_pieces.astype(jnp.bfloat16)
-            return tuple(acc + dot(a, w) for acc, w in zip(accs, weights, strict=True))
+            if dot_dtype.itemsize == 1 and c % EIGHT_BIT_MMA_K:
+                # An 8-bit MMA needs K >= 32: a 16-wide tail runs in bfloat16 (int8 / e4m3 codes are exact there;
+                # 16 int8 products sum exactly in float32 and convert exactly to the int32 accumulator).
+                a = a_pieces.astype(jnp.bfloat16)
+                products = [dot(a, w.astype(jnp.bfloat16), jnp.float32).astype(acc_dtype) for w in weights]
+                return tuple(acc + prod for acc, prod in zip(accs, products, strict=True))
+            a = a_pieces.astype(dot_dtype)
+            return tuple(acc + dot(a, w.astype(dot_dtype)) for acc, w in zip(accs, weights, strict=True))
         a_pieces = [a.astype(jnp.bfloat16) for a in a_pieces]
         accs = list(accs)
         for i, shard_loaded in enumerate(weights):
@@ -354,7 +390,7 @@ def _kernel(
 
     @pl.when(expert >= 0)
     def _():
-        accs = tuple(jnp.zeros((bn, bm) if config.swap_ab else (bm, bn), jnp.float32) for _ in shards)
+        accs = tuple(jnp.zeros((bn, bm) if config.swap_ab else (bm, bn), acc_dtype) for _ in shards)
         full, unroll = chunks[0], config.k_unroll
         iterations = sum(1 for c in chunks if c == full) // unroll
 
@@ -394,8 +430,9 @@ def _kernel(
             epilogue,
             out_dtype,
             row_scales=row_scale_ref[rows][:, None] if epilogue.row_scales else None,
-            biases=[bias_ref[expert, weight_rows(s)][None, :] for s in shards] if epilogue.has_bias else None,
+            biases=expert_columns(bias_ref) if epilogue.has_bias else None,
             row_weights=row_weight_ref[rows][:, None] if epilogue.row_weights else None,
+            col_scales=expert_columns(col_scale_ref) if epilogue.col_scales else None,
         )
 
 
@@ -408,6 +445,7 @@ def grouped_gemm(
     row_weights=None,
     row_scales=None,
     out=None,
+    col_scales=None,
     *,
     n_out: int,
     config: TileConfig,
@@ -418,12 +456,15 @@ def grouped_gemm(
     """Grouped GEMM with fused dequant and epilogue.
 
     Args:
-      a: ``[M_pad, K]`` operand (any float dtype; cast to bfloat16 in the kernel, exact for MX / FP8 values),
-        ``M_pad = len(tile_expert) * block_m``, rows grouped by expert in tiles of ``block_m``.
-      weight: :class:`MXKernelWeights` ``[E, S*N, K]`` or a bfloat16 array ``[E, S*N, K]``.
+      a: ``[M_pad, K]`` operand, ``M_pad = len(tile_expert) * block_m``, rows grouped by expert in tiles of
+        ``block_m``: int8 codes (with int8 weights: int8 tensor cores), float8_e4m3fn codes (with e4m3
+        weights: fp8 tensor cores), or any float dtype (cast to bfloat16 in the kernel; exact for MX / FP8
+        values).
+      weight: :class:`MXKernelWeights` ``[E, S*N, K]``, or an ``[E, S*N, K]`` array: bfloat16, int8 or
+        float8_e4m3fn (other floats are cast to bfloat16).
       tile_expert: int32 ``[num_tiles]``, the local expert of each row tile, -1 for unused tiles.
-      bias: float32 ``[E, S*N]`` or None. row_weights, row_scales: float32 ``[M_pad]`` or None (as
-        ``epilogue`` says).
+      bias, col_scales: float32 ``[E, S*N]`` or None. row_weights, row_scales: float32 ``[M_pad]`` or None
+        (as ``epilogue`` says).
       out: optional ``[M_pad, N]`` buffer the result is written into (aliased, so rows of skipped tiles keep
         its values): successive calls over disjoint sets of tiles fill one output.
       n_out: output columns N (with a gated activation the weight has ``2 * N`` rows).
@@ -447,20 +488,25 @@ def grouped_gemm(
         weight_arrays = [weight.nibbles] + ([weight.high_bits] if fmt.bits == 6 else []) + [weight.scales]
     else:
         weight_kind, fmt = "dense", None
-        chunks = chunk_sizes(k_total, DENSE_BLOCK_K)
-        weight_arrays = [weight.astype(jnp.bfloat16)]
+        if weight.dtype not in _DENSE_WEIGHT_DTYPES:
+            weight = weight.astype(jnp.bfloat16)
+        chunks = chunk_sizes(k_total, DENSE_BLOCK_BYTES // weight.dtype.itemsize, granule=DENSE_MIN_K)
+        weight_arrays = [weight]
+    operand_dtype = dot_dtype(a.dtype, weight_arrays[0].dtype if weight_kind == "dense" else None)
     iterations = sum(1 for c in chunks if c == chunks[0]) // config.k_unroll
     splits = max((d for d in range(1, config.split_k + 1) if iterations % d == 0), default=1)
     config = dataclasses.replace(config, split_k=splits)
     if splits > 1 and out is not None:
         raise ValueError("split_k > 1 writes a new output: no out buffer")
     args = [tile_expert, a, *weight_arrays]
-    if epilogue.has_bias:
-        args.append(jnp.asarray(bias, jnp.float32))
-    if epilogue.row_weights:
-        args.append(jnp.asarray(row_weights, jnp.float32))
-    if epilogue.row_scales:
-        args.append(jnp.asarray(row_scales, jnp.float32))
+    for wanted, values in (
+        (epilogue.has_bias, bias),
+        (epilogue.col_scales, col_scales),
+        (epilogue.row_weights, row_weights),
+        (epilogue.row_scales, row_scales),
+    ):
+        if wanted:
+            args.append(jnp.asarray(values, jnp.float32))
     aliases = {}
     if out is not None:
         aliases = {len(args): 0}
@@ -469,6 +515,7 @@ def grouped_gemm(
         _kernel,
         has_out_input=out is not None,
         packed_decode=_packed_decode(fmt, interpret),
+        dot_dtype=operand_dtype,
         weight_kind=weight_kind,
         fmt=fmt,
         chunks=chunks,
@@ -482,7 +529,7 @@ def grouped_gemm(
     kernel_out = (splits, m_pad, shards * n_out) if splits > 1 else (m_pad, n_out)
     result = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(kernel_out, jnp.float32 if splits > 1 else out_dtype),
+        out_shape=jax.ShapeDtypeStruct(kernel_out, _accumulator_dtype(operand_dtype) if splits > 1 else out_dtype),
         grid=(num_tiles, n_out // bn, splits),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         input_output_aliases=aliases,
@@ -490,25 +537,69 @@ def grouped_gemm(
     )(*args)
     if splits == 1:
         return result
-    summed = result.sum(axis=0)
-    accs = (summed,) if shards == 1 else (summed[:, :n_out], summed[:, n_out:])
-    biases = None
-    if epilogue.has_bias:
-        rows_bias = jnp.asarray(bias, jnp.float32)[jnp.maximum(jnp.repeat(tile_expert, bm), 0)]
+    return epilogue_of_accumulators(
+        result.sum(axis=0),
+        tile_expert,
+        bm,
+        n_out=n_out,
+        epilogue=epilogue,
+        out_dtype=out_dtype,
+        bias=bias,
+        row_weights=row_weights,
+        row_scales=row_scales,
+        col_scales=col_scales,
+    )
+
+
+def epilogue_of_accumulators(
+    acc, tile_expert, block_m: int, *, n_out, epilogue, out_dtype, bias, row_weights, row_scales, col_scales
+):
+    """The kernel's epilogue in XLA, for kernels that write their accumulators (split-K partial sums, the
+    jax-triton kernels).
+
+    Args:
+      acc: float32 / int32 ``[M_pad, S*N]``, shard-major (``S = 2`` for a gated epilogue: gate columns
+        ``[0, N)``, up columns ``[N, 2N)``, whatever the weight's row order).
+      tile_expert, block_m: the row layout (rows of tile ``t`` belong to expert ``tile_expert[t]``).
+      The rest: as :func:`grouped_gemm`.
+    """
+    shards = 2 if epilogue.gated else 1
+    accs = (acc,) if shards == 1 else (acc[:, :n_out], acc[:, n_out:])
+
+    def per_row(values):
+        """``[E, S*N]`` expert values -> one ``[M_pad, N]`` array per shard, each row its tile's expert's."""
+        rows = jnp.asarray(values, jnp.float32)[jnp.maximum(jnp.repeat(tile_expert, block_m), 0)]
         if shards == 1:
-            biases = [rows_bias]
-        elif epilogue.interleaved:
-            biases = [rows_bias[:, 0::2], rows_bias[:, 1::2]]
-        else:
-            biases = [rows_bias[:, :n_out], rows_bias[:, n_out:]]
+            return [rows]
+        if epilogue.interleaved:
+            return [rows[:, 0::2], rows[:, 1::2]]
+        return [rows[:, :n_out], rows[:, n_out:]]
+
     return apply_epilogue(
         accs,
         epilogue,
         out_dtype,
         row_scales=jnp.asarray(row_scales, jnp.float32)[:, None] if epilogue.row_scales else None,
-        biases=biases,
+        biases=per_row(bias) if epilogue.has_bias else None,
         row_weights=jnp.asarray(row_weights, jnp.float32)[:, None] if epilogue.row_weights else None,
+        col_scales=per_row(col_scales) if epilogue.col_scales else None,
     )
+
+
+_DENSE_WEIGHT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+
+
+def dot_dtype(operand_dtype, weight_dtype=None):
+    """The dtype both MMA operands are cast to: int8 or float8_e4m3fn when operand and (dense) weights are
+    both that dtype, else bfloat16 (MX weights: ``weight_dtype`` None)."""
+    operand_dtype = jnp.dtype(operand_dtype)
+    if weight_dtype is not None and operand_dtype == jnp.dtype(weight_dtype) and operand_dtype.itemsize == 1:
+        return operand_dtype
+    return jnp.dtype(jnp.bfloat16)
+
+
+def _accumulator_dtype(operand_dtype):
+    return jnp.dtype(jnp.int32) if jnp.dtype(operand_dtype) == jnp.dtype(jnp.int8) else jnp.dtype(jnp.float32)
 
 
 def _packed_decode(fmt, interpret: bool) -> bool:

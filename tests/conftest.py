@@ -27,3 +27,11 @@ def key(request):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # also under -q, where the header is not shown
     terminalreporter.write_line(f"quarkmoe test seed: QUARKMOE_TEST_SEED={RUN_SEED}")
+
+
+def pytest_generate_tests(metafunc):
+    """A test class with a ``schemes`` attribute (the backend suites) gets one test per scheme for every test
+    that takes a ``scheme`` argument, so the schemes run (and fail, and spread over xdist workers) apart."""
+    schemes = getattr(metafunc.cls, "schemes", None)
+    if schemes and "scheme" in metafunc.fixturenames:
+        metafunc.parametrize("scheme", schemes)

@@ -15,6 +15,11 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, monkeypatch):
         "3",
         "--schemes",
         "w_mxfp4",
+        "w8a8_int8_tensor_static",
+        "bf16",
+        "--backends",
+        "emulation",
+        "pallas",
         "--repeats",
         "1",
         "--json",
@@ -28,6 +33,12 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, monkeypatch):
     result = json.loads(out.read_text())
     assert result["rows"][0]["backend"] == "emulation" and result["rows"][0]["us"] > 0
     assert result["rows"][0]["ragged_dot_bf16_us"] > 0
+    assert {(r["scheme"], r["backend"]) for r in result["rows"]} == {
+        (s, b) for s in ("w_mxfp4", "w8a8_int8_tensor_static", "bf16") for b in ("emulation", "pallas")
+    }
+    # the auto table from these rows: kernel backends only, per scheme family and token count
+    order = runpy.run_path("benchmarks/backend_table.py")["rank_backends"]([result])
+    assert order == {"cpu": {f: {"3": ["pallas"]} for f in ("mxfp4/none", "int8/int8", "bf16/none")}}
 
 
 def test_roofline_plot_from_the_recorded_h100_results(tmp_path):

@@ -34,12 +34,13 @@ __all__ = ["DEFAULT_CHUNK", "MXKernelWeights", "to_kernel_layout", "chunk_sizes"
 DEFAULT_CHUNK = 128
 
 
-def chunk_sizes(length: int, chunk: int = DEFAULT_CHUNK) -> tuple[int, ...]:
-    """The chunks K is split into: ``chunk`` repeated, then the power-of-two pieces of the remainder."""
-    if length % MX_BLOCK_SIZE:
-        raise ValueError(f"the kernel layout needs K to be a multiple of {MX_BLOCK_SIZE}, got {length}")
-    if chunk < 2 * MX_BLOCK_SIZE or chunk & (chunk - 1):
-        raise ValueError(f"chunk must be a power of two >= {2 * MX_BLOCK_SIZE}, got {chunk}")
+def chunk_sizes(length: int, chunk: int = DEFAULT_CHUNK, granule: int = MX_BLOCK_SIZE) -> tuple[int, ...]:
+    """The chunks K is split into: ``chunk`` repeated, then the power-of-two pieces (>= ``granule``) of the
+    remainder."""
+    if length % granule:
+        raise ValueError(f"the kernel layout needs K to be a multiple of {granule}, got {length}")
+    if chunk < 2 * granule or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= {2 * granule}, got {chunk}")
     sizes = [chunk] * (length // chunk)
     rest = length % chunk
     piece = chunk // 2

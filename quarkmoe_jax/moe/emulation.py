@@ -50,6 +50,7 @@ __all__ = [
     "quantize_gemm_input",
     "static_input_scale",
     "prepare_expert_input",
+    "expert_column_scales",
 ]
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -149,17 +150,20 @@ def _weights_for_gemm(weight, operand_dtype, rows_expert=None):
     return weight.astype(operand_dtype)
 
 
-def _row_scale(scale, rows_expert, num_columns: int, shards: int):
-    """Per-row weight scale ``[P, N]`` or ``[P, 1]`` from ``[E]`` / ``[E, N]`` / ``[E, S]`` scales."""
-    if scale is None:
-        return None
+def expert_column_scales(scale, num_columns: int):
+    """W8A8 weight scales, per output column: float32 ``[E, N]`` from ``[E]`` (per tensor), ``[E, S]`` (per
+    w1 / w3 shard, each covering ``N / S`` consecutive rows) or ``[E, N]`` (per channel)."""
     scale = jnp.asarray(scale, jnp.float32)
-    per_row = scale[rows_expert]
     if scale.ndim == 1:
-        return per_row[:, None]
+        return jnp.broadcast_to(scale[:, None], (scale.shape[0], num_columns))
     if scale.shape[1] == num_columns:
-        return per_row
-    return jnp.repeat(per_row, num_columns // scale.shape[1], axis=1)  # per-shard scales [E, S]
+        return scale
+    return jnp.repeat(scale, num_columns // scale.shape[1], axis=1)
+
+
+def _row_scale(scale, rows_expert, num_columns: int):
+    """Per-row weight scale ``[P, N]`` (or None)."""
+    return None if scale is None else expert_column_scales(scale, num_columns)[rows_expert]
 
 
 def _gemm_dtype(operand, weight):
@@ -280,7 +284,7 @@ def moe_experts_unpadded(
         rows_expert,
         rows_valid,
         a_scale,
-        _row_scale(params.get("w13_weight_scale"), rows_expert, n13, shards),
+        _row_scale(params.get("w13_weight_scale"), rows_expert, n13),
         params.get("w13_bias"),
     ).astype(dtype)
     a2 = apply_activation(h, activation, limit=swiglu_limit)
@@ -299,7 +303,7 @@ def moe_experts_unpadded(
         rows_expert,
         rows_valid,
         a_scale,
-        _row_scale(params.get("w2_weight_scale"), rows_expert, h_pad, 1),
+        _row_scale(params.get("w2_weight_scale"), rows_expert, h_pad),
         params.get("w2_bias"),
     )
     if not apply_router_weight_on_input:

@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 from quarkmoe_jax.kernels.grouped_gemm import decode_mx_piece
 
+from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint
 from quarkmoe_jax.formats import mx_format
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
-from quarkmoe_jax.moe import pallas_backend
-from tests.moe.backend_suite import BackendSuite, inputs, random_experts
+from quarkmoe_jax.moe import fused, pallas_backend
+from tests.moe.backend_suite import AMAX, BackendSuite, inputs, random_experts
 
 
 class TestPallas(BackendSuite):
     backend = "pallas"
+    schemes = EXPORT_SCHEMES  # every MX scheme and every INT8 / FP8 W8A8 scheme
 
     def test_kernel_layout_weights_give_the_same_result(self, key):
         experts = random_experts(key, scheme="w_mxfp6_e3m2_a_mxfp4", bias=True)
@@ -27,13 +29,16 @@ class TestPallas(BackendSuite):
         )
         np.testing.assert_array_equal(np.asarray(out), np.asarray(quark_layout))
 
-    def test_w8a8_is_not_implemented(self, float_checkpoint, tmp_path, key):
-        from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
-        from tests.moe.backend_suite import AMAX
+    def test_fp8_w8a8_with_codes_in_bfloat16(self, float_checkpoint, tmp_path, key, monkeypatch):
+        """FP8 W8A8 on a device without fp8 tensor cores: the e4m3 codes go in as bfloat16 (exact)."""
+        from quarkmoe_jax.kernels import configs
 
-        path = export_quark_checkpoint(float_checkpoint, tmp_path / "q", "w8a8_int8_channel_static", input_amax=AMAX)
-        with pytest.raises(NotImplementedError, match="W8A8"):
-            self.load(path).apply(*inputs(key), backend="pallas")
+        monkeypatch.setitem(configs.FP8_TENSOR_CORES, jax.devices()[0].device_kind, False)
+        jax.clear_caches()
+        for scheme in ("w8a8_fp8_channel_dynamic_token", "w8a8_fp8_tensor_static"):
+            path = export_quark_checkpoint(float_checkpoint, tmp_path / scheme, scheme, input_amax=AMAX)
+            self.check(self.load(path), *inputs(key, t=32, dtype=jnp.bfloat16))
+        jax.clear_caches()
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e3m2", "mxfp6_e2m3"])
@@ -204,7 +209,7 @@ def test_prefill_dequantize_path_in_bounded_chunks(key, monkeypatch):
     from quarkmoe_jax.kernels.grouped_gemm import dequantize_to_bfloat16
 
     monkeypatch.setitem(configs.DEQUANT_MIN_ROWS, "cpu", 0)
-    monkeypatch.setattr(pallas_backend, "PREFILL_DEQUANT_CAP_BYTES", 1)
+    monkeypatch.setattr(fused, "PREFILL_DEQUANT_CAP_BYTES", 1)
     jax.clear_caches()
     for scheme in ("w_mxfp4_a_mxfp4", "w_mxfp6_e3m2"):
         experts = random_experts(key, scheme=scheme, h=128, i=192, bias=True)
@@ -228,3 +233,54 @@ def test_prepare_for_kernels_keeps_every_backend_exact(key):
     for b, out in before.items():
         np.testing.assert_array_equal(np.asarray(experts.apply(x, weights, ids, backend=b)), out)
     np.testing.assert_array_equal(np.asarray(experts.dequantized_weights()[0]), dequantized)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_8bit_tensor_core_gemm_is_exact(dtype, key):
+    """int8 x int8 -> int32 (bit-exact) and e4m3 x e4m3 -> float32 grouped GEMMs against exact sums: saturating
+    codes (-128 / 127, +-448), an all-zero block, K = 1168 so int8 sums pass 2^24 (the int32 accumulator is
+    exact, its float32 conversion is the oracle's) and end in a 16-wide tail (below the 8-bit MMA's K: run in
+    bfloat16); one pass, split-K (int32 / float32 partials) and swapped tiles; row and column scales."""
+    from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
+
+    k_dim, n_rows = 1168, 64
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    if dtype == "int8":
+        a = jax.random.randint(k1, (48, k_dim), -128, 128).astype(jnp.int8)
+        w = jax.random.randint(k2, (2, n_rows, k_dim), -128, 128).astype(jnp.int8)
+        saturating = jnp.where(jnp.arange(k_dim) % 2, 127, -128).astype(jnp.int8)
+        a, w = a.at[:16].set(saturating), w.at[1, :8].set(saturating)  # sums of 1.9e7 > 2^24
+    else:
+        a = (jax.random.normal(k1, (48, k_dim)) * 64).astype(jnp.float8_e4m3fn)
+        w = (jax.random.normal(k2, (2, n_rows, k_dim)) * 2).astype(jnp.float8_e4m3fn)
+        a = a.at[:16, :64].set(448.0).astype(jnp.float8_e4m3fn)
+    w = w.at[0, :, 128:256].set(0)
+    row_scales = jax.random.uniform(k3, (48,), minval=0.5, maxval=2.0)
+    col_scales = jax.random.uniform(k4, (2, n_rows), minval=0.5, maxval=2.0)
+    tile_expert = jnp.array([1, 0, -1], jnp.int32)
+    a64 = np.asarray(a.astype(jnp.float32), np.float64)
+    w64 = np.asarray(w.astype(jnp.float32), np.float64)
+    exact = np.concatenate([a64[:16] @ w64[1].T, a64[16:32] @ w64[0].T])
+    want = exact.astype(np.float32) * np.asarray(row_scales)[:32, None]
+    want = want * np.asarray(col_scales)[np.repeat([1, 0], 16)]
+    if dtype == "int8":
+        assert np.abs(exact).max() > 2**24
+    for config in (TileConfig(16, 32), TileConfig(16, 32, split_k=3), TileConfig(16, 64, swap_ab=True, k_unroll=2)):
+        got = grouped_gemm(
+            a,
+            w,
+            tile_expert,
+            row_scales=row_scales,
+            col_scales=col_scales,
+            n_out=n_rows,
+            config=config,
+            epilogue=Epilogue(row_scales=True, col_scales=True),
+            out_dtype=jnp.float32,
+            interpret=jax.default_backend() == "cpu",
+        )
+        got = np.asarray(got)[:32]
+        if dtype == "int8":
+            np.testing.assert_array_equal(got, want, err_msg=str(config))
+        else:  # float32 sums in another order; on Hopper each 32-element K slice is summed in reduced precision
+            rtol = 1e-5 if jax.default_backend() == "cpu" else 1e-3
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(), err_msg=str(config))

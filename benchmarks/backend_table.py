@@ -1,0 +1,78 @@
+"""Regenerate the table ``backend="auto"`` follows, from ``moe_bench.py`` results.
+
+    python benchmarks/moe_bench.py --shapes mixtral gpt_oss --tokens 1 16 256 4096 --json results.json
+    python benchmarks/backend_table.py results.json            # prints the table
+    python benchmarks/backend_table.py results.json --write    # merges it into kernels/backend_table.json
+
+Per device kind, scheme family (:func:`quarkmoe_jax.kernels.configs.scheme_family`) and token count, the
+kernel backends (not the emulation) are ranked by the geometric mean of their times over the rows every one
+of them ran (shapes, schemes of the family, routings). Entries of other device kinds are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import math
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from moe_bench import scheme_config  # noqa: E402
+from quarkmoe_jax.kernels.configs import BACKEND_TABLE_PATH, scheme_family  # noqa: E402
+
+
+def rank_backends(results: list[dict]) -> dict:
+    """``{device: {family: {tokens: [backends, fastest first]}}}`` from moe_bench JSON documents."""
+    times = collections.defaultdict(dict)  # (device, family, tokens) -> {(shape, scheme, skewed): {backend: us}}
+    for doc in results:
+        device = doc["meta"]["device"]
+        for row in doc["rows"]:
+            if row["backend"] == "emulation":
+                continue
+            key = (device, scheme_family(scheme_config(row["scheme"])), row["tokens"])
+            case = (row["shape"], row["scheme"], row["skewed"])
+            times[key].setdefault(case, {})[row["backend"]] = row["us"]
+    order: dict = {}
+    for (device, family, tokens), cases in sorted(times.items()):
+        backends = sorted({b for per_case in cases.values() for b in per_case})
+        common = [per_case for per_case in cases.values() if set(per_case) == set(backends)]
+        if not common:  # no case ran every backend: rank what each ran alone
+            common = list(cases.values())
+        score = {
+            b: math.exp(sum(math.log(c[b]) for c in common if b in c) / max(1, sum(b in c for c in common)))
+            for b in backends
+        }
+        ranked = sorted(backends, key=lambda b: score[b])
+        order.setdefault(device, {}).setdefault(family, {})[str(tokens)] = ranked
+    return order
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="moe_bench.py --json outputs")
+    parser.add_argument("--write", action="store_true", help=f"merge into {BACKEND_TABLE_PATH}")
+    args = parser.parse_args(argv)
+    docs = [json.loads(pathlib.Path(path).read_text()) for path in args.results]
+    order = rank_backends(docs)
+    for device, families in order.items():
+        for family, by_tokens in families.items():
+            print(f"{device:<24} {family:<12} " + "  ".join(f"T={t}: {'>'.join(b)}" for t, b in by_tokens.items()))
+    if args.write:
+        table = json.loads(BACKEND_TABLE_PATH.read_text()) if BACKEND_TABLE_PATH.exists() else {"order": {}}
+        table["order"].update(order)
+        table["meta"] = {
+            "written": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "sources": sorted({str(pathlib.Path(p).name) for p in args.results}),
+            "how": "benchmarks/backend_table.py: geometric mean of moe_bench.py times per device, family, tokens",
+        }
+        BACKEND_TABLE_PATH.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {BACKEND_TABLE_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The MoE experts forward on fused grouped-GEMM kernels, shared by the ``pallas`` and ``triton`` backends.
+
+A :class:`KernelBackend` names the grouped GEMM (:func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm` or
+its jax-triton twin); :func:`fused_core` builds the forward around it. Same signature and result as the
+emulation oracle (:mod:`quarkmoe_jax.moe.emulation`), computed as:
+
+1. Sort the (token, k) pairs by local expert and pad each expert's group to the kernel's row tile
+   (:mod:`quarkmoe_jax.moe.dispatch`); all static shapes, no host sync.
+2. Quantize the GEMM1 input with the oracle's own quantizer (once per token, fused by XLA with the gather
+   into the padded row layout), so the operand is the oracle's bit for bit: MX / bfloat16 values, INT8 codes
+   or FP8 e4m3 codes, the latter two with their per-row scale for the epilogue.
+3. GEMM1 kernel: MX weights decoded in the kernel, or INT8 / FP8 / bfloat16 weights (int8 x int8 and
+   e4m3 x e4m3 on the 8-bit tensor cores, W8A16 as bfloat16); activation and weight scales, bias and the
+   gated activation in the epilogue, intermediate written in the activation dtype.
+   Pallas only: with many rows per expert (prefill) the MX weights are instead dequantized to bfloat16 a
+   bounded chunk of experts at a time (:data:`PREFILL_DEQUANT_CAP_BYTES`) and multiplied by the same kernel
+   with dense tiles: on an H100 that is faster than decoding each weight tile once per row tile
+   (docs/performance.md).
+4. The intermediate's quantization (MX / FP8 schemes) with the oracle's quantizer.
+5. GEMM2 kernel: bias and router weight in the epilogue.
+6. Combine: each token gathers its k rows and sums them in float32 (deterministic; no atomics).
+
+What it does not take (it raises ``NotImplementedError``, and ``backend="auto"`` moves on): Quark's
+per-channel dynamic activation scales (one scale per input channel over each expert's rows), and FP6
+weights whose K is not a multiple of 64, dense weights whose K is not a multiple of 16. The exact gelu
+(erf) has no Pallas-Triton lowering: for it the GEMM1 kernel writes the pre-activation and XLA applies the
+activation.
+
+Weights are read in the kernel layout (:mod:`quarkmoe_jax.formats.kernel_layout`); ``MXTensor`` weights in
+Quark's layout are re-laid on every call, which costs a pass over the weights: re-lay them once after loading
+(``QuarkMoE.prepare_for_kernels()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.formats import quantizers as qz
+from quarkmoe_jax.formats.kernel_layout import DEFAULT_CHUNK, MXKernelWeights, to_kernel_layout
+from quarkmoe_jax.kernels.configs import dequant_min_rows, fp8_tensor_cores, tile_configs
+from quarkmoe_jax.kernels.grouped_gemm import (
+    DENSE_MIN_K,
+    Epilogue,
+    TileConfig,
+    dequantize_to_bfloat16,
+)
+from quarkmoe_jax.moe.activations import apply_activation
+from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
+from quarkmoe_jax.moe.emulation import (
+    expert_column_scales,
+    prepare_expert_input,
+    quantize_gemm_input,
+    static_input_scale,
+)
+
+__all__ = ["KernelBackend", "fused_core", "kernel_weights", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
+
+PREFILL_DEQUANT_CAP_BYTES = 1 << 30
+"""Prefill dequantizes at most this many bytes of bfloat16 weights per chunk of experts (XLA may overlap
+one chunk's dequantize with the previous chunk's GEMM, so at most twice this is live)."""
+
+UNFUSED_ACTIVATIONS = ("gelu", "gelu_no_mul")
+"""Activations applied by XLA after GEMM1 (the Triton dialect has no erf)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBackend:
+    """A grouped-GEMM implementation the fused forward runs on.
+
+    Attributes:
+      name: the backend's name (in error messages).
+      gemm: a function with :func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm`'s signature.
+      prefill_dequant: whether prefill may dequantize MX weights to bfloat16 in bounded chunks and run the
+        dense kernel (needs ``gemm`` to take an ``out`` buffer).
+      unavailable: returns why the backend cannot run on this machine (``None`` when it can).
+    """
+
+    name: str
+    gemm: Callable
+    prefill_dequant: bool
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+def kernel_weights(weight, name: str, backend: str = "pallas"):
+    """``weight`` as the kernels read it: :class:`MXKernelWeights`, or an ``[E, N, K]`` array (int8, e4m3,
+    or float)."""
+    if isinstance(weight, MXKernelWeights):
+        return weight
+    if isinstance(weight, MXTensor):
+        try:
+            return to_kernel_layout(weight, DEFAULT_CHUNK)
+        except ValueError as e:
+            raise NotImplementedError(f"{backend} backend: {name}: {e}") from None
+    if jnp.issubdtype(weight.dtype, jnp.floating) or weight.dtype == jnp.int8:
+        if weight.shape[2] % DENSE_MIN_K:
+            k = weight.shape[2]
+            raise NotImplementedError(f"{backend} backend: {name} has K = {k}, not a multiple of {DENSE_MIN_K}")
+        return weight
+    raise NotImplementedError(f"{backend} backend: {name} of dtype {weight.dtype} is not supported")
+
+
+def _fit_block_n(config: TileConfig, n: int) -> TileConfig:
+    block_n = config.block_n
+    while n % block_n:
+        block_n //= 2
+    if block_n < 16:
+        raise NotImplementedError(f"pallas backend: N = {n} has no power-of-two tile >= 16")
+    return dataclasses.replace(config, block_n=block_n)
+
+
+def _padded(values, row_sorted, fill=0):
+    """Rows in sorted-pair order ``[P, ...]`` -> the padded row layout ``[M_pad, ...]`` (``fill`` in padding)."""
+    return jnp.take(values, row_sorted, axis=0, mode="fill", fill_value=fill)
+
+
+def _row_scales(scale, num_rows: int):
+    """An activation scale (scalar or ``[rows, 1]``) as float32 ``[rows]``."""
+    scale = jnp.asarray(scale, jnp.float32)
+    return jnp.broadcast_to(jnp.reshape(scale, (-1,)) if scale.ndim else scale, (num_rows,))
+
+
+def _gemm_operand(values, act, weight_kind, static_scale, semantics, fp8_dot: bool):
+    """The GEMM operand and its per-row scale (``None`` or ``[rows]`` float32).
+
+    INT8 (W8A8): the oracle's int8 codes and scale. FP8 with FP8 weights: the oracle's e4m3 codes (as
+    float8_e4m3fn for the fp8 tensor cores when ``fp8_dot``, else as bfloat16) and scale. Other operands the
+    oracle uses exactly in bfloat16 (MX activations, bfloat16 data) are used as they are. FP8 fake-quantized
+    float32 activations with MX weights are not exact in bfloat16 (the oracle dequantizes ``q * s`` in
+    float32, rounded through float16 under vLLM semantics): they go in as their e4m3 values and the scale
+    multiplies the float32 accumulator in the epilogue, as vLLM's FP8 kernels do (a difference at float16
+    rounding, ~5e-4).
+    """
+    if act.kind == "fp8" and weight_kind == "mx" and values.dtype != jnp.bfloat16:
+        granularity = act.granularity or "tensor"
+        scale = None if act.dynamic else static_scale
+        q, scale = qz.fp8_quantize(values, scale, granularity=granularity, semantics=semantics)
+        return q.astype(jnp.bfloat16), _row_scales(scale, values.shape[0])
+    operand, a_scale = quantize_gemm_input(values, act, weight_kind, static_scale, semantics)
+    if a_scale is None:
+        return operand, None
+    if act.kind == "fp8":
+        operand = operand.astype(jnp.float8_e4m3fn if fp8_dot else jnp.bfloat16)
+    return operand, _row_scales(a_scale, values.shape[0])
+
+
+def _padded_scale(scale, rows):
+    return None if scale is None else _padded(scale, rows, fill=0)
+
+
+def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, gemm, dtype, dequant, **kwargs):
+    """One GEMM: the fused kernel ``gemm``, or (``dequant``, prefill) bounded expert chunks dequantized to
+    bfloat16 and multiplied by the same kernel with dense tiles, all chunks writing into one output buffer."""
+    kwargs["out_dtype"] = dtype
+    if not (dequant and isinstance(weight, MXKernelWeights)):
+        return gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales=col_scales, **kwargs)
+    num_experts, n, k = weight.shape
+    per_chunk = max(1, PREFILL_DEQUANT_CAP_BYTES // (2 * n * k))
+    out = None
+    for first in range(0, num_experts, per_chunk):
+        last = min(num_experts, first + per_chunk)
+        dense = dequantize_to_bfloat16(weight[first:last], interpret=kwargs["interpret"])
+        in_chunk = (tile_expert >= first) & (tile_expert < last)
+        chunk_bias = None if bias is None else bias[first:last]
+        out = gemm(
+            a, dense, jnp.where(in_chunk, tile_expert - first, -1), chunk_bias, row_weights, row_scales, out, **kwargs
+        )
+    return out
+
+
+def fused_core(backend: KernelBackend) -> Callable:
+    """The forward core of ``backend`` (:func:`quarkmoe_jax.moe.emulation.bucketed_backend` makes it an op)."""
+
+    def core(x, topk_weights, topk_ids, valid_tokens, params, *, expert_map, **kwargs):
+        reason = backend.unavailable()
+        if reason is not None:
+            raise NotImplementedError(f"{backend.name} backend: {reason}")
+        return _fused_forward(x, topk_weights, topk_ids, valid_tokens, params, backend, expert_map=expert_map, **kwargs)
+
+    core.__doc__ = f"Fused {backend.name} kernels (:mod:`quarkmoe_jax.moe.fused`)."
+    return core
+
+
+def _fused_forward(
+    x,
+    topk_weights,
+    topk_ids,
+    valid_tokens,
+    params,
+    backend: KernelBackend,
+    *,
+    expert_map,
+    quant_config,
+    shape,
+    activation,
+    swiglu_limit,
+    apply_router_weight_on_input,
+):
+    act = quant_config.activation
+    if act.granularity == "channel":
+        raise NotImplementedError(
+            f"{backend.name} backend: per-channel dynamic activation scales (Quark) are not supported"
+        )
+    w13 = kernel_weights(params["w13"], "w13", backend.name)
+    w2 = kernel_weights(params["w2"], "w2", backend.name)
+
+    dtype = x.dtype
+    t, k = topk_ids.shape
+    num_local, n13, h_pad = w13.shape[0], w13.shape[1], w13.shape[2]
+    i_pad = w2.shape[2]
+    hidden = x.shape[1]
+    x, shards = prepare_expert_input(x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input)
+    gated = shards == 2
+
+    num_pairs = t * k
+    device_kind = jax.devices()[0].device_kind
+    touched = max(1, min(num_local, num_pairs))
+    rows_per_expert = num_pairs / touched
+    config1, config2 = tile_configs(device_kind, rows_per_expert, touched)
+    dequant = backend.prefill_dequant and rows_per_expert >= dequant_min_rows(device_kind)
+    if config1.block_m != config2.block_m:
+        raise ValueError("GEMM1 and GEMM2 tile configs must share block_m (they share the row layout)")
+    interpret = jax.default_backend() == "cpu"
+    pairs = sort_pairs(topk_ids, valid_tokens, expert_map, num_local)
+    tiled = tile_rows(pairs, config1.block_m)
+
+    weight_kind = quant_config.weight.kind
+    operand_args = (act, weight_kind)
+    operand_kwargs = dict(semantics=quant_config.semantics, fp8_dot=fp8_tensor_cores(device_kind))
+    static13 = static_input_scale(params, "w13_input_scale", pairs.rows_expert)
+    if static13 is not None and static13.ndim == 2:  # per-expert static scales: quantize each pair
+        operand, a_scale = _gemm_operand(x[pairs.rows_token], *operand_args, static13, **operand_kwargs)
+        a1, scale1 = _padded(operand, tiled.row_sorted), _padded_scale(a_scale, tiled.row_sorted)
+    else:  # quantize each token once, gather it into its rows
+        operand, a_scale = _gemm_operand(x, *operand_args, static13, **operand_kwargs)
+        row_token = _padded(pairs.rows_token, tiled.row_sorted, fill=t)
+        a1, scale1 = _padded(operand, row_token), _padded_scale(a_scale, row_token)
+
+    col_scales = {  # W8A8 weight scales per output column [E, N]
+        name: expert_column_scales(params[f"{name}_weight_scale"], n)
+        for name, n in (("w13", n13), ("w2", w2.shape[1]))
+        if params.get(f"{name}_weight_scale") is not None
+    }
+    fused = activation not in UNFUSED_ACTIVATIONS
+    epilogue1 = Epilogue(
+        activation=activation if fused else None,
+        gated=gated and fused,
+        interleaved=activation == "swigluoai",
+        swiglu_limit=swiglu_limit,
+        activation_dtype=jnp.dtype(dtype).name,
+        has_bias=params.get("w13_bias") is not None,
+        row_scales=scale1 is not None,
+        col_scales="w13" in col_scales,
+    )
+    h = _gemm(
+        a1,
+        w13,
+        tiled.tile_expert,
+        params.get("w13_bias"),
+        None,
+        scale1,
+        col_scales.get("w13"),
+        n_out=i_pad if fused else n13,
+        config=_fit_block_n(config1, i_pad if fused else n13),
+        epilogue=epilogue1,
+        gemm=backend.gemm,
+        dtype=dtype,
+        interpret=interpret,
+        dequant=dequant,
+    )
+    if not fused:
+        h = apply_activation(h, activation, limit=swiglu_limit)
+    if act.kind in ("fp8", "int8"):  # dynamic per-tensor scales see only real rows, as in the oracle
+        row_valid = tiled.row_sorted < num_pairs
+        h = jnp.where(row_valid[:, None], h, 0).astype(dtype)
+
+    static2 = static_input_scale(params, "w2_input_scale", pairs.rows_expert)
+    if static2 is not None and static2.ndim == 2:
+        static2 = _padded(static2, tiled.row_sorted, fill=1)
+    a2, a_scale = _gemm_operand(h, *operand_args, static2, **operand_kwargs)
+    scale2 = a_scale
+
+    row_weights = None
+    if not apply_router_weight_on_input:
+        row_weights = _padded(topk_weights.reshape(-1).astype(jnp.float32)[pairs.order], tiled.row_sorted)
+    y = _gemm(
+        a2,
+        w2,
+        tiled.tile_expert,
+        params.get("w2_bias"),
+        row_weights,
+        scale2,
+        col_scales.get("w2"),
+        n_out=h_pad,
+        config=_fit_block_n(config2, h_pad),
+        epilogue=Epilogue(
+            has_bias=params.get("w2_bias") is not None,
+            row_weights=row_weights is not None,
+            row_scales=scale2 is not None,
+            col_scales="w2" in col_scales,
+        ),
+        gemm=backend.gemm,
+        dtype=dtype,
+        interpret=interpret,
+        dequant=dequant,
+    )
+    # Each pair's padded row (invalid pairs read the fill row: zero), in the original (token, k) order.
+    pair_row = jnp.zeros((num_pairs,), jnp.int32).at[pairs.order].set(tiled.pair_row)
+    per_pair = jnp.take(y, pair_row, axis=0, mode="fill", fill_value=0)
+    out = per_pair.reshape(t, k, h_pad).astype(jnp.float32).sum(axis=1).astype(dtype)
+    return out[:, :hidden]
