@@ -46,6 +46,7 @@ SHAPES = {  # name: (experts, top_k, hidden, intermediate)
     "gpt_oss": (128, 4, 2880, 2880),
     "deepseek_v3": (256, 8, 7168, 2048),
     "tiny": (4, 2, 64, 64),
+    "small": (16, 4, 256, 512),
 }
 SCHEMES = (
     "w_mxfp4",

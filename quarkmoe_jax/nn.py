@@ -30,6 +30,13 @@ from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
 from quarkmoe_jax.moe import op, routing
 from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
+from quarkmoe_jax.sharding import (
+    MoESharding,
+    kernel_layout_per_shard,
+    load_sharded_moe_block,
+    shard_params,
+    sharded_moe_experts,
+)
 
 __all__ = ["RoutingConfig", "QuarkMoE", "QuarkMoEBlock", "ExpertMap"]
 
@@ -53,7 +60,9 @@ class QuarkMoE(nnx.Module):
     Attributes (``nnx.Param``): ``w13`` ``[E, S*I_pad, H_pad]`` and ``w2`` ``[E, H_pad, I_pad]`` (logical shapes;
     MXTensor for MX schemes), and where the scheme has them ``w13_weight_scale``, ``w2_weight_scale``,
     ``w13_input_scale``, ``w2_input_scale``, ``w13_bias [E, S*I_pad]``, ``w2_bias [E, H_pad]``.
-    Static: ``quant_config``, ``shape`` (logical sizes before padding), ``activation``.
+    Static: ``quant_config``, ``shape`` (logical sizes before padding), ``activation``, ``sharding``
+    (:class:`~quarkmoe_jax.sharding.MoESharding` or None; when set the parameters are global arrays in the
+    sharded layout: experts shard-major, ``I`` split per tensor shard, see :func:`shard_params`).
     """
 
     def __init__(
@@ -66,16 +75,22 @@ class QuarkMoE(nnx.Module):
         swiglu_limit: float | None = None,
         expert_map=None,
         num_global_experts: int | None = None,
+        sharding: MoESharding | None = None,
     ):
         self.quant_config = quant_config
         self.shape = shape
         self.activation = activation
         self.swiglu_limit = swiglu_limit
+        self.sharding = sharding
         missing = {"w13", "w2"} - set(params)
         unknown = set(params) - {"w13", "w2", *_OPTIONAL_PARAMS}
         if missing or unknown:
             raise ValueError(f"QuarkMoE params: missing {sorted(missing)}, unknown {sorted(unknown)}")
         e = shape.num_experts
+        if sharding is not None:  # the sharded layout: ep shards of ceil(E / ep) expert slots
+            e = sharding.ep * sharding.experts_per_shard(shape.num_experts)
+            if expert_map is not None:
+                raise ValueError("a sharded QuarkMoE places its experts itself; pass expert_map or sharding, not both")
         w13, w2 = params["w13"], params["w2"]
         if w13.shape[0] != e or w2.shape[0] != e or w13.shape[2] != w2.shape[1] or w13.shape[1] % shape.num_shards:
             raise ValueError(
@@ -97,7 +112,7 @@ class QuarkMoE(nnx.Module):
 
     @classmethod
     def from_loaded(
-        cls, loaded: LoadedExperts, *, activation="silu", swiglu_limit=None, num_global_experts=None
+        cls, loaded: LoadedExperts, *, activation="silu", swiglu_limit=None, num_global_experts=None, sharding=None
     ) -> QuarkMoE:
         return cls(
             loaded.scheme.quant_config(),
@@ -107,6 +122,24 @@ class QuarkMoE(nnx.Module):
             swiglu_limit=swiglu_limit,
             expert_map=loaded.expert_map,
             num_global_experts=num_global_experts,
+            sharding=sharding,
+        )
+
+    def shard(self, sharding: MoESharding) -> QuarkMoE:
+        """A copy of these (single-device) experts split over ``sharding``'s mesh (:func:`shard_params`).
+
+        For a model that does not fit one device, load per shard instead:
+        ``QuarkMoEBlock.from_checkpoint(path, layer, sharding=...)``.
+        """
+        if self.sharding is not None or self.expert_map is not None:
+            raise ValueError("shard() takes experts holding every expert on one device")
+        return QuarkMoE(
+            self.quant_config,
+            self.shape,
+            shard_params(self.params(), self.shape, sharding),
+            activation=self.activation,
+            swiglu_limit=self.swiglu_limit,
+            sharding=sharding,
         )
 
     @classmethod
@@ -133,6 +166,11 @@ class QuarkMoE(nnx.Module):
         """
         from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 
+        if self.sharding is not None:
+            relaid = kernel_layout_per_shard({"w13": self.w13.get_value(), "w2": self.w2.get_value()}, self.sharding)
+            self.w13.set_value(relaid["w13"])
+            self.w2.set_value(relaid["w2"])
+            return self
         for var in (self.w13, self.w2):
             value = var.get_value()
             if isinstance(value, MXTensor):
@@ -163,8 +201,22 @@ class QuarkMoE(nnx.Module):
           apply_router_weight_on_input: scale ``x`` by the (top-1) weight before GEMM1 instead of the output.
 
         Returns:
-          ``[T, H]`` in ``x``'s dtype.
+          ``[T, H]`` in ``x``'s dtype (split over the mesh's token axes when the experts are sharded).
         """
+        if self.sharding is not None:
+            return sharded_moe_experts(
+                x,
+                topk_weights,
+                topk_ids,
+                self.params(),
+                self.quant_config,
+                self.shape,
+                self.sharding,
+                activation=self.activation,
+                swiglu_limit=self.swiglu_limit,
+                apply_router_weight_on_input=apply_router_weight_on_input,
+                backend=backend,
+            )
         return op.moe_experts(
             x,
             topk_weights,
@@ -254,17 +306,31 @@ class QuarkMoEBlock(nnx.Module):
         semantics: str = "vllm",
         expert_map=None,
         progress: bool | None = None,
+        sharding: MoESharding | None = None,
     ) -> QuarkMoEBlock:
-        """Load MoE block ``layer`` from a Quark checkpoint folder (config.json + safetensors)."""
-        loaded = load_moe_block(path, layer, semantics=semantics, expert_map=expert_map, progress=progress)
+        """Load MoE block ``layer`` from a Quark checkpoint folder (config.json + safetensors).
+
+        ``sharding``: split the experts over a mesh (:class:`~quarkmoe_jax.sharding.MoESharding`), each shard
+        reading only its experts and its slice of the intermediate dimension (docs/distributed.md).
+        """
+        if sharding is not None:
+            if expert_map is not None:
+                raise ValueError("pass expert_map or sharding, not both (sharding places the experts itself)")
+            loaded = load_sharded_moe_block(path, layer, sharding, semantics=semantics, progress=progress)
+        else:
+            loaded = load_moe_block(path, layer, semantics=semantics, expert_map=expert_map, progress=progress)
         arch = loaded.architecture
         experts = QuarkMoE.from_loaded(
             loaded.experts,
             activation=arch.activation,
             swiglu_limit=arch.swiglu_limit,
             num_global_experts=arch.num_experts,
+            sharding=sharding,
         )
-        shared = QuarkMoE.from_loaded(loaded.shared, activation="silu") if loaded.shared else None
+        shared = None
+        if loaded.shared:
+            shared_sharding = None if sharding is None else sharding.for_shared_experts()
+            shared = QuarkMoE.from_loaded(loaded.shared, activation="silu", sharding=shared_sharding)
         return cls(
             experts,
             loaded.router_weight,

@@ -9,6 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# Eight host devices for the sharded-MoE tests (tests/test_sharding.py); single-device code runs on the first.
+jax.config.update("jax_num_cpu_devices", 8)
+
 # Every run draws fresh inputs; the run's seed is printed in pytest's header so that a failure can be
 # replayed exactly with QUARKMOE_TEST_SEED=<seed>.
 RUN_SEED = int(os.environ.get("QUARKMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))

@@ -17,6 +17,7 @@ Accepted expert tensor layouts under ``<block>.experts`` (``<suffix>`` is ``weig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -41,6 +42,7 @@ __all__ = [
     "linear_expert_map",
     "round_robin_expert_map",
     "check_expert_map",
+    "IntermediateSlice",
 ]
 
 SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point", "bias")
@@ -128,6 +130,62 @@ def check_expert_map(expert_map, num_experts: int) -> np.ndarray:
     return expert_map.astype(np.int32)
 
 
+# ---------------------------------------------------------------------------------- tensor-parallel slices
+
+
+@dataclasses.dataclass(frozen=True)
+class IntermediateSlice:
+    """The intermediate channels ``[start, start + size)`` that one tensor-parallel shard holds.
+
+    ``size`` is a multiple of 32 (whole MX scale blocks); channels at or past ``total`` (the checkpoint's
+    ``I``) are padding: zero weights and biases, neutral scales (E8M0 127 = 1.0, float 1.0).
+    ``mx_bits``: element width of packed MX weights (4 or 6), None for INT8 / FP8 weights.
+    """
+
+    start: int
+    size: int
+    total: int
+    mx_bits: int | None = None
+
+    def narrow(self, tensor: np.ndarray, shard: str, suffix: str) -> np.ndarray:
+        """The shard's part of one expert's checkpoint tensor (vLLM's TP narrowing): w1 / w3 rows, gpt-oss's
+        interleaved fused rows in pairs, w2's packed contraction columns and MX scale blocks. Per-tensor
+        values and w2's per-output-channel scales and bias are kept whole."""
+        if suffix in ("input_scale", "input_zero_point") or tensor.ndim == 0:
+            return tensor
+        fill = 0
+        if suffix == "weight_scale":
+            fill = 127 if tensor.dtype == np.uint8 else 1
+        if shard in ("w1", "w3", "w13"):
+            rows = 2 if shard == "w13" else 1
+            if tensor.shape[0] != rows * self.total:
+                return tensor  # per-tensor / per-shard values
+            return _pad_slice(tensor, 0, rows * self.start, rows * self.size, fill)
+        if suffix == "bias":
+            return tensor
+        if suffix == "weight":
+            if tensor.ndim != 2:
+                return tensor  # a malformed tensor: the scheme's shape check names it
+            bits = self.mx_bits or 8
+            return _pad_slice(tensor, 1, self.start * bits // 8, self.size * bits // 8, fill)
+        if self.mx_bits is not None and tensor.ndim == 2:  # E8M0 blocks of 32 along I
+            return _pad_slice(tensor, 1, self.start // 32, self.size // 32, fill)
+        return tensor
+
+
+def _pad_slice(tensor: np.ndarray, axis: int, start: int, size: int, fill) -> np.ndarray:
+    """``tensor[start : start + size]`` along ``axis``, padded with ``fill`` past the tensor's end."""
+    index = [slice(None)] * tensor.ndim
+    index[axis] = slice(start, start + size)
+    part = tensor[tuple(index)]
+    missing = size - part.shape[axis]
+    if missing == 0:
+        return part
+    pad_shape = list(part.shape)
+    pad_shape[axis] = missing
+    return np.concatenate([part, np.full(pad_shape, fill, tensor.dtype)], axis=axis)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -180,6 +238,7 @@ def plan_experts(
     num_global_experts: int,
     expert_map: np.ndarray | None = None,
     indexed: bool = True,
+    intermediate_slice: IntermediateSlice | None = None,
 ):
     """Match the checkpoint's tensor names to the scheme's parameters without reading any data.
 
@@ -221,6 +280,8 @@ def plan_experts(
                 entry, select = found
                 used.add(entry.name)
                 if local >= 0:
+                    if intermediate_slice is not None:
+                        select = functools.partial(_narrowed, select, intermediate_slice, shard, suffix)
                     plan.append((entry, select, local, shard, suffix))
     missing_bias = [m for m in missing if m.endswith(".bias")]
     if missing_bias:
@@ -250,6 +311,7 @@ def load_experts(
     expert_map: np.ndarray | None = None,
     indexed: bool = True,
     progress: bool | None = None,
+    intermediate_slice: IntermediateSlice | None = None,
 ) -> LoadedExperts:
     """Read the experts under ``prefix`` into ``scheme``'s parameters.
 
@@ -262,14 +324,27 @@ def load_experts(
       expert_map: ``[num_global_experts]`` global -> local id (-1 skips the expert); None = all.
       indexed: expert tensors carry an expert index (False for a dense MLP such as a shared expert).
       progress: show a tqdm bar (default: only for loads above 256 MiB).
+      intermediate_slice: the tensor-parallel shard's channels (``shape.intermediate_size`` = its size);
+        None = all.
     """
     specs, plan = plan_experts(
-        reader, prefix, scheme, shape, num_global_experts=num_global_experts, expert_map=expert_map, indexed=indexed
+        reader,
+        prefix,
+        scheme,
+        shape,
+        num_global_experts=num_global_experts,
+        expert_map=expert_map,
+        indexed=indexed,
+        intermediate_slice=intermediate_slice,
     )
     buffers = {k: spec.allocate() for k, spec in specs.items()}
     _run_plan(reader, plan, scheme, buffers, progress)
     params = scheme.process_weights_after_loading(buffers)
     return LoadedExperts(prefix, scheme, shape, params, expert_map)
+
+
+def _narrowed(select, intermediate_slice: IntermediateSlice, shard, suffix, tensor):
+    return intermediate_slice.narrow(select(tensor), shard, suffix)
 
 
 def _find(by_key, expert, shard, suffix, indexed):
@@ -309,11 +384,12 @@ def _run_plan(reader, plan, scheme, buffers, progress) -> None:
         for entry, select, local, shard, suffix in plan:
             if entry.name not in cache:
                 cache.clear()  # a fused all-expert tensor is reused across experts; keep one at a time
-                cache[entry.name] = reader[entry.name]
+                cache[entry.name] = reader.view(entry.name)  # zero-copy: only what select() keeps is read
                 if bar is not None:
                     bar.update(cache[entry.name].nbytes)
             scheme.load_weights(buffers, suffix, select(cache[entry.name]), local, shard, entry.name)
     finally:
+        cache.clear()
         if bar is not None:
             bar.close()
 
@@ -391,23 +467,33 @@ def load_moe_block(
     semantics: str = "vllm",
     expert_map=None,
     progress: bool | None = None,
+    experts_loader: Callable | None = None,
+    shared_loader: Callable | None = None,
 ) -> LoadedMoEBlock:
-    """Load MoE block ``layer`` (router, routed experts, shared experts) from a checkpoint folder."""
+    """Load MoE block ``layer`` (router, routed experts, shared experts) from a checkpoint folder.
+
+    ``experts_loader(reader, prefix, scheme, shape, num_global_experts)`` and ``shared_loader(reader,
+    prefix, scheme, shape)`` replace :func:`load_experts` for the routed and the shared experts (the sharded
+    loader of :mod:`quarkmoe_jax.sharding` passes its per-shard loads); ``shape`` then holds global sizes.
+    """
     hf_config = read_hf_config(path)
     arch = MoEArchitecture.from_hf_config(hf_config)
     arch.check_moe_layer(layer)
     quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
     with CheckpointReader(path) as reader:
         block, prefix, scheme, shape, expert_map = _layer_setup(reader, arch, quark, layer, semantics, expert_map)
-        experts = load_experts(
-            reader,
-            prefix,
-            scheme,
-            shape,
-            num_global_experts=arch.num_experts,
-            expert_map=expert_map,
-            progress=progress,
-        )
+        if experts_loader is not None:
+            experts = experts_loader(reader, prefix, scheme, shape, arch.num_experts)
+        else:
+            experts = load_experts(
+                reader,
+                prefix,
+                scheme,
+                shape,
+                num_global_experts=arch.num_experts,
+                expert_map=expert_map,
+                progress=progress,
+            )
         router = f"{block}.{arch.router_suffix}"
         loaded = LoadedMoEBlock(
             arch, layer, block, experts, _float(reader, f"{router}.weight", (arch.num_experts, arch.hidden_size))
@@ -417,7 +503,7 @@ def load_moe_block(
         if arch.has_correction_bias:
             loaded.correction_bias = _float(reader, f"{router}.e_score_correction_bias", (arch.num_experts,))
         if arch.shared_suffix:
-            loaded.shared = _load_shared(reader, arch, block, quark, semantics)
+            loaded.shared = _load_shared(reader, arch, block, quark, semantics, shared_loader)
         if arch.shared_gate_suffix:
             loaded.shared_gate_weight = _float(
                 reader, f"{block}.{arch.shared_gate_suffix}.weight", (1, arch.hidden_size)
@@ -425,7 +511,7 @@ def load_moe_block(
     return loaded
 
 
-def _load_shared(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str):
+def _load_shared(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str, loader=None):
     prefix = f"{block}.{arch.shared_suffix}"
     configs = []
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -436,4 +522,6 @@ def _load_shared(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig |
     scheme = get_moe_scheme(configs[0], semantics, layer=prefix)
     has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
     shape = MoEShape(1, arch.hidden_size, arch.shared_intermediate_size, has_bias=has_bias)
+    if loader is not None:
+        return loader(reader, prefix, scheme, shape)
     return load_experts(reader, prefix, scheme, shape, num_global_experts=1, indexed=False)

@@ -132,9 +132,23 @@ class SafetensorsFile:
         buffer = self._mmap[self._data_start + begin : self._data_start + end]
         return np.frombuffer(buffer, dtype=dtype).reshape(shape).copy()
 
+    def view(self, name: str) -> np.ndarray:
+        """A read-only array over the memory-mapped bytes (no copy: slicing it reads only the pages the slice
+        touches). Valid until the file is closed."""
+        dtype, shape = self.info(name)
+        _, _, begin, end = self._entries[name]
+        if end == begin:
+            return np.zeros(shape, dtype)
+        return np.frombuffer(
+            self._mmap, dtype=dtype, count=int(np.prod(shape)), offset=self._data_start + begin
+        ).reshape(shape)
+
     def close(self) -> None:
         if getattr(self, "_mmap", None) is not None:
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:  # a view from view() is still alive: the map closes when it is collected
+                pass
             self._mmap = None
         self._file.close()
 
@@ -197,6 +211,10 @@ class CheckpointReader(Mapping):
 
     def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
         return self._file_of(name).info(name)
+
+    def view(self, name: str) -> np.ndarray:
+        """:meth:`SafetensorsFile.view`: a zero-copy array over the file (valid while the reader is open)."""
+        return self._file_of(name).view(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

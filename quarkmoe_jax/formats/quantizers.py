@@ -20,6 +20,10 @@ Two numeric semantics (chosen per call; the checkpoint loader picks one per mode
 
 Shapes: ``x [..., H]``; a per-tensor scale is a 0-d float32, a per-token (or per-row static) scale is
 ``[..., 1]`` float32. Dynamic per-tensor scales are taken over the finite values.
+
+Sharded tensors: with ``axis_name`` (mesh axes of an enclosing ``shard_map``) a dynamic ``amax`` is reduced
+with ``lax.pmax`` over those axes, so a tensor split across devices gets the scale the whole tensor would
+get. The caller names the axes that split what the scale covers (rows for per-tensor, columns for per-token).
 Quantized FP8 values are ``jnp.float8_e4m3fn`` arrays (their codes are bit-exact to torch's e4m3fn cast),
 INT8 values are ``int8``.
 
@@ -62,13 +66,16 @@ def _check(semantics: str, granularity: str) -> None:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
 
 
-def _amax(x, granularity: str):
+def _amax(x, granularity: str, axis_name=None):
     """Per-row ``max|x|`` (a NaN / Inf stays in its row), or per-tensor over the finite values only, so that
-    one non-finite token cannot change every other token's scale (vLLM's float atomicMax skips NaN too)."""
+    one non-finite token cannot change every other token's scale (vLLM's float atomicMax skips NaN too).
+    With ``axis_name`` the maximum is also taken across those mesh axes."""
     x = jnp.abs(jnp.asarray(x).astype(jnp.float32))
     if granularity == "token":
-        return jnp.max(x, axis=-1, keepdims=True)
-    return jnp.max(jnp.where(jnp.isfinite(x), x, 0.0))
+        amax = jnp.max(x, axis=-1, keepdims=True)
+    else:
+        amax = jnp.max(jnp.where(jnp.isfinite(x), x, 0.0))
+    return lax.pmax(amax, axis_name) if axis_name else amax
 
 
 def _static_scale(scale, name: str):
@@ -93,7 +100,7 @@ def _e4m3_to_float32(q):
     return el.decode(lax.bitcast_convert_type(q, jnp.uint8), el.E4M3FN, jnp.float32)
 
 
-def fp8_quantize(x, scale=None, *, granularity: str = "tensor", semantics: str = "vllm"):
+def fp8_quantize(x, scale=None, *, granularity: str = "tensor", semantics: str = "vllm", axis_name=None):
     """Quantize activations to FP8 e4m3fn.
 
     Args:
@@ -101,6 +108,7 @@ def fp8_quantize(x, scale=None, *, granularity: str = "tensor", semantics: str =
       scale: static per-tensor scale (scalar float32), or None for dynamic quantization.
       granularity: for dynamic quantization, ``"tensor"`` (one scale) or ``"token"`` (one per row).
       semantics: ``"vllm"`` or ``"quark"`` (module docstring).
+      axis_name: mesh axes a dynamic amax is reduced over (module docstring), or None.
 
     Returns:
       ``(q, scale)``: ``q`` float8_e4m3fn ``[..., H]``; ``scale`` float32, 0-d or ``[..., 1]``.
@@ -108,7 +116,7 @@ def fp8_quantize(x, scale=None, *, granularity: str = "tensor", semantics: str =
     _check(semantics, granularity)
     x32 = jnp.asarray(x).astype(jnp.float32)
     if scale is None:
-        amax = _amax(x32, granularity)
+        amax = _amax(x32, granularity, axis_name)
         if semantics == "vllm":
             scale = jnp.maximum(el.exact_divide(amax, FP8_E4M3_MAX), FP8_MIN_SCALING_FACTOR)
         else:
@@ -128,9 +136,11 @@ def fp8_dequantize(q, scale, dtype=jnp.bfloat16, *, semantics: str = "vllm"):
     return el.round_float32_to(values, dtype)
 
 
-def fp8_quant_dequant(x, scale=None, *, granularity: str = "tensor", semantics: str = "vllm", dtype=None):
+def fp8_quant_dequant(
+    x, scale=None, *, granularity: str = "tensor", semantics: str = "vllm", dtype=None, axis_name=None
+):
     """FP8 fake quantization: :func:`fp8_quantize` then :func:`fp8_dequantize`, in ``x``'s dtype by default."""
-    q, s = fp8_quantize(x, scale, granularity=granularity, semantics=semantics)
+    q, s = fp8_quantize(x, scale, granularity=granularity, semantics=semantics, axis_name=axis_name)
     return fp8_dequantize(q, s, jnp.asarray(x).dtype if dtype is None else dtype, semantics=semantics)
 
 
@@ -138,7 +148,7 @@ def _round_half_away(v):
     return jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
 
 
-def int8_quantize(x, scale=None, *, granularity: str = "token", semantics: str = "vllm"):
+def int8_quantize(x, scale=None, *, granularity: str = "token", semantics: str = "vllm", axis_name=None):
     """Quantize activations to symmetric INT8.
 
     Args:
@@ -146,6 +156,7 @@ def int8_quantize(x, scale=None, *, granularity: str = "token", semantics: str =
       scale: static per-tensor scale (scalar float32), or None for dynamic quantization.
       granularity: dynamic only: ``"token"`` (per row) or ``"tensor"``.
       semantics: ``"vllm"`` or ``"quark"`` (module docstring).
+      axis_name: mesh axes a dynamic amax is reduced over (module docstring), or None.
 
     Returns:
       ``(q, scale)``: int8 ``[..., H]`` and the float32 scale (0-d or ``[..., 1]``).
@@ -154,18 +165,18 @@ def int8_quantize(x, scale=None, *, granularity: str = "token", semantics: str =
     x32 = jnp.asarray(x).astype(jnp.float32)
     if semantics == "quark":
         if scale is None:
-            amax = _amax(x32, granularity)
+            amax = _amax(x32, granularity, axis_name)
             scale = jnp.where(amax == 0, _F32_EPS, el.exact_divide(amax, 127.5))
         else:
             scale = _static_scale(scale, "INT8")
         q = jnp.round(x32 * (1.0 / scale))  # jnp.round is round-half-to-even
     elif scale is None and granularity == "token":
-        absmax = jnp.maximum(_amax(x32, "token"), INT8_MIN_SCALE)
+        absmax = jnp.maximum(_amax(x32, "token", axis_name), INT8_MIN_SCALE)
         q = _round_half_away(x32 * (127.0 / absmax))
         scale = el.exact_divide(absmax, 127.0)
     else:
         if scale is None:
-            scale = jnp.maximum(el.exact_divide(_amax(x32, "tensor"), 127.0), INT8_MIN_SCALE)
+            scale = jnp.maximum(el.exact_divide(_amax(x32, "tensor", axis_name), 127.0), INT8_MIN_SCALE)
         else:
             scale = _static_scale(scale, "INT8")
         q = jnp.round(el.exact_divide(x32, scale))

@@ -38,6 +38,7 @@ from quarkmoe_jax.formats import quantizers as qz
 from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
 from quarkmoe_jax.moe.activations import apply_activation, is_gated
 from quarkmoe_jax.moe.dispatch import sort_pairs
+from quarkmoe_jax.moe.shard_axes import ShardAxes
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "static_input_scale",
     "prepare_expert_input",
     "expert_column_scales",
+    "combine_pairs",
 ]
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -87,8 +89,13 @@ def validate_moe_inputs(x, topk_weights, topk_ids, hidden_size: int, num_experts
 # ----------------------------------------------------------------------------------- input quantization
 
 
-def quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_scale, semantics: str):
+def quantize_gemm_input(
+    values, act: ActivationQuant, weight_kind: str, static_scale, semantics: str, axis_name: tuple[str, ...] = ()
+):
     """Quantize a GEMM input ``[P, K]`` (rows = tokens or pairs) as the scheme says.
+
+    ``axis_name``: mesh axes a dynamic amax is reduced over when the input is split across devices
+    (:meth:`quarkmoe_jax.moe.shard_axes.ShardAxes.amax_axes`); empty on one device.
 
     Returns ``(operand, a_scale)``: the GEMM operand (float32, or int8 codes for INT8 x INT8) and the
     activation scale for the epilogue (``None``, a scalar or ``[P, 1]``).
@@ -98,16 +105,17 @@ def quantize_gemm_input(values, act: ActivationQuant, weight_kind: str, static_s
     if act.kind == "mx":  # MX values have at most 4 significant bits: exact in bfloat16
         return _operand(quant_dequant(values, act.mx_format, act.scale_mode), True), None
     if act.granularity == "channel":
-        return _operand(_fake_quant_per_expert_channel(values, act.kind, *static_scale), False), None
+        qdq = _fake_quant_per_expert_channel(values, act.kind, *static_scale, axis_name=axis_name)
+        return _operand(qdq, False), None
     scale = None if act.dynamic else static_scale
-    granularity = act.granularity or "tensor"
+    kwargs = dict(granularity=act.granularity or "tensor", semantics=semantics, axis_name=axis_name or None)
     if act.kind == "fp8":
         if weight_kind == "mx":  # MX weights: activations are fake-quantized, as vLLM's emulation does
-            qdq = qz.fp8_quant_dequant(values, scale, granularity=granularity, semantics=semantics)
+            qdq = qz.fp8_quant_dequant(values, scale, **kwargs)
             return _operand(qdq, qdq.dtype == jnp.bfloat16), None
-        q, s = qz.fp8_quantize(values, scale, granularity=granularity, semantics=semantics)
+        q, s = qz.fp8_quantize(values, scale, **kwargs)
         return _operand(q.astype(jnp.float32), True), s  # e4m3 codes are exact in bfloat16
-    return qz.int8_quantize(values, scale, granularity=granularity, semantics=semantics)
+    return qz.int8_quantize(values, scale, **kwargs)
 
 
 def _operand(values, exact_in_bfloat16: bool):
@@ -116,12 +124,14 @@ def _operand(values, exact_in_bfloat16: bool):
     return values.astype(jnp.bfloat16 if exact_in_bfloat16 else jnp.float32)
 
 
-def _fake_quant_per_expert_channel(values, kind: str, rows_expert, rows_valid, num_experts: int):
+def _fake_quant_per_expert_channel(values, kind: str, rows_expert, rows_valid, num_experts: int, axis_name=()):
     """Quark's dynamic ``per_channel`` (ch_axis 1 / -1) fake-quant of expert inputs ``[P, K]``: one scale
-    per input channel, ``amax / 127.5`` (INT8) or ``amax / 448`` (FP8) over the rows routed to each expert."""
+    per input channel, ``amax / 127.5`` (INT8) or ``amax / 448`` (FP8) over the rows routed to each expert
+    (on every device of ``axis_name``)."""
     magnitude = jnp.where(rows_valid[:, None], jnp.abs(values.astype(jnp.float32)), 0.0)
     magnitude = jnp.where(jnp.isfinite(magnitude), magnitude, 0.0)
     amax = jax.ops.segment_max(magnitude, rows_expert, num_segments=num_experts)  # [E, K]
+    amax = lax.pmax(amax, axis_name) if axis_name else amax
     denominator = 127.5 if kind == "int8" else qz.FP8_E4M3_MAX
     scale = jnp.where(amax > 0, qz.el.exact_divide(amax, denominator), jnp.float32(qz._F32_EPS))[rows_expert]
     x = values.astype(jnp.float32)
@@ -248,9 +258,17 @@ def moe_experts_unpadded(
     swiglu_limit: float | None,
     expert_map,
     apply_router_weight_on_input: bool,
+    shard_axes: ShardAxes | None = None,
+    pair_dtype=None,
+    out_dtype=None,
 ):
-    """The forward on given arrays (no bucketing); ``valid_tokens [T]`` bool masks padding tokens."""
+    """The forward on given arrays (no bucketing); ``valid_tokens [T]`` bool masks padding tokens.
+
+    ``shard_axes``, ``pair_dtype``, ``out_dtype``: see :func:`combine_pairs` and
+    :class:`~quarkmoe_jax.moe.shard_axes.ShardAxes` (the sharded forward's options; defaults: one device).
+    """
     dtype = x.dtype
+    axes = shard_axes or ShardAxes()
     t, k = topk_ids.shape
     params = {name: v.to_mx() if isinstance(v, MXKernelWeights) else v for name, v in params.items()}
     w13, w2 = params["w13"], params["w2"]
@@ -267,13 +285,14 @@ def moe_experts_unpadded(
     weight_kind = quant_config.weight.kind
     semantics = quant_config.semantics
     static13 = static_input_scale(params, "w13_input_scale", rows_expert)
+    axes1, axes2 = axes.amax_axes(1, act.granularity), axes.amax_axes(2, act.granularity)
     if act.granularity == "channel":  # scales over each expert's rows: quantize the gathered pairs
         segments = (rows_expert, rows_valid, num_local)
-        operand, a_scale = quantize_gemm_input(x[rows_token], act, weight_kind, segments, semantics)
+        operand, a_scale = quantize_gemm_input(x[rows_token], act, weight_kind, segments, semantics, axes1)
     elif static13 is not None and static13.ndim == 2:  # per-expert static scales (Quark): quantize each pair
         operand, a_scale = quantize_gemm_input(x[rows_token], act, weight_kind, static13, semantics)
     else:  # the same for every expert of a token: quantize each token once, then gather its pairs
-        operand, a_scale = quantize_gemm_input(x, act, weight_kind, static13, semantics)
+        operand, a_scale = quantize_gemm_input(x, act, weight_kind, static13, semantics, axes1)
         operand = operand[rows_token]
         a_scale = a_scale[rows_token] if a_scale is not None and jnp.ndim(a_scale) == 2 else a_scale
 
@@ -295,7 +314,7 @@ def moe_experts_unpadded(
         if act.granularity == "channel"
         else static_input_scale(params, "w2_input_scale", rows_expert)
     )
-    operand, a_scale = quantize_gemm_input(a2, act, weight_kind, static2, semantics)
+    operand, a_scale = quantize_gemm_input(a2, act, weight_kind, static2, semantics, axes2)
     y = _grouped_gemm(
         operand,
         w2,
@@ -308,10 +327,22 @@ def moe_experts_unpadded(
     )
     if not apply_router_weight_on_input:
         y = y * topk_weights.reshape(-1).astype(jnp.float32)[order][:, None]
-    y = jnp.where(rows_valid[:, None], y.astype(dtype), 0)
-    per_pair = jnp.zeros((t * k, h_pad), dtype).at[order].set(y)
-    out = per_pair.reshape(t, k, h_pad).astype(jnp.float32).sum(axis=1).astype(dtype)
-    return out[:, :hidden]
+    y = jnp.where(rows_valid[:, None], y, 0)
+    per_pair = jnp.zeros((t * k, h_pad), jnp.float32).at[order].set(y)
+    return combine_pairs(per_pair.reshape(t, k, h_pad), dtype, pair_dtype, out_dtype)[:, :hidden]
+
+
+def combine_pairs(per_pair, dtype, pair_dtype=None, out_dtype=None):
+    """Each token's sum over its ``k`` pair outputs ``[T, k, H]`` (float32 or ``dtype``) -> ``[T, H]``.
+
+    One device (the defaults): each pair's output is rounded to the activation ``dtype``, summed in float32
+    and rounded to ``dtype`` (vLLM's order). A sharded forward returns partial sums in float32
+    (``out_dtype=float32``) and rounds after the cross-device sum: expert-parallel shards keep the per-pair
+    rounding (their pairs are whole), tensor-parallel shards hold partial pair outputs and pass
+    ``pair_dtype=float32`` (no per-pair rounding).
+    """
+    per_pair = per_pair.astype(pair_dtype or dtype).astype(jnp.float32)
+    return per_pair.sum(axis=1).astype(out_dtype or dtype)
 
 
 def bucketed_backend(core: Callable) -> Callable:
@@ -320,7 +351,16 @@ def bucketed_backend(core: Callable) -> Callable:
     The entry point validates the inputs, pads T to :func:`token_bucket` and calls the core under ``jit``
     (compiled once per bucket, scheme and shape); inside an outer ``jit`` it calls the core directly.
     """
-    static = ("quant_config", "shape", "activation", "swiglu_limit", "apply_router_weight_on_input")
+    static = (
+        "quant_config",
+        "shape",
+        "activation",
+        "swiglu_limit",
+        "apply_router_weight_on_input",
+        "shard_axes",
+        "pair_dtype",
+        "out_dtype",
+    )
 
     @functools.partial(jax.jit, static_argnames=static)
     def jitted(x, topk_weights, topk_ids, valid_tokens, params, expert_map, **kwargs):
@@ -339,13 +379,17 @@ def bucketed_backend(core: Callable) -> Callable:
         expert_map=None,
         num_global_experts: int | None = None,
         apply_router_weight_on_input: bool = False,
+        valid_tokens=None,
+        shard_axes: ShardAxes | None = None,
+        pair_dtype=None,
+        out_dtype=None,
     ):
         x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
         num_global = num_global_experts or shape.num_experts
         validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, num_global, apply_router_weight_on_input)
         t = x.shape[0]
         if t == 0:
-            return jnp.zeros((0, shape.hidden_size), x.dtype)
+            return jnp.zeros((0, shape.hidden_size), out_dtype or x.dtype)
         topk_ids = topk_ids.astype(jnp.int32)
         kwargs = dict(
             quant_config=quant_config,
@@ -353,17 +397,23 @@ def bucketed_backend(core: Callable) -> Callable:
             activation=activation,
             swiglu_limit=swiglu_limit,
             apply_router_weight_on_input=apply_router_weight_on_input,
+            shard_axes=shard_axes,
+            pair_dtype=None if pair_dtype is None else jnp.dtype(pair_dtype),
+            out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
         )
         expert_map = None if expert_map is None else jnp.asarray(expert_map, jnp.int32)
+        valid = jnp.ones((t,), bool) if valid_tokens is None else jnp.asarray(valid_tokens, bool)
+        if valid.shape != (t,):
+            raise ValueError(f"valid_tokens must be [T={t}] bool, got shape {tuple(valid.shape)}")
         if isinstance(x, jax.core.Tracer):
-            return core(x, topk_weights, topk_ids, jnp.ones((t,), bool), params, expert_map=expert_map, **kwargs)
+            return core(x, topk_weights, topk_ids, valid, params, expert_map=expert_map, **kwargs)
         bucket = token_bucket(t)
         pad = bucket - t
         out = jitted(
             jnp.pad(x, ((0, pad), (0, 0))),
             jnp.pad(topk_weights, ((0, pad), (0, 0))),
             jnp.pad(topk_ids, ((0, pad), (0, 0))),
-            jnp.arange(bucket) < t,
+            jnp.pad(valid, (0, pad)),
             params,
             expert_map,
             **kwargs,
@@ -373,7 +423,9 @@ def bucketed_backend(core: Callable) -> Callable:
     entry.cache_size = jitted._cache_size  # compiled variants, for tests of the bucketing
     entry.__doc__ = (
         "MoE experts: ``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` (global ids) -> ``[T, H]`` "
-        "in ``x``'s dtype. " + (core.__doc__ or "")
+        "in ``x``'s dtype. ``valid_tokens [T]`` bool (optional) marks padding rows: they contribute nothing and "
+        "enter no dynamic scale. ``shard_axes`` / ``pair_dtype`` / ``out_dtype``: the sharded forward's options "
+        "(:func:`combine_pairs`). " + (core.__doc__ or "")
     )
     return entry
 

@@ -52,11 +52,13 @@ from quarkmoe_jax.kernels.grouped_gemm import (
 from quarkmoe_jax.moe.activations import apply_activation
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
 from quarkmoe_jax.moe.emulation import (
+    combine_pairs,
     expert_column_scales,
     prepare_expert_input,
     quantize_gemm_input,
     static_input_scale,
 )
+from quarkmoe_jax.moe.shard_axes import ShardAxes
 
 __all__ = ["KernelBackend", "fused_core", "kernel_weights", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
 
@@ -124,7 +126,7 @@ def _row_scales(scale, num_rows: int):
     return jnp.broadcast_to(jnp.reshape(scale, (-1,)) if scale.ndim else scale, (num_rows,))
 
 
-def _gemm_operand(values, act, weight_kind, static_scale, semantics, fp8_dot: bool):
+def _gemm_operand(values, act, weight_kind, static_scale, semantics, fp8_dot: bool, axis_name=()):
     """The GEMM operand and its per-row scale (``None`` or ``[rows]`` float32).
 
     INT8 (W8A8): the oracle's int8 codes and scale. FP8 with FP8 weights: the oracle's e4m3 codes (as
@@ -138,9 +140,10 @@ def _gemm_operand(values, act, weight_kind, static_scale, semantics, fp8_dot: bo
     if act.kind == "fp8" and weight_kind == "mx" and values.dtype != jnp.bfloat16:
         granularity = act.granularity or "tensor"
         scale = None if act.dynamic else static_scale
-        q, scale = qz.fp8_quantize(values, scale, granularity=granularity, semantics=semantics)
+        kwargs = dict(granularity=granularity, semantics=semantics, axis_name=axis_name or None)
+        q, scale = qz.fp8_quantize(values, scale, **kwargs)
         return q.astype(jnp.bfloat16), _row_scales(scale, values.shape[0])
-    operand, a_scale = quantize_gemm_input(values, act, weight_kind, static_scale, semantics)
+    operand, a_scale = quantize_gemm_input(values, act, weight_kind, static_scale, semantics, axis_name)
     if a_scale is None:
         return operand, None
     if act.kind == "fp8":
@@ -199,8 +202,12 @@ def _fused_forward(
     activation,
     swiglu_limit,
     apply_router_weight_on_input,
+    shard_axes=None,
+    pair_dtype=None,
+    out_dtype=None,
 ):
     act = quant_config.activation
+    axes = shard_axes or ShardAxes()
     if act.granularity == "channel":
         raise NotImplementedError(
             f"{backend.name} backend: per-channel dynamic activation scales (Quark) are not supported"
@@ -236,7 +243,8 @@ def _fused_forward(
         operand, a_scale = _gemm_operand(x[pairs.rows_token], *operand_args, static13, **operand_kwargs)
         a1, scale1 = _padded(operand, tiled.row_sorted), _padded_scale(a_scale, tiled.row_sorted)
     else:  # quantize each token once, gather it into its rows
-        operand, a_scale = _gemm_operand(x, *operand_args, static13, **operand_kwargs)
+        axis_name = axes.amax_axes(1, act.granularity)
+        operand, a_scale = _gemm_operand(x, *operand_args, static13, **operand_kwargs, axis_name=axis_name)
         row_token = _padded(pairs.rows_token, tiled.row_sorted, fill=t)
         a1, scale1 = _padded(operand, row_token), _padded_scale(a_scale, row_token)
 
@@ -281,7 +289,9 @@ def _fused_forward(
     static2 = static_input_scale(params, "w2_input_scale", pairs.rows_expert)
     if static2 is not None and static2.ndim == 2:
         static2 = _padded(static2, tiled.row_sorted, fill=1)
-    a2, a_scale = _gemm_operand(h, *operand_args, static2, **operand_kwargs)
+    a2, a_scale = _gemm_operand(
+        h, *operand_args, static2, **operand_kwargs, axis_name=axes.amax_axes(2, act.granularity)
+    )
     scale2 = a_scale
 
     row_weights = None
@@ -304,12 +314,11 @@ def _fused_forward(
             col_scales="w2" in col_scales,
         ),
         gemm=backend.gemm,
-        dtype=dtype,
+        dtype=pair_dtype or dtype,
         interpret=interpret,
         dequant=dequant,
     )
     # Each pair's padded row (invalid pairs read the fill row: zero), in the original (token, k) order.
     pair_row = jnp.zeros((num_pairs,), jnp.int32).at[pairs.order].set(tiled.pair_row)
     per_pair = jnp.take(y, pair_row, axis=0, mode="fill", fill_value=0)
-    out = per_pair.reshape(t, k, h_pad).astype(jnp.float32).sum(axis=1).astype(dtype)
-    return out[:, :hidden]
+    return combine_pairs(per_pair.reshape(t, k, h_pad), dtype, pair_dtype, out_dtype)[:, :hidden]
