@@ -53,6 +53,7 @@ from quarkmoe_jax.checkpoint.loader import (
     load_experts,
     load_moe_block,
     plan_experts,
+    read_selected,
     round_robin_expert_map,
 )
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
@@ -249,20 +250,20 @@ class MoESharding:
 # ------------------------------------------------------------------------------------- parameter layout
 
 
-def _leaf_spec(name: str, leaf_ndim: int, scale_ndim: int, per_channel: bool, s: MoESharding) -> P:
+def _leaf_spec(name: str, ndim: int, per_channel: bool, s: MoESharding) -> P:
     e, t = s.expert_axis if s.ep > 1 else None, s.tensor_axis if s.tp > 1 else None
     if name == "w13":
         return P(e, t, None)
     if name == "w2":
         return P(e, None, t)
     if name in ("w13_weight_scale", "w13_bias"):
-        if scale_ndim == 2:
+        if ndim == 2:
             return P(e, t if per_channel or name == "w13_bias" else None)
         return P(e)
     if name in ("w2_weight_scale", "w2_bias"):
-        return P(e, None) if scale_ndim == 2 else P(e)
+        return P(e, None) if ndim == 2 else P(e)
     if name in ("w13_input_scale", "w2_input_scale"):
-        return P() if scale_ndim == 0 else P(e)
+        return P() if ndim == 0 else P(e)
     raise ValueError(f"unknown MoE parameter {name!r}")
 
 
@@ -274,7 +275,7 @@ def param_specs(params: dict[str, Any], sharding: MoESharding, num_rows13: int) 
     for name, value in params.items():
         ndim = len(value.shape)
         per_channel = name == "w13_weight_scale" and ndim == 2 and value.shape[1] % num_rows13 == 0
-        spec = _leaf_spec(name, ndim, ndim, per_channel, sharding)
+        spec = _leaf_spec(name, ndim, per_channel, sharding)
         specs[name] = jax.tree.map(lambda _, spec=spec: spec, value)
     return specs
 
@@ -372,7 +373,7 @@ def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> di
             to_kernel_layout(probe)
         except ValueError:
             continue
-        spec = _leaf_spec(name, 3, 3, False, sharding)
+        spec = _leaf_spec(name, 3, False, sharding)
         relay = jax.shard_map(to_kernel_layout, mesh=sharding.mesh, in_specs=(spec,), out_specs=spec)
         out[name] = jax.jit(relay)(value)
     return out
@@ -457,8 +458,9 @@ def _sharded_forward(x, topk_weights, topk_ids, valid, params, *, quant_config, 
     specs = param_specs(params, s, num_rows13)
     tokens = P(s.token_axes or None)
     local_shape = dataclasses.replace(shape, num_experts=params["w13"].shape[0] // s.ep)
-    expert_maps = jnp.asarray(s.expert_maps(shape.num_experts))
-    owners = jnp.asarray(np.argmax(s.expert_maps(shape.num_experts) >= 0, axis=0).astype(np.int32))
+    maps = s.expert_maps(shape.num_experts)
+    expert_maps = jnp.asarray(maps)
+    owners = jnp.asarray(np.argmax(maps >= 0, axis=0).astype(np.int32))  # EP shard of each global expert
     axes = s.shard_axes()
 
     def run_experts(x_l, w_l, ids_l, valid_l, params_l):
@@ -679,7 +681,7 @@ def _input_scale_maxima(reader, prefix, scheme, shape, num_global_experts) -> di
         if suffix != "input_scale":
             continue
         key = "w2_input_scale" if shard == "w2" else "w13_input_scale"
-        value = float(np.asarray(select(reader.view(entry.name)), np.float32).reshape(-1)[0])
+        value = float(read_selected(reader, entry.name, select).astype(np.float32).reshape(-1)[0])
         maxima[key] = max(maxima.get(key, value), value)
     return maxima
 

@@ -9,8 +9,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Eight host devices for the sharded-MoE tests (tests/test_sharding.py); single-device code runs on the first.
-jax.config.update("jax_num_cpu_devices", 8)
+# Host devices for the sharded-MoE tests: tests/test_sharding.py reruns itself in a process with
+# QUARKMOE_HOST_DEVICES=8, so that the rest of the suite keeps the single CPU device it was written for.
+if os.environ.get("QUARKMOE_HOST_DEVICES"):
+    jax.config.update("jax_num_cpu_devices", int(os.environ["QUARKMOE_HOST_DEVICES"]))
 
 # Every run draws fresh inputs; the run's seed is printed in pytest's header so that a failure can be
 # replayed exactly with QUARKMOE_TEST_SEED=<seed>.

@@ -7,6 +7,10 @@ devices before the single rounding; run in float32 so that the comparison is str
 compiled without XLA's excess precision, which otherwise skips bf16 roundings depending on fusion and shape.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -20,8 +24,23 @@ from quarkmoe_jax.checkpoint.loader import IntermediateSlice
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
 from quarkmoe_jax.nn import QuarkMoEBlock
+from tests.conftest import RUN_SEED
 
-pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (CPU: jax_num_cpu_devices=8)")
+ENOUGH_DEVICES = len(jax.devices()) >= 8
+needs_8 = pytest.mark.skipif(not ENOUGH_DEVICES, reason="needs 8 devices (run by test_on_8_host_devices)")
+
+
+@pytest.mark.skipif(ENOUGH_DEVICES or jax.default_backend() != "cpu", reason="this process has the devices")
+def test_on_8_host_devices():
+    """Run this file's tests in a fresh process with 8 host devices (the device count is fixed when JAX
+    starts; the rest of the suite keeps one), with this run's seed."""
+    env = {**os.environ, "QUARKMOE_HOST_DEVICES": "8", "QUARKMOE_TEST_SEED": str(RUN_SEED), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not test_on_8_host", __file__]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, result.stdout[-2000:]
+
 
 E, H, INTER, K, T = 6, 64, 80, 2, 24  # 6 experts over 4 or 8 shards: uneven placement; I = 80: TP pads
 AMAX = {layer: {"w13": np.full(E, 3.0), "w2": np.linspace(0.03, 0.06, E)} for layer in (0, 1)}
@@ -82,6 +101,7 @@ def assert_same(got, want, exact: bool):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+@needs_8
 @pytest.mark.parametrize("scheme", SCHEME_FAMILIES)
 def test_every_placement_matches_one_device(checkpoints, key, scheme):
     """Per-shard loading + the sharded forward (emulation on every shard) == the single-device oracle."""
@@ -109,6 +129,7 @@ def test_every_placement_matches_one_device(checkpoints, key, scheme):
                 ) from None
 
 
+@needs_8
 def test_shard_params_equals_per_shard_load(checkpoints):
     """shard() of a whole load and the per-shard loader build the same arrays, placed the same way."""
     for scheme in ("w_mxfp6_e3m2", "w8a8_int8_tensor_static"):
@@ -121,6 +142,7 @@ def test_shard_params_equals_per_shard_load(checkpoints):
             np.testing.assert_array_equal(np.asarray(leaf_a), np.asarray(leaf_b))
 
 
+@needs_8
 def test_loading_reads_only_each_shards_experts_and_slices(checkpoints, monkeypatch):
     """Every shard views (zero-copy) only its own experts' tensors, and keeps only its slice of I."""
     viewed = []
@@ -147,6 +169,7 @@ def test_loading_reads_only_each_shards_experts_and_slices(checkpoints, monkeypa
     assert not packed[:, 16:64].any() and not packed[:, 80:].any()
 
 
+@needs_8
 def test_block_with_shared_expert(float_checkpoint, tmp_path, key):
     """A Qwen2-MoE block (shared expert with a sigmoid gate): router replicated, routed experts EP x TP,
     shared expert tensor-parallel."""
@@ -164,6 +187,7 @@ def test_block_with_shared_expert(float_checkpoint, tmp_path, key):
     assert_same(got, want, exact=False)
 
 
+@needs_8
 @pytest.mark.parametrize("skew", [False, True])
 def test_all_to_all_capacity_and_exact_fallback(checkpoints, key, skew):
     """All-to-all buffers of 24 of a shard's 32 tokens (EP 2: experts 0-2 | 3-5). Balanced routing (each
@@ -185,6 +209,7 @@ def test_all_to_all_capacity_and_exact_fallback(checkpoints, key, skew):
     assert_same(got, want, exact=True)
 
 
+@needs_8
 @pytest.mark.parametrize("scheme", ["w_mxfp4_a_mxfp4", "w8a8_int8_channel_dynamic_token"])
 def test_pallas_on_every_shard(checkpoints, key, scheme):
     """The Pallas kernels (interpreted on CPU) on each shard of an EP x TP mesh, kernel layout per shard."""
@@ -197,6 +222,7 @@ def test_pallas_on_every_shard(checkpoints, key, scheme):
     assert_same(got, want, exact=False)
 
 
+@needs_8
 def test_intermediate_slice_narrows_packed_mx_and_pads():
     fp6 = IntermediateSlice(start=64, size=64, total=80, mx_bits=6)
     w2 = np.arange(4 * 60, dtype=np.uint8).reshape(4, 60)  # [H, 80 * 6 / 8]
@@ -214,12 +240,14 @@ def test_intermediate_slice_narrows_packed_mx_and_pads():
     assert per_tensor == 2.0
 
 
+@needs_8
 def test_exchange_bytes_model():
     sharding = sh.MoESharding(sh.moe_mesh(expert=8), exchange="all_to_all", capacity_factor=1.25)
     b = sh.exchange_bytes(4096, 4096, 2, sharding)
     assert b["all_to_all"]["total"] < 0.5 * b["all_gather"]["total"]  # Mixtral-like: k = 2 of 8 shards
 
 
+@needs_8
 def test_bad_sharding_arguments(checkpoints):
     mesh = sh.moe_mesh(expert=2)
     with pytest.raises(ValueError, match="tensor_axis='tp' is not an axis"):

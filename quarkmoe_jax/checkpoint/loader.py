@@ -21,6 +21,7 @@ import functools
 import json
 import pathlib
 import re
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "round_robin_expert_map",
     "check_expert_map",
     "IntermediateSlice",
+    "read_selected",
 ]
 
 SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point", "bias")
@@ -379,19 +381,27 @@ def _run_plan(reader, plan, scheme, buffers, progress) -> None:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading experts")
-    cache: dict[str, np.ndarray] = {}
     try:
         for entry, select, local, shard, suffix in plan:
-            if entry.name not in cache:
-                cache.clear()  # a fused all-expert tensor is reused across experts; keep one at a time
-                cache[entry.name] = reader.view(entry.name)  # zero-copy: only what select() keeps is read
-                if bar is not None:
-                    bar.update(cache[entry.name].nbytes)
-            scheme.load_weights(buffers, suffix, select(cache[entry.name]), local, shard, entry.name)
+            tensor = read_selected(reader, entry.name, select)
+            if bar is not None:
+                bar.update(tensor.nbytes)
+            scheme.load_weights(buffers, suffix, tensor, local, shard, entry.name)
     finally:
-        cache.clear()
         if bar is not None:
             bar.close()
+
+
+def read_selected(reader: CheckpointReader, name: str, select: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A copy of ``select(tensor)``, reading only the bytes the selection touches (a zero-copy view of the
+    file is sliced, then copied). No view outlives the call, even when ``select`` raises, so the file can
+    be closed."""
+    try:
+        return np.array(select(reader.view(name)))
+    except BaseException as e:
+        if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
+            traceback.clear_frames(e.__traceback__.tb_next)  # the callees' locals hold views of the file
+        raise
 
 
 def _block_prefix(reader: CheckpointReader, arch: MoEArchitecture, layer: int) -> str:
