@@ -39,6 +39,16 @@ def test_kernels_folder_maps_into_the_package_not_top_level():
     assert "kernels" not in config["packages"]
 
 
+def test_every_subpackage_is_listed_for_a_wheel():
+    """An editable install finds any subpackage; a wheel (``pip install .``) ships only the listed ones."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {
+        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "quarkmoe_jax").rglob("__init__.py")
+    }
+    listed = set(config["packages"]) - {"quarkmoe_jax.kernels"}
+    assert listed == on_disk, f"pyproject packages {sorted(listed)} != subpackages on disk {sorted(on_disk)}"
+
+
 def test_demo_layer_runs_each_scheme_against_the_float_layer(tmp_path):
     rows = cli.demo_layer_rows(
         tmp_path, tokens=16, schemes=["w_mxfp4_a_mxfp4", "w_mxfp6_e2m3", "w8a8_int8_channel_dynamic_token"]
