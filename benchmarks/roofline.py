@@ -31,7 +31,8 @@ def _y(value: float) -> float:
 
 
 def points(results: list[dict]) -> list[dict]:
-    """Rows with a time and touched bytes -> ``{label, scheme, intensity, tflops}``."""
+    """Rows with a time and touched bytes -> ``{label, intensity, date, **row}`` (the row's own fields:
+    shape, tokens, scheme, backend, us, tflops, tbps, ...; ``date`` is the run's)."""
     out = []
     for result in results:
         for row in result["rows"]:
@@ -40,10 +41,10 @@ def points(results: list[dict]) -> list[dict]:
             flops = row["tflops"] * 1e12 * row["us"] * 1e-6
             out.append(
                 {
+                    **row,
                     "label": f"{row['shape']} T={row['tokens']}",
-                    "scheme": row["scheme"],
                     "intensity": flops / row["touched_bytes"],
-                    "tflops": row["tflops"],
+                    "date": result["meta"]["date"],
                 }
             )
     return out

@@ -42,9 +42,7 @@ def test_kernels_folder_maps_into_the_package_not_top_level():
 def test_every_subpackage_is_listed_for_a_wheel():
     """An editable install finds any subpackage; a wheel (``pip install .``) ships only the listed ones."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {
-        ".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "quarkmoe_jax").rglob("__init__.py")
-    }
+    on_disk = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "quarkmoe_jax").rglob("__init__.py")}
     listed = set(config["packages"]) - {"quarkmoe_jax.kernels"}
     assert listed == on_disk, f"pyproject packages {sorted(listed)} != subpackages on disk {sorted(on_disk)}"
 
