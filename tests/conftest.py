@@ -1,5 +1,6 @@
 """Shared test set-up: CPU-only by default, small shapes, fresh but reproducible random inputs."""
 
+import gc
 import os
 import random
 import zlib
@@ -17,6 +18,36 @@ if os.environ.get("QUARKMOE_HOST_DEVICES"):
 # Every run draws fresh inputs; the run's seed is printed in pytest's header so that a failure can be
 # replayed exactly with QUARKMOE_TEST_SEED=<seed>.
 RUN_SEED = int(os.environ.get("QUARKMOE_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def memory_map_count() -> int | None:
+    """Memory mappings of this process (Linux), or None where /proc is not there."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+def memory_map_limit() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
+@pytest.fixture(autouse=True)
+def _compiled_code_stays_under_the_map_limit():
+    """XLA:CPU keeps every executable a process compiled, and their JIT code takes three memory mappings per
+    kernel. The whole suite in one process passes Linux's ``vm.max_map_count`` (65530 by default), where
+    the next compile's mmap fails and XLA segfaults (seen in CI inside test_pallas). Past half the limit,
+    drop the compiled executables; later tests recompile what they need."""
+    yield
+    count = memory_map_count()
+    if count is not None and count > memory_map_limit() // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 def pytest_report_header(config):
