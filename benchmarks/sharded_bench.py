@@ -10,7 +10,7 @@ Per (shape, scheme, tokens) it times, in one process: the layer on one GPU (``ba
 with both exchanges; it reports wall time per layer (median of ``--repeats`` after warm-up; inputs rotated),
 the scaling against one GPU, and the bytes each device sends (:func:`quarkmoe_jax.sharding.exchange_bytes`).
 
-``--one-shard ep,tp`` (one GPU): times the work one shard of an ``ep x tp`` mesh does under the all-gather
+``--one-shard ep,tp [ep,tp ...]`` (one GPU): times the work one shard of each ``ep x tp`` mesh does under the all-gather
 exchange (its ``E / ep`` experts and ``I / tp`` slice on every token of the group) next to the whole layer:
 the compute floor of a sharded run, without its communication.
 
@@ -40,7 +40,9 @@ def _parse(argv):
     parser.add_argument("--exchanges", nargs="+", default=["all_gather", "all_to_all"])
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--one-shard", default=None, help="ep,tp: time one shard's work on one device")
+    parser.add_argument(
+        "--one-shard", nargs="+", default=None, help="ep,tp [ep,tp ...]: time one shard's work on one device"
+    )
     parser.add_argument("--cpu-devices", type=int, default=None)
     parser.add_argument("--json", default=None)
     return parser.parse_args(argv)
@@ -74,11 +76,9 @@ def main(argv=None) -> int:
     if args.cpu_devices:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    import jax.numpy as jnp
     import moe_bench as mb
 
     from quarkmoe_jax import sharding as sh
-    from quarkmoe_jax.checkpoint.loader import linear_expert_map
     from quarkmoe_jax.moe import op
     from quarkmoe_jax.schemes import MoEShape
 
@@ -135,45 +135,23 @@ def main(argv=None) -> int:
                             )
                             print(_format(rows[-1]), flush=True)
                 else:
-                    ep, tp = (int(v) for v in args.one_shard.split(","))
-                    per_shard_i = -(-i // tp)
-                    local_shape = MoEShape(-(-e // ep), h, per_shard_i if tp == 1 else -(-per_shard_i // 32) * 32)
-                    local_problem = dataclasses.replace(
-                        p, experts=local_shape.num_experts, intermediate=local_shape.intermediate_size
-                    )
-                    local_params = mb.expert_params(local_problem, config, kernel_layout=args.backend != "emulation")
-                    expert_map = jnp.asarray(linear_expert_map(e, ep, 0)) if ep > 1 else None
-
-                    def shard_work(
-                        x, w, ids, params, config=config, local_shape=local_shape, expert_map=expert_map, e=e
-                    ):
-                        return op.moe_experts(
-                            x,
-                            w,
-                            ids,
-                            params,
-                            config,
-                            local_shape,
-                            expert_map=expert_map,
-                            num_global_experts=e,
-                            backend=args.backend,
-                        )
-
                     kernel_params = mb.expert_params(p, config, kernel_layout=args.backend != "emulation")
                     us = wall_us(one, [(*a, kernel_params) for a in inputs], args.repeats)
-                    us_shard = wall_us(jax.jit(shard_work), [(*a, local_params) for a in inputs], args.repeats)
                     rows.append({**base, "mesh": "1 device", "exchange": "-", "us": us, "speedup": 1.0})
                     print(_format(rows[-1]), flush=True)
-                    rows.append(
-                        {
-                            **base,
-                            "mesh": f"one shard of ep{ep}xtp{tp}",
-                            "exchange": "-",
-                            "us": us_shard,
-                            "speedup": us / us_shard,
-                        }
-                    )
-                    print(_format(rows[-1]), flush=True)
+                    for spec in args.one_shard:
+                        ep, tp = (int(v) for v in spec.split(","))
+                        us_shard = wall_us(*_one_shard_work(p, config, ep, tp, inputs, args.backend), args.repeats)
+                        rows.append(
+                            {
+                                **base,
+                                "mesh": f"one shard of ep{ep}xtp{tp}",
+                                "exchange": "-",
+                                "us": us_shard,
+                                "speedup": us / us_shard,
+                            }
+                        )
+                        print(_format(rows[-1]), flush=True)
     if args.json:
         record = {
             "date": datetime.date.today().isoformat(),
@@ -186,6 +164,33 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1)
     return 0
+
+
+def _one_shard_work(problem, config, ep: int, tp: int, inputs, backend: str):
+    """``(jitted function, argument tuples)``: the experts forward one shard of an ``ep x tp`` mesh runs under
+    the all-gather exchange: its ``E / ep`` experts and its ``I / tp`` slice (32-aligned) on every token."""
+    import jax.numpy as jnp
+    import moe_bench as mb
+
+    from quarkmoe_jax.checkpoint.loader import linear_expert_map
+    from quarkmoe_jax.moe import op
+    from quarkmoe_jax.schemes import MoEShape
+
+    e, i = problem.experts, problem.intermediate
+    per_shard_i = -(-i // tp)
+    local_shape = MoEShape(-(-e // ep), problem.hidden, per_shard_i if tp == 1 else -(-per_shard_i // 32) * 32)
+    local_problem = dataclasses.replace(
+        problem, experts=local_shape.num_experts, intermediate=local_shape.intermediate_size
+    )
+    local_params = mb.expert_params(local_problem, config, kernel_layout=backend != "emulation")
+    expert_map = jnp.asarray(linear_expert_map(e, ep, 0)) if ep > 1 else None
+
+    def shard_work(x, w, ids, params):
+        return op.moe_experts(
+            x, w, ids, params, config, local_shape, expert_map=expert_map, num_global_experts=e, backend=backend
+        )
+
+    return jax.jit(shard_work), [(*a, local_params) for a in inputs]
 
 
 def _format(r: dict) -> str:
