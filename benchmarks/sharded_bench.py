@@ -10,9 +10,10 @@ Per (shape, scheme, tokens) it times, in one process: the layer on one GPU (``ba
 with both exchanges; it reports wall time per layer (median of ``--repeats`` after warm-up; inputs rotated),
 the scaling against one GPU, and the bytes each device sends (:func:`quarkmoe_jax.sharding.exchange_bytes`).
 
-``--one-shard ep,tp [ep,tp ...]`` (one GPU): times the work one shard of each ``ep x tp`` mesh does under the all-gather
-exchange (its ``E / ep`` experts and ``I / tp`` slice on every token of the group) next to the whole layer:
-the compute floor of a sharded run, without its communication.
+``--one-shard ep,tp [ep,tp ...]`` (one GPU; CUPTI kernel time, as ``moe_bench.py``): times the work one
+shard of each ``ep x tp`` mesh does under the all-gather exchange (its ``E / ep`` experts and ``I / tp``
+slice on every token of the group) next to the whole layer: the compute floor of a sharded run, without
+its communication.
 
 ``--cpu-devices N`` runs on N host devices (a functional check; CPU collectives say nothing about NCCL).
 """
@@ -135,13 +136,15 @@ def main(argv=None) -> int:
                             )
                             print(_format(rows[-1]), flush=True)
                 else:
+                    # one device: the kernels' own time (CUPTI on a GPU), as moe_bench measures it
                     kernel_params = mb.expert_params(p, config, kernel_layout=args.backend != "emulation")
-                    us = wall_us(one, [(*a, kernel_params) for a in inputs], args.repeats)
+                    us = mb.timeit(one, [(*a, kernel_params) for a in inputs], args.repeats)
                     rows.append({**base, "mesh": "1 device", "exchange": "-", "us": us, "speedup": 1.0})
                     print(_format(rows[-1]), flush=True)
                     for spec in args.one_shard:
                         ep, tp = (int(v) for v in spec.split(","))
-                        us_shard = wall_us(*_one_shard_work(p, config, ep, tp, inputs, args.backend), args.repeats)
+                        shard_fn, shard_args = _one_shard_work(p, config, ep, tp, inputs, args.backend)
+                        us_shard = mb.timeit(shard_fn, shard_args, args.repeats)
                         rows.append(
                             {
                                 **base,
@@ -157,7 +160,7 @@ def main(argv=None) -> int:
             "date": datetime.date.today().isoformat(),
             "devices": [d.device_kind for d in devices],
             "jax": jax.__version__,
-            "timer": "wall",
+            "timer": mb.TIMER if args.one_shard else "wall",
             "argv": sys.argv[1:] if argv is None else argv,
             "rows": rows,
         }

@@ -34,3 +34,17 @@ def test_tiles_hold_each_experts_pairs_in_order(key, tokens, top_k, experts, blo
     np.testing.assert_array_equal(np.asarray(tiled.tile_expert), want_tiles)
     order = np.append(np.asarray(pairs.order), -1)  # row_sorted == P marks a padding row
     np.testing.assert_array_equal(order[np.asarray(tiled.row_sorted)], want_rows)
+
+
+def test_an_expert_parallel_shard_picks_tiles_for_its_share_of_the_pairs():
+    """A one-expert shard of Mixtral on EP 8 at 16 tokens sees 32 pairs but expects 4 for its expert: decode
+    tiles, as the whole layer uses (it once took the 32-row "mid" tiles: 1.6x slower on an H100)."""
+    from quarkmoe_jax.kernels.configs import regime
+    from quarkmoe_jax.moe.fused import expected_load
+
+    assert expected_load(num_pairs=32, num_local=8, num_global=8) == (8, 4.0)  # the whole layer
+    assert expected_load(num_pairs=32, num_local=1, num_global=8) == (1, 4.0)  # one EP 8 shard
+    assert regime(expected_load(32, 1, 8)[1]) == regime(expected_load(32, 8, 8)[1]) == "decode"
+    assert expected_load(num_pairs=8192, num_local=1, num_global=8) == (1, 1024.0)  # prefill stays prefill
+    assert expected_load(num_pairs=128, num_local=32, num_global=256) == (16, 1.0)  # DeepSeek-V3 EP 8, T = 16
+    assert expected_load(num_pairs=0, num_local=4, num_global=4) == (1, 0.0)  # no tokens
