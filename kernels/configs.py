@@ -75,8 +75,8 @@ def regime(rows_per_expert: float) -> str:
 
 
 def tile_configs(device_kind: str, rows_per_expert: float, touched_experts: int) -> tuple[TileConfig, TileConfig]:
-    """GEMM1 and GEMM2 tile configs for a device kind (``jax.Device.device_kind``) and load
-    (``touched_experts``: the most experts a call can touch, ``min(local experts, token-expert pairs)``)."""
+    """GEMM1 and GEMM2 tile configs for a device kind (``jax.Device.device_kind``) and the expected load
+    (``rows_per_expert`` over ``touched_experts``; :func:`quarkmoe_jax.moe.fused.expected_load`)."""
     configs = TILE_CONFIGS.get(device_kind, DEFAULT)[regime(rows_per_expert)]
     if touched_experts > SPLIT_K_MAX_EXPERTS:
         configs = tuple(dataclasses.replace(c, split_k=1) for c in configs)

@@ -3,6 +3,7 @@
 import gc
 import os
 import random
+import warnings
 import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -44,10 +45,14 @@ def _compiled_code_stays_under_the_map_limit():
     the next compile's mmap fails and XLA segfaults (seen in CI inside test_pallas). Past half the limit,
     drop the compiled executables; later tests recompile what they need."""
     yield
-    count = memory_map_count()
-    if count is not None and count > memory_map_limit() // 2:
+    count, threshold = memory_map_count(), memory_map_limit() // 2
+    if count is not None and count > threshold:
         jax.clear_caches()
         gc.collect()
+        after = memory_map_count()
+        if after > threshold:  # something else holds the mappings: clearing after every test would not help
+            message = f"{after} memory mappings after clearing jax's caches (limit {2 * threshold})"
+            warnings.warn(message, stacklevel=2)
 
 
 def pytest_report_header(config):

@@ -10,6 +10,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# figures each notebook draws; the performance notebook draws two per GPU model found in benchmarks/results
 FIGURES = {"01_formats.ipynb": 6, "02_quantized_moe_layer.ipynb": 4, "03_performance.ipynb": 2}
 strip = runpy.run_path(str(ROOT / "scripts" / "strip_notebooks.py"))["strip"]
 
@@ -36,13 +37,19 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs_top_to_bottom_and_draws_its_figures(path):
+def test_runs_top_to_bottom_and_draws_its_figures(path, monkeypatch):
+    # the kernel inherits the environment: an MPLBACKEND=Agg there would turn plt.show() into nothing
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     notebook = nbformat.read(path, as_version=4)
     # raises CellExecutionError (with the cell and its traceback) on any error, the notebooks' own asserts too
     NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     ).execute()
-    assert _figures(notebook) == FIGURES[path.name]
+    figures = _figures(notebook)
+    if path.name == "03_performance.ipynb":
+        assert figures >= FIGURES[path.name] and figures % 2 == 0, figures
+    else:
+        assert figures == FIGURES[path.name]
     errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert _figures(strip(notebook)) == 0  # and stripping the executed notebook removes them again

@@ -196,6 +196,8 @@ def expected_load(num_pairs: int, num_local: int, num_global: int) -> tuple[int,
     expert-parallel shard sees every pair of its token group but, under even routing, only its share
     ``num_local / num_global`` of them reaches its experts: counting them all made a one-expert Mixtral EP 8
     shard at 16 tokens take the 32-row ("mid") tiles instead of decode tiles (2.4x slower on an H100, MXFP4).
+    Under the all-to-all exchange the shard's rows are already those with a local expert, so this share
+    underestimates their local pairs (about 3x for Mixtral EP 8): an estimate, not a bound.
     """
     local_pairs = num_pairs * num_local / num_global
     touched = max(1, min(num_local, math.ceil(local_pairs)))
