@@ -8,6 +8,7 @@ import pytest
 from quarkmoe_jax.kernels.grouped_gemm import decode_mx_piece
 
 from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint
+from quarkmoe_jax.checkpoint.loader import linear_expert_map
 from quarkmoe_jax.formats import mx_format
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 from quarkmoe_jax.moe import fused, pallas_backend
@@ -284,3 +285,33 @@ def test_8bit_tensor_core_gemm_is_exact(dtype, key):
         else:  # float32 sums in another order; on Hopper each 32-element K slice is summed in reduced precision
             rtol = 1e-5 if jax.default_backend() == "cpu" else 1e-3
             np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(), err_msg=str(config))
+
+
+def test_an_expert_parallel_call_sizes_its_tiles_for_the_local_share(key, monkeypatch):
+    """The fused forward passes the expert map's global expert count to ``expected_load`` (the formula itself
+    is tested in test_dispatch.py): 2 of 8 experts here, 16 tokens x top-2."""
+    seen = []
+
+    class Traced(Exception):
+        pass
+
+    def recording(num_pairs, num_local, num_global):
+        seen.append((num_pairs, num_local, num_global))
+        raise Traced  # stop at trace time: the kernels need not run
+
+    monkeypatch.setattr(fused, "expected_load", recording)
+    experts = random_experts(key, e=2)
+    x, weights, ids = inputs(key, t=16, k=2, e=8)
+    expert_map = linear_expert_map(8, 4, 1)
+    with pytest.raises(Traced):
+        pallas_backend.moe_experts(
+            x,
+            weights,
+            ids,
+            experts.params(),
+            experts.quant_config,
+            experts.shape,
+            expert_map=expert_map,
+            num_global_experts=8,
+        )
+    assert seen == [(32, 2, 8)]
