@@ -12,7 +12,7 @@ from typing import Any
 
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 
-__all__ = ["MoEArchitecture", "SUPPORTED_MODEL_TYPES", "PROJECTIONS"]
+__all__ = ["MoEArchitecture", "SUPPORTED_MODEL_TYPES", "PROJECTIONS", "CONFIG_ALIASES"]
 
 #: checkpoint projection name -> shard ("w13" = fused gate+up).
 PROJECTIONS = {
@@ -86,24 +86,62 @@ class MoEArchitecture:
         return builder(_Config(config))
 
 
+#: Other spellings of a config field, per model type: ``{canonical: aliases}``. transformers 5.x saves the
+#: canonical name (its config class's attribute) and reads every alias of the class's ``attribute_map``;
+#: transformers 4.x wrote the older spellings. A config may use any of them; two that disagree are refused.
+CONFIG_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "mixtral": {"num_local_experts": ("num_experts",)},
+    "qwen2_moe": {},
+    "qwen3_moe": {"num_local_experts": ("num_experts",)},  # 4.x: num_experts; 5.x: num_local_experts
+    "deepseek_v2": {"n_routed_experts": ("num_experts",)},
+    "deepseek_v3": {"n_routed_experts": ("num_local_experts",)},
+    # gpt-oss: OpenAI's own config names the top-k ``experts_per_token`` (not an HF alias; accepted too).
+    "gpt_oss": {"num_local_experts": ("num_experts",), "num_experts_per_tok": ("experts_per_token",)},
+}
+
+
 class _Config:
-    """config.json access with errors that name the missing key."""
+    """config.json access as the model's Hugging Face config class reads it (aliases included), with errors
+    that name the missing or conflicting key."""
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
+        self.aliases = CONFIG_ALIASES.get(config.get("model_type"), {})
+
+    def _lookup(self, key: str) -> tuple[str, Any] | None:
+        """``(spelling found, value)`` of field ``key`` under any of its spellings, or None."""
+        found = [
+            (name, self.config[name]) for name in (key, *self.aliases.get(key, ())) if self.config.get(name) is not None
+        ]
+        if not found:
+            return None
+        first_name, first_value = found[0]
+        for name, value in found[1:]:
+            if value != first_value:
+                raise CheckpointError(
+                    f"config.json: {first_name} = {first_value!r} and {name} = {value!r} disagree; both spell the "
+                    f"same field of model_type {self.config.get('model_type')!r} (keep one)"
+                )
+        return found[0]
 
     def __call__(self, key: str, default: Any = ..., cast=int):
-        if key not in self.config or self.config[key] is None:
+        found = self._lookup(key)
+        if found is None:
             if default is ...:
+                spellings = " or ".join(repr(k) for k in (key, *self.aliases.get(key, ())))
                 raise CheckpointError(
-                    f"config.json: missing key {key!r} for model_type {self.config.get('model_type')!r}"
+                    f"config.json: missing key {spellings} for model_type {self.config.get('model_type')!r}"
                 )
             return default
-        value = self.config[key]
+        name, value = found
+        if cast is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if cast is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"config.json: {name} = {value!r} is not an integer")
         try:
             return cast(value) if cast is not None else value
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"config.json: {key} = {value!r} is not a valid {cast.__name__}") from e
+            raise CheckpointError(f"config.json: {name} = {value!r} is not a valid {cast.__name__}") from e
 
 
 def _mixtral(c: _Config) -> MoEArchitecture:
@@ -124,7 +162,7 @@ def _qwen_moe(c: _Config) -> MoEArchitecture:
     n = c("num_hidden_layers")
     step = c("decoder_sparse_step", 1)
     mlp_only = set(c("mlp_only_layers", [], cast=list))
-    num_experts = c("num_experts")
+    num_experts = c("num_local_experts" if c.config["model_type"] == "qwen3_moe" else "num_experts")
     moe_layers = tuple(i for i in range(n) if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
     shared = c("shared_expert_intermediate_size", 0)
     model_type = c.config["model_type"]
@@ -175,14 +213,18 @@ def _deepseek(c: _Config) -> MoEArchitecture:
 
 def _gpt_oss(c: _Config) -> MoEArchitecture:
     n = c("num_hidden_layers")
-    top_k = c("num_experts_per_tok", None) or c("experts_per_token")
+    alpha = c("swiglu_alpha", 1.702, cast=float)
+    if alpha != 1.702:
+        raise CheckpointError(
+            f"config.json: swiglu_alpha = {alpha}: only gpt-oss's 1.702 is supported (vLLM hard-codes it too)"
+        )
     return MoEArchitecture(
         model_type="gpt_oss",
         num_layers=n,
         moe_layers=tuple(range(n)),
         hidden_size=c("hidden_size"),
         num_experts=c("num_local_experts"),
-        top_k=top_k,
+        top_k=c("num_experts_per_tok"),
         intermediate_size=c("intermediate_size"),
         softmax_after_topk=True,
         renormalize=False,
