@@ -3,7 +3,8 @@
 What it computes, per (token, expert) pair, for every scheme (docs/moe.md has the full description):
 
 1. GEMM1 input: the token's hidden state, quantized as the scheme says (MX: fake-quant per token, blocks
-   along H; FP8 with MX weights: fake-quant, vLLM's fp16 dequant; W8A8: INT8 / FP8 codes with their scale).
+   along H; FP8: the e4m3 codes with their scale, applied to the accumulator, except MX weights under Quark
+   semantics, fake-quant ``q * s`` in float32 as Quark computes; INT8: codes with their scale).
 2. ``acc = x_q @ W13^T`` with float32 accumulation (int32 for INT8 x INT8); epilogue
    ``(acc * a_scale * w_scale) + bias``, cast to the activation dtype (``x``'s dtype).
 3. The activation (``moe.activations``), in the activation dtype.
@@ -110,9 +111,12 @@ def quantize_gemm_input(
     scale = None if act.dynamic else static_scale
     kwargs = dict(granularity=act.granularity or "tensor", semantics=semantics, axis_name=axis_name or None)
     if act.kind == "fp8":
-        if weight_kind == "mx":  # MX weights: activations are fake-quantized, as vLLM's emulation does
+        if weight_kind == "mx" and semantics == "quark":  # Quark's fake-quant: q * s in float32, then the GEMM
             qdq = qz.fp8_quant_dequant(values, scale, **kwargs)
             return _operand(qdq, qdq.dtype == jnp.bfloat16), None
+        # vLLM semantics (and W8A8): the e4m3 codes enter the GEMM, s multiplies the float32 accumulator
+        # (what fused FP8 kernels compute; vLLM's torch emulation of MX x FP8 rounds q * s through float16
+        # instead, docs/moe.md "Differences from vLLM")
         q, s = qz.fp8_quantize(values, scale, **kwargs)
         return _operand(q.astype(jnp.float32), True), s  # e4m3 codes are exact in bfloat16
     return qz.int8_quantize(values, scale, **kwargs)

@@ -130,15 +130,13 @@ def _row_scales(scale, num_rows: int):
 def _gemm_operand(values, act, weight_kind, static_scale, semantics, fp8_dot: bool, axis_name=()):
     """The GEMM operand and its per-row scale (``None`` or ``[rows]`` float32).
 
-    INT8 (W8A8): the oracle's int8 codes and scale. FP8 with FP8 weights: the oracle's e4m3 codes (as
-    float8_e4m3fn for the fp8 tensor cores when ``fp8_dot``, else as bfloat16) and scale. Other operands the
-    oracle uses exactly in bfloat16 (MX activations, bfloat16 data) are used as they are. FP8 fake-quantized
-    float32 activations with MX weights are not exact in bfloat16 (the oracle dequantizes ``q * s`` in
-    float32, rounded through float16 under vLLM semantics): they go in as their e4m3 values and the scale
-    multiplies the float32 accumulator in the epilogue, as vLLM's FP8 kernels do (a difference at float16
-    rounding, ~5e-4).
+    The oracle's own operand (:func:`quantize_gemm_input`): MX / bfloat16 values as they are; INT8 codes and
+    FP8 e4m3 codes (as float8_e4m3fn for the fp8 tensor cores when ``fp8_dot`` and the weights are FP8, else
+    as bfloat16, exact) with their scale for the epilogue. One exception: Quark semantics fake-quantize FP8
+    activations of MX weights, ``q * s`` in float32, which bfloat16 cannot hold; for float32 activations the
+    codes go in and ``s`` multiplies the float32 accumulator (a difference at float32 rounding, ~1e-7).
     """
-    if act.kind == "fp8" and weight_kind == "mx" and values.dtype != jnp.bfloat16:
+    if act.kind == "fp8" and weight_kind == "mx" and semantics == "quark" and values.dtype != jnp.bfloat16:
         granularity = act.granularity or "tensor"
         scale = None if act.dynamic else static_scale
         kwargs = dict(granularity=granularity, semantics=semantics, axis_name=axis_name or None)
@@ -148,7 +146,7 @@ def _gemm_operand(values, act, weight_kind, static_scale, semantics, fp8_dot: bo
     if a_scale is None:
         return operand, None
     if act.kind == "fp8":
-        operand = operand.astype(jnp.float8_e4m3fn if fp8_dot else jnp.bfloat16)
+        operand = operand.astype(jnp.float8_e4m3fn if fp8_dot and weight_kind == "fp8" else jnp.bfloat16)
     return operand, _row_scales(a_scale, values.shape[0])
 
 

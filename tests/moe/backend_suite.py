@@ -177,6 +177,37 @@ class BackendSuite:
         out = self.check(random_experts(key, scheme="w_mxfp6_e3m2"), *inputs(key, dtype=jnp.bfloat16))
         assert out.dtype == jnp.bfloat16
 
+    @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+    def test_fp8_static_scales_below_float16_normal_range(self, key, dtype):
+        """Static FP8 activation scales with MX weights so small that every dequantized activation ``q·s``
+        lies below float16's normal range (vLLM's torch emulation rounds ``q·s`` through float16, which here
+        loses most bits): the ``vllm`` semantics compute the exact product on every backend (codes in the
+        GEMM, ``s`` on the float32 accumulator), so the backend matches the oracle to 1e-5."""
+        from quarkmoe_jax.formats import quantizers as qz
+
+        k1, k2 = jax.random.split(key)
+        w = (jax.random.normal(k1, (4, 128, 64)), jax.random.normal(k2, (4, 64, 64)))
+        base = random_experts(key, scheme="w_mxfp4_a_fp8", weights=w)
+        x, weights, ids = inputs(key, dtype=dtype)
+        x = (x.astype(jnp.float32) * 2.0**-23).astype(dtype)
+        s1 = 2.0**-30  # float16's subnormal step is 2^-24: q·s1 keeps only the multiples of 64 of q
+        w13 = base.params()["w13"].dequantize(jnp.float32)
+        h = jnp.einsum("th,tkih->tki", x.astype(jnp.float32), w13[ids])
+        intermediate = jax.nn.silu(h[..., :64]) * h[..., 64:]
+        s2 = float(jnp.max(jnp.abs(intermediate))) / 448  # the intermediate is far below 2^-14 too
+        scales = {"w13_input_scale": jnp.float32(s1), "w2_input_scale": jnp.float32(s2)}
+        experts = QuarkMoE(base.quant_config, base.shape, {**base.params(), **scales}, activation=base.activation)
+        for values, scale in ((x, s1), (intermediate, s2)):
+            q, _ = qz.fp8_quantize(values, scale)
+            exact = np.asarray(q, np.float32) * np.float32(scale)
+            through_fp16 = np.asarray(qz.fp8_quant_dequant(values, scale, dtype=jnp.float32), np.float32)
+            assert np.abs(exact).max() < 2.0**-14 and np.count_nonzero(exact) > exact.size // 2
+            assert np.sqrt(np.mean((through_fp16 - exact) ** 2) / np.mean(exact**2)) > 0.1  # the round trip shows
+        got = experts.apply(x, weights, ids, backend=self.backend)
+        want = experts.apply(x, weights, ids, backend="emulation")
+        assert_matches_oracle(got, want, activation_quantized=True, rtol=1e-5)
+        assert np.count_nonzero(np.asarray(want)) > want.size // 2
+
     def test_adversarial_weights(self, key):
         """All-zero blocks, saturating values, exact ties of the element grid, extreme block scales."""
         k1, k2 = jax.random.split(key)

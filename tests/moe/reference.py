@@ -59,7 +59,7 @@ def _quantized_values(rows: np.ndarray, act, weight_kind: str, semantics: str, s
         return np.asarray(quant_dequant(x, act.mx_format, act.scale_mode), np.float64)
     scale = None if act.dynamic else static_scale
     granularity = act.granularity or "tensor"
-    if act.kind == "fp8" and weight_kind == "mx":
+    if act.kind == "fp8" and weight_kind == "mx" and semantics == "quark":  # Quark's float32 fake-quant
         return np.asarray(qz.fp8_quant_dequant(x, scale, granularity=granularity, semantics=semantics), np.float64)
     quantize = qz.fp8_quantize if act.kind == "fp8" else qz.int8_quantize
     q, s = quantize(x, scale, granularity=granularity, semantics=semantics)
