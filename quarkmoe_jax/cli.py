@@ -121,7 +121,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"[{args.rows}, {args.cols}] (std 0.02, seed {args.seed}); bf16 = 2 bytes/weight\n"
     )
     _print_table(rows)
-    print(f"\n({time.perf_counter() - start:.1f} s)")
+    print(
+        "\nexpected: the format's relative RMS error on Gaussian data (4M values, blocks of 32; "
+        "docs/formats.md); this weight is Gaussian, so its error should be close to it"
+    )
+    print(f"({time.perf_counter() - start:.1f} s)")
     failed = [r for r in rows if not all(r["checks"].values())]
     if args.no_layer:
         return 1 if failed else 0
@@ -135,15 +139,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"scheme and run on {args.tokens} tokens (emulation backend, vLLM semantics; static scales calibrated on "
         "256 tokens); error relative to the float (bf16-weight) layer:\n"
     )
-    print(f"{'scheme':<34} {'rel RMS err':>11} {'bytes/weight':>13} {'ms':>8}")
-    print("-" * 69)
+    weight_error = {r["format"]: r["rel_rms"] for r in rows if r["scale"] in ("e8m0 even", "fp32 per-channel")}
+    print(f"{'scheme':<34} {'rel RMS err':>11} {'weights alone':>13} {'bytes/weight':>13} {'ms':>8}")
+    print("-" * 83)
     for r in layer_rows:
-        print(f"{r['scheme']:<34} {r['rel_rms']:>11.4f} {r['bytes_per_weight']:>13.4f} {r['ms']:>8.2f}")
-    print(f"\n({time.perf_counter() - start:.1f} s)")
+        alone = layer_weight_error(r["scheme"], weight_error)
+        alone = f"{alone:.3f}" if alone is not None else "-"
+        print(f"{r['scheme']:<34} {r['rel_rms']:>11.4f} {alone:>13} {r['bytes_per_weight']:>13.4f} {r['ms']:>8.2f}")
+    print(
+        "\nweights alone: what the quantized weights by themselves should cost this layer, sqrt(3) x the weight "
+        "format's error in the table above (the output passes three quantized projections: gate and up, "
+        "multiplied, then down), e.g. 0.2 for MXFP4; quantized activations add their own error on top "
+        "(MXFP4 activations the most). '-': per-tensor weight scales (no Gaussian reference)."
+    )
+    print(f"({time.perf_counter() - start:.1f} s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"codecs": rows, "layer": layer_rows}, f, indent=1)
     return 1 if failed else 0
+
+
+def layer_weight_error(scheme: str, weight_error: dict[str, float]) -> float | None:
+    """The output error a layer's quantized weights alone should give: sqrt(3) x the weight format's error
+    (three chained projections with independent errors), or None for per-tensor W8A8 weight scales."""
+    if scheme.startswith("w_mx"):
+        fmt = scheme[2:].split("_a_")[0]
+    elif scheme.startswith("w8a8_") and "_channel_" in scheme:
+        fmt = "int8" if "_int8_" in scheme else "fp8_e4m3"
+    else:
+        return None
+    return 3**0.5 * weight_error[fmt]
 
 
 def demo_layer_rows(tmp_dir, tokens: int = 64, seed: int = 0, schemes=None) -> list[dict]:
@@ -195,13 +220,10 @@ def demo_layer_rows(tmp_dir, tokens: int = 64, seed: int = 0, schemes=None) -> l
 def cmd_run_layer(args: argparse.Namespace) -> int:
     from quarkmoe_jax.nn import QuarkMoEBlock
 
+    x = read_npy(args.input, "--input")
+    if x.dtype.kind != "f" or x.ndim != 2:
+        raise ValueError(f"--input {args.input}: expected a float array [T, hidden], found {x.dtype}{list(x.shape)}")
     block = QuarkMoEBlock.from_checkpoint(args.checkpoint, args.layer, semantics=args.semantics)
-    try:
-        x = np.load(args.input)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read --input {args.input}: {e}") from e
-    if x.dtype.kind != "f":
-        raise ValueError(f"--input {args.input}: expected a float array [T, hidden], found dtype {x.dtype}")
     y = block(jnp.asarray(x, jnp.dtype(args.dtype)), backend=args.backend)
     np.save(args.output, np.asarray(y, np.float32))
     print(
@@ -209,6 +231,26 @@ def cmd_run_layer(args: argparse.Namespace) -> int:
         f"scheme {block.experts.quant_config.scheme}, semantics {args.semantics}, backend {args.backend}"
     )
     return 0
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_npy(path: str, option: str) -> np.ndarray:
+    """One array from a NumPy ``.npy`` file, never unpickling; anything else is a ``ValueError`` naming it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise ValueError(f"cannot read {option} {path}: {e.strerror or e}") from None
+    if head != _NPY_MAGIC:
+        hint = " (a .npz archive: save one array with numpy.save)" if head.startswith(b"PK") else ""
+        raise ValueError(f"{option} {path} is not a NumPy .npy file{hint}; write one with numpy.save(path, array)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        reason = "it holds Python objects" if "allow_pickle" in str(e) else str(e)
+        raise ValueError(f"{option} {path}: not a readable .npy array ({reason})") from None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -270,6 +312,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         scale_mode=args.scale_mode,
         input_amax=args.input_amax,
         exclude_layers=tuple(args.exclude_layer),
+        overwrite=args.overwrite,
     )
     report = inspect_checkpoint(out, semantics=args.semantics)
     ok = [e for e in report["layers"].values() if "refused" not in e]
@@ -278,19 +321,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
+    from quarkmoe_jax.checkpoint.safetensors_io import new_checkpoint_folder
     from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
 
-    path = write_float_checkpoint(
-        args.out,
-        args.model_type,
-        num_layers=args.layers,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_experts=args.experts,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-    print(f"wrote float {args.model_type} checkpoint to {path}")
+    with new_checkpoint_folder(args.out, overwrite=args.overwrite) as tmp:
+        write_float_checkpoint(
+            tmp,
+            args.model_type,
+            num_layers=args.layers,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_experts=args.experts,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+    print(f"wrote float {args.model_type} checkpoint to {args.out}")
     return 0
 
 
@@ -299,59 +344,70 @@ def build_parser() -> argparse.ArgumentParser:
         prog="quarkmoe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="quantize a seeded random expert weight in every format")
-    demo.add_argument("--rows", type=int, default=2048, help="output channels N (default 2048)")
-    demo.add_argument("--cols", type=int, default=4096, help="input channels K, a multiple of 32 (default 4096)")
-    demo.add_argument("--seed", type=int, default=0)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=defaults)
+
+    demo = command("demo", "quantize a seeded random expert weight in every format, then run a small MoE layer")
+    demo.add_argument("--rows", type=int, default=2048, help="output channels N of the weight")
+    demo.add_argument("--cols", type=int, default=4096, help="input channels K of the weight, a multiple of 32")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the weight, the layer and its input")
     demo.add_argument("--json", help="also write the tables as JSON to this path")
-    demo.add_argument("--tokens", type=int, default=64, help="tokens for the MoE layer run (default 64)")
+    demo.add_argument("--tokens", type=int, default=64, help="tokens of the MoE layer run")
     demo.add_argument("--no-layer", action="store_true", help="only the codec table")
     demo.set_defaults(func=cmd_demo)
 
     from quarkmoe_jax.checkpoint.architectures import SUPPORTED_MODEL_TYPES
     from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES
+    from quarkmoe_jax.moe.op import BACKENDS
 
-    inspect = sub.add_parser("inspect", help="describe a checkpoint (reads headers only)")
+    inspect = command("inspect", "describe a checkpoint and check its expert tensors' names, shapes and dtypes")
     inspect.add_argument("checkpoint", help="Hugging Face folder with config.json and *.safetensors")
-    inspect.add_argument("--semantics", choices=["vllm", "quark"], default="vllm")
+    inspect.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="numerics to load with")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=cmd_inspect)
 
-    quantize = sub.add_parser("quantize", help="export a float checkpoint to Quark's format")
-    quantize.add_argument("float_checkpoint")
-    quantize.add_argument("out")
+    quantize = command("quantize", "export a float checkpoint to Quark's format")
+    quantize.add_argument("float_checkpoint", help="float Hugging Face MoE checkpoint folder")
+    quantize.add_argument("out", help="new (or empty) output folder")
     quantize.add_argument(
         "--scheme",
         required=True,
         choices=EXPORT_SCHEMES,
         metavar="SCHEME",
-        help="e.g. w_mxfp4, w_mxfp4_a_mxfp4, w_mxfp6_e2m3_a_fp8, w8a8_int8_channel_dynamic_token",
+        help="e.g. w_mxfp4, w_mxfp4_a_mxfp4, w_mxfp6_e2m3_a_fp8, w8a8_int8_channel_dynamic_token; one of "
+        + ", ".join(EXPORT_SCHEMES),
     )
-    quantize.add_argument("--scale-mode", choices=["even", "floor", "ceil"], default="even")
+    quantize.add_argument("--scale-mode", choices=["even", "floor", "ceil"], default="even", help="MX scale rule")
     quantize.add_argument("--input-amax", type=float, help="calibration amax for static activation scales")
     quantize.add_argument("--exclude-layer", type=int, action="append", default=[], help="leave a MoE layer in float")
     quantize.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="for the reload check")
+    quantize.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty OUT (even the input) once complete"
+    )
     quantize.set_defaults(func=cmd_quantize)
 
-    run = sub.add_parser("run-layer", help="run MoE block N of a checkpoint on x.npy, write y.npy")
-    run.add_argument("checkpoint")
-    run.add_argument("--layer", type=int, required=True)
-    run.add_argument("--input", required=True, help=".npy float array [T, hidden]")
+    run = command("run-layer", "run MoE block N of a checkpoint (router included) on x.npy, write y.npy")
+    run.add_argument("checkpoint", help="Hugging Face folder with config.json and *.safetensors")
+    run.add_argument("--layer", type=int, required=True, help="index of a MoE layer")
+    run.add_argument("--input", required=True, help=".npy float array [T, hidden] (numpy.save)")
     run.add_argument("--output", required=True, help=".npy to write [T, hidden] (float32 values)")
-    run.add_argument("--backend", default="auto", help="auto (default), emulation, ...")
+    run.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="kernel backend")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="activation dtype")
-    run.add_argument("--semantics", choices=["vllm", "quark"], default="vllm")
+    run.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="numerics to load with")
     run.set_defaults(func=cmd_run_layer)
 
-    synthetic = sub.add_parser("synthetic", help="write a small seeded float MoE checkpoint")
-    synthetic.add_argument("out")
-    synthetic.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, default="mixtral")
-    synthetic.add_argument("--layers", type=int, default=2)
-    synthetic.add_argument("--hidden", type=int, default=64)
-    synthetic.add_argument("--intermediate", type=int, default=64)
-    synthetic.add_argument("--experts", type=int, default=4)
-    synthetic.add_argument("--top-k", type=int, default=2)
-    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic = command("synthetic", "write a small seeded float MoE checkpoint (random weights, no download)")
+    synthetic.add_argument("out", help="new (or empty) output folder")
+    synthetic.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, default="mixtral", help="architecture")
+    synthetic.add_argument("--layers", type=int, default=2, help="decoder layers (which are MoE: as the model says)")
+    synthetic.add_argument("--hidden", type=int, default=64, help="hidden size H")
+    synthetic.add_argument("--intermediate", type=int, default=64, help="expert intermediate size I")
+    synthetic.add_argument("--experts", type=int, default=4, help="routed experts")
+    synthetic.add_argument("--top-k", type=int, default=2, help="experts per token")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed of the weights")
+    synthetic.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT")
     synthetic.set_defaults(func=cmd_synthetic)
     return parser
 
@@ -362,8 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError) as e:  # bad input: one clear line, no traceback
-        print(f"quarkmoe {args.command}: error: {e}", file=sys.stderr)
+    except (CheckpointError, ValueError, TypeError, NotImplementedError) as e:  # bad input: one line
+        message = " ".join(str(e).split())
+        print(f"quarkmoe {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"quarkmoe {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

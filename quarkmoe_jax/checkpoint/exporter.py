@@ -16,8 +16,10 @@ Scheme names are those the loader reports (:data:`EXPORT_SCHEMES`): ``w_mxfp4``,
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,7 +28,7 @@ import numpy as np
 
 import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
-from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, save_file
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
 from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers
 from quarkmoe_jax.schemes import get_moe_scheme
@@ -159,23 +161,50 @@ def export_quark_checkpoint(
     scale_mode: str = "even",
     input_amax: float | Mapping[int, Mapping[str, np.ndarray]] | None = None,
     exclude_layers: tuple[int, ...] = (),
+    overwrite: bool = False,
 ) -> pathlib.Path:
     """Quantize a float MoE checkpoint into Quark's format.
 
     Args:
       source: a float Hugging Face checkpoint folder, or ``(config_dict, {name: array})``.
-      out_dir: created if needed; receives ``config.json`` and ``model.safetensors``.
+      out_dir: a new or empty folder (created if needed); receives ``config.json``, ``model.safetensors``
+        and the source folder's other top-level files (tokenizer, generation config, ...). Written to a
+        temporary folder first and renamed when complete, so a failure leaves nothing behind.
       scheme: one of :data:`EXPORT_SCHEMES`.
       scale_mode: MX scale rule ("even", "floor", "ceil"), written as ``scale_calculation_mode``.
       input_amax: calibration for static activation scales: one float for everything, or
         ``{layer: {"w13": [E] amax of the expert inputs, "w2": [E] amax of the intermediates}}``.
         Required by static schemes.
       exclude_layers: MoE layers left unquantized (listed in ``exclude``, as Quark does).
+      overwrite: replace an existing non-empty ``out_dir`` (or the source folder itself) once the new
+        checkpoint is complete; without it such an ``out_dir`` is refused
+        (:func:`~quarkmoe_jax.checkpoint.safetensors_io.new_checkpoint_folder`).
 
     Returns:
       ``out_dir`` as a Path.
     """
     out_dir = pathlib.Path(out_dir)
+    source_dir = pathlib.Path(source) if isinstance(source, (str, os.PathLike)) else None
+    with new_checkpoint_folder(out_dir, overwrite=overwrite, inputs=(source_dir,) if source_dir else ()) as tmp:
+        _export(source, tmp, scheme, scale_mode, input_amax, exclude_layers)
+        if source_dir is not None and source_dir.is_dir():
+            _copy_other_files(source_dir, tmp)
+    return out_dir
+
+
+_CHECKPOINT_FILES = ("config.json", "model.safetensors.index.json")
+
+
+def _copy_other_files(source_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """The source folder's other regular top-level files (tokenizer, generation config, README, ...)."""
+    for path in sorted(source_dir.iterdir()):
+        if path.name in _CHECKPOINT_FILES or path.suffix == ".safetensors" or path.name.startswith("."):
+            continue
+        if path.is_file() and not path.is_symlink() and not (out_dir / path.name).exists():
+            shutil.copyfile(path, out_dir / path.name)
+
+
+def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclude_layers) -> None:
     hf_config, tensors, reader = _open_source(source)
     try:
         arch = MoEArchitecture.from_hf_config(hf_config)
@@ -230,13 +259,11 @@ def export_quark_checkpoint(
             "quant_mode": "eager_mode",
             "version": "0.13",
         }
-        out_dir.mkdir(parents=True, exist_ok=True)
         save_file(out, out_dir / "model.safetensors", metadata={"format": "pt"})
         (out_dir / "config.json").write_text(json.dumps({**hf_config, "quantization_config": quant}, indent=2) + "\n")
     finally:
         if reader is not None:
             reader.close()
-    return out_dir
 
 
 def _static_scale(cfg, input_amax, layer, match, tensor) -> np.ndarray:

@@ -16,6 +16,7 @@ Accepted expert tensor layouts under ``<block>.experts`` (``<suffix>`` is ``weig
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -30,7 +31,7 @@ import numpy as np
 from quarkmoe_jax.checkpoint.architectures import PROJECTIONS, MoEArchitecture
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
 from quarkmoe_jax.config import QuarkConfig
-from quarkmoe_jax.schemes import MoEScheme, MoEShape, get_moe_scheme
+from quarkmoe_jax.schemes import HeaderCheckBuffer, MoEScheme, MoEShape, get_moe_scheme
 
 __all__ = [
     "LoadedExperts",
@@ -38,6 +39,7 @@ __all__ = [
     "load_moe_block",
     "load_experts",
     "plan_experts",
+    "check_expert_headers",
     "read_hf_config",
     "inspect_checkpoint",
     "linear_expert_map",
@@ -345,6 +347,22 @@ def load_experts(
     return LoadedExperts(prefix, scheme, shape, params, expert_map)
 
 
+def check_expert_headers(reader: CheckpointReader, plan, scheme: MoEScheme) -> None:
+    """What :func:`load_experts` checks of each planned tensor's dtype and shape, from the file headers alone:
+    the scheme's ``load_weights`` sees a zero-stride stand-in of the header's dtype and shape (no data read,
+    nothing allocated) and writes into :class:`HeaderCheckBuffer` s. Checks of values (NaN scales, nonzero
+    zero points, non-positive scales) need the data and are left to the load."""
+    buffers = collections.defaultdict(HeaderCheckBuffer)
+    scheme.values_checked = False
+    try:
+        for entry, select, local, shard, suffix in plan:
+            dtype, shape = reader.info(entry.name)
+            stand_in = np.broadcast_to(np.zeros((), dtype), shape)
+            scheme.load_weights(buffers, suffix, select(stand_in), local, shard, entry.name)
+    finally:
+        scheme.values_checked = True
+
+
 def _narrowed(select, intermediate_slice: IntermediateSlice, shard, suffix, tensor):
     return intermediate_slice.narrow(select(tensor), shard, suffix)
 
@@ -412,13 +430,30 @@ def _block_prefix(reader: CheckpointReader, arch: MoEArchitecture, layer: int) -
     raise CheckpointError(f"layer {layer}: no expert tensors under any of {[c + '.experts' for c in candidates]}")
 
 
+def _check_float_header(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
+    dtype, found = reader.info(name)  # names a missing tensor
+    if dtype.kind != "f" and dtype.name != "bfloat16":
+        raise CheckpointError(f"{name}: expected a float tensor, found dtype {dtype}")
+    if tuple(found) != shape:
+        raise CheckpointError(f"{name}: shape {tuple(found)}, expected {shape}")
+
+
 def _float(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    tensor = reader[name]
-    if tensor.dtype.kind != "f" and tensor.dtype.name != "bfloat16":
-        raise CheckpointError(f"{name}: expected a float tensor, found dtype {tensor.dtype}")
-    if tuple(tensor.shape) != shape:
-        raise CheckpointError(f"{name}: shape {tuple(tensor.shape)}, expected {shape}")
-    return tensor.astype(np.float32)
+    _check_float_header(reader, name, shape)
+    return reader[name].astype(np.float32)
+
+
+def _router_tensors(reader: CheckpointReader, arch: MoEArchitecture, block: str) -> dict[str, tuple[int, ...]]:
+    """The router's tensors of a block and their expected shapes (float)."""
+    router = f"{block}.{arch.router_suffix}"
+    tensors = {f"{router}.weight": (arch.num_experts, arch.hidden_size)}
+    if f"{router}.bias" in reader:
+        tensors[f"{router}.bias"] = (arch.num_experts,)
+    if arch.has_correction_bias:
+        tensors[f"{router}.e_score_correction_bias"] = (arch.num_experts,)
+    if arch.shared_gate_suffix:
+        tensors[f"{block}.{arch.shared_gate_suffix}.weight"] = (1, arch.hidden_size)
+    return tensors
 
 
 def _layer_setup(reader, arch: MoEArchitecture, quark: QuarkConfig | None, layer: int, semantics: str, expert_map):
@@ -450,7 +485,16 @@ def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> 
             entry: dict[str, Any] = {}
             try:
                 block, prefix, scheme, shape, _ = _layer_setup(reader, arch, quark, layer, semantics, None)
-                specs, _ = plan_experts(reader, prefix, scheme, shape, num_global_experts=arch.num_experts)
+                specs, plan = plan_experts(reader, prefix, scheme, shape, num_global_experts=arch.num_experts)
+                check_expert_headers(reader, plan, scheme)
+                for name, expected in _router_tensors(reader, arch, block).items():
+                    _check_float_header(reader, name, expected)
+                if arch.shared_suffix:
+                    shared_prefix, shared_scheme, shared_shape = _shared_setup(reader, arch, block, quark, semantics)
+                    _, shared_plan = plan_experts(
+                        reader, shared_prefix, shared_scheme, shared_shape, num_global_experts=1, indexed=False
+                    )
+                    check_expert_headers(reader, shared_plan, shared_scheme)
                 cfg = scheme.quant_config()
                 entry.update(
                     prefix=prefix,
@@ -504,24 +548,26 @@ def load_moe_block(
                 expert_map=expert_map,
                 progress=progress,
             )
-        router = f"{block}.{arch.router_suffix}"
-        loaded = LoadedMoEBlock(
-            arch, layer, block, experts, _float(reader, f"{router}.weight", (arch.num_experts, arch.hidden_size))
-        )
-        if f"{router}.bias" in reader:
-            loaded.router_bias = _float(reader, f"{router}.bias", (arch.num_experts,))
-        if arch.has_correction_bias:
-            loaded.correction_bias = _float(reader, f"{router}.e_score_correction_bias", (arch.num_experts,))
+        router = {name: _float(reader, name, shape) for name, shape in _router_tensors(reader, arch, block).items()}
+        prefix_router = f"{block}.{arch.router_suffix}"
+        loaded = LoadedMoEBlock(arch, layer, block, experts, router[f"{prefix_router}.weight"])
+        loaded.router_bias = router.get(f"{prefix_router}.bias")
+        loaded.correction_bias = router.get(f"{prefix_router}.e_score_correction_bias")
         if arch.shared_suffix:
-            loaded.shared = _load_shared(reader, arch, block, quark, semantics, shared_loader)
+            shared_prefix, shared_scheme, shared_shape = _shared_setup(reader, arch, block, quark, semantics)
+            if shared_loader is not None:
+                loaded.shared = shared_loader(reader, shared_prefix, shared_scheme, shared_shape)
+            else:
+                loaded.shared = load_experts(
+                    reader, shared_prefix, shared_scheme, shared_shape, num_global_experts=1, indexed=False
+                )
         if arch.shared_gate_suffix:
-            loaded.shared_gate_weight = _float(
-                reader, f"{block}.{arch.shared_gate_suffix}.weight", (1, arch.hidden_size)
-            )
+            loaded.shared_gate_weight = router[f"{block}.{arch.shared_gate_suffix}.weight"]
     return loaded
 
 
-def _load_shared(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str, loader=None):
+def _shared_setup(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str):
+    """Prefix, scheme and shape of a block's shared expert(s) (no data read)."""
     prefix = f"{block}.{arch.shared_suffix}"
     configs = []
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -532,6 +578,4 @@ def _load_shared(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig |
     scheme = get_moe_scheme(configs[0], semantics, layer=prefix)
     has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
     shape = MoEShape(1, arch.hidden_size, arch.shared_intermediate_size, has_bias=has_bias)
-    if loader is not None:
-        return loader(reader, prefix, scheme, shape)
-    return load_experts(reader, prefix, scheme, shape, num_global_experts=1, indexed=False)
+    return prefix, scheme, shape

@@ -12,17 +12,20 @@ malformed file raises :class:`CheckpointError` naming the file and, where releva
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
 import pathlib
+import shutil
 import struct
+import tempfile
 from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["CheckpointError", "SafetensorsFile", "CheckpointReader", "save_file", "DTYPES"]
+__all__ = ["CheckpointError", "SafetensorsFile", "CheckpointReader", "save_file", "new_checkpoint_folder", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -263,3 +266,47 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
         f.write(encoded)
         for array in arrays:
             f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+@contextlib.contextmanager
+def new_checkpoint_folder(
+    out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
+) -> Iterator[pathlib.Path]:
+    """A temporary folder beside ``out_dir`` to write a checkpoint into; it becomes ``out_dir`` only when the
+    ``with`` block succeeds (a failure removes it, so nothing is ever half-written).
+
+    Refused (:class:`CheckpointError`) unless ``overwrite``: an ``out_dir`` that is one of ``inputs`` (the
+    folders the writer reads), lies inside one, or is a non-empty folder or a file. Always refused: an
+    ``out_dir`` that contains an input (replacing it would delete what is read). With ``overwrite`` the old
+    ``out_dir`` is replaced as a whole after the new one is complete.
+    """
+    out_dir = pathlib.Path(out_dir)
+    target = out_dir.resolve()
+    for source in inputs:
+        source = pathlib.Path(source).resolve()
+        if target != source and target in source.parents:
+            raise CheckpointError(f"output {out_dir} contains the input {source}: choose another folder")
+        if not overwrite and (target == source or source in target.parents):
+            where = "is" if target == source else "is inside"
+            raise CheckpointError(
+                f"output {out_dir} {where} the input checkpoint {source}: choose another folder (or pass overwrite)"
+            )
+    if not overwrite and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        what = "a non-empty folder" if out_dir.is_dir() else "a file"
+        raise CheckpointError(f"output {out_dir} is {what}: choose a new or empty folder (or pass overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.is_dir() and not out_dir.is_symlink():
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        os.replace(out_dir, old / "previous")
+    elif out_dir.exists() or out_dir.is_symlink():
+        out_dir.unlink()
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

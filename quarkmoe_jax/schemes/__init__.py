@@ -3,6 +3,7 @@
 from quarkmoe_jax.schemes.base import (
     SEMANTICS,
     ActivationQuant,
+    HeaderCheckBuffer,
     MoEQuantConfig,
     MoEScheme,
     MoEShape,

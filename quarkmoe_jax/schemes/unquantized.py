@@ -45,8 +45,7 @@ class UnquantizedScheme(MoEScheme):
         if tensor.dtype.kind != "f" and tensor.dtype != ml_dtypes.bfloat16:
             raise CheckpointError(f"{name}: an unquantized layer needs float weights, found dtype {tensor.dtype}")
         h, i = self.shape.hidden_size, self.shape.intermediate_size
-        tensor = tensor.astype(self.dtype)
-        if shard == "w2":
+        if shard == "w2":  # the copy casts to self.dtype
             _copy_into(buffers["w2_weight"][expert], tensor, (h, i), name, "w2 weight")
         else:
             rows = self._rows(shard)

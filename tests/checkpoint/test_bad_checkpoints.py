@@ -572,12 +572,12 @@ def test_unsupported_model_type(bad):
 
 def test_missing_required_config_key(bad):
     path = bad(config=lambda c: c.pop("num_local_experts"))
-    refuse(path, CheckpointError, r"config\.json: missing key 'num_local_experts' for model_type 'mixtral'")
+    refuse(path, CheckpointError, r"config\.json: missing key 'num_local_experts' or 'num_experts' for model_type 'mixtral'")
 
 
 def test_config_key_of_the_wrong_type(bad):
     path = bad(config=lambda c: c.update(num_local_experts="four"))
-    refuse(path, CheckpointError, r"config\.json: num_local_experts = 'four' is not a valid int")
+    refuse(path, CheckpointError, r"config\.json: num_local_experts = 'four' is not an integer")
 
 
 def test_config_with_more_experts_than_the_checkpoint(bad):
