@@ -104,3 +104,10 @@ def test_run_layer(tmp_path, capsys):
         == 2
     )
     assert "x must be [T, 64]" in capsys.readouterr().err
+
+
+def test_license_file_matches_the_declared_license():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
