@@ -15,8 +15,15 @@ It reports microseconds, TB/s over the bytes actually touched (packed weights of
 activations), TF/s, the fraction of each ceiling, the speedup over ``lax.ragged_dot`` and peak device memory.
 
 Timing: warm-up, then the median of ``--repeats`` runs: CUPTI kernel time on a GPU (the ``timer`` field of
-the JSON says which), wall time otherwise; weights of small problems are rotated across copies that together
-exceed L2 so repeated runs do not measure the cache. Inputs are seeded random normals, never zeros.
+the JSON says which), wall time otherwise; on a GPU a 256 MiB buffer is rewritten before every measured call
+(not timed), so every call starts with a cold L2, as the anchor's figures were taken. Inputs are seeded
+random normals, never zeros.
+
+Also: the anchor (OpenAI ``triton_kernels`` MXFP4 MoE on the same GPU model, ``benchmarks/anchors/``) next to
+each ``w_mxfp4`` row (``vs_anchor`` = anchor time / ours, > 1 is faster); ``--module`` times the user's path
+(``QuarkMoEBlock`` with its router, under ``jax.jit`` of ``nnx.split`` state; CUPTI kernel time and wall
+time, plus ``nnx.jit`` wall time) and its device memory over the packed bytes. A baseline or case that cannot
+run (out of memory, a kernel that refuses the shape) is recorded with its reason and the run goes on.
 """
 
 from __future__ import annotations
@@ -73,15 +80,27 @@ def _cupti_measure():
 TIMER = "cupti" if _cupti_measure() else "wall"
 
 
-def timeit(fn, arg_sets, repeats: int = 20, warmup: int = 3) -> float:
-    """Median time in microseconds of ``fn(*args)``, cycling through ``arg_sets`` (rotate beyond L2).
+FLUSH_BYTES = 256 * 2**20
+_flush_state: dict = {}
+
+
+def flush_l2() -> None:
+    """Rewrite a 256 MiB device buffer (more than any L2): the next call starts with a cold cache."""
+    if "fn" not in _flush_state:
+        _flush_state["buffer"] = jnp.zeros((FLUSH_BYTES // 4,), jnp.float32)
+        _flush_state["fn"] = jax.jit(lambda b: b + 1.0, donate_argnums=0)
+    _flush_state["buffer"] = jax.block_until_ready(_flush_state["fn"](_flush_state["buffer"]))
+
+
+def timeit(fn, arg_sets, repeats: int = 20, warmup: int = 3, jit: bool = True) -> float:
+    """Median time in microseconds of ``fn(*args)``, cycling through ``arg_sets``.
 
     ``fn`` must take every array as an argument (a jitted closure would bake captured arrays in as
     constants). On a GPU each repeat is one CUPTI measurement (summed kernel time of the call, leaving out
-    Python dispatch and launch gaps; ``jax.experimental.mosaic.gpu.profiler``). Elsewhere: wall time,
-    synchronizing after each call.
+    Python dispatch and launch gaps; ``jax.experimental.mosaic.gpu.profiler``) after an L2 flush (not
+    timed). Elsewhere: wall time, synchronizing after each call.
     """
-    fn = jax.jit(fn)
+    fn = jax.jit(fn) if jit else fn
     for n in range(warmup):
         jax.block_until_ready(fn(*arg_sets[n % len(arg_sets)]))
     measure = _cupti_measure()
@@ -89,6 +108,7 @@ def timeit(fn, arg_sets, repeats: int = 20, warmup: int = 3) -> float:
     for n in range(repeats):
         args = arg_sets[n % len(arg_sets)]
         if measure is not None:
+            flush_l2()
             _, ms = measure(fn)(*args)
             samples.append((ms or 0.0) / 1e3)
         else:
@@ -158,7 +178,47 @@ def make_problem(shape: str, tokens: int, skewed: bool) -> Problem:
 
 
 def weight_copies(bytes_per_copy: int) -> int:
+    """Copies of a weight set to rotate through when L2 is not flushed (CPU wall-clock runs): together more
+    than twice L2, at most 4; one on a GPU (every call is preceded by an L2 flush)."""
+    if _cupti_measure() is not None:
+        return 1
     return max(1, min(4, -(-2 * L2_BYTES // max(bytes_per_copy, 1))))
+
+
+def free_device_bytes() -> int | None:
+    """Bytes the device can still allocate (None where the backend does not say)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def guarded(what: str, fn, *args):
+    """``fn(*args)``, or ``{"skipped": reason}`` when it cannot run (out of memory, a refused shape): recorded,
+    never fatal."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError (RESOURCE_EXHAUSTED), Triton / Mosaic errors
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        print(f"  {what} skipped: {reason}", file=sys.stderr, flush=True)
+        jax.clear_caches()
+        return {"skipped": reason}
+
+
+def load_anchors(device_kind: str) -> dict[tuple[str, int], dict]:
+    """``{(shape, tokens): case}`` of the anchor figures recorded on this device model (benchmarks/anchors)."""
+    import pathlib
+
+    found = {}
+    for path in sorted((pathlib.Path(__file__).parent / "anchors").glob("*.json")):
+        doc = json.loads(path.read_text())
+        model = doc["provenance"]["device"].split("(")[0].replace("NVIDIA", "").strip()
+        if model and model in device_kind:
+            for case in doc["cases"]:
+                found[(case["shape"], case["tokens"])] = {**case, "source": path.name}
+    return found
 
 
 def bench_ragged_dot(p: Problem, w13s, w2s, repeats: int) -> float:
@@ -285,6 +345,83 @@ def bench_scheme(p: Problem, scheme: str, backend: str, repeats: int, breakdown:
     return result
 
 
+def bench_baselines(p: Problem, repeats: int, on_gpu: bool) -> dict:
+    """``lax.ragged_dot`` and ``ragged_dot_mgpu`` on bf16 weights; each recorded as skipped (with why) when it
+    cannot run here (e.g. DeepSeek-V3's bf16 weights next to ``lax.ragged_dot``'s dense temporaries)."""
+    baseline: dict = {}
+    weight_bytes = 3 * p.experts * p.hidden * p.intermediate * 2
+    free = free_device_bytes()
+    if free is not None and weight_bytes > 0.8 * free:
+        reason = f"needs {weight_bytes / 2**30:.1f} GiB of bf16 weights, {free / 2**30:.1f} GiB free"
+        return {"ragged_dot_bf16_skipped": reason, "ragged_dot_mgpu_bf16_gemm1_skipped": reason}
+    copies = weight_copies(weight_bytes)
+    w13s = [
+        jax.random.normal(jax.random.key(10 + c), (p.experts, p.hidden, 2 * p.intermediate), jnp.bfloat16)
+        for c in range(copies)
+    ]
+    w2s = [
+        jax.random.normal(jax.random.key(20 + c), (p.experts, p.intermediate, p.hidden), jnp.bfloat16)
+        for c in range(copies)
+    ]
+    runs = {
+        "ragged_dot_bf16": (bench_ragged_dot, p, w13s, w2s, repeats),
+        "ragged_dot_mgpu_bf16_gemm1": (bench_ragged_dot_mgpu, p, w13s, repeats),
+    }
+    for name, (fn, *fn_args) in runs.items():
+        if name.startswith("ragged_dot_mgpu") and not on_gpu:
+            continue
+        result = guarded(name, fn, *fn_args)
+        if isinstance(result, dict):
+            baseline[f"{name}_skipped"] = result["skipped"]
+        elif result is not None:
+            baseline[f"{name}_us"] = result
+    del w13s, w2s
+    return baseline
+
+
+def bench_module(p: Problem, scheme: str, repeats: int) -> dict:
+    """The user's path: a ``QuarkMoEBlock`` (router + experts, ``backend="auto"``) made as
+    ``from_checkpoint`` makes it, called under ``jax.jit`` of its ``nnx.split`` state (CUPTI kernel time of
+    the whole block, routing included, and wall time per call) and under ``nnx.jit`` (wall time); device
+    bytes of the block over its packed expert bytes."""
+    from flax import nnx
+
+    from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock, RoutingConfig
+
+    config = scheme_config(scheme)
+    shape = MoEShape(p.experts, p.hidden, p.intermediate)
+    before = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
+    params = expert_params(p, config, kernel_layout=False)
+    packed = sum(v.nbytes for v in jax.tree_util.tree_leaves(params))
+    experts = QuarkMoE(config, shape, params).prepare_for_kernels()
+    del params
+    router = jax.random.normal(jax.random.key(5), (p.experts, p.hidden), jnp.float32) * 0.05
+    block = QuarkMoEBlock(experts, router, RoutingConfig(top_k=p.top_k))
+    after = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
+    graphdef, state = nnx.split(block)
+
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    result = {"module_us": timeit(forward, [(state, p.x)], repeats=repeats)}
+    jitted = jax.jit(forward)
+    nnx_jitted = nnx.jit(lambda block, x: block(x))
+    for key, call in (
+        ("module_wall_us", lambda: jitted(state, p.x)),
+        ("module_nnx_jit_wall_us", lambda: nnx_jitted(block, p.x)),
+    ):
+        jax.block_until_ready(call())
+        samples = []
+        for _ in range(max(5, repeats)):
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            samples.append(time.perf_counter() - start)
+        result[key] = statistics.median(samples) * 1e6
+    if after > before:
+        result["module_device_bytes_over_packed"] = (after - before - router.nbytes) / packed
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["mixtral", "gpt_oss", "deepseek_v3"], choices=list(SHAPES))
@@ -294,13 +431,15 @@ def main(argv=None) -> int:
     parser.add_argument("--skewed", action="store_true", help="also Zipf-skewed routing")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--module", action="store_true", help="also time the QuarkMoEBlock path (backend auto)")
     parser.add_argument("--breakdown", action="store_true", help="also record and print per-kernel times (GPU)")
     parser.add_argument(
         "--no-fp8-tensor-cores", action="store_true", help="FP8 W8A8 with e4m3 codes in bfloat16 (to compare)"
     )
-    parser.add_argument("--json", help="write all numbers here")
+    parser.add_argument("--json", help="write all numbers here (rewritten after every case: a crash loses nothing)")
     args = parser.parse_args(argv)
     device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
     if args.no_fp8_tensor_cores:
         configs.FP8_TENSOR_CORES[device.device_kind] = False
     meta = {
@@ -310,69 +449,86 @@ def main(argv=None) -> int:
         "jax": jax.__version__,
         "quarkmoe_jax": qm.__version__,
         "timer": TIMER,
+        "l2_flush_bytes": FLUSH_BYTES if on_gpu else 0,
         "fp8_tensor_cores": configs.fp8_tensor_cores(device.device_kind),
+        "argv": sys.argv[1:] if argv is None else list(argv),
     }
-    ceiling = {} if args.no_baselines or device.platform == "cpu" else ceilings(args.repeats)
-    rows = []
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+        import jax_triton
+
+        meta["jax_triton"] = getattr(jax_triton, "__version__", "?")
+    except ImportError:
+        pass
+    ceiling = {} if args.no_baselines or not on_gpu else ceilings(args.repeats)
+    anchors = load_anchors(device.device_kind)
+    rows, skipped = [], []
     backends = args.backends or sorted(op.BACKENDS)
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "ceilings": ceiling, "rows": rows, "skipped": skipped}, f, indent=1)
+
     for shape in args.shapes:
         for tokens in args.tokens:
             for skewed in (False, True) if args.skewed else (False,):
                 p = make_problem(shape, tokens, skewed)
-                baseline = {}
-                if not args.no_baselines:
-                    copies = weight_copies(3 * p.experts * p.hidden * p.intermediate * 2)
-                    w13s = [
-                        jax.random.normal(
-                            jax.random.key(10 + c), (p.experts, p.hidden, 2 * p.intermediate), jnp.bfloat16
-                        )
-                        for c in range(copies)
-                    ]
-                    w2s = [
-                        jax.random.normal(jax.random.key(20 + c), (p.experts, p.intermediate, p.hidden), jnp.bfloat16)
-                        for c in range(copies)
-                    ]
-                    baseline["ragged_dot_bf16_us"] = bench_ragged_dot(p, w13s, w2s, args.repeats)
-                    if device.platform == "gpu":
-                        mgpu = bench_ragged_dot_mgpu(p, w13s, args.repeats)
-                        baseline["ragged_dot_mgpu_bf16_gemm1_us"] = mgpu
-                    del w13s, w2s
+                baseline = {} if args.no_baselines else bench_baselines(p, args.repeats, on_gpu)
+                anchor = anchors.get((shape, tokens)) if not skewed else None
                 for scheme in args.schemes:
-                    for backend in backends:
+                    for backend in [*backends, *(["module"] if args.module else [])]:
+                        case = dict(shape=shape, tokens=tokens, skewed=skewed, scheme=scheme, backend=backend)
                         try:
-                            r = bench_scheme(p, scheme, backend, args.repeats, args.breakdown)
+                            if backend == "module":
+                                r = guarded(f"{case}", bench_module, p, scheme, args.repeats)
+                                if "module_us" in r:
+                                    r = {**r, "us": r["module_us"]}
+                            else:
+                                r = guarded(f"{case}", bench_scheme, p, scheme, backend, args.repeats, args.breakdown)
                         except NotImplementedError as e:
                             print(f"skip {backend} {scheme}: {e}", file=sys.stderr)
+                            skipped.append({**case, "reason": f"NotImplementedError: {e}"})
                             continue
-                        row = {
-                            "shape": shape,
-                            "tokens": tokens,
-                            "skewed": skewed,
-                            "scheme": scheme,
-                            "backend": backend,
-                            "touched_experts": p.touched,
-                            **r,
-                            **baseline,
-                        }
-                        row["tbps"] = r["touched_bytes"] / r["us"] / 1e6
+                        if "skipped" in r:
+                            skipped.append({**case, "reason": r["skipped"]})
+                            save()
+                            continue
+                        row = {**case, "touched_experts": p.touched, **r, **baseline}
+                        row.setdefault("touched_bytes", _touched_bytes(p, scheme))
+                        row["tbps"] = row["touched_bytes"] / r["us"] / 1e6
                         row["tflops"] = p.flops / r["us"] / 1e6
                         if ceiling:
                             row["pct_copy"] = 100 * row["tbps"] / ceiling["copy_tbps"]
                             row["pct_matmul"] = 100 * row["tflops"] / ceiling["matmul_tflops"]
                         if "ragged_dot_bf16_us" in baseline:
                             row["speedup_vs_ragged_dot"] = baseline["ragged_dot_bf16_us"] / r["us"]
+                        if anchor is not None:
+                            row["anchor_us"] = anchor["us"]
+                            row["vs_anchor"] = anchor["us"] / r["us"]
                         stats = device.memory_stats() or {}
                         row["peak_bytes"] = stats.get("peak_bytes_in_use")
                         rows.append(row)
                         print(_format(row), flush=True)
                         for name, us in row.get("kernels") or []:
                             print(f"    {us:9.1f} us  {name[:100]}")
+                        save()
     if ceiling:
         print(f"ceilings: bf16 dense matmul {ceiling['matmul_tflops']:.0f} TF/s, copy {ceiling['copy_tbps']:.2f} TB/s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "ceilings": ceiling, "rows": rows}, f, indent=1)
+    for item in skipped:
+        print(f"skipped: {item}")
+    save()
     return 0
+
+
+def _touched_bytes(p: Problem, scheme: str) -> float:
+    """Packed weight bytes of the touched experts plus the activations read and written."""
+    config = scheme_config(scheme)
+    per_param = {"mx": 0.53125 if config.weight.mx_format == "mxfp4" else 0.78125, "int8": 1, "fp8": 1}
+    per_expert = 3 * p.hidden * p.intermediate * per_param.get(config.weight.kind, 2)
+    return p.touched * per_expert + 2 * p.x.nbytes
 
 
 def _format(r: dict) -> str:
@@ -381,6 +537,10 @@ def _format(r: dict) -> str:
         extra += f" | ragged_dot bf16 {r['ragged_dot_bf16_us']:9.1f} us ({r['speedup_vs_ragged_dot']:.2f}x)"
     if r.get("ragged_dot_mgpu_bf16_gemm1_us"):
         extra += f" | mgpu GEMM1 {r['ragged_dot_mgpu_bf16_gemm1_us']:9.1f} us"
+    if "vs_anchor" in r and r["scheme"] == "w_mxfp4":
+        extra += f" | anchor {r['anchor_us']:.1f} us ({r['vs_anchor']:.2f}x)"
+    if "module_wall_us" in r:
+        extra += f" | wall {r['module_wall_us']:.0f} us, nnx.jit {r['module_nnx_jit_wall_us']:.0f} us"
     return (
         f"{r['shape']:<12} T={r['tokens']:<5} {'skew' if r['skewed'] else 'unif'} {r['scheme']:<26} "
         f"{r['backend']:<10} {r['us']:10.1f} us {r['tbps']:6.3f} TB/s {r['tflops']:7.1f} TF/s{extra}"

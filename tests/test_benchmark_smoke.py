@@ -22,6 +22,7 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, monkeypatch):
         "pallas",
         "--repeats",
         "1",
+        "--module",
         "--json",
         str(out),
     ]
@@ -34,8 +35,11 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, monkeypatch):
     assert result["rows"][0]["backend"] == "emulation" and result["rows"][0]["us"] > 0
     assert result["rows"][0]["ragged_dot_bf16_us"] > 0
     assert {(r["scheme"], r["backend"]) for r in result["rows"]} == {
-        (s, b) for s in ("w_mxfp4", "w8a8_int8_tensor_static", "bf16") for b in ("emulation", "pallas")
+        (s, b) for s in ("w_mxfp4", "w8a8_int8_tensor_static", "bf16") for b in ("emulation", "pallas", "module")
     }
+    module = [r for r in result["rows"] if r["backend"] == "module"]
+    assert all(r["module_wall_us"] > 0 and r["module_nnx_jit_wall_us"] > 0 for r in module)
+    result["rows"] = [r for r in result["rows"] if r["backend"] != "module"]
     # the auto table from these rows: kernel backends only, per scheme family and token count
     order = runpy.run_path("benchmarks/backend_table.py")["rank_backends"]([result])
     assert order == {"cpu": {f: {"3": ["pallas"]} for f in ("mxfp4/none", "int8/int8", "bf16/none")}}
