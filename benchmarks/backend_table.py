@@ -31,7 +31,7 @@ def rank_backends(results: list[dict]) -> dict:
     for doc in results:
         device = doc["meta"]["device"]
         for row in doc["rows"]:
-            if row["backend"] == "emulation":
+            if row["backend"] in ("emulation", "module"):  # the oracle, and the module path (auto itself)
                 continue
             key = (device, scheme_family(scheme_config(row["scheme"])), row["tokens"])
             case = (row["shape"], row["scheme"], row["skewed"])

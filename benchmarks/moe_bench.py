@@ -44,8 +44,8 @@ from quarkmoe_jax.kernels import configs
 
 import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import scheme_layer_config
-from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 from quarkmoe_jax.moe import op
+from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape, WeightQuant, get_moe_scheme
 
 SHAPES = {  # name: (experts, top_k, hidden, intermediate)
@@ -304,8 +304,9 @@ def scheme_config(scheme: str) -> MoEQuantConfig:
     return get_moe_scheme(scheme_layer_config(scheme)).quant_config()
 
 
-def expert_params(p: Problem, config: MoEQuantConfig, kernel_layout: bool) -> dict:
-    """Seeded random expert weights of ``config``'s kind (and static input scales where it has them)."""
+def expert_params(p: Problem, config: MoEQuantConfig, kernel_layout: str | None) -> dict:
+    """Seeded random expert weights of ``config``'s kind (and static input scales where it has them), MX
+    weights in ``kernel_layout``'s layout (a backend name; None: Quark's)."""
     shapes = {"w13": (p.experts, 2 * p.intermediate, p.hidden), "w2": (p.experts, p.hidden, p.intermediate)}
     params = {}
     for seed, (name, shape) in enumerate(shapes.items(), start=1):
@@ -313,7 +314,9 @@ def expert_params(p: Problem, config: MoEQuantConfig, kernel_layout: bool) -> di
         weight = config.weight
         if weight.kind == "mx":
             w = random_mx_weights(key, shape, weight.mx_format)
-            params[name] = to_kernel_layout(w) if kernel_layout else w  # re-laid once after loading
+            if kernel_layout:  # re-laid once, as after loading (prepare_for_kernels)
+                w = kernel_weights(w, name, kernel_layout, fragment_layout=kernel_layout == "triton")
+            params[name] = w
         elif weight.kind in ("int8", "fp8"):
             params[name], params[f"{name}_weight_scale"] = random_w8a8_weights(
                 key, shape, weight.kind, weight.granularity
@@ -331,7 +334,7 @@ def expert_params(p: Problem, config: MoEQuantConfig, kernel_layout: bool) -> di
 def bench_scheme(p: Problem, scheme: str, backend: str, repeats: int, breakdown: bool = False) -> dict:
     config = scheme_config(scheme)
     shape = MoEShape(p.experts, p.hidden, p.intermediate)
-    params = expert_params(p, config, kernel_layout=backend != "emulation")
+    params = expert_params(p, config, kernel_layout=None if backend == "emulation" else backend)
 
     def run(x, weights, ids, params):
         return op.moe_experts(x, weights, ids, params, config, shape, backend=backend)
@@ -391,7 +394,7 @@ def bench_module(p: Problem, scheme: str, repeats: int) -> dict:
     config = scheme_config(scheme)
     shape = MoEShape(p.experts, p.hidden, p.intermediate)
     before = (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
-    params = expert_params(p, config, kernel_layout=False)
+    params = expert_params(p, config, kernel_layout=None)
     packed = sum(v.nbytes for v in jax.tree_util.tree_leaves(params))
     experts = QuarkMoE(config, shape, params).prepare_for_kernels()
     del params

@@ -80,6 +80,7 @@ class TileConfig:
     k_unroll: int = 1
     swap_ab: bool = False
     split_k: int = 1
+    prefetch_l2: int = 0  # the v2 MXFP4 kernels (triton_mx_gemm): > 0 = direct loads + L2 prefetch that far ahead
 
 
 @dataclasses.dataclass(frozen=True)

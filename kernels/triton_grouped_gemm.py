@@ -22,6 +22,7 @@ raises ``NotImplementedError`` (``backend="auto"`` moves on).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,6 +38,7 @@ from quarkmoe_jax.kernels.grouped_gemm import (
     epilogue_of_accumulators,
 )
 
+from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights
 from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, chunk_sizes
 
 __all__ = ["triton_grouped_gemm", "unavailable_reason", "AUTOTUNE_BLOCK_N"]
@@ -317,6 +319,28 @@ def triton_grouped_gemm(
         raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {bm}")
     shards = 2 if epilogue.gated else 1
     n_total = shards * n_out
+    if isinstance(weight, MXFragmentWeights):
+        from quarkmoe_jax.kernels import triton_mx_gemm
+
+        block_n = config.block_n
+        while block_n > 64 and not triton_mx_gemm.fits(weight, block_n):
+            block_n //= 2
+        tile = dataclasses.replace(config, block_n=block_n)
+        acc = triton_mx_gemm.mx_fragment_gemm(
+            a, weight, tile_expert, config=tile, interleaved=bool(epilogue.gated and epilogue.interleaved)
+        )
+        return epilogue_of_accumulators(
+            acc,
+            tile_expert,
+            bm,
+            n_out=n_out,
+            epilogue=epilogue,
+            out_dtype=out_dtype,
+            bias=bias,
+            row_weights=row_weights,
+            row_scales=row_scales,
+            col_scales=col_scales,
+        )
     common = dict(
         K=k_total,
         N_TOTAL=n_total,

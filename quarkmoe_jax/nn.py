@@ -26,8 +26,9 @@ from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
 from quarkmoe_jax.checkpoint.loader import LoadedExperts, check_expert_map, load_moe_block
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.formats import MXTensor
-from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
+from quarkmoe_jax.formats.kernel_layout import KERNEL_LAYOUTS
 from quarkmoe_jax.moe import op, routing
+from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
 from quarkmoe_jax.sharding import (
@@ -158,25 +159,28 @@ class QuarkMoE(nnx.Module):
                 out[key] = var.get_value()
         return out
 
-    def prepare_for_kernels(self) -> QuarkMoE:
-        """Re-lay MX weights once for the Pallas kernels (``process_weights_after_loading``'s kernel step).
+    def prepare_for_kernels(self, backend: str | None = None) -> QuarkMoE:
+        """Re-lay MX weights once for a kernel backend (``process_weights_after_loading``'s kernel step);
+        ``from_checkpoint`` does it on a GPU. Returns ``self``.
 
-        Exact and the same bytes (:mod:`quarkmoe_jax.formats.kernel_layout`); every backend accepts either
-        layout, but without this the ``pallas`` backend re-lays the weights on every call. Returns ``self``.
+        ``backend``: ``"triton"`` (MXFP4 in the fragment layout of the v2 kernels, MXFP6 in the chunk
+        layout), ``"pallas"`` (the chunk layout), or None: the kernel backend ``auto`` runs MX weights on here
+        (``triton`` where jax-triton is installed on a GPU, else ``pallas``). Exact, the same bytes (plus
+        K padding to 128 in the fragment layout); every backend accepts every layout, but one in another
+        layout re-lays the weights on each call. Sharded experts take the chunk layout, shard by shard.
         """
-        from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
-
         if self.sharding is not None:
             relaid = kernel_layout_per_shard({"w13": self.w13.get_value(), "w2": self.w2.get_value()}, self.sharding)
             self.w13.set_value(relaid["w13"])
             self.w2.set_value(relaid["w2"])
             return self
-        for var in (self.w13, self.w2):
+        backend = backend or default_kernel_backend()
+        for name, var in (("w13", self.w13), ("w2", self.w2)):
             value = var.get_value()
-            if isinstance(value, MXTensor):
+            if isinstance(value, (MXTensor, *KERNEL_LAYOUTS)):
                 try:
-                    var.set_value(to_kernel_layout(value))
-                except ValueError:  # FP6 with K % 64 != 0: the kernels do not take it; keep Quark's layout
+                    var.set_value(kernel_weights(value, name, backend, backend == "triton"))
+                except NotImplementedError:  # e.g. FP6 with K % 64 != 0: the kernels do not take it; keep it
                     pass
         return self
 
@@ -240,8 +244,16 @@ class QuarkMoE(nnx.Module):
         )
 
 
+def default_kernel_backend() -> str:
+    """The kernel backend ``auto`` runs MX weights on here: ``triton`` where jax-triton can run (a GPU with
+    the optional extra), else ``pallas``."""
+    from quarkmoe_jax.kernels.triton_grouped_gemm import unavailable_reason
+
+    return "triton" if unavailable_reason() is None else "pallas"
+
+
 def _dequantize(weight, scale, dtype, shape: MoEShape | None):
-    if isinstance(weight, MXTensor | MXKernelWeights):
+    if isinstance(weight, (MXTensor, *KERNEL_LAYOUTS)):
         return weight.dequantize(dtype)
     values = weight.astype(jnp.float32)
     if scale is not None:
@@ -331,6 +343,10 @@ class QuarkMoEBlock(nnx.Module):
         if loaded.shared:
             shared_sharding = None if sharding is None else sharding.for_shared_experts()
             shared = QuarkMoE.from_loaded(loaded.shared, activation="silu", sharding=shared_sharding)
+        if jax.default_backend() == "gpu":  # the kernels' layout now, not in every call
+            for module in (experts, shared):
+                if module is not None:
+                    module.prepare_for_kernels()
         return cls(
             experts,
             loaded.router_weight,

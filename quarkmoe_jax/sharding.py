@@ -58,7 +58,7 @@ from quarkmoe_jax.checkpoint.loader import (
 )
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
 from quarkmoe_jax.formats import MXTensor
-from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, to_kernel_layout
+from quarkmoe_jax.formats.kernel_layout import as_mx_tensor, to_kernel_layout
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.emulation import token_bucket, validate_moe_inputs
@@ -318,7 +318,7 @@ def shard_params(params: dict[str, Any], shape: MoEShape, sharding: MoESharding)
     shard-major; each device's block is exactly the parameters :func:`load_sharded_experts` reads for it.
     Prefer that per-shard loader for models that do not fit one device.
     """
-    params = {k: v.to_mx() if isinstance(v, MXKernelWeights) else v for k, v in params.items()}
+    params = {k: as_mx_tensor(v) for k, v in params.items()}
     w13, w2 = params["w13"], params["w2"]
     i_stored = w2.shape[2]
     shards = w13.shape[1] // i_stored

@@ -27,9 +27,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, MXFormat, MXTensor, pack_codes, unpack_codes
 
-__all__ = ["DEFAULT_CHUNK", "MXKernelWeights", "to_kernel_layout", "chunk_sizes"]
+__all__ = ["DEFAULT_CHUNK", "MXKernelWeights", "to_kernel_layout", "chunk_sizes", "KERNEL_LAYOUTS", "as_mx_tensor"]
 
 DEFAULT_CHUNK = 128
 
@@ -142,6 +143,8 @@ def to_kernel_layout(weights: MXTensor, chunk: int = DEFAULT_CHUNK) -> MXKernelW
         if weights.chunk == chunk:
             return weights
         weights = weights.to_mx()
+    if isinstance(weights, MXFragmentWeights):
+        weights = weights.to_mx()
     if not isinstance(weights, MXTensor):
         raise TypeError(f"to_kernel_layout takes an MXTensor, got {type(weights).__name__}")
     if weights.fmt.bits not in (4, 6):
@@ -159,3 +162,12 @@ def to_kernel_layout(weights: MXTensor, chunk: int = DEFAULT_CHUNK) -> MXKernelW
     if weights.fmt.bits == 6:
         high = jnp.concatenate([_high_plane(ch >> 4, c) for ch, c in zip(chunks, sizes, strict=True)], axis=-1)
     return MXKernelWeights(nibbles, high, weights.scales, weights.fmt, chunk)
+
+
+KERNEL_LAYOUTS = (MXKernelWeights, MXFragmentWeights)
+"""The kernels' MX weight layouts (exact re-lays of an :class:`MXTensor`)."""
+
+
+def as_mx_tensor(weight):
+    """MX weights in any kernel layout back in Quark's (:class:`MXTensor`); anything else unchanged."""
+    return weight.to_mx() if isinstance(weight, KERNEL_LAYOUTS) else weight

@@ -36,7 +36,7 @@ from jax import lax
 
 from quarkmoe_jax.formats import MXTensor, quant_dequant
 from quarkmoe_jax.formats import quantizers as qz
-from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
+from quarkmoe_jax.formats.kernel_layout import as_mx_tensor
 from quarkmoe_jax.moe.activations import apply_activation, is_gated
 from quarkmoe_jax.moe.dispatch import sort_pairs
 from quarkmoe_jax.moe.shard_axes import ShardAxes
@@ -274,7 +274,7 @@ def moe_experts_unpadded(
     dtype = x.dtype
     axes = shard_axes or ShardAxes()
     t, k = topk_ids.shape
-    params = {name: v.to_mx() if isinstance(v, MXKernelWeights) else v for name, v in params.items()}
+    params = {name: as_mx_tensor(v) for name, v in params.items()}
     w13, w2 = params["w13"], params["w2"]
     num_local = w13.shape[0]
     h_pad, n13, i_pad = w13.shape[2], w13.shape[1], w2.shape[2]

@@ -34,7 +34,6 @@ Quark's layout are re-laid on every call, which costs a pass over the weights: r
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
@@ -42,8 +41,9 @@ import jax.numpy as jnp
 
 from quarkmoe_jax.formats import MXTensor
 from quarkmoe_jax.formats import quantizers as qz
-from quarkmoe_jax.formats.kernel_layout import DEFAULT_CHUNK, MXKernelWeights, to_kernel_layout
-from quarkmoe_jax.kernels.configs import dequant_min_rows, fp8_tensor_cores, tile_configs
+from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights, to_fragment_layout
+from quarkmoe_jax.formats.kernel_layout import DEFAULT_CHUNK, MXKernelWeights, as_mx_tensor, to_kernel_layout
+from quarkmoe_jax.kernels.configs import dequant_min_rows, expected_load, fp8_tensor_cores, tile_configs
 from quarkmoe_jax.kernels.grouped_gemm import (
     DENSE_MIN_K,
     Epilogue,
@@ -81,21 +81,31 @@ class KernelBackend:
       prefill_dequant: whether prefill may dequantize MX weights to bfloat16 in bounded chunks and run the
         dense kernel (needs ``gemm`` to take an ``out`` buffer).
       unavailable: returns why the backend cannot run on this machine (``None`` when it can).
+      fragment_layout: MXFP4 weights run in the fragment layout (the v2 kernels,
+        :mod:`quarkmoe_jax.formats.fragment_layout`); other MX weights in the chunk layout.
     """
 
     name: str
     gemm: Callable
     prefill_dequant: bool
     unavailable: Callable[[], str | None] = lambda: None
+    fragment_layout: bool = False
 
 
-def kernel_weights(weight, name: str, backend: str = "pallas"):
-    """``weight`` as the kernels read it: :class:`MXKernelWeights`, or an ``[E, N, K]`` array (int8, e4m3,
-    or float)."""
-    if isinstance(weight, MXKernelWeights):
+def kernel_weights(weight, name: str, backend: str = "pallas", fragment_layout: bool = False):
+    """``weight`` as the kernels read it: :class:`MXFragmentWeights` (MXFP4 with ``fragment_layout``),
+    :class:`MXKernelWeights` (other MX weights), or an ``[E, N, K]`` array (int8, e4m3, or float). Weights
+    in another layout are re-laid (a pass over them on every call: lay them out once after loading,
+    ``QuarkMoE.prepare_for_kernels``)."""
+    if isinstance(weight, MXFragmentWeights) and fragment_layout:
         return weight
-    if isinstance(weight, MXTensor):
+    if isinstance(weight, MXKernelWeights) and not (fragment_layout and weight.fmt.name == "mxfp4"):
+        return weight
+    if isinstance(weight, (MXTensor, MXKernelWeights, MXFragmentWeights)):
+        weight = as_mx_tensor(weight)
         try:
+            if fragment_layout and weight.fmt.name == "mxfp4":
+                return to_fragment_layout(weight)
             return to_kernel_layout(weight, DEFAULT_CHUNK)
         except ValueError as e:
             raise NotImplementedError(f"{backend} backend: {name}: {e}") from None
@@ -187,21 +197,6 @@ def fused_core(backend: KernelBackend) -> Callable:
     return core
 
 
-def expected_load(num_pairs: int, num_local: int, num_global: int) -> tuple[int, float]:
-    """``(touched experts, rows per touched expert)`` that the tile and prefill choices assume.
-
-    ``num_pairs`` token-expert pairs over ``num_global`` experts, ``num_local`` of them here. An
-    expert-parallel shard sees every pair of its token group but, under even routing, only its share
-    ``num_local / num_global`` of them reaches its experts: counting them all made a one-expert Mixtral EP 8
-    shard at 16 tokens take the 32-row ("mid") tiles instead of decode tiles (2.4x slower on an H100, MXFP4).
-    Under the all-to-all exchange the shard's rows are already those with a local expert, so this share
-    underestimates their local pairs (about 3x for Mixtral EP 8): an estimate, not a bound.
-    """
-    local_pairs = num_pairs * num_local / num_global
-    touched = max(1, min(num_local, math.ceil(local_pairs)))
-    return touched, local_pairs / touched
-
-
 def _fused_forward(
     x,
     topk_weights,
@@ -226,8 +221,8 @@ def _fused_forward(
         raise NotImplementedError(
             f"{backend.name} backend: per-channel dynamic activation scales (Quark) are not supported"
         )
-    w13 = kernel_weights(params["w13"], "w13", backend.name)
-    w2 = kernel_weights(params["w2"], "w2", backend.name)
+    w13 = kernel_weights(params["w13"], "w13", backend.name, backend.fragment_layout)
+    w2 = kernel_weights(params["w2"], "w2", backend.name, backend.fragment_layout)
 
     dtype = x.dtype
     t, k = topk_ids.shape
@@ -241,7 +236,10 @@ def _fused_forward(
     device_kind = jax.devices()[0].device_kind
     num_global = num_local if expert_map is None else expert_map.shape[0]
     touched, rows_per_expert = expected_load(num_pairs, num_local, num_global)
-    config1, config2 = tile_configs(device_kind, rows_per_expert, touched)
+    fragment = isinstance(w13, MXFragmentWeights) and isinstance(w2, MXFragmentWeights)
+    config1, config2 = tile_configs(
+        device_kind, rows_per_expert, touched, "triton_mx" if fragment else "pallas", contractions=(h_pad, i_pad)
+    )
     dequant = backend.prefill_dequant and rows_per_expert >= dequant_min_rows(device_kind)
     if config1.block_m != config2.block_m:
         raise ValueError("GEMM1 and GEMM2 tile configs must share block_m (they share the row layout)")
@@ -287,7 +285,7 @@ def _fused_forward(
         scale1,
         col_scales.get("w13"),
         n_out=i_pad if fused else n13,
-        config=_fit_block_n(config1, i_pad if fused else n13),
+        config=config1 if fragment else _fit_block_n(config1, i_pad if fused else n13),
         epilogue=epilogue1,
         gemm=backend.gemm,
         dtype=dtype,
@@ -320,7 +318,7 @@ def _fused_forward(
         scale2,
         col_scales.get("w2"),
         n_out=h_pad,
-        config=_fit_block_n(config2, h_pad),
+        config=config2 if fragment else _fit_block_n(config2, h_pad),
         epilogue=Epilogue(
             has_bias=params.get("w2_bias") is not None,
             row_weights=row_weights is not None,

@@ -572,7 +572,8 @@ def test_unsupported_model_type(bad):
 
 def test_missing_required_config_key(bad):
     path = bad(config=lambda c: c.pop("num_local_experts"))
-    refuse(path, CheckpointError, r"config\.json: missing key 'num_local_experts' or 'num_experts' for model_type 'mixtral'")
+    message = r"config\.json: missing key 'num_local_experts' or 'num_experts' for model_type 'mixtral'"
+    refuse(path, CheckpointError, message)
 
 
 def test_config_key_of_the_wrong_type(bad):

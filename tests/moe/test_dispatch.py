@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from quarkmoe_jax.kernels.configs import regime
+from quarkmoe_jax.kernels.configs import expected_load, regime
 
 from quarkmoe_jax.moe.dispatch import max_row_tiles, sort_pairs, tile_rows
-from quarkmoe_jax.moe.fused import expected_load
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,7 @@ def test_backend_with_split_k_decode_tiles(key, monkeypatch):
 
     from quarkmoe_jax.kernels import configs
 
-    decode = tuple(dataclasses.replace(c, split_k=2) for c in configs.DEFAULT["decode"])
+    decode = tuple(tuple((k, dataclasses.replace(c, split_k=2)) for k, c in o) for o in configs.DEFAULT["decode"])
     monkeypatch.setitem(configs.DEFAULT, "decode", decode)
     jax.clear_caches()
     experts = random_experts(key, activation="swigluoai", h=256, i=256, bias=True, limit=7.0)
@@ -315,3 +315,20 @@ def test_an_expert_parallel_call_sizes_its_tiles_for_the_local_share(key, monkey
             num_global_experts=8,
         )
     assert seen == [(32, 2, 8)]
+
+
+def test_fragment_layout_weights_run_on_every_backend(key):
+    """MXFP4 weights re-laid for the v2 Triton kernels give the same result on the emulation and the Pallas
+    backends (each converts what it cannot read)."""
+    from quarkmoe_jax.formats.fragment_layout import to_fragment_layout
+    from quarkmoe_jax.moe import emulation
+
+    experts = random_experts(key, scheme="w_mxfp4", bias=True)
+    x, weights, ids = inputs(key)
+    params = dict(experts.params())
+    relaid = {**params, "w13": to_fragment_layout(params["w13"]), "w2": to_fragment_layout(params["w2"])}
+    args = (experts.quant_config, experts.shape)
+    for backend in (emulation, pallas_backend):
+        want = backend.moe_experts(x, weights, ids, params, *args, activation=experts.activation)
+        got = backend.moe_experts(x, weights, ids, relaid, *args, activation=experts.activation)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

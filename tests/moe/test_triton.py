@@ -51,7 +51,7 @@ def test_auto_follows_the_measured_table(key, monkeypatch):
     assert configs.backend_order("GPU X", config, 1) == ("triton", "pallas")
     assert configs.backend_order("GPU X", config, 2) == ("triton", "pallas")
     assert configs.backend_order("GPU X", config, 8192) == ("pallas", "triton")
-    assert configs.backend_order("GPU Y", config, 1) == configs.DEFAULT_BACKEND_ORDER
+    assert configs.backend_order("GPU Y", config, 1) == configs.MXFP4_BACKEND_ORDER  # MXFP4: the v2 kernels first
     w6 = random_experts(key, scheme="w_mxfp6_e2m3").quant_config
     assert configs.scheme_family(w6) == "mxfp6/none"
     assert configs.backend_order("GPU X", w6, 1) == configs.DEFAULT_BACKEND_ORDER

@@ -1,0 +1,299 @@
+"""The v2 MXFP4 grouped GEMM (jax-triton): weights decoded straight into Hopper's wgmma register fragment.
+
+``out[M_pad, N] = a[M_pad, K] @ W[expert(row tile)]^T`` over row tiles of ``block_m`` rows (the dispatch's
+padded layout, ``tile_expert`` per tile, -1 = unused tile, written as zeros), float32 accumulators, for
+MXFP4 weights in the fragment layout (:mod:`quarkmoe_jax.formats.fragment_layout`).
+
+Each program computes the transposed tile ``acc[block_n, block_m] += decode(W)[block_n, 128] @ a^T`` so the
+weights are wgmma's M side and come from registers (A operand): the packed bytes are loaded 16 bytes per
+thread, one inline-asm per 32-bit word turns them into four bf16x2 register pairs (rotate and mask: 9
+integer instructions per 8 elements; the pattern is the e2m1 value times 2^-126), one ``mul.bf16x2`` per
+pair applies ``2^126 * 2^(s - 127)`` (two where some scale code exceeds 128: ``exact_scales``), and the
+``reshape`` / ``permute`` between them are register renamings that Triton's layout propagation resolves
+(no shared-memory round trip on the weight path; checked on the compiled TTGIR / SASS, docs/performance.md).
+Only the small activation tile goes through shared memory, as wgmma's B operand.
+
+Two ways to keep the weight stream in flight (``TileConfig``): ``prefetch_l2 = 0`` pipelines the weight
+loads with ``num_stages`` (Triton turns them into cp.async into shared memory, read back conflict-free
+straight into the fragment); ``prefetch_l2 = d > 0`` loads straight into registers and prefetches the units
+``d`` steps ahead into L2 (``cp.async.bulk.prefetch.L2``). ``split_k`` splits the K loop over a third grid
+axis (float32 partial sums added by XLA) for grids too small for the GPU (few touched experts).
+
+No CPU path (jax-triton has none): :func:`unavailable_reason` says why a call cannot run here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from quarkmoe_jax.formats.fragment_layout import UNIT_K, MXFragmentWeights
+
+__all__ = ["mx_fragment_gemm", "fits"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the optional extra is not installed
+    triton = None
+
+
+def fits(weight: MXFragmentWeights, block_n: int) -> bool:
+    """Whether ``block_n`` (64, 128 or 256: 4 warps per 64... 256 rows) tiles the weight's padded rows."""
+    return weight.padded_shape[1] % block_n == 0
+
+
+if triton is not None:
+    # One 32-bit word of the fragment layout -> four bf16x2 pairs (value * 2^-126 bit patterns).
+    _DECODE = tl.constexpr(
+        """{
+    .reg .b32 t;
+    shf.l.wrap.b32 t, $4, $4, 6;  and.b32 $0, t, 0x81C081C0;
+    shf.l.wrap.b32 t, $4, $4, 12; and.b32 $1, t, 0x81C081C0;
+    shf.l.wrap.b32 t, $4, $4, 2;  and.b32 $2, t, 0x81C081C0;
+    shf.l.wrap.b32 t, $4, $4, 8;  and.b32 t, t, 0x00400040;
+    and.b32 $3, $4, 0x81808180;   or.b32 $3, $3, t;
+    }"""
+    )
+    # The same, then times 2^126 (bf16x2 0x7e80): exact e2m1 values, for scales applied as 2^(s-127).
+    _DECODE_EXACT = tl.constexpr(
+        """{
+    .reg .b32 t, c;
+    mov.b32 c, 0x7e807e80;
+    shf.l.wrap.b32 t, $4, $4, 6;  and.b32 t, t, 0x81C081C0; mul.rn.bf16x2 $0, t, c;
+    shf.l.wrap.b32 t, $4, $4, 12; and.b32 t, t, 0x81C081C0; mul.rn.bf16x2 $1, t, c;
+    shf.l.wrap.b32 t, $4, $4, 2;  and.b32 t, t, 0x81C081C0; mul.rn.bf16x2 $2, t, c;
+    shf.l.wrap.b32 t, $4, $4, 8;  and.b32 t, t, 0x00400040;
+    and.b32 $3, $4, 0x81808180;   or.b32 t, $3, t; mul.rn.bf16x2 $3, t, c;
+    }"""
+    )
+
+    @triton.jit
+    def _decode(words, EXACT: tl.constexpr):
+        """uint8 ``[BN/2, 128]`` (4 consecutive register bytes = one word) -> bf16 rows g (o0) and g+8 (o1)."""
+        if EXACT:
+            return tl.inline_asm_elementwise(
+                _DECODE_EXACT, "=r,=r,=r,=r,r", [words], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+            )
+        return tl.inline_asm_elementwise(
+            _DECODE, "=r,=r,=r,=r,r", [words], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+        )
+
+    @triton.jit
+    def _scaled(w, factors):
+        """``w * factor`` per bf16x2 pair; ``factors`` int32 holds the pair's bf16x2 factor bits."""
+        return tl.inline_asm_elementwise(
+            "mul.rn.bf16x2 $0, $1, $2;", "=r,r,r,r", [w, factors], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+
+    @triton.jit
+    def _fragment(o0, o1, BN: tl.constexpr):
+        """Rows g / g+8 of every 16-row unit -> the ``[BN, 128]`` tile in row / K order (register renaming)."""
+        j = tl.join(o0, o1)  # [BN/2, 128, h8]
+        j = j.reshape(BN // 16, 8, 2, 4, 8, 2, 2)  # blk g kh tig (q1 q0 k3) j h8
+        j = j.permute(0, 6, 1, 2, 4, 3, 5)  # blk h8 g kh (q1 q0 k3) tig j
+        return j.reshape(BN, 128)
+
+    @triton.jit
+    def _prefetch_l2(pointers, on):
+        """``cp.async.bulk.prefetch.L2`` of the 1 KiB unit at each pointer where ``on`` (sm_90)."""
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .pred p;
+            setp.ne.b32 p, $2, 0;
+            @p cp.async.bulk.prefetch.L2.global [$1], 1024;
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r",
+            [pointers, on],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
+    def _mx_fragment_gemm_kernel(
+        tile_expert_ptr,
+        a_ptr,
+        w_ptr,
+        s_ptr,
+        out_ptr,
+        K_UNITS: tl.constexpr,
+        N_UNITS: tl.constexpr,
+        M_PAD: tl.constexpr,
+        N_OUT: tl.constexpr,
+        INTERLEAVED: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EXACT: tl.constexpr,
+        PREFETCH_L2: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+    ):
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        expert = tl.load(tile_expert_ptr + pid_m)
+        units_per_split: tl.constexpr = K_UNITS // SPLIT_K
+        iterations = tl.where(expert >= 0, units_per_split, 0)
+        e = tl.maximum(expert, 0).to(tl.int64)
+        unit_row0 = pid_n * (BLOCK_N // 16)
+        first_unit = pid_k * units_per_split
+        w_base = w_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 1024
+        s_base = s_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 64
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
+
+        g = tl.arange(0, 8)
+        blk = tl.arange(0, BLOCK_N // 16)
+        sj = tl.arange(0, 8)
+        if PREFETCH_L2 == 0:
+            # [BN/2, 128]: p = 8*blk + g (rows g, g+8 of unit blk), c = 64*kh + 16*tig + byte
+            p = tl.arange(0, BLOCK_N // 2)
+            c = tl.arange(0, 128)
+            w_offsets = ((p // 8) * (K_UNITS * 1024) + (p % 8) * 64)[:, None] + ((c // 64) * 512 + (c % 64))[None, :]
+            s_offsets = (blk * (K_UNITS * 64))[:, None, None] + (g * 8)[None, :, None] + sj[None, None, :]
+        else:
+            # [tig, g, blk, kh, byte]: the coalesced default layout of this shape is the fragment's own
+            tig = tl.arange(0, 4)
+            kh = tl.arange(0, 2)
+            jj = tl.arange(0, 16)
+            w_offsets = (
+                (tig * 16)[:, None, None, None, None]
+                + (g * 64)[None, :, None, None, None]
+                + (blk * (K_UNITS * 1024))[None, None, :, None, None]
+                + (kh * 512)[None, None, None, :, None]
+                + jj[None, None, None, None, :]
+            )
+            s_offsets = (
+                (tig * 0)[:, None, None, None]
+                + (g * 8)[None, :, None, None]
+                + (blk * (K_UNITS * 64))[None, None, :, None]
+                + sj[None, None, None, :]
+            )
+            # warp w prefetches units w and w + BN/32 of the step PREFETCH_L2 ahead (warp-uniform addresses)
+            pf_warp = tl.arange(0, BLOCK_N) // 32
+            pf_on = (pf_warp < BLOCK_N // 32).to(tl.int32)
+            for d in tl.static_range(1, PREFETCH_L2):
+                for u in tl.static_range(2):
+                    _prefetch_l2(
+                        w_base + d * 1024 + (pf_warp + u * (BLOCK_N // 32)) * (K_UNITS * 1024),
+                        pf_on * (d < iterations).to(tl.int32),
+                    )
+        offs_k = tl.arange(0, 128)
+
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for it in tl.range(0, iterations, num_stages=NUM_STAGES if PREFETCH_L2 == 0 else 1):
+            words = tl.load(w_base + w_offsets)
+            scale_bytes = tl.load(s_base + s_offsets)
+            a = tl.load(a_base + offs_k[None, :])
+            if PREFETCH_L2 > 0:
+                for u in tl.static_range(2):
+                    _prefetch_l2(
+                        w_base + PREFETCH_L2 * 1024 + (pf_warp + u * (BLOCK_N // 32)) * (K_UNITS * 1024),
+                        pf_on * ((it + PREFETCH_L2) < iterations).to(tl.int32),
+                    )
+                words = words.permute(2, 1, 3, 0, 4).reshape(BLOCK_N // 2, 128)
+            w_base += 1024
+            s_base += 64
+            a_base += 128
+
+            o0, o1 = _decode(words, EXACT)
+            w = _fragment(o0, o1, BLOCK_N)  # [BN, 128] bf16, scale not yet applied
+            if PREFETCH_L2 == 0:
+                s = scale_bytes.reshape(BLOCK_N // 16, 8, 4, 2).permute(0, 3, 1, 2).reshape(BLOCK_N, 4)
+            else:
+                s = scale_bytes.reshape(4, 8, BLOCK_N // 16, 4, 2).permute(2, 4, 1, 3, 0).reshape(BLOCK_N, 4, 4)
+            codes = s.to(tl.int32)
+            if EXACT:  # 2^(s-127) in both halves; code 0 -> the bf16 subnormal 2^-127
+                factors = tl.maximum(codes * 0x00800080, 0x00400040)
+            else:  # 2^(s-1) = bf16 bits (s + 126) << 7, exact for s <= 128
+                factors = codes * 0x00800080 + 0x3F003F00
+            if PREFETCH_L2 == 0:
+                factors = tl.broadcast_to(factors[:, :, None], (BLOCK_N, 4, 32)).reshape(BLOCK_N, 128)
+            else:
+                factors = tl.broadcast_to(factors[:, :, None, :, None], (BLOCK_N, 4, 4, 4, 2)).reshape(BLOCK_N, 128)
+            w = _scaled(w, factors)
+            acc = tl.dot(w, tl.trans(a), acc)
+
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if INTERLEAVED:  # gpt-oss: weight row c is gate (c even) or up (c odd) of channel c // 2: shard-major
+            cols = (cols % 2) * (N_OUT // 2) + cols // 2
+        out_rows = pid_k * M_PAD + rows
+        tl.store(out_ptr + out_rows.to(tl.int64)[None, :] * N_OUT + cols[:, None], acc)
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+@functools.cache
+def _sm_count() -> int:
+    return getattr(jax.devices()[0], "core_count", 132) or 132
+
+
+def split_k_for(num_tiles: int, n_tiles: int, k_units: int, limit: int) -> int:
+    """The K split that fills the GPU: the smallest power of two (up to ``limit``, dividing the K loop) that
+    gives at least two programs per SM."""
+    split = 1
+    while split < limit and num_tiles * n_tiles * split < 2 * _sm_count() and k_units % (2 * split) == 0:
+        split *= 2
+    return split
+
+
+def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, interleaved: bool = False):
+    """``a [M_pad, K]`` (bfloat16, rows in the dispatch's tile layout) times MXFP4 ``weight`` (fragment
+    layout, ``[E, N, K]``) of each row tile's expert -> float32 ``[M_pad, N]`` accumulators.
+
+    ``config``: :class:`~quarkmoe_jax.kernels.grouped_gemm.TileConfig` (``block_m``, ``block_n``,
+    ``num_warps``, ``num_stages``, ``prefetch_l2``, ``split_k``: the most splits allowed; fewer when the
+    grid fills the GPU). ``interleaved``: the weight's rows alternate two shards (gpt-oss's gate / up);
+    the output is shard-major.
+
+    Raises:
+      NotImplementedError: ``block_n`` does not tile the weight's rows, or an interleaved weight has padded
+        rows.
+    """
+    import jax_triton as jt
+
+    _, n_pad, k_pad = weight.padded_shape
+    n = weight.n
+    if not fits(weight, config.block_n):
+        raise NotImplementedError(f"triton backend: block_n {config.block_n} does not tile N = {n_pad}")
+    if interleaved and n != n_pad:
+        raise NotImplementedError(f"triton backend: interleaved N = {n} is not a multiple of 64")
+    num_tiles = tile_expert.shape[0]
+    m_pad = a.shape[0]
+    if m_pad != num_tiles * config.block_m:
+        raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {config.block_m}")
+    a = a.astype(jnp.bfloat16)
+    if a.shape[1] < k_pad:
+        a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
+    k_units = k_pad // UNIT_K
+    n_tiles = n_pad // config.block_n
+    split = split_k_for(num_tiles, n_tiles, k_units, config.split_k)
+    out = jt.triton_call(
+        tile_expert.astype(jnp.int32),
+        a,
+        weight.words,
+        weight.scales,
+        kernel=_mx_fragment_gemm_kernel,
+        out_shape=jax.ShapeDtypeStruct((split * m_pad, n_pad), jnp.float32),
+        grid=(num_tiles, n_tiles, split),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages if config.prefetch_l2 == 0 else 1,
+        K_UNITS=k_units,
+        N_UNITS=n_pad // 16,
+        M_PAD=m_pad,
+        N_OUT=n_pad,
+        INTERLEAVED=bool(interleaved),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        SPLIT_K=split,
+        EXACT=bool(weight.exact_scales),
+        PREFETCH_L2=config.prefetch_l2,
+        NUM_STAGES=config.num_stages,
+    )
+    if split > 1:
+        out = out.reshape(split, m_pad, n_pad).sum(axis=0)
+    return out[:, :n]

@@ -1,0 +1,103 @@
+"""The v2 kernels' fragment layout: exact both ways, and the kernel's decode (rotate-and-mask words, bf16x2
+scale multiply), modelled in numpy, gives the checkpoint's values; every backend accepts it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import quarkmoe_jax as qm
+from quarkmoe_jax.formats.fragment_layout import (
+    FAST_SCALE_MAX,
+    SOURCE_BITS,
+    MXFragmentWeights,
+    decode_fragment_words,
+    to_fragment_layout,
+)
+from quarkmoe_jax.formats.kernel_layout import as_mx_tensor, to_kernel_layout
+
+
+def random_mx(key, shape, scale_low=100, scale_high=140):
+    """Uniform random bytes (every e2m1 code pair) and scale codes in [low, high)."""
+    k1, k2 = jax.random.split(key)
+    e, n, k = shape
+    packed = jax.random.randint(k1, (e, n, k // 2), 0, 256).astype(jnp.uint8)
+    scales = jax.random.randint(k2, (e, n, k // 32), scale_low, scale_high).astype(jnp.uint8)
+    return qm.MXTensor(packed, scales, qm.MX_FORMATS["mxfp4"])
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 128), (3, 128, 2880 // 9), (1, 80, 96), (2, 16 * 9, 640)])
+def test_round_trip_and_decode_are_exact(key, shape):
+    """Quark bytes -> fragment layout -> Quark bytes, bit for bit (K and N padding included: gpt-oss-like
+    K = 320, N not a multiple of 64); the numpy model of the kernel's decode equals ``dequantize``."""
+    weights = random_mx(key, shape)
+    fragment = to_fragment_layout(weights)
+    assert isinstance(fragment, MXFragmentWeights) and fragment.shape == shape
+    _, n_pad, k_pad = fragment.padded_shape
+    assert n_pad % 64 == 0 and k_pad % 128 == 0 and n_pad - shape[1] < 64 and k_pad - shape[2] < 128
+    back = fragment.to_mx()
+    np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(weights.packed))
+    np.testing.assert_array_equal(np.asarray(back.scales), np.asarray(weights.scales))
+    np.testing.assert_array_equal(decode_fragment_words(fragment), np.asarray(weights.dequantize(jnp.float32)))
+    assert fragment.nbytes == shape[0] * (n_pad * k_pad // 2 + n_pad * k_pad // 32)
+
+
+def test_every_scale_code_decodes_and_the_fast_path_flag():
+    """Scale codes 0..254 (the kernels' two-multiply path beyond FAST_SCALE_MAX), subnormal results included
+    (numpy model: float64); code 255 decodes as NaN. Small scales keep the one-multiply path."""
+    codes = np.arange(255, dtype=np.uint8)
+    scales = np.resize(codes, (1, 64, 4 * 64))  # [1, 64, K/32] with K = 8192
+    packed = np.resize(np.arange(256, dtype=np.uint8), (1, 64, 4096))
+    weights = qm.MXTensor(jnp.asarray(packed), jnp.asarray(scales), qm.MX_FORMATS["mxfp4"])
+    fragment = to_fragment_layout(weights)
+    assert fragment.exact_scales
+    want = np.asarray(weights.dequantize(jnp.float32), np.float64)
+    with np.errstate(over="ignore"):  # 6 * 2^127 overflows float32, as it does bf16 in the kernels
+        got = decode_fragment_words(fragment).astype(np.float32)
+    normal = (np.abs(want) >= 2.0**-126) | (want == 0)  # XLA:CPU flushes subnormal float32 in dequantize
+    np.testing.assert_array_equal(got[normal], want[normal])
+    nan = weights.scales.at[0, 0, 0].set(255)
+    got_nan = decode_fragment_words(to_fragment_layout(qm.MXTensor(weights.packed, nan, weights.fmt)))
+    assert np.isnan(got_nan[0, 0, :32]).all() and np.isfinite(got_nan[0, 0, 32:]).all()
+    small = to_fragment_layout(random_mx(jax.random.key(1), (1, 64, 128), 100, FAST_SCALE_MAX + 1))
+    assert not small.exact_scales
+
+
+def test_source_bits_are_a_permutation_of_the_word():
+    assert sorted(SOURCE_BITS.ravel().tolist()) == list(range(32))
+
+
+def test_layout_under_jit_takes_the_exact_scale_path(key):
+    weights = random_mx(key, (2, 64, 128))
+    fragment = jax.jit(to_fragment_layout)(weights)
+    assert fragment.exact_scales
+    np.testing.assert_array_equal(np.asarray(fragment.to_mx().packed), np.asarray(weights.packed))
+
+
+def test_layouts_convert_into_each_other(key):
+    weights = random_mx(key, (2, 64, 256))
+    fragment = to_fragment_layout(weights)
+    chunked = to_kernel_layout(fragment)
+    np.testing.assert_array_equal(np.asarray(as_mx_tensor(chunked).packed), np.asarray(weights.packed))
+    np.testing.assert_array_equal(np.asarray(fragment[1:].to_mx().packed), np.asarray(weights.packed[1:]))
+
+
+def test_only_mxfp4_has_a_fragment_layout(key):
+    w6 = qm.quantize(jax.random.normal(key, (2, 64, 128)), "mxfp6_e2m3")
+    with pytest.raises(ValueError, match="MXFP4"):
+        to_fragment_layout(w6)
+
+
+def test_layout_of_weights_captured_by_a_jit_reads_their_scales(key):
+    """Concrete weights closed over by a jitted function (as QuarkMoE params are) keep the one-multiply path."""
+    weights = random_mx(key, (2, 64, 128), 100, FAST_SCALE_MAX + 1)
+    flags = []
+
+    @jax.jit
+    def f(x):
+        fragment = to_fragment_layout(weights)
+        flags.append(fragment.exact_scales)
+        return x + fragment.words.sum()
+
+    f(jnp.int32(0))
+    assert flags == [False]
