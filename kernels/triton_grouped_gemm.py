@@ -310,37 +310,49 @@ def triton_grouped_gemm(
         raise NotImplementedError(f"triton backend: {reason or 'no interpreter'}")
     if out is not None:
         raise NotImplementedError("triton backend: no out buffer (the prefill dequantize path is Pallas-only)")
-    import jax_triton as jt
-
     num_tiles = tile_expert.shape[0]
-    m_pad, k_total = a.shape
+    m_pad = a.shape[0]
     bm = config.block_m
     if m_pad != num_tiles * bm:
         raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {bm}")
     shards = 2 if epilogue.gated else 1
     n_total = shards * n_out
     if isinstance(weight, MXFragmentWeights):
-        from quarkmoe_jax.kernels import triton_mx_gemm
+        acc = _fragment_accumulators(a, weight, tile_expert, config, epilogue)
+    else:
+        acc = _accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue)
+    return epilogue_of_accumulators(
+        acc,
+        tile_expert,
+        bm,
+        n_out=n_out,
+        epilogue=epilogue,
+        out_dtype=out_dtype,
+        bias=bias,
+        row_weights=row_weights,
+        row_scales=row_scales,
+        col_scales=col_scales,
+    )
 
-        block_n = config.block_n
-        while block_n > 64 and not triton_mx_gemm.fits(weight, block_n):
-            block_n //= 2
-        tile = dataclasses.replace(config, block_n=block_n)
-        acc = triton_mx_gemm.mx_fragment_gemm(
-            a, weight, tile_expert, config=tile, interleaved=bool(epilogue.gated and epilogue.interleaved)
-        )
-        return epilogue_of_accumulators(
-            acc,
-            tile_expert,
-            bm,
-            n_out=n_out,
-            epilogue=epilogue,
-            out_dtype=out_dtype,
-            bias=bias,
-            row_weights=row_weights,
-            row_scales=row_scales,
-            col_scales=col_scales,
-        )
+
+def _fragment_accumulators(a, weight, tile_expert, config, epilogue):
+    """The v2 MXFP4 kernel's float32 accumulators (block_n halved down to 64 until it tiles the rows)."""
+    from quarkmoe_jax.kernels import triton_mx_gemm
+
+    block_n = config.block_n
+    while block_n > 64 and not triton_mx_gemm.fits(weight, block_n):
+        block_n //= 2
+    tile = dataclasses.replace(config, block_n=block_n)
+    interleaved = bool(epilogue.gated and epilogue.interleaved)
+    return triton_mx_gemm.mx_fragment_gemm(a, weight, tile_expert, config=tile, interleaved=interleaved)
+
+
+def _accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue):
+    """The first kernels' accumulators (chunk-layout MX weights, or dense int8 / e4m3 / bf16 weights)."""
+    import jax_triton as jt
+
+    num_tiles = tile_expert.shape[0]
+    m_pad, k_total = a.shape
     common = dict(
         K=k_total,
         N_TOTAL=n_total,
@@ -394,15 +406,4 @@ def triton_grouped_gemm(
             BLOCK_K=DENSE_BLOCK_BYTES // weight.dtype.itemsize,
             **common,
         )
-    return epilogue_of_accumulators(
-        acc,
-        tile_expert,
-        bm,
-        n_out=n_out,
-        epilogue=epilogue,
-        out_dtype=out_dtype,
-        bias=bias,
-        row_weights=row_weights,
-        row_scales=row_scales,
-        col_scales=col_scales,
-    )
+    return acc
