@@ -34,7 +34,7 @@ def test_every_readme_example_runs_in_order(tmp_path):
     for lang, code, skipped in readme_blocks():
         if skipped:
             continue
-        code = code.replace(".venv/bin/", f"{bin_dir}/").replace("/tmp/", f"{tmp_path}/")
+        code = code.replace("/tmp/", f"{tmp_path}/").replace(".venv/bin/", f"{bin_dir}/")  # bin_dir may be in /tmp
         if lang == "bash":
             command = ["bash", "-euo", "pipefail", "-c", code]
         elif lang == "python":
