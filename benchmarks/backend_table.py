@@ -6,7 +6,9 @@
 
 Per device kind, scheme family (:func:`quarkmoe_jax.kernels.configs.scheme_family`) and token count, the
 kernel backends (not the emulation) are ranked by the geometric mean of their times over the rows every one
-of them ran (shapes, schemes of the family, routings). Entries of other device kinds are kept.
+of them ran (shapes, schemes of the family, routings). Documents count in the order of their dates: a
+newer one's rows for a device, family and token count replace all older rows of them (a kernel that
+changed is ranked on its new times only). Entries of other device kinds are kept.
 """
 
 from __future__ import annotations
@@ -27,15 +29,17 @@ from quarkmoe_jax.kernels.configs import BACKEND_TABLE_PATH, scheme_family  # no
 
 def rank_backends(results: list[dict]) -> dict:
     """``{device: {family: {tokens: [backends, fastest first]}}}`` from moe_bench JSON documents."""
-    times = collections.defaultdict(dict)  # (device, family, tokens) -> {(shape, scheme, skewed): {backend: us}}
-    for doc in results:
+    times = {}  # (device, family, tokens) -> {(shape, scheme, skewed): {backend: us}}
+    for doc in sorted(results, key=lambda d: d["meta"].get("date", "")):
         device = doc["meta"]["device"]
+        measured = collections.defaultdict(dict)
         for row in doc["rows"]:
             if row["backend"] in ("emulation", "module"):  # the oracle, and the module path (auto itself)
                 continue
             key = (device, scheme_family(scheme_config(row["scheme"])), row["tokens"])
             case = (row["shape"], row["scheme"], row["skewed"])
-            times[key].setdefault(case, {})[row["backend"]] = row["us"]
+            measured[key].setdefault(case, {})[row["backend"]] = row["us"]
+        times.update(measured)
     order: dict = {}
     for (device, family, tokens), cases in sorted(times.items()):
         backends = sorted({b for per_case in cases.values() for b in per_case})

@@ -1,6 +1,7 @@
-"""Check and tune the v2 MXFP4 kernels (kernels/triton_mx_gemm.py) on one GPU; write their tiles.
+"""Check and tune the v2 MX kernels (kernels/triton_mx_gemm.py) on one GPU; write their tiles.
 
     python benchmarks/tune_triton_mx.py --json out.json                 # check + sweep (GPU, jax-triton)
+    python benchmarks/tune_triton_mx.py --formats mxfp6_e2m3 --json out6.json   # MXFP6 (check + sweep)
     python benchmarks/tune_triton_mx.py --write-from out.json           # merge the winners into tiles.json
 
 1. **Check**: every candidate tile (and both scale paths, split-K, the interleaved store, unused row tiles)
@@ -33,7 +34,7 @@ from quarkmoe_jax.kernels import configs  # noqa: E402
 from quarkmoe_jax.kernels.grouped_gemm import TileConfig  # noqa: E402
 
 from benchmarks.moe_bench import SHAPES, routing, timeit  # noqa: E402
-from quarkmoe_jax.formats.fragment_layout import UNIT_K, MXFragmentWeights  # noqa: E402
+from quarkmoe_jax.formats.fragment_layout import ROW_ALIGN, UNIT_K, MXFragmentWeights  # noqa: E402
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows  # noqa: E402
 
 
@@ -52,22 +53,27 @@ def candidates(regime: str) -> list[TileConfig]:
     ]
 
 
-def random_fragment(key, experts: int, n: int, k: int, exact: bool = False) -> MXFragmentWeights:
-    """Random code bytes (every e2m1 code pair) and E8M0 scales near 2^-7 (up to 2^13 with ``exact``)."""
-    k1, k2 = jax.random.split(key)
-    n_pad, k_pad = -(-n // 64) * 64, -(-k // UNIT_K) * UNIT_K
-    words = jax.random.randint(k1, (experts, n_pad // 16, k_pad // 128, 1024), 0, 256, jnp.int32).astype(jnp.uint8)
+def random_fragment(
+    key, experts: int, n: int, k: int, exact: bool = False, fmt: str = "mxfp4", row_align: int = ROW_ALIGN
+) -> MXFragmentWeights:
+    """Random code bytes (every code and neighbour) and E8M0 scales near 2^-7 (up to 2^13 with ``exact``);
+    rows padded to a multiple of ``row_align``."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    n_pad, k_pad = -(-n // row_align) * row_align, -(-k // UNIT_K) * UNIT_K
+    units = (experts, n_pad // 16, k_pad // 128)
+    words = jax.random.randint(k1, (*units, 1024), 0, 256, jnp.int32).astype(jnp.uint8)
+    low = None if fmt == "mxfp4" else jax.random.randint(k3, (*units, 512), 0, 256, jnp.int32).astype(jnp.uint8)
     high = 140 if exact else 125
-    scales = jax.random.randint(k2, (experts, n_pad // 16, k_pad // 128, 64), 115, high, jnp.int32)
-    return MXFragmentWeights(words, scales.astype(jnp.uint8), n_pad, k_pad, exact)
+    scales = jax.random.randint(k2, (*units, 64), 115, high, jnp.int32)
+    return MXFragmentWeights(words, scales.astype(jnp.uint8), n_pad, k_pad, exact, low, fmt)
 
 
-def check(config: TileConfig, interleaved: bool = False, exact: bool = False) -> float:
+def check(config: TileConfig, interleaved: bool = False, exact: bool = False, fmt: str = "mxfp4") -> float:
     """Relative error of one launch against dequantize + float32 matmul (unused tiles must be zero)."""
     from quarkmoe_jax.kernels.triton_mx_gemm import mx_fragment_gemm
 
     experts, n, k = 3, 256, 640
-    weight = random_fragment(jax.random.key(1), experts, n, k, exact)
+    weight = random_fragment(jax.random.key(1), experts, n, k, exact, fmt)
     tile_expert = jnp.array([0, 2, -1, 2, 1], jnp.int32)
     a = jax.random.normal(jax.random.key(2), (tile_expert.shape[0] * config.block_m, k), jnp.bfloat16)
     got = jax.jit(lambda a, w, t: mx_fragment_gemm(a, w, t, config=config, interleaved=interleaved))(
@@ -83,7 +89,9 @@ def check(config: TileConfig, interleaved: bool = False, exact: bool = False) ->
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def sweep_case(shape: str, tokens: int, gemm: str, repeats: int, deadline: float) -> list[dict]:
+def sweep_case(
+    shape: str, tokens: int, gemm: str, repeats: int, deadline: float, fmt: str = "mxfp4", row_align: int = ROW_ALIGN
+) -> list[dict]:
     from quarkmoe_jax.kernels.triton_mx_gemm import mx_fragment_gemm
 
     e, top_k, h, i = SHAPES[shape]
@@ -93,7 +101,7 @@ def sweep_case(shape: str, tokens: int, gemm: str, repeats: int, deadline: float
     rows_per_expert = tokens * top_k / touched
     regime = configs.regime(rows_per_expert)
     n, k = (2 * i, h) if gemm == "gemm1" else (h, i)
-    weight = random_fragment(jax.random.key(3), e, n, k)
+    weight = random_fragment(jax.random.key(3), e, n, k, fmt=fmt, row_align=row_align)
     moved = touched * weight.nbytes / e
     flops = 2.0 * tokens * top_k * n * k
     rows = []
@@ -114,6 +122,8 @@ def sweep_case(shape: str, tokens: int, gemm: str, repeats: int, deadline: float
             print(f"  {shape} T={tokens} {gemm} {config}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
         row = dict(
+            format=fmt,
+            padded_n=weight.padded_shape[1],
             shape=shape,
             tokens=tokens,
             gemm=gemm,
@@ -126,7 +136,8 @@ def sweep_case(shape: str, tokens: int, gemm: str, repeats: int, deadline: float
         )
         rows.append(row)
         print(
-            f"{shape:<12} T={tokens:<5} {gemm} {config} {us:9.1f} us {row['tbps']:6.3f} TB/s {row['tflops']:6.1f} TF/s"
+            f"{fmt:<10} {shape:<12} T={tokens:<5} {gemm} {config} {us:9.1f} us "
+            f"{row['tbps']:6.3f} TB/s {row['tflops']:6.1f} TF/s"
         )
     return rows
 
@@ -157,7 +168,8 @@ def write_from(paths: list[str]) -> int:
     docs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
     device = docs[0]["meta"]["device"]
     arch = docs[0]["meta"]["architecture"]
-    samples = [row for doc in docs for row in doc["samples"]]
+    # MXFP4's samples choose the tiles (MXFP6 runs the same tiles; its sweeps are for the record)
+    samples = [row for doc in docs for row in doc["samples"] if row.get("format", "mxfp4") == "mxfp4"]
     best: dict[str, list] = {}
     for regime in configs.REGIMES:
         pair = []
@@ -193,6 +205,11 @@ def write_from(paths: list[str]) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["mixtral", "gpt_oss", "deepseek_v3"])
+    parser.add_argument("--formats", nargs="+", default=["mxfp4"], choices=["mxfp4", "mxfp6_e3m2", "mxfp6_e2m3"])
+    parser.add_argument("--no-sweep", action="store_true", help="only check every candidate tile")
+    parser.add_argument("--no-check", action="store_true", help="only sweep")
+    parser.add_argument("--row-align", type=int, default=ROW_ALIGN, help="pad the swept weights' rows to this multiple")
+    parser.add_argument("--gemms", nargs="+", default=["gemm1", "gemm2"], choices=["gemm1", "gemm2"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 256, 4096])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--minutes", type=float, default=4.0, help="stop sweeping after this long")
@@ -220,27 +237,30 @@ def main(argv=None) -> int:
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(doc, indent=1))
 
-    check_configs = {c for regime in configs.REGIMES for c in candidates(regime)}
-    for config in sorted(check_configs, key=str):
+    check_configs = set() if args.no_check else {c for regime in configs.REGIMES for c in candidates(regime)}
+    for fmt, config in itertools.product(args.formats, sorted(check_configs, key=str)):
         for interleaved, exact in ((False, False), (True, True)):
             try:
-                err = check(config, interleaved, exact)
+                err = check(config, interleaved, exact, fmt)
             except Exception as e:  # noqa: BLE001
                 err, note = None, f"{type(e).__name__}: {str(e)[:300]}"
             else:
                 note = ""
             doc["checks"].append(
-                dict(config=config.__dict__, interleaved=interleaved, exact=exact, rel_err=err, note=note)
+                dict(format=fmt, config=config.__dict__, interleaved=interleaved, exact=exact, rel_err=err, note=note)
             )
             ok = err is not None and err <= 1e-5
-            print(f"check {'ok  ' if ok else 'FAIL'} {err} interleaved={interleaved} exact={exact} {config} {note}")
+            print(
+                f"check {'ok  ' if ok else 'FAIL'} {err} {fmt} interleaved={interleaved} exact={exact} {config} {note}"
+            )
     save()
     deadline = time.monotonic() + 60 * args.minutes
-    for shape, tokens, gemm in itertools.product(args.shapes, args.tokens, ("gemm1", "gemm2")):
+    cases = itertools.product(args.formats, args.shapes, args.tokens, args.gemms)
+    for fmt, shape, tokens, gemm in [] if args.no_sweep else cases:
         if time.monotonic() > deadline:
-            print(f"sweep stopped at the {args.minutes} min limit before {shape} T={tokens} {gemm}")
+            print(f"sweep stopped at the {args.minutes} min limit before {fmt} {shape} T={tokens} {gemm}")
             break
-        doc["samples"] += sweep_case(shape, tokens, gemm, args.repeats, deadline)
+        doc["samples"] += sweep_case(shape, tokens, gemm, args.repeats, deadline, fmt, args.row_align)
         save()
     save()
     return 0

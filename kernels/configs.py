@@ -41,7 +41,7 @@ __all__ = [
     "fp8_tensor_cores",
     "BACKEND_TABLE_PATH",
     "DEFAULT_BACKEND_ORDER",
-    "MXFP4_BACKEND_ORDER",
+    "MX_BACKEND_ORDER",
     "scheme_family",
     "backend_order",
 ]
@@ -214,11 +214,11 @@ BACKEND_TABLE_PATH = pathlib.Path(__file__).with_name("backend_table.json")
 written by ``benchmarks/backend_table.py`` from ``benchmarks/moe_bench.py`` results."""
 
 DEFAULT_BACKEND_ORDER = ("pallas", "triton")
-"""Kernel backends ``auto`` tries (before the emulation) where the table has no entry, except MXFP4 weights:
-:data:`MXFP4_BACKEND_ORDER`."""
-MXFP4_BACKEND_ORDER = ("triton", "pallas")
-"""MXFP4 weights without a table entry: the v2 kernels first (jax-triton; ``auto`` falls back to Pallas
-where it is not installed)."""
+"""Kernel backends ``auto`` tries (before the emulation) where the table has no entry, except MX weights:
+:data:`MX_BACKEND_ORDER`."""
+MX_BACKEND_ORDER = ("triton", "pallas")
+"""MX weights (MXFP4, MXFP6) without a table entry: the v2 kernels first (jax-triton; ``auto`` falls back
+to Pallas where it is not installed)."""
 
 
 def scheme_family(quant_config) -> str:
@@ -243,7 +243,7 @@ def backend_order(device_kind: str, quant_config, num_tokens: int) -> tuple[str,
     """Kernel backends for ``auto``, fastest first as measured on ``device_kind`` for the scheme's family at
     the nearest measured token count (log scale), then the remaining default ones."""
     family = scheme_family(quant_config)
-    default = MXFP4_BACKEND_ORDER if family.startswith("mxfp4/") else DEFAULT_BACKEND_ORDER
+    default = MX_BACKEND_ORDER if family.startswith(("mxfp4/", "mxfp6/")) else DEFAULT_BACKEND_ORDER
     by_tokens = _backend_table().get(device_kind, {}).get(family)
     if not by_tokens:
         return default

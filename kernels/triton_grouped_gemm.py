@@ -2,18 +2,20 @@
 ``jax_triton.triton_call``.
 
 The same contract as :func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm` (row tiles of ``block_m`` rows,
-``tile_expert`` per tile, MX weights in the kernel layout or dense int8 / e4m3 / bfloat16 weights, same
-operand dtypes and tensor-core math), written in the Triton language instead of Pallas:
+``tile_expert`` per tile, MX weights or dense int8 / e4m3 / bfloat16 weights, same operand dtypes and
+tensor-core math), written in the Triton language instead of Pallas:
 
-- MXFP4 tiles are decoded by the same packed PTX as the Pallas kernels (:func:`grouped_gemm._fp4_pairs_asm`,
-  through ``tl.inline_asm_elementwise``); MXFP6 by integer ops and a float16 bit placement (as
-  :func:`grouped_gemm.decode_mx_piece`).
-- The kernel writes its float32 (int32 for int8 x int8) accumulators, shard-major; the epilogue (scales,
+- MX weights (MXFP4, MXFP6) run the v2 kernel (:mod:`quarkmoe_jax.kernels.triton_mx_gemm`) in the fragment
+  layout (weights in another layout are re-laid on each call: lay them out once after loading); its tiles
+  come from the tile table (kernel ``triton_mx``).
+- Dense weights run :func:`_dense_gemm_kernel`.
+- The kernels write their float32 (int32 for int8 x int8) accumulators, shard-major; the epilogue (scales,
   bias, activation, router weight) is the Pallas kernels' own :func:`grouped_gemm.apply_epilogue`, run by
   XLA (:func:`grouped_gemm.epilogue_of_accumulators`). That costs a float32 round trip of the GEMM output
   (small in decode; ~10% of a Mixtral prefill GEMM1) and keeps one epilogue for every backend.
-- ``block_m`` comes from the caller's tile table (the dispatch pads expert groups to it); ``block_n``,
-  ``num_warps`` and ``num_stages`` are autotuned by Triton on the first call of every compiled shape.
+- ``block_m`` comes from the caller's tile table (the dispatch pads expert groups to it); the dense
+  kernel's ``block_n``, ``num_warps`` and ``num_stages`` are autotuned by Triton on the first call of every
+  compiled shape.
 
 Needs the optional extra ``quarkmoe-jax[triton]`` (``jax-triton==0.3.1``, ``triton==3.6.0``) and a CUDA GPU:
 there is no CPU or interpreter path, so :func:`unavailable_reason` says why it cannot run and the backend
@@ -33,13 +35,13 @@ from quarkmoe_jax.kernels.grouped_gemm import (
     Epilogue,
     TileConfig,
     _accumulator_dtype,
-    _fp4_pairs_asm,
     dot_dtype,
     epilogue_of_accumulators,
 )
 
-from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights
-from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, chunk_sizes
+from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights, to_fragment_layout
+from quarkmoe_jax.formats.kernel_layout import KERNEL_LAYOUTS, as_mx_tensor
+from quarkmoe_jax.formats.mx import MXTensor
 
 __all__ = ["triton_grouped_gemm", "unavailable_reason", "AUTOTUNE_BLOCK_N"]
 
@@ -72,77 +74,6 @@ def unavailable_reason() -> str | None:
 
 
 if triton is not None:
-    _FP4_ASM_LOW = tl.constexpr(_fp4_pairs_asm("low"))
-    _FP4_ASM_HIGH = tl.constexpr(_fp4_pairs_asm("high"))
-
-    @triton.jit
-    def _scale_factors_fp4(s, ELEM_BIAS: tl.constexpr):
-        """E8M0 codes (int32) -> the two bfloat16 factors of grouped_gemm.scale_factors_bf16."""
-        split = 127 + ELEM_BIAS
-        first = ((tl.minimum(s, split) - ELEM_BIAS + 127) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        second = tl.where(s == 255, 0x7FC0, (tl.maximum(s, split) - split + 127) << 7)
-        return first, second.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-    @triton.jit
-    def _decode_fp6(codes, s, ELEM_BIAS: tl.constexpr, MAG_BITS: tl.constexpr, MBITS: tl.constexpr):
-        """FP6 codes and E8M0 codes (int32, same shape) -> exact bfloat16 values (grouped_gemm.decode_mx_piece)."""
-        sign = (codes >> MAG_BITS) & 1
-        magnitude = codes & ((1 << MAG_BITS) - 1)
-        half = ((sign << 15) | (magnitude << (10 - MBITS))).to(tl.uint16).to(tl.float16, bitcast=True)
-        field = s + (15 - ELEM_BIAS)
-        first = tl.minimum(field, 254)
-        factor = tl.where(s == 255, 0x7FC00000, first << 23).to(tl.float32, bitcast=True)  # code 255: NaN
-        extra = (((field - first) + 127) << 23).to(tl.float32, bitcast=True)
-        return (half.to(tl.float32) * factor * extra).to(tl.bfloat16)
-
-    @triton.jit
-    def _fp4_piece(acc, a_rows, packed, scale_rows, cols, ASM: tl.constexpr, ELEM_BIAS: tl.constexpr):
-        """acc += a[:, cols] @ W[:, cols]^T, the piece of FP4 bytes ``packed`` that ``ASM`` decodes."""
-        s = tl.load(scale_rows + (cols // 32)[None, :]).to(tl.int32)
-        first, second = _scale_factors_fp4(s, ELEM_BIAS)
-        w = tl.inline_asm_elementwise(ASM, "=r,=r,r,r,r,r,r", [packed, first, second], tl.bfloat16, True, 4)
-        a = tl.load(a_rows + cols[None, :]).to(tl.bfloat16)
-        return tl.dot(a, tl.trans(w), acc)
-
-    @triton.jit
-    def _mx_chunk(
-        acc,
-        a_rows,
-        nib_rows,
-        high_rows,
-        scale_rows,
-        k0,
-        C: tl.constexpr,
-        BITS: tl.constexpr,
-        ELEM_BIAS: tl.constexpr,
-        MAG_BITS: tl.constexpr,
-        MBITS: tl.constexpr,
-    ):
-        """acc += a[:, k0:k0+C] @ decode(W[:, k0:k0+C])^T for one chunk of the kernel layout."""
-        if BITS == 4:
-            H: tl.constexpr = C // 2
-            j = tl.arange(0, H)
-            packed = tl.load(nib_rows + (k0 // 2 + j)[None, :])
-            acc = _fp4_piece(acc, a_rows, packed, scale_rows, k0 + j, _FP4_ASM_LOW, ELEM_BIAS)
-            acc = _fp4_piece(acc, a_rows, packed, scale_rows, k0 + H + j, _FP4_ASM_HIGH, ELEM_BIAS)
-        else:
-            Q: tl.constexpr = C // 4
-            j = tl.arange(0, Q)
-            nib_low = tl.load(nib_rows + (k0 // 2 + j)[None, :]).to(tl.int32)
-            nib_high = tl.load(nib_rows + (k0 // 2 + Q + j)[None, :]).to(tl.int32)
-            high = tl.load(high_rows + (k0 // 4 + j)[None, :]).to(tl.int32)
-            for piece in tl.static_range(4):
-                if piece % 2 == 0:
-                    src = nib_low
-                else:
-                    src = nib_high
-                codes = ((src >> (4 * (piece // 2))) & 0xF) | (((high >> (2 * piece)) & 0x3) << 4)
-                cols = k0 + piece * Q + j
-                s = tl.load(scale_rows + (cols // 32)[None, :]).to(tl.int32)
-                w = _decode_fp6(codes, s, ELEM_BIAS, MAG_BITS, MBITS)
-                a = tl.load(a_rows + cols[None, :]).to(tl.bfloat16)
-                acc = tl.dot(a, tl.trans(w), acc)
-        return acc
 
     @triton.jit
     def _store_accumulator(
@@ -154,57 +85,6 @@ if triton is not None:
         else:
             cols = offs_n
         tl.store(out_ptr + offs_m[:, None] * N_TOTAL + cols[None, :], acc)
-
-    @triton.jit
-    def _mx_gemm_kernel(
-        tile_expert_ptr,
-        a_ptr,
-        nib_ptr,
-        high_ptr,
-        scale_ptr,
-        out_ptr,
-        K: tl.constexpr,
-        N_TOTAL: tl.constexpr,
-        N_OUT: tl.constexpr,
-        INTERLEAVED: tl.constexpr,
-        BITS: tl.constexpr,
-        ELEM_BIAS: tl.constexpr,
-        MAG_BITS: tl.constexpr,
-        MBITS: tl.constexpr,
-        CHUNK: tl.constexpr,
-        FULL_CHUNKS: tl.constexpr,
-        TAIL_1: tl.constexpr,
-        TAIL_2: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-        expert = tl.load(tile_expert_ptr + pid_m)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        e = tl.maximum(expert, 0).to(tl.int64)
-        a_rows = a_ptr + offs_m[:, None] * K
-        nib_rows = nib_ptr + e * (N_TOTAL * (K // 2)) + offs_n[:, None] * (K // 2)
-        high_rows = high_ptr + e * (N_TOTAL * (K // 4)) + offs_n[:, None] * (K // 4)
-        scale_rows = scale_ptr + e * (N_TOTAL * (K // 32)) + offs_n[:, None] * (K // 32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        iterations = tl.where(expert >= 0, FULL_CHUNKS, 0)
-        for i in range(0, iterations):
-            acc = _mx_chunk(
-                acc, a_rows, nib_rows, high_rows, scale_rows, i * CHUNK, CHUNK, BITS, ELEM_BIAS, MAG_BITS, MBITS
-            )
-        if TAIL_1 > 0:
-            k_tail = FULL_CHUNKS * CHUNK
-            acc = _mx_chunk(
-                acc, a_rows, nib_rows, high_rows, scale_rows, k_tail, TAIL_1, BITS, ELEM_BIAS, MAG_BITS, MBITS
-            )
-        if TAIL_2 > 0:
-            k_tail = FULL_CHUNKS * CHUNK + TAIL_1
-            acc = _mx_chunk(
-                acc, a_rows, nib_rows, high_rows, scale_rows, k_tail, TAIL_2, BITS, ELEM_BIAS, MAG_BITS, MBITS
-            )
-        acc = tl.where(expert >= 0, acc, 0.0)
-        _store_accumulator(out_ptr, acc, offs_m, offs_n, N_TOTAL, N_OUT, INTERLEAVED)
 
     @triton.jit
     def _dense_gemm_kernel(
@@ -254,10 +134,9 @@ if triton is not None:
 
 
 @functools.cache
-def _autotuned(kernel_name: str, n_total: int, block_m: int, autotune: bool):
-    """The kernel under Triton's autotuner, over the configs that fit: ``block_n`` dividing N, 4 or 8 warps
-    (8 only for tiles of >= 64 rows), 3 or 4 stages."""
-    kernel = {"mx": _mx_gemm_kernel, "dense": _dense_gemm_kernel}[kernel_name]
+def _autotuned_dense(n_total: int, block_m: int, autotune: bool):
+    """The dense kernel under Triton's autotuner, over the configs that fit: ``block_n`` dividing N, 4 or 8
+    warps (8 only for tiles of >= 64 rows), 3 or 4 stages."""
     configs = [
         triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
         for bn in AUTOTUNE_BLOCK_N
@@ -269,17 +148,7 @@ def _autotuned(kernel_name: str, n_total: int, block_m: int, autotune: bool):
         raise NotImplementedError(f"triton backend: N = {n_total} has no tile in {AUTOTUNE_BLOCK_N}")
     if not autotune:
         configs = configs[:1]
-    return triton.autotune(configs=configs, key=["K", "N_TOTAL", "BLOCK_M"])(kernel)
-
-
-def _chunk_plan(chunks: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """(chunk size of the loop, its number of chunks, the first and second smaller tail chunks or 0) of a
-    kernel-layout chunk list (K = 64 is one chunk of 64, K = 320 two of 128 and one of 64)."""
-    full = sum(1 for c in chunks if c == chunks[0])
-    tail = list(chunks[full:]) + [0, 0]
-    if len(chunks) - full > 2:
-        raise NotImplementedError(f"triton backend: K chunks {chunks} have more than two tail pieces")
-    return chunks[0], full, tail[0], tail[1]
+    return triton.autotune(configs=configs, key=["K", "N_TOTAL", "BLOCK_M"])(_dense_gemm_kernel)
 
 
 def triton_grouped_gemm(
@@ -298,12 +167,14 @@ def triton_grouped_gemm(
     out_dtype,
     interpret: bool = False,
 ):
-    """:func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm` on the Triton kernels (same arguments; only
-    ``config.block_m`` is used, the rest is autotuned; no ``out`` buffer, no interpreter).
+    """:func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm` on the Triton kernels (same arguments; MX
+    weights run ``config``'s tile, dense ones only its ``block_m``, the rest autotuned; no ``out`` buffer,
+    no interpreter).
 
     Raises:
       NotImplementedError: Triton / jax-triton / a GPU is missing, an ``out`` buffer is given, or the
-        weights' K does not fit the kernels (MX: more than two tail chunks; dense: not a multiple of 16).
+        weights do not fit the kernels (dense: K not a multiple of 16; MX: N not tiled by 64 rows where the
+        gate and up rows interleave).
     """
     reason = unavailable_reason()
     if reason is not None or interpret:
@@ -317,10 +188,10 @@ def triton_grouped_gemm(
         raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {bm}")
     shards = 2 if epilogue.gated else 1
     n_total = shards * n_out
-    if isinstance(weight, MXFragmentWeights):
+    if isinstance(weight, (MXTensor, *KERNEL_LAYOUTS)):
         acc = _fragment_accumulators(a, weight, tile_expert, config, epilogue)
     else:
-        acc = _accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue)
+        acc = _dense_accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue)
     return epilogue_of_accumulators(
         acc,
         tile_expert,
@@ -336,8 +207,11 @@ def triton_grouped_gemm(
 
 
 def _fragment_accumulators(a, weight, tile_expert, config, epilogue):
-    """The v2 MXFP4 kernel's float32 accumulators (block_n halved down to 64 until it tiles the rows)."""
+    """The v2 MX kernel's float32 accumulators (block_n halved down to 64 until it tiles the rows)."""
     from quarkmoe_jax.kernels import triton_mx_gemm
+
+    if not isinstance(weight, MXFragmentWeights):
+        weight = to_fragment_layout(as_mx_tensor(weight))
 
     block_n = config.block_n
     while block_n > 64 and not triton_mx_gemm.fits(weight, block_n):
@@ -347,8 +221,8 @@ def _fragment_accumulators(a, weight, tile_expert, config, epilogue):
     return triton_mx_gemm.mx_fragment_gemm(a, weight, tile_expert, config=tile, interleaved=interleaved)
 
 
-def _accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue):
-    """The first kernels' accumulators (chunk-layout MX weights, or dense int8 / e4m3 / bf16 weights)."""
+def _dense_accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue):
+    """The dense kernel's accumulators (int8 / e4m3 / bf16 weights ``[E, N, K]``)."""
     import jax_triton as jt
 
     num_tiles = tile_expert.shape[0]
@@ -361,49 +235,24 @@ def _accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue):
         BLOCK_M=bm,
     )
     grid = lambda meta: (num_tiles, n_total // meta["BLOCK_N"])  # noqa: E731
-    if isinstance(weight, MXKernelWeights):
-        fmt = weight.fmt
-        chunk, full, tail_1, tail_2 = _chunk_plan(chunk_sizes(k_total, weight.chunk))
-        high = weight.high_bits if fmt.bits == 6 else weight.nibbles  # unused for FP4
-        element = fmt.element
-        acc = jt.triton_call(
-            tile_expert,
-            a,
-            weight.nibbles,
-            high,
-            weight.scales,
-            kernel=_autotuned("mx", n_total, bm, AUTOTUNE),
-            out_shape=jax.ShapeDtypeStruct((m_pad, n_total), jnp.float32),
-            grid=grid,
-            BITS=fmt.bits,
-            ELEM_BIAS=element.bias,
-            MAG_BITS=element.ebits + element.mbits,
-            MBITS=element.mbits,
-            CHUNK=chunk,
-            FULL_CHUNKS=full,
-            TAIL_1=tail_1,
-            TAIL_2=tail_2,
-            **common,
-        )
-    else:
-        if k_total % DENSE_MIN_K:
-            raise NotImplementedError(f"triton backend: K = {k_total} is not a multiple of {DENSE_MIN_K}")
-        if weight.dtype not in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16):
-            weight = weight.astype(jnp.bfloat16)
-        operand = dot_dtype(a.dtype, weight.dtype)
-        native = operand.itemsize == 1
-        if not native and a.dtype != jnp.bfloat16:
-            a = a.astype(jnp.bfloat16)
-        acc = jt.triton_call(
-            tile_expert,
-            a,
-            weight,
-            kernel=_autotuned("dense", n_total, bm, AUTOTUNE),
-            out_shape=jax.ShapeDtypeStruct((m_pad, n_total), _accumulator_dtype(operand)),
-            grid=grid,
-            NATIVE_8BIT=native,
-            INTEGER=operand == jnp.int8,
-            BLOCK_K=DENSE_BLOCK_BYTES // weight.dtype.itemsize,
-            **common,
-        )
+    if k_total % DENSE_MIN_K:
+        raise NotImplementedError(f"triton backend: K = {k_total} is not a multiple of {DENSE_MIN_K}")
+    if weight.dtype not in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16):
+        weight = weight.astype(jnp.bfloat16)
+    operand = dot_dtype(a.dtype, weight.dtype)
+    native = operand.itemsize == 1
+    if not native and a.dtype != jnp.bfloat16:
+        a = a.astype(jnp.bfloat16)
+    acc = jt.triton_call(
+        tile_expert,
+        a,
+        weight,
+        kernel=_autotuned_dense(n_total, bm, AUTOTUNE),
+        out_shape=jax.ShapeDtypeStruct((m_pad, n_total), _accumulator_dtype(operand)),
+        grid=grid,
+        NATIVE_8BIT=native,
+        INTEGER=operand == jnp.int8,
+        BLOCK_K=DENSE_BLOCK_BYTES // weight.dtype.itemsize,
+        **common,
+    )
     return acc

@@ -1,8 +1,8 @@
-"""The v2 MXFP4 grouped GEMM (jax-triton): weights decoded straight into Hopper's wgmma register fragment.
+"""The v2 MX grouped GEMM (jax-triton): weights decoded straight into Hopper's wgmma register fragment.
 
 ``out[M_pad, N] = a[M_pad, K] @ W[expert(row tile)]^T`` over row tiles of ``block_m`` rows (the dispatch's
 padded layout, ``tile_expert`` per tile, -1 = unused tile, written as zeros), float32 accumulators, for
-MXFP4 weights in the fragment layout (:mod:`quarkmoe_jax.formats.fragment_layout`).
+MXFP4 or MXFP6 weights in the fragment layout (:mod:`quarkmoe_jax.formats.fragment_layout`).
 
 Each program computes the transposed tile ``acc[block_n, block_m] += decode(W)[block_n, 128] @ a^T`` so the
 weights are wgmma's M side and come from registers (A operand): the packed bytes are loaded 16 bytes per
@@ -11,12 +11,15 @@ integer instructions per 8 elements; the pattern is the e2m1 value times 2^-126)
 pair applies ``2^126 * 2^(s - 127)`` (two where some scale code exceeds 128: ``exact_scales``), and the
 ``reshape`` / ``permute`` between them are register renamings that Triton's layout propagation resolves
 (no shared-memory round trip on the weight path; checked on the compiled TTGIR / SASS, docs/performance.md).
-Only the small activation tile goes through shared memory, as wgmma's B operand.
+Only the small activation tile goes through shared memory, as wgmma's B operand. MXFP6 runs the same
+decode on the codes' 4-bit parts and ORs in their low-plane bits (8 bytes per thread per 128 K, duplicated
+into the word's register by a ``join``: two shifts and masks more per pair), with ``2^(127 - bias)``.
 
 Two ways to keep the weight stream in flight (``TileConfig``): ``prefetch_l2 = 0`` pipelines the weight
 loads with ``num_stages`` (Triton turns them into cp.async into shared memory, read back conflict-free
 straight into the fragment); ``prefetch_l2 = d > 0`` loads straight into registers and prefetches the units
-``d`` steps ahead into L2 (``cp.async.bulk.prefetch.L2``). ``split_k`` splits the K loop over a third grid
+``d`` steps ahead into L2 (``cp.async.bulk.prefetch.L2``; MXFP4 only: MXFP6 tiles asking for it take the
+pipelined path). ``split_k`` splits the K loop over a third grid
 axis (float32 partial sums added by XLA) for grids too small for the GPU (few touched experts).
 
 No CPU path (jax-triton has none): :func:`unavailable_reason` says why a call cannot run here.
@@ -29,7 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from quarkmoe_jax.formats.fragment_layout import UNIT_K, MXFragmentWeights
+from quarkmoe_jax.formats.fragment_layout import LOW_ROTATIONS, UNIT_K, MXFragmentWeights, low_mask
+from quarkmoe_jax.formats.mx import MX_FORMATS
 
 __all__ = ["mx_fragment_gemm", "fits"]
 
@@ -43,6 +47,11 @@ except ImportError:  # the optional extra is not installed
 def fits(weight: MXFragmentWeights, block_n: int) -> bool:
     """Whether ``block_n`` (64, 128 or 256: 4 warps per 64... 256 rows) tiles the weight's padded rows."""
     return weight.padded_shape[1] % block_n == 0
+
+
+def _bf16x2_power_of_two(exponent: int) -> int:
+    """The bf16x2 register holding ``2^exponent`` in both halves (a normal bf16)."""
+    return ((exponent + 127) << 7) * 0x10001
 
 
 if triton is not None:
@@ -69,6 +78,51 @@ if triton is not None:
     and.b32 $3, $4, 0x81808180;   or.b32 t, $3, t; mul.rn.bf16x2 $3, t, c;
     }"""
     )
+
+    def _low_plane_asm(fmt_name: str, exact: bool) -> str:
+        """FP6: the FP4 decode of word ``$4`` with each pair's low-plane bits (register ``$5``) OR'ed in."""
+        mask = low_mask(fmt_name)
+        bias = MX_FORMATS[fmt_name].element.bias
+        lines = [".reg .b32 t, u, c;"]
+        if exact:
+            lines.append(f"mov.b32 c, {_bf16x2_power_of_two(127 - bias):#010x};")
+        a_parts = [
+            "shf.l.wrap.b32 t, $4, $4, 6;  and.b32 t, t, 0x81C081C0;",
+            "shf.l.wrap.b32 t, $4, $4, 12; and.b32 t, t, 0x81C081C0;",
+            "shf.l.wrap.b32 t, $4, $4, 2;  and.b32 t, t, 0x81C081C0;",
+            "shf.l.wrap.b32 t, $4, $4, 8;  and.b32 t, t, 0x00400040; and.b32 u, $4, 0x81808180; or.b32 t, t, u;",
+        ]
+        for o, rotation in enumerate(LOW_ROTATIONS[fmt_name]):
+            lines.append(a_parts[o])
+            rotate = f"shf.l.wrap.b32 u, $5, $5, {rotation}; and.b32 u, u, {mask:#010x};"
+            lines.append(rotate if rotation else f"and.b32 u, $5, {mask:#010x};")
+            lines.append(f"or.b32 t, t, u; mul.rn.bf16x2 ${o}, t, c;" if exact else f"or.b32 ${o}, t, u;")
+        return "{\n" + "\n".join(lines) + "\n}"
+
+    _DECODE_E3M2 = tl.constexpr(_low_plane_asm("mxfp6_e3m2", False))
+    _DECODE_E3M2_EXACT = tl.constexpr(_low_plane_asm("mxfp6_e3m2", True))
+    _DECODE_E2M3 = tl.constexpr(_low_plane_asm("mxfp6_e2m3", False))
+    _DECODE_E2M3_EXACT = tl.constexpr(_low_plane_asm("mxfp6_e2m3", True))
+    _PAIRS = tl.constexpr((tl.bfloat16, tl.bfloat16))
+
+    @triton.jit
+    def _decode6(words, low, E3M2: tl.constexpr, EXACT: tl.constexpr):
+        """FP6: ``words`` as :func:`_decode`'s, ``low`` uint8 ``[BN/2, 128]`` (each low-plane byte twice)."""
+        if E3M2:
+            if EXACT:
+                return tl.inline_asm_elementwise(
+                    _DECODE_E3M2_EXACT, "=r,=r,=r,=r,r,r", [words, low], dtype=_PAIRS, is_pure=True, pack=4
+                )
+            return tl.inline_asm_elementwise(
+                _DECODE_E3M2, "=r,=r,=r,=r,r,r", [words, low], dtype=_PAIRS, is_pure=True, pack=4
+            )
+        if EXACT:
+            return tl.inline_asm_elementwise(
+                _DECODE_E2M3_EXACT, "=r,=r,=r,=r,r,r", [words, low], dtype=_PAIRS, is_pure=True, pack=4
+            )
+        return tl.inline_asm_elementwise(
+            _DECODE_E2M3, "=r,=r,=r,=r,r,r", [words, low], dtype=_PAIRS, is_pure=True, pack=4
+        )
 
     @triton.jit
     def _decode(words, EXACT: tl.constexpr):
@@ -119,6 +173,7 @@ if triton is not None:
         a_ptr,
         w_ptr,
         s_ptr,
+        low_ptr,
         out_ptr,
         K_UNITS: tl.constexpr,
         N_UNITS: tl.constexpr,
@@ -131,6 +186,9 @@ if triton is not None:
         EXACT: tl.constexpr,
         PREFETCH_L2: tl.constexpr,
         NUM_STAGES: tl.constexpr,
+        FP6: tl.constexpr,
+        E3M2: tl.constexpr,
+        ELEM_BIAS: tl.constexpr,
     ):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(tile_expert_ptr + pid_m)
@@ -141,6 +199,7 @@ if triton is not None:
         first_unit = pid_k * units_per_split
         w_base = w_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 1024
         s_base = s_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 64
+        low_base = low_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 512
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
 
@@ -153,6 +212,9 @@ if triton is not None:
             c = tl.arange(0, 128)
             w_offsets = ((p // 8) * (K_UNITS * 1024) + (p % 8) * 64)[:, None] + ((c // 64) * 512 + (c % 64))[None, :]
             s_offsets = (blk * (K_UNITS * 64))[:, None, None] + (g * 8)[None, :, None] + sj[None, None, :]
+            if FP6:  # [BN/2, 64]: byte c' = 32*kh + 8*tig + 2*q + b of row pair p
+                cl = tl.arange(0, 64)
+                low_offsets = ((p // 8) * (K_UNITS * 512) + (p % 8) * 64)[:, None] + cl[None, :]
         else:
             # [tig, g, blk, kh, byte]: the coalesced default layout of this shape is the fragment's own
             tig = tl.arange(0, 4)
@@ -186,6 +248,9 @@ if triton is not None:
         for it in tl.range(0, iterations, num_stages=NUM_STAGES if PREFETCH_L2 == 0 else 1):
             words = tl.load(w_base + w_offsets)
             scale_bytes = tl.load(s_base + s_offsets)
+            if FP6:
+                low = tl.load(low_base + low_offsets)
+                low_base += 512
             a = tl.load(a_base + offs_k[None, :])
             if PREFETCH_L2 > 0:
                 for u in tl.static_range(2):
@@ -198,7 +263,10 @@ if triton is not None:
             s_base += 64
             a_base += 128
 
-            o0, o1 = _decode(words, EXACT)
+            if FP6:
+                o0, o1 = _decode6(words, tl.join(low, low).reshape(BLOCK_N // 2, 128), E3M2, EXACT)
+            else:
+                o0, o1 = _decode(words, EXACT)
             w = _fragment(o0, o1, BLOCK_N)  # [BN, 128] bf16, scale not yet applied
             if PREFETCH_L2 == 0:
                 s = scale_bytes.reshape(BLOCK_N // 16, 8, 4, 2).permute(0, 3, 1, 2).reshape(BLOCK_N, 4)
@@ -207,8 +275,8 @@ if triton is not None:
             codes = s.to(tl.int32)
             if EXACT:  # 2^(s-127) in both halves; code 0 -> the bf16 subnormal 2^-127
                 factors = tl.maximum(codes * 0x00800080, 0x00400040)
-            else:  # 2^(s-1) = bf16 bits (s + 126) << 7, exact for s <= 128
-                factors = codes * 0x00800080 + 0x3F003F00
+            else:  # 2^(s-bias) = bf16 bits (s + 127 - bias) << 7, exact for s <= 127 + bias
+                factors = codes * 0x00800080 + (127 - ELEM_BIAS) * 0x00800080
             if PREFETCH_L2 == 0:
                 factors = tl.broadcast_to(factors[:, :, None], (BLOCK_N, 4, 32)).reshape(BLOCK_N, 128)
             else:
@@ -242,13 +310,13 @@ def split_k_for(num_tiles: int, n_tiles: int, k_units: int, limit: int) -> int:
 
 
 def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, interleaved: bool = False):
-    """``a [M_pad, K]`` (bfloat16, rows in the dispatch's tile layout) times MXFP4 ``weight`` (fragment
-    layout, ``[E, N, K]``) of each row tile's expert -> float32 ``[M_pad, N]`` accumulators.
+    """``a [M_pad, K]`` (bfloat16, rows in the dispatch's tile layout) times MX ``weight`` (MXFP4 or MXFP6,
+    fragment layout, ``[E, N, K]``) of each row tile's expert -> float32 ``[M_pad, N]`` accumulators.
 
     ``config``: :class:`~quarkmoe_jax.kernels.grouped_gemm.TileConfig` (``block_m``, ``block_n``,
     ``num_warps``, ``num_stages``, ``prefetch_l2``, ``split_k``: the most splits allowed; fewer when the
-    grid fills the GPU). ``interleaved``: the weight's rows alternate two shards (gpt-oss's gate / up);
-    the output is shard-major.
+    grid fills the GPU; MXFP6 ignores ``prefetch_l2``). ``interleaved``: the weight's rows alternate two
+    shards (gpt-oss's gate / up); the output is shard-major.
 
     Raises:
       NotImplementedError: ``block_n`` does not tile the weight's rows, or an interleaved weight has padded
@@ -260,8 +328,6 @@ def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, inter
     n = weight.n
     if not fits(weight, config.block_n):
         raise NotImplementedError(f"triton backend: block_n {config.block_n} does not tile N = {n_pad}")
-    if interleaved and n != n_pad:
-        raise NotImplementedError(f"triton backend: interleaved N = {n} is not a multiple of 64")
     num_tiles = tile_expert.shape[0]
     m_pad = a.shape[0]
     if m_pad != num_tiles * config.block_m:
@@ -272,16 +338,22 @@ def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, inter
     k_units = k_pad // UNIT_K
     n_tiles = n_pad // config.block_n
     split = split_k_for(num_tiles, n_tiles, k_units, config.split_k)
+    fp6 = weight.low_bits is not None
+    prefetch = 0 if fp6 else config.prefetch_l2
+    stages = config.num_stages if prefetch == 0 else 1
+    if fp6 and config.prefetch_l2:  # the L2-prefetch path is FP4's: pipeline the loads instead
+        stages = max(config.num_stages, 3)
     out = jt.triton_call(
         tile_expert.astype(jnp.int32),
         a,
         weight.words,
         weight.scales,
+        weight.low_bits if fp6 else weight.words,  # not read for MXFP4
         kernel=_mx_fragment_gemm_kernel,
         out_shape=jax.ShapeDtypeStruct((split * m_pad, n_pad), jnp.float32),
         grid=(num_tiles, n_tiles, split),
         num_warps=config.num_warps,
-        num_stages=config.num_stages if config.prefetch_l2 == 0 else 1,
+        num_stages=stages,
         K_UNITS=k_units,
         N_UNITS=n_pad // 16,
         M_PAD=m_pad,
@@ -291,9 +363,14 @@ def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, inter
         BLOCK_N=config.block_n,
         SPLIT_K=split,
         EXACT=bool(weight.exact_scales),
-        PREFETCH_L2=config.prefetch_l2,
-        NUM_STAGES=config.num_stages,
+        PREFETCH_L2=prefetch,
+        NUM_STAGES=stages,
+        FP6=fp6,
+        E3M2=weight.format_name == "mxfp6_e3m2",
+        ELEM_BIAS=weight.fmt.element.bias,
     )
     if split > 1:
         out = out.reshape(split, m_pad, n_pad).sum(axis=0)
+    if interleaved:  # each shard's n_pad/2 columns end with the padded rows' zeros
+        return out.reshape(m_pad, 2, n_pad // 2)[:, :, : n // 2].reshape(m_pad, n)
     return out[:, :n]

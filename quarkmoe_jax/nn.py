@@ -163,10 +163,10 @@ class QuarkMoE(nnx.Module):
         """Re-lay MX weights once for a kernel backend (``process_weights_after_loading``'s kernel step);
         ``from_checkpoint`` does it on a GPU. Returns ``self``.
 
-        ``backend``: ``"triton"`` (MXFP4 in the fragment layout of the v2 kernels, MXFP6 in the chunk
-        layout), ``"pallas"`` (the chunk layout), or None: the kernel backend ``auto`` runs MX weights on here
-        (``triton`` where jax-triton is installed on a GPU, else ``pallas``). Exact, the same bytes (plus
-        K padding to 128 in the fragment layout); every backend accepts every layout, but one in another
+        ``backend``: ``"triton"`` (the fragment layout of the v2 kernels), ``"pallas"`` (the chunk layout),
+        or None: the kernel backend ``auto`` runs MX weights on here (``triton`` where jax-triton is
+        installed on a GPU, else ``pallas``). Exact, the same bytes (plus K and N padding to 128
+        in the fragment layout); every backend accepts every layout, but one in another
         layout re-lays the weights on each call. Sharded experts take the chunk layout, shard by shard.
         """
         if self.sharding is not None:

@@ -1,4 +1,4 @@
-"""Compile the v2 MXFP4 Triton kernel for sm_90 without a GPU and report what the compiler made of it.
+"""Compile the v2 MX (MXFP4, MXFP6) Triton kernel for sm_90 without a GPU and report what the compiler made of it.
 
 Needs a venv with ``triton==3.6.0`` (the GPU image's) and jax installed (no GPU needed), e.g.
 
@@ -24,21 +24,32 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-CONFIGS = [  # (block_m, block_n, num_warps, num_stages, prefetch_l2, exact)
-    (16, 128, 4, 4, 0, False),
-    (16, 128, 4, 3, 0, True),
-    (16, 128, 4, 1, 3, False),
-    (16, 256, 8, 4, 0, False),
-    (16, 64, 4, 4, 0, False),
-    (32, 128, 4, 4, 0, False),
-    (64, 128, 4, 3, 0, False),
-    (64, 256, 8, 3, 0, False),
+CONFIGS = [  # (block_m, block_n, num_warps, num_stages, prefetch_l2, exact, format)
+    (16, 128, 4, 4, 0, False, "mxfp4"),
+    (16, 128, 4, 3, 0, True, "mxfp4"),
+    (16, 128, 4, 1, 3, False, "mxfp4"),
+    (16, 256, 8, 4, 0, False, "mxfp4"),
+    (16, 64, 4, 4, 0, False, "mxfp4"),
+    (32, 128, 4, 4, 0, False, "mxfp4"),
+    (64, 128, 4, 3, 0, False, "mxfp4"),
+    (64, 256, 8, 3, 0, False, "mxfp4"),
+    (16, 128, 4, 4, 0, False, "mxfp6_e3m2"),
+    (16, 128, 4, 3, 0, True, "mxfp6_e2m3"),
+    (16, 256, 8, 4, 0, False, "mxfp6_e2m3"),
+    (64, 128, 4, 3, 0, False, "mxfp6_e3m2"),
 ]
 
 
-def compile_one(block_m, block_n, warps, stages, prefetch, exact, out_dir=None):
+def compile_one(block_m, block_n, warps, stages, prefetch, exact, fmt, out_dir=None):
     kernel = mx._mx_fragment_gemm_kernel
-    pointers = {"tile_expert_ptr": "*i32", "a_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*fp32"}
+    pointers = {
+        "tile_expert_ptr": "*i32",
+        "a_ptr": "*bf16",
+        "w_ptr": "*u8",
+        "s_ptr": "*u8",
+        "low_ptr": "*u8",
+        "out_ptr": "*fp32",
+    }
     constexprs = dict(
         K_UNITS=32,
         N_UNITS=28672 // 16,
@@ -51,6 +62,9 @@ def compile_one(block_m, block_n, warps, stages, prefetch, exact, out_dir=None):
         EXACT=exact,
         PREFETCH_L2=prefetch,
         NUM_STAGES=stages,
+        FP6=fmt != "mxfp4",
+        E3M2=fmt == "mxfp6_e3m2",
+        ELEM_BIAS=3 if fmt == "mxfp6_e3m2" else 1,
     )
     signature = {**pointers, **{k: "constexpr" for k in constexprs}}
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in pointers}
@@ -65,7 +79,7 @@ def compile_one(block_m, block_n, warps, stages, prefetch, exact, out_dir=None):
         capture_output=True,
         text=True,
     ).stderr
-    tag = f"m{block_m}_n{block_n}_w{warps}_s{stages}_pf{prefetch}_{'exact' if exact else 'fast'}"
+    tag = f"{fmt}_m{block_m}_n{block_n}_w{warps}_s{stages}_pf{prefetch}_{'exact' if exact else 'fast'}"
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         for kind in ("ttgir", "ptx"):

@@ -45,6 +45,24 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, monkeypatch):
     assert order == {"cpu": {f: {"3": ["pallas"]} for f in ("mxfp4/none", "int8/int8", "bf16/none")}}
 
 
+def test_backend_table_ranks_a_family_on_its_newest_measurement_only():
+    """A newer run of a family at a token count replaces the older rows of it (a kernel that changed is
+    ranked on its new times), whatever order the files are given in; other families keep theirs."""
+    rank = runpy.run_path("benchmarks/backend_table.py")["rank_backends"]
+
+    def doc(date, rows):
+        rows = [dict(shape="mixtral", scheme=s, skewed=False, tokens=t, backend=b, us=us) for s, t, b, us in rows]
+        return {"meta": {"device": "GPU", "date": date}, "rows": rows}
+
+    old = doc("2026-12-02", [("w_mxfp6_e3m2", 16, "triton", 9.0), ("w_mxfp6_e3m2", 16, "pallas", 5.0)])
+    old["rows"] += doc("2026-12-02", [("w_mxfp4", 16, "pallas", 2.0), ("w_mxfp4", 16, "triton", 1.0)])["rows"]
+    new = doc("2026-12-03", [("w_mxfp6_e2m3", 16, "triton", 3.0), ("w_mxfp6_e2m3", 16, "pallas", 4.0)])
+    for docs in ([old, new], [new, old]):
+        assert rank(docs) == {
+            "GPU": {"mxfp6/none": {"16": ["triton", "pallas"]}, "mxfp4/none": {"16": ["triton", "pallas"]}}
+        }
+
+
 def test_roofline_plot_from_the_recorded_h100_results(tmp_path):
     """benchmarks/roofline.py turns moe_bench JSON into a well-formed SVG with one point per timed row, every
     point under the roof of its run's ceilings."""

@@ -1,4 +1,4 @@
-"""MXFP4 weights in the *fragment layout* the v2 jax-triton kernels read, and the exact conversion both ways.
+"""MX weights in the *fragment layout* the v2 jax-triton kernels read, and the exact conversion both ways.
 
 Hopper's ``wgmma`` takes its A operand from registers in a fixed fragment: in a 64-row slice each warp owns
 16 rows; lane ``l`` (``g = l // 4``, ``tig = l % 4``) holds rows ``g`` and ``g + 8`` and, per 16-wide K step,
@@ -19,8 +19,18 @@ order and bit-arranged for a short decode:
   (the e2m1 value times 2^-126) of the four pairs: 9 integer instructions per 8 elements.
 * **Scales.** E8M0 units of 16 rows x 4 groups (one 128-K block) = 64 bytes, byte ``g*8 + kg*2 + h8`` =
   scale of row ``16*nb + 8*h8 + g``, group ``4*kb + kg``: one 8-byte load per thread.
+* **FP6.** Each 6-bit code is split in two. Its sign and three magnitude bits form a 4-bit code stored in
+  ``words`` exactly as an FP4 code is (so the same rotate-and-mask formulas place them at the bf16 bits they
+  take: 15 and 6..8); the other two magnitude bits (:data:`LOW_TARGETS`: bf16 bits 4, 5 for e2m3, 5 and 9
+  for e3m2) go to ``low_bits [E, N/16, K/128, 512]``: unit byte ``g*64 + c6*32 + tig*8 + 2*q + b`` (each
+  thread reads 8 bytes per ``c6``), two bytes per word. The kernel sees the two bytes of word ``w`` as the
+  register ``R = B0 | B0<<8 | B1<<16 | B1<<24``; pair ``o`` takes ``rotl(R, LOW_ROTATIONS[o]) & mask`` (bits
+  placed by :data:`LOW_SOURCE_BITS`), OR'ed into the FP4-style pattern. The pattern is the element's value
+  times ``2^-(127 - bias)`` (``bias`` 1 for e2m1 and e2m3, 3 for e3m2); 6 bits per element, as packed.
 * **Padding.** K is padded to a multiple of 128 with code 0 (value +0) and scale code 127, N to a multiple
-  of 64 with zero rows: the padded products are exact zeros. ``shape`` keeps the logical ``(E, N, K)``.
+  of 128 with zero rows: the padded products are exact zeros. ``shape`` keeps the logical ``(E, N, K)``.
+  (N to 128, not one warpgroup's 64, so that 128-row tiles fit every weight: gpt-oss's N = 2880 ran 64-row
+  tiles, 8-28% slower per GEMM on the H200, docs/performance.md.)
 
 Same bytes as the checkpoint plus that padding (gpt-oss's K = 2880 -> 2944: 2.2%). :func:`to_fragment_layout`
 and :meth:`MXFragmentWeights.to_mx` are exact inverses (tested), and :func:`decode_fragment_words` is the
@@ -45,14 +55,24 @@ __all__ = [
     "UNIT_ROWS",
     "UNIT_K",
     "ROW_ALIGN",
-    "FAST_SCALE_MAX",
+    "fast_scale_max",
+    "LOW_TARGETS",
+    "LOW_ROTATIONS",
+    "LOW_SOURCE_BITS",
+    "FRAGMENT_FORMATS",
 ]
 
 UNIT_ROWS, UNIT_K = 16, 128
-ROW_ALIGN = 64  # one warpgroup's wgmma M
-FAST_SCALE_MAX = 128
-"""Largest E8M0 code for which one bf16 multiply by ``2^(s-1)`` applies the scale exactly (the kernels'
-fast path); larger codes take two multiplies (``MXFragmentWeights.exact_scales``)."""
+ROW_ALIGN = 128  # the v2 kernels' usual block_n (docstring: Padding)
+FRAGMENT_FORMATS = ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3")
+
+
+def fast_scale_max(fmt) -> int:
+    """Largest E8M0 code for which one bf16 multiply by ``2^(s - bias)`` applies the scale to the decoded
+    pattern exactly (the kernels' fast path: 128 for e2m1 and e2m3, 130 for e3m2); larger codes take two
+    multiplies (``MXFragmentWeights.exact_scales``)."""
+    return 127 + mx_format(fmt).element.bias
+
 
 _TARGET_LOW, _TARGET_HIGH = (6, 7, 8, 15), (22, 23, 24, 31)  # bf16 bits of mantissa, exponent 0/1, sign
 _ROTATIONS = {0: 6, 1: 12, 2: 2}
@@ -68,6 +88,51 @@ SOURCE_BITS = np.array([[_source_bit(o, t) for t in _TARGET_LOW + _TARGET_HIGH] 
 """``SOURCE_BITS[o, i]``: the word bit holding bit ``i % 4`` of the even (``i < 4``) or odd element's code
 of register pair ``o``."""
 assert sorted(SOURCE_BITS.ravel().tolist()) == list(range(32))  # a permutation of the word's bits
+
+LOW_TARGETS = {"mxfp6_e2m3": (4, 5), "mxfp6_e3m2": (5, 9)}
+"""bf16 bit of an FP6 code's low-plane bit 0 and bit 1 (the magnitude bits the 4-bit part leaves out)."""
+LOW_ROTATIONS = {"mxfp6_e2m3": (0, 2, 4, 6), "mxfp6_e3m2": (0, 1, 2, 3)}
+"""Left rotation of the low-plane register ``R`` for register pair ``o`` (found by search: the 16 bits of
+the two bytes, each present twice in ``R``, are taken once each)."""
+
+
+def _low_source_bits(fmt_name: str) -> np.ndarray:
+    """``[o, i]``: bit (``8*byte + bit``) of the word's two low-plane bytes that holds low bit ``i % 2`` of the
+    even (``i < 2``) or odd element of pair ``o``."""
+    t0, t1 = LOW_TARGETS[fmt_name]
+    table = []
+    for rotation in LOW_ROTATIONS[fmt_name]:
+        sources = [(t - rotation) % 32 for t in (t0, t1, t0 + 16, t1 + 16)]
+        table.append([(s // 16) * 8 + s % 8 for s in sources])  # R's bits s and s ^ 8 are the same bit
+    return np.array(table, np.int64)
+
+
+LOW_SOURCE_BITS = {name: _low_source_bits(name) for name in LOW_TARGETS}
+for _table in LOW_SOURCE_BITS.values():
+    assert sorted(_table.ravel().tolist()) == list(range(16))  # every bit of the two bytes, once
+
+
+def low_mask(fmt_name: str) -> int:
+    """The mask of a pair's low-plane bits in its bf16x2 register."""
+    t0, t1 = LOW_TARGETS[fmt_name]
+    return (1 << t0) | (1 << t1) | (1 << (t0 + 16)) | (1 << (t1 + 16))
+
+
+def _split_codes(codes, fmt_name: str):
+    """FP6 codes (bits m0.. up to the sign at bit 5) -> (4-bit codes laid out as e2m1's, 2-bit low codes)."""
+    codes = codes.astype(jnp.uint8)
+    if fmt_name == "mxfp6_e2m3":  # s e1 e0 m2 | m1 m0
+        return codes >> 2, codes & 3
+    # e3m2: (s, e1, e0, m1) | (e2, m0)
+    nibble = ((codes >> 1) & 7) | ((codes >> 5) << 3)
+    return nibble, (codes & 1) | (((codes >> 4) & 1) << 1)
+
+
+def _join_codes(nibble, low, fmt_name: str):
+    """Inverse of :func:`_split_codes`."""
+    if fmt_name == "mxfp6_e2m3":
+        return (nibble << 2) | low
+    return ((nibble & 7) << 1) | ((nibble >> 3) << 5) | (low & 1) | ((low >> 1) << 4)
 
 
 def _encode_words(even, odd):
@@ -111,6 +176,38 @@ def _units_to_codes(units):
     return c.reshape(nb * 16, kb * 128)
 
 
+def _low_to_units(low, fmt_name: str):
+    """``[N, K]`` 2-bit low codes -> ``[N/16, K/128, 512]`` uint8 low-plane unit bytes."""
+    n, k = low.shape
+    c = low.astype(jnp.uint32).reshape(n // 16, 2, 8, k // 128, 2, 2, 2, 2, 4, 2)  # nb h8 g kb c6 q1 q0 k3 tig j
+    c = c.transpose(0, 3, 2, 4, 8, 5, 6, 1, 7, 9)  # nb kb g c6 tig q1 q0 h8 k3 j
+    c = c.reshape(n // 16, k // 128, 8, 2, 4, 2, 2, 4, 2)  # ... pair o, element j
+    table = LOW_SOURCE_BITS[fmt_name]
+    bits = jnp.zeros(c.shape[:-2], jnp.uint32)  # the 16 bits of the word's two bytes
+    for o in range(4):
+        for j in range(2):
+            for i in range(2):
+                bits |= ((c[..., o, j] >> i) & 1) << int(table[o, 2 * j + i])
+    two = jnp.stack([bits & 0xFF, bits >> 8], -1)  # [nb, kb, g, c6, tig, q1, q0, byte]
+    return two.astype(jnp.uint8).reshape(n // 16, k // 128, 512)
+
+
+def _units_to_low(units, fmt_name: str):
+    """Inverse of :func:`_low_to_units`."""
+    nb, kb = units.shape[0], units.shape[1]
+    two = units.reshape(nb, kb, 8, 2, 4, 2, 2, 2).astype(jnp.uint32)
+    bits = two[..., 0] | (two[..., 1] << 8)  # [nb, kb, g, c6, tig, q1, q0]
+    table = LOW_SOURCE_BITS[fmt_name]
+    pairs = []
+    for o in range(4):
+        pairs.append(
+            jnp.stack([sum(((bits >> int(table[o, 2 * j + i])) & 1) << i for i in range(2)) for j in range(2)], -1)
+        )
+    c = jnp.stack(pairs, -2).reshape(nb, kb, 8, 2, 4, 2, 2, 2, 2, 2)  # ... h8 k3 j
+    c = c.transpose(0, 7, 2, 1, 3, 5, 6, 8, 4, 9)  # nb h8 g kb c6 q1 q0 k3 tig j
+    return c.reshape(nb * 16, kb * 128).astype(jnp.uint8)
+
+
 def _scales_to_units(scales):
     n, groups = scales.shape
     s = scales.reshape(n // 16, 2, 8, groups // 4, 4)  # nb h8 g kb kg
@@ -125,14 +222,16 @@ def _units_to_scales(units):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MXFragmentWeights:
-    """MXFP4 expert weights in the fragment layout (module docstring); the same values as an :class:`MXTensor`.
+    """MX expert weights in the fragment layout (module docstring); the same values as an :class:`MXTensor`.
 
     Attributes:
-      words: uint8 ``[E, N_pad/16, K_pad/128, 1024]`` code units.
+      words: uint8 ``[E, N_pad/16, K_pad/128, 1024]`` code units (FP6: the codes' 4-bit parts).
       scales: uint8 ``[E, N_pad/16, K_pad/128, 64]`` E8M0 units.
+      low_bits: uint8 ``[E, N_pad/16, K_pad/128, 512]``, the FP6 codes' other two bits; ``None`` for MXFP4.
       n, k: static logical ``N`` and ``K`` (before padding).
-      exact_scales: static; some scale code exceeds :data:`FAST_SCALE_MAX`, so the kernels apply scales with
+      exact_scales: static; some scale code exceeds :func:`fast_scale_max`, so the kernels apply scales with
         two multiplies (``True`` as well when the layout was made under ``jit``, where the codes are unknown).
+      format_name: static, one of :data:`FRAGMENT_FORMATS`.
     """
 
     words: jax.Array
@@ -140,8 +239,20 @@ class MXFragmentWeights:
     n: int = dataclasses.field(metadata=dict(static=True))
     k: int = dataclasses.field(metadata=dict(static=True))
     exact_scales: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    low_bits: jax.Array | None = None
+    format_name: str = dataclasses.field(default="mxfp4", metadata=dict(static=True))
 
-    fmt = mx_format("mxfp4")
+    def __post_init__(self):
+        if self.format_name not in FRAGMENT_FORMATS:
+            raise ValueError(f"fragment layout format must be one of {FRAGMENT_FORMATS}, got {self.format_name!r}")
+        if (self.low_bits is None) != (self.format_name == "mxfp4"):
+            raise ValueError(
+                f"{self.format_name} fragment weights {'need' if self.low_bits is None else 'take no'} low_bits"
+            )
+
+    @property
+    def fmt(self):
+        return mx_format(self.format_name)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -159,16 +270,26 @@ class MXFragmentWeights:
 
     @property
     def nbytes(self) -> int:
-        return int(self.words.size + self.scales.size)
+        low = 0 if self.low_bits is None else self.low_bits.size
+        return int(self.words.size + self.scales.size + low)
+
+    def _replace(self, **arrays) -> MXFragmentWeights:
+        return dataclasses.replace(self, **arrays)
 
     def to_mx(self) -> MXTensor:
         """Back to Quark's layout, bit for bit (padding dropped)."""
+        name = self.format_name
 
-        def one(words, scales):
-            codes = _units_to_codes(words)[: self.n, : self.k]
-            return pack_codes(codes, self.fmt), _units_to_scales(scales)[: self.n, : self.k // 32]
+        def one(arrays):
+            codes = _units_to_codes(arrays[0])
+            if name != "mxfp4":
+                codes = _join_codes(codes, _units_to_low(arrays[2], name), name)
+            return pack_codes(codes[: self.n, : self.k], self.fmt), _units_to_scales(arrays[1])[
+                : self.n, : self.k // 32
+            ]
 
-        packed, scales = jax.lax.map(lambda ws: one(*ws), (self.words, self.scales))
+        arrays = (self.words, self.scales) + (() if self.low_bits is None else (self.low_bits,))
+        packed, scales = jax.lax.map(one, arrays)
         return MXTensor(packed, scales, self.fmt)
 
     def dequantize(self, dtype=jnp.bfloat16):
@@ -176,13 +297,14 @@ class MXFragmentWeights:
 
     def __getitem__(self, index) -> MXFragmentWeights:
         """Select experts (the leading axis)."""
-        words, scales = self.words[index], self.scales[index]
+        words = self.words[index]
         if words.ndim != 4:
             raise IndexError("MXFragmentWeights indexing selects experts (a slice or an index array) only")
-        return MXFragmentWeights(words, scales, self.n, self.k, self.exact_scales)
+        low = None if self.low_bits is None else self.low_bits[index]
+        return self._replace(words=words, scales=self.scales[index], low_bits=low)
 
     def __repr__(self) -> str:
-        return f"MXFragmentWeights(mxfp4, shape={self.shape}, padded={self.padded_shape})"
+        return f"MXFragmentWeights({self.format_name}, shape={self.shape}, padded={self.padded_shape})"
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -190,20 +312,22 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def to_fragment_layout(weights: MXTensor) -> MXFragmentWeights:
-    """Re-lay MXFP4 weights ``[E, N, K]`` (``K`` a multiple of 32) for the v2 kernels; exact.
+    """Re-lay MX weights ``[E, N, K]`` (MXFP4 or either MXFP6; ``K`` a multiple of 32) for the v2 kernels;
+    exact.
 
     One expert at a time (bounded temporaries). Outside ``jit`` the scale codes are inspected once to pick
-    the kernels' one-multiply scale path (:data:`FAST_SCALE_MAX`).
+    the kernels' one-multiply scale path (:func:`fast_scale_max`).
 
     Raises:
-      ValueError: not MXFP4 (the fragment layout is FP4's), not 3-D, or K not a multiple of 32.
+      ValueError: not an MX format of :data:`FRAGMENT_FORMATS`, not 3-D, or K not a multiple of 32.
     """
     if isinstance(weights, MXFragmentWeights):
         return weights
     if not isinstance(weights, MXTensor):
         raise TypeError(f"to_fragment_layout takes an MXTensor, got {type(weights).__name__}")
-    if weights.fmt.name != "mxfp4":
-        raise ValueError(f"the fragment layout is MXFP4's; got {weights.fmt.name}")
+    name = weights.fmt.name
+    if name not in FRAGMENT_FORMATS:
+        raise ValueError(f"the fragment layout takes {FRAGMENT_FORMATS}; got {name}")
     if weights.ndim != 3:
         raise ValueError(f"the fragment layout takes expert weights [E, N, K], got shape {weights.shape}")
     e, n, k = weights.shape
@@ -212,21 +336,25 @@ def to_fragment_layout(weights: MXTensor) -> MXFragmentWeights:
     def one(packed_and_scales):
         packed, scales = packed_and_scales
         codes = jnp.pad(unpack_codes(packed, weights.fmt), ((0, n_pad - n), (0, k_pad - k)))
-        scales = jnp.pad(scales, ((0, n_pad - n), (0, (k_pad - k) // 32)), constant_values=127)
-        return _codes_to_units(codes), _scales_to_units(scales)
+        scales = _scales_to_units(jnp.pad(scales, ((0, n_pad - n), (0, (k_pad - k) // 32)), constant_values=127))
+        if name == "mxfp4":
+            return _codes_to_units(codes), scales
+        nibbles, low = _split_codes(codes, name)
+        return _codes_to_units(nibbles), scales, _low_to_units(low, name)
 
-    words, scales = jax.lax.map(one, (weights.packed, weights.scales))
+    words, scales, *low = jax.lax.map(one, (weights.packed, weights.scales))
     exact = True
     if not isinstance(weights.scales, jax.core.Tracer):  # concrete (also when captured by a jit): one look
-        exact = bool(np.asarray(weights.scales).max(initial=0) > FAST_SCALE_MAX)
-    return MXFragmentWeights(words, scales, n, k, exact)
+        exact = bool(np.asarray(weights.scales).max(initial=0) > fast_scale_max(name))
+    return MXFragmentWeights(words, scales, n, k, exact, low[0] if low else None, name)
 
 
 def decode_fragment_words(weights: MXFragmentWeights) -> np.ndarray:
     """What the kernels compute from the fragment layout, modelled on the host in numpy (float64, so bf16
     subnormals stay exact, as they are on the GPU; XLA:CPU would flush them): each word decoded by the
-    rotate-and-mask formulas to bf16 bit patterns (value x 2^-126), times ``2^126 * 2^(s - 127)``.
-    Returns ``[E, N, K]`` float64; E8M0 code 255 gives NaN. For tests, not a fast path."""
+    rotate-and-mask formulas to bf16 bit patterns (value x 2^-(127 - bias)), FP6's low-plane bits rotated
+    and OR'ed in, times ``2^(127 - bias) * 2^(s - 127)``. Returns ``[E, N, K]`` float64; E8M0 code 255
+    gives NaN. For tests, not a fast path."""
     e, nb, kb = weights.words.shape[:3]
     words = np.ascontiguousarray(np.asarray(weights.words)).view(np.uint32).reshape(e, nb, kb, 2, 8, 4, 2, 2)
     words = words.astype(np.uint64)
@@ -243,8 +371,16 @@ def decode_fragment_words(weights: MXFragmentWeights) -> np.ndarray:
         ],
         -1,
     )  # [e, nb, kb, c6, g, tig, q1, q0, o]
+    name = weights.format_name
+    if name != "mxfp4":
+        low = np.asarray(weights.low_bits).reshape(e, nb, kb, 8, 2, 4, 2, 2, 2).astype(np.uint64)
+        b0, b1 = low[..., 0], low[..., 1]  # [e, nb, kb, g, c6, tig, q1, q0]
+        register = (b0 | (b0 << 8) | (b1 << 16) | (b1 << 24)).transpose(0, 1, 2, 4, 3, 5, 6, 7)
+        mask = low_mask(name)
+        pairs |= np.stack([rotl(register, r) & mask for r in LOW_ROTATIONS[name]], -1)
     halves = (np.stack([pairs & 0xFFFF, pairs >> 16], -1) << 16).astype(np.uint32)
-    values = halves.view(np.float32).astype(np.float64) * 2.0**126
+    bias = weights.fmt.element.bias
+    values = halves.view(np.float32).astype(np.float64) * 2.0 ** (127 - bias)
     values = values.reshape(e, nb, kb, 2, 8, 4, 2, 2, 2, 2, 2).transpose(0, 1, 8, 4, 2, 3, 6, 7, 9, 5, 10)
     values = values.reshape(e, nb * 16, kb * 128)
     scales = np.asarray(weights.scales).reshape(e, nb, kb, 8, 4, 2).transpose(0, 1, 5, 3, 2, 4)

@@ -81,8 +81,8 @@ class KernelBackend:
       prefill_dequant: whether prefill may dequantize MX weights to bfloat16 in bounded chunks and run the
         dense kernel (needs ``gemm`` to take an ``out`` buffer).
       unavailable: returns why the backend cannot run on this machine (``None`` when it can).
-      fragment_layout: MXFP4 weights run in the fragment layout (the v2 kernels,
-        :mod:`quarkmoe_jax.formats.fragment_layout`); other MX weights in the chunk layout.
+      fragment_layout: MX weights run in the fragment layout (the v2 kernels,
+        :mod:`quarkmoe_jax.formats.fragment_layout`); otherwise in the chunk layout.
     """
 
     name: str
@@ -93,18 +93,18 @@ class KernelBackend:
 
 
 def kernel_weights(weight, name: str, backend: str = "pallas", fragment_layout: bool = False):
-    """``weight`` as the kernels read it: :class:`MXFragmentWeights` (MXFP4 with ``fragment_layout``),
-    :class:`MXKernelWeights` (other MX weights), or an ``[E, N, K]`` array (int8, e4m3, or float). Weights
+    """``weight`` as the kernels read it: :class:`MXFragmentWeights` (MX weights with ``fragment_layout``),
+    :class:`MXKernelWeights` (MX weights without), or an ``[E, N, K]`` array (int8, e4m3, or float). Weights
     in another layout are re-laid (a pass over them on every call: lay them out once after loading,
     ``QuarkMoE.prepare_for_kernels``)."""
     if isinstance(weight, MXFragmentWeights) and fragment_layout:
         return weight
-    if isinstance(weight, MXKernelWeights) and not (fragment_layout and weight.fmt.name == "mxfp4"):
+    if isinstance(weight, MXKernelWeights) and not fragment_layout:
         return weight
     if isinstance(weight, (MXTensor, MXKernelWeights, MXFragmentWeights)):
         weight = as_mx_tensor(weight)
         try:
-            if fragment_layout and weight.fmt.name == "mxfp4":
+            if fragment_layout:
                 return to_fragment_layout(weight)
             return to_kernel_layout(weight, DEFAULT_CHUNK)
         except ValueError as e:

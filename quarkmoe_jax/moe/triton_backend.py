@@ -3,10 +3,10 @@
 
 Optional: needs ``pip install 'quarkmoe-jax[triton]'`` (jax-triton 0.3.1, triton 3.6) and an NVIDIA GPU.
 Without them this module still imports, and a call raises ``NotImplementedError`` saying what is missing
-(``backend="auto"`` moves on). The same schemes as the ``pallas`` backend. MXFP4 weights run on the v2
-kernels (:mod:`quarkmoe_jax.kernels.triton_mx_gemm`: fragment layout, decode in wgmma's register operand,
-split-K where the grid is small; tiles from ``kernels/tiles.json``); MXFP6 and 8-bit / bf16 weights on the
-first kernels (``block_n`` / warps / stages autotuned). No prefill dequantize path.
+(``backend="auto"`` moves on). The same schemes as the ``pallas`` backend. MX weights (MXFP4, MXFP6) run
+on the v2 kernels (:mod:`quarkmoe_jax.kernels.triton_mx_gemm`: fragment layout, decode in wgmma's register
+operand, split-K where the grid is small; tiles from ``kernels/tiles.json``); 8-bit / bf16 weights on the
+dense kernel (``block_n`` / warps / stages autotuned). No prefill dequantize path.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The v2 kernels' fragment layout: exact both ways, and the kernel's decode (rotate-and-mask words, bf16x2
-scale multiply), modelled in numpy, gives the checkpoint's values; every backend accepts it."""
+"""The v2 kernels' fragment layout (MXFP4 and both MXFP6): exact both ways, and the kernel's decode
+(rotate-and-mask words, FP6's low-plane bits, bf16x2 scale multiply), modelled in numpy, gives the
+checkpoint's values; every backend accepts it."""
 
 import jax
 import jax.numpy as jnp
@@ -8,47 +9,58 @@ import pytest
 
 import quarkmoe_jax as qm
 from quarkmoe_jax.formats.fragment_layout import (
-    FAST_SCALE_MAX,
+    FRAGMENT_FORMATS,
+    LOW_SOURCE_BITS,
     SOURCE_BITS,
     MXFragmentWeights,
     decode_fragment_words,
+    fast_scale_max,
     to_fragment_layout,
 )
 from quarkmoe_jax.formats.kernel_layout import as_mx_tensor, to_kernel_layout
 
 
-def random_mx(key, shape, scale_low=100, scale_high=140):
-    """Uniform random bytes (every e2m1 code pair) and scale codes in [low, high)."""
+def random_mx(key, shape, scale_low=100, scale_high=140, fmt="mxfp4"):
+    """Uniform random packed bytes (every code, every neighbour) and scale codes in [low, high)."""
+    fmt = qm.MX_FORMATS[fmt]
     k1, k2 = jax.random.split(key)
     e, n, k = shape
-    packed = jax.random.randint(k1, (e, n, k // 2), 0, 256).astype(jnp.uint8)
+    packed = jax.random.randint(k1, (e, n, k * fmt.bits // 8), 0, 256).astype(jnp.uint8)
     scales = jax.random.randint(k2, (e, n, k // 32), scale_low, scale_high).astype(jnp.uint8)
-    return qm.MXTensor(packed, scales, qm.MX_FORMATS["mxfp4"])
+    return qm.MXTensor(packed, scales, fmt)
 
 
+@pytest.mark.parametrize("fmt", FRAGMENT_FORMATS)
 @pytest.mark.parametrize("shape", [(2, 64, 128), (3, 128, 2880 // 9), (1, 80, 96), (2, 16 * 9, 640)])
-def test_round_trip_and_decode_are_exact(key, shape):
+def test_round_trip_and_decode_are_exact(key, shape, fmt):
     """Quark bytes -> fragment layout -> Quark bytes, bit for bit (K and N padding included: gpt-oss-like
-    K = 320, N not a multiple of 64); the numpy model of the kernel's decode equals ``dequantize``."""
-    weights = random_mx(key, shape)
+    K = 320, N not a multiple of 128); the numpy model of the kernel's decode equals ``dequantize``; the
+    layout holds the packed bytes plus the padding (6 bits per FP6 element)."""
+    weights = random_mx(key, shape, fmt=fmt)
     fragment = to_fragment_layout(weights)
     assert isinstance(fragment, MXFragmentWeights) and fragment.shape == shape
     _, n_pad, k_pad = fragment.padded_shape
-    assert n_pad % 64 == 0 and k_pad % 128 == 0 and n_pad - shape[1] < 64 and k_pad - shape[2] < 128
+    assert n_pad % 128 == 0 and k_pad % 128 == 0 and n_pad - shape[1] < 128 and k_pad - shape[2] < 128
     back = fragment.to_mx()
     np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(weights.packed))
     np.testing.assert_array_equal(np.asarray(back.scales), np.asarray(weights.scales))
     np.testing.assert_array_equal(decode_fragment_words(fragment), np.asarray(weights.dequantize(jnp.float32)))
-    assert fragment.nbytes == shape[0] * (n_pad * k_pad // 2 + n_pad * k_pad // 32)
+    bits = qm.MX_FORMATS[fmt].bits
+    assert fragment.nbytes == shape[0] * (n_pad * k_pad * bits // 8 + n_pad * k_pad // 32)
+    assert fragment.format_name == fmt and (fragment.low_bits is None) == (fmt == "mxfp4")
 
 
-def test_every_scale_code_decodes_and_the_fast_path_flag():
-    """Scale codes 0..254 (the kernels' two-multiply path beyond FAST_SCALE_MAX), subnormal results included
-    (numpy model: float64); code 255 decodes as NaN. Small scales keep the one-multiply path."""
+@pytest.mark.parametrize("fmt", FRAGMENT_FORMATS)
+def test_every_scale_code_decodes_and_the_fast_path_flag(fmt):
+    """Every element code next to every scale code 0..254 (the kernels' two-multiply path beyond
+    fast_scale_max), subnormal results included (numpy model: float64); code 255 decodes as NaN. Small
+    scales keep the one-multiply path."""
+    fmt_ = qm.MX_FORMATS[fmt]
     codes = np.arange(255, dtype=np.uint8)
     scales = np.resize(codes, (1, 64, 4 * 64))  # [1, 64, K/32] with K = 8192
-    packed = np.resize(np.arange(256, dtype=np.uint8), (1, 64, 4096))
-    weights = qm.MXTensor(jnp.asarray(packed), jnp.asarray(scales), qm.MX_FORMATS["mxfp4"])
+    element_codes = np.resize(np.arange(1 << fmt_.bits, dtype=np.uint8), (1, 64, 8192))
+    packed = np.asarray(qm.formats.mx.pack_codes(element_codes, fmt_))
+    weights = qm.MXTensor(jnp.asarray(packed), jnp.asarray(scales), fmt_)
     fragment = to_fragment_layout(weights)
     assert fragment.exact_scales
     want = np.asarray(weights.dequantize(jnp.float32), np.float64)
@@ -59,12 +71,15 @@ def test_every_scale_code_decodes_and_the_fast_path_flag():
     nan = weights.scales.at[0, 0, 0].set(255)
     got_nan = decode_fragment_words(to_fragment_layout(qm.MXTensor(weights.packed, nan, weights.fmt)))
     assert np.isnan(got_nan[0, 0, :32]).all() and np.isfinite(got_nan[0, 0, 32:]).all()
-    small = to_fragment_layout(random_mx(jax.random.key(1), (1, 64, 128), 100, FAST_SCALE_MAX + 1))
+    small = to_fragment_layout(random_mx(jax.random.key(1), (1, 64, 128), 100, fast_scale_max(fmt) + 1, fmt))
     assert not small.exact_scales
+    assert fast_scale_max(fmt) == (130 if fmt == "mxfp6_e3m2" else 128)
 
 
 def test_source_bits_are_a_permutation_of_the_word():
     assert sorted(SOURCE_BITS.ravel().tolist()) == list(range(32))
+    for table in LOW_SOURCE_BITS.values():
+        assert sorted(table.ravel().tolist()) == list(range(16))
 
 
 def test_layout_under_jit_takes_the_exact_scale_path(key):
@@ -74,23 +89,31 @@ def test_layout_under_jit_takes_the_exact_scale_path(key):
     np.testing.assert_array_equal(np.asarray(fragment.to_mx().packed), np.asarray(weights.packed))
 
 
-def test_layouts_convert_into_each_other(key):
-    weights = random_mx(key, (2, 64, 256))
+@pytest.mark.parametrize("fmt", FRAGMENT_FORMATS)
+def test_layouts_convert_into_each_other(key, fmt):
+    weights = random_mx(key, (2, 64, 256), fmt=fmt)
     fragment = to_fragment_layout(weights)
     chunked = to_kernel_layout(fragment)
     np.testing.assert_array_equal(np.asarray(as_mx_tensor(chunked).packed), np.asarray(weights.packed))
     np.testing.assert_array_equal(np.asarray(fragment[1:].to_mx().packed), np.asarray(weights.packed[1:]))
 
 
-def test_only_mxfp4_has_a_fragment_layout(key):
-    w6 = qm.quantize(jax.random.normal(key, (2, 64, 128)), "mxfp6_e2m3")
-    with pytest.raises(ValueError, match="MXFP4"):
-        to_fragment_layout(w6)
+def test_the_fragment_layout_refuses_what_it_cannot_hold(key):
+    w4 = random_mx(key, (2, 64, 128))
+    with pytest.raises(ValueError, match=r"\[E, N, K\]"):
+        to_fragment_layout(qm.MXTensor(w4.packed[0], w4.scales[0], w4.fmt))
+    with pytest.raises(TypeError, match="MXTensor"):
+        to_fragment_layout(jnp.zeros((2, 64, 128)))
+    fragment = to_fragment_layout(random_mx(key, (2, 64, 128), fmt="mxfp6_e3m2"))
+    with pytest.raises(ValueError, match="need low_bits"):
+        MXFragmentWeights(fragment.words, fragment.scales, 64, 128, format_name="mxfp6_e3m2")
+    with pytest.raises(ValueError, match="one of"):
+        MXFragmentWeights(fragment.words, fragment.scales, 64, 128, format_name="mxfp8")
 
 
 def test_layout_of_weights_captured_by_a_jit_reads_their_scales(key):
     """Concrete weights closed over by a jitted function (as QuarkMoE params are) keep the one-multiply path."""
-    weights = random_mx(key, (2, 64, 128), 100, FAST_SCALE_MAX + 1)
+    weights = random_mx(key, (2, 64, 128), 100, fast_scale_max("mxfp4") + 1)
     flags = []
 
     @jax.jit

@@ -317,13 +317,14 @@ def test_an_expert_parallel_call_sizes_its_tiles_for_the_local_share(key, monkey
     assert seen == [(32, 2, 8)]
 
 
-def test_fragment_layout_weights_run_on_every_backend(key):
-    """MXFP4 weights re-laid for the v2 Triton kernels give the same result on the emulation and the Pallas
+@pytest.mark.parametrize("scheme", ["w_mxfp4", "w_mxfp6_e3m2"])
+def test_fragment_layout_weights_run_on_every_backend(key, scheme):
+    """MX weights re-laid for the v2 Triton kernels give the same result on the emulation and the Pallas
     backends (each converts what it cannot read)."""
     from quarkmoe_jax.formats.fragment_layout import to_fragment_layout
     from quarkmoe_jax.moe import emulation
 
-    experts = random_experts(key, scheme="w_mxfp4", bias=True)
+    experts = random_experts(key, scheme=scheme, bias=True)
     x, weights, ids = inputs(key)
     params = dict(experts.params())
     relaid = {**params, "w13": to_fragment_layout(params["w13"]), "w2": to_fragment_layout(params["w2"])}
