@@ -25,6 +25,7 @@ def _map_source_kernels() -> None:
 
 _map_source_kernels()
 
+from quarkmoe_jax.errors import QuarkMoEError  # noqa: E402
 from quarkmoe_jax.formats import (  # noqa: E402
     MX_FORMATS,
     MXFormat,
@@ -36,4 +37,13 @@ from quarkmoe_jax.formats import (  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["MXFormat", "MXTensor", "MX_FORMATS", "dequantize", "quant_dequant", "quantize", "__version__"]
+__all__ = [
+    "MXFormat",
+    "MXTensor",
+    "MX_FORMATS",
+    "QuarkMoEError",
+    "dequantize",
+    "quant_dequant",
+    "quantize",
+    "__version__",
+]

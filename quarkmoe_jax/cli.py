@@ -237,20 +237,52 @@ _NPY_MAGIC = b"\x93NUMPY"
 
 
 def read_npy(path: str, option: str) -> np.ndarray:
-    """One array from a NumPy ``.npy`` file, never unpickling; anything else is a ``ValueError`` naming it."""
+    """One array from a NumPy ``.npy`` file, never unpickling; anything else is a ``ValueError`` naming it
+    (a FIFO or device, another format, a header claiming more bytes than the file holds, Python objects)."""
+    import math
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"cannot read {option} {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{option} {path}: expected a regular .npy file")
     try:
         with open(path, "rb") as f:
             head = f.read(len(_NPY_MAGIC))
+            if head != _NPY_MAGIC:
+                hint = " (a .npz archive: save one array with numpy.save)" if head.startswith(b"PK") else ""
+                raise ValueError(
+                    f"{option} {path} is not a NumPy .npy file{hint}; write one with numpy.save(path, array)"
+                )
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"format version {version}, expected 1.0 or 2.0 (what numpy.save writes)")
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(f, max_header_size=10_000)
+            claimed = math.prod(shape) * dtype.itemsize
+            available = os.fstat(f.fileno()).st_size - f.tell()
     except OSError as e:
         raise ValueError(f"cannot read {option} {path}: {e.strerror or e}") from None
-    if head != _NPY_MAGIC:
-        hint = " (a .npz archive: save one array with numpy.save)" if head.startswith(b"PK") else ""
-        raise ValueError(f"{option} {path} is not a NumPy .npy file{hint}; write one with numpy.save(path, array)")
+    except (ValueError, TypeError, SyntaxError) as e:
+        if str(e).startswith(option):
+            raise
+        raise ValueError(f"{option} {path}: not a readable .npy array ({e})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{option} {path}: not a readable .npy array (it holds Python objects)")
+    if claimed > available:
+        raise ValueError(
+            f"{option} {path}: its header claims {list(shape)} {dtype} ({claimed} bytes), the file holds {available}"
+        )
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as e:
-        reason = "it holds Python objects" if "allow_pickle" in str(e) else str(e)
-        raise ValueError(f"{option} {path}: not a readable .npy array ({reason})") from None
+        raise ValueError(f"{option} {path}: not a readable .npy array ({e})") from None
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -413,12 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+    from quarkmoe_jax.errors import QuarkMoEError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError, TypeError, NotImplementedError) as e:  # bad input: one line
+    except (QuarkMoEError, ValueError, TypeError, NotImplementedError) as e:  # bad input: one line
         message = " ".join(str(e).split())
         print(f"quarkmoe {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from quarkmoe_jax.errors import QuarkMoEError
 
 __all__ = [
     "KNOWN_DTYPES",
@@ -47,7 +48,7 @@ _ROOT = "quantization_config"
 _LAYER_KEYS = ("weight", "input_tensors", "output_tensors", "bias")
 
 
-class QuarkConfigError(ValueError):
+class QuarkConfigError(QuarkMoEError):
     """A Quark ``quantization_config`` that is missing, malformed or unsupported; names the offending key."""
 
 
@@ -236,9 +237,22 @@ def _layer_map(qc: Mapping[str, Any], key: str) -> dict[str, LayerQuantConfig]:
     return out
 
 
+PATTERN_TIMEOUT_S = 1.0
+"""How long one ``re:`` pattern may take to match one layer name (a crafted pattern can backtrack for
+ever; real ones take microseconds)."""
+
+
 def _exclude_matches(name: str, entry: str) -> bool:
     if entry.startswith("re:"):
-        return re.fullmatch(entry[3:], name) is not None
+        import regex  # a dependency; imported where used (GPU runs from a source tree may lack it)
+
+        try:
+            return regex.fullmatch(entry[3:], name, timeout=PATTERN_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise QuarkConfigError(
+                f"{_ROOT}.exclude: pattern {entry!r} did not finish matching the layer name {name!r} within "
+                f"{PATTERN_TIMEOUT_S:g} s (catastrophic backtracking); expected a pattern that matches in bounded time"
+            ) from None
     return name == entry or ("*" in entry and fnmatch.fnmatchcase(name, entry))
 
 
@@ -299,9 +313,12 @@ class QuarkConfig:
             if not isinstance(entry, str):
                 raise _fail(f"{_ROOT}.exclude[{i}]", "a string", entry)
             if entry.startswith("re:"):
+                import regex
+
                 try:
-                    re.compile(entry[3:])
-                except re.error as e:
+                    re.compile(entry[3:])  # what vLLM compiles
+                    regex.compile(entry[3:])  # what matches here, under a time bound
+                except (re.error, regex.error) as e:
                     raise _fail(f"{_ROOT}.exclude[{i}]", f"a valid regular expression ({e})", entry) from None
         return cls(
             global_quant_config=None if glob is None else LayerQuantConfig.from_dict(glob, glob_path),
@@ -318,14 +335,12 @@ class QuarkConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
+        from quarkmoe_jax.checkpoint.safetensors_io import read_json_file
+
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise QuarkConfigError(f"{path}: expected a readable config.json, found {type(e).__name__}: {e}") from e
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise QuarkConfigError(f"{path}: expected valid JSON, found {e}") from e
+            config = read_json_file(path, "config.json")
+        except QuarkMoEError as e:
+            raise QuarkConfigError(str(e)) from None
         try:
             return cls.from_hf_config(config)
         except QuarkConfigError as e:

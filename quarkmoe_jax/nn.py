@@ -14,6 +14,7 @@ CPU); both work under ``nnx.jit``.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
@@ -28,6 +29,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.formats import MXTensor
 from quarkmoe_jax.formats.kernel_layout import KERNEL_LAYOUTS
 from quarkmoe_jax.moe import op, routing
+from quarkmoe_jax.moe.emulation import token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
@@ -194,7 +196,16 @@ class QuarkMoE(nnx.Module):
             p["w2"], p.get("w2_weight_scale"), dtype, None
         )
 
-    def apply(self, x, topk_weights, topk_ids, *, backend: str = "auto", apply_router_weight_on_input: bool = False):
+    def apply(
+        self,
+        x,
+        topk_weights,
+        topk_ids,
+        *,
+        backend: str = "auto",
+        apply_router_weight_on_input: bool = False,
+        valid_tokens=None,
+    ):
         """MoE experts forward.
 
         Args:
@@ -203,11 +214,15 @@ class QuarkMoE(nnx.Module):
           topk_ids: ``[T, k]`` int32 **global** expert ids; pairs whose expert is not local contribute zero.
           backend: "auto" (the best available; the emulation oracle on CPU) or a name from ``moe.op.BACKENDS``.
           apply_router_weight_on_input: scale ``x`` by the (top-1) weight before GEMM1 instead of the output.
+          valid_tokens: optional ``[T]`` bool; False rows are padding (they contribute nothing and enter no
+            dynamic scale). Not taken by sharded experts.
 
         Returns:
           ``[T, H]`` in ``x``'s dtype (split over the mesh's token axes when the experts are sharded).
         """
         if self.sharding is not None:
+            if valid_tokens is not None:
+                raise NotImplementedError("sharded experts pad their tokens themselves: valid_tokens is not taken")
             return sharded_moe_experts(
                 x,
                 topk_weights,
@@ -233,6 +248,7 @@ class QuarkMoE(nnx.Module):
             expert_map=None if self.expert_map is None else self.expert_map.get_value(),
             num_global_experts=self.num_global_experts,
             apply_router_weight_on_input=apply_router_weight_on_input,
+            valid_tokens=valid_tokens,
             backend=backend,
         )
 
@@ -373,22 +389,69 @@ class QuarkMoEBlock(nnx.Module):
         shared output with ``sigmoid(x @ shared_gate^T)``); the sum is taken in float32 and cast to ``x``'s
         dtype.
         """
-        x = jnp.asarray(x)
+        x = _as_jax(x)
         hidden = self.experts.shape.hidden_size
         if x.ndim != 2 or x.shape[1] != hidden:
             raise ValueError(f"x must be [T, {hidden}], got shape {tuple(x.shape)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"x must be a float array (float32 / bfloat16 / float16), got {x.dtype}")
+        if router_logits is not None:
+            router_logits = _as_jax(router_logits)
+            if router_logits.shape != (x.shape[0], self.experts.num_global_experts):
+                raise ValueError(
+                    f"router_logits must be [T={x.shape[0]}, {self.experts.num_global_experts}], "
+                    f"got shape {tuple(router_logits.shape)}"
+                )
+        traced = isinstance(x, jax.core.Tracer) or isinstance(router_logits, jax.core.Tracer)
+        if traced or self.experts.sharding is not None or x.shape[0] == 0:
+            return self._forward(x, router_logits, None, backend)
+        return self._bucketed(x, router_logits, backend)
+
+    def _forward(self, x, router_logits, valid_tokens, backend):
         weights, ids = self.route(x, router_logits)
-        out = self.experts.apply(x, weights, ids, backend=backend)
+        out = self.experts.apply(x, weights, ids, backend=backend, valid_tokens=valid_tokens)
         if self.shared is None:
             return out
         t = x.shape[0]
-        shared = self.shared.apply(x, jnp.ones((t, 1), jnp.float32), jnp.zeros((t, 1), jnp.int32), backend=backend)
-        shared = shared.astype(jnp.float32)
+        ones, zeros = jnp.ones((t, 1), jnp.float32), jnp.zeros((t, 1), jnp.int32)
+        shared = self.shared.apply(x, ones, zeros, backend=backend, valid_tokens=valid_tokens).astype(jnp.float32)
         if self.shared_gate_weight is not None:
             shared = shared * jax.nn.sigmoid(routing.router_logits(x, self.shared_gate_weight.get_value()))
         return (out.astype(jnp.float32) + shared).astype(x.dtype)
+
+    def _bucketed(self, x, router_logits, backend):
+        """An eager call: routing, top-k and experts under one ``jit`` per token bucket (T padded on the host,
+        so a new T inside a compiled bucket compiles nothing; padding rows are marked invalid)."""
+        t = x.shape[0]
+        bucket = token_bucket(t)
+        valid = np.arange(bucket) < t
+        if bucket != t:
+            x = _host_rows(x, bucket)
+            router_logits = None if router_logits is None else _host_rows(router_logits, bucket)
+        graphdef, state = nnx.split(self)
+        out = _bucketed_block_forward(graphdef, state, x, router_logits, valid, backend)
+        return out if bucket == t else _host_rows(out, t)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
+def _bucketed_block_forward(graphdef, state, x, router_logits, valid, backend):
+    return nnx.merge(graphdef, state)._forward(x, router_logits, valid, backend)
+
+
+def _host_rows(array, rows: int):
+    """``array``'s first ``rows`` rows, zero-padded to ``rows``, through host memory: a device op on a new
+    shape would compile an XLA program for every token count."""
+    host = np.asarray(array)
+    if host.shape[0] >= rows:
+        return jax.device_put(host[:rows])
+    return jax.device_put(np.pad(host, [(0, rows - host.shape[0])] + [(0, 0)] * (host.ndim - 1)))
+
+
+def _as_jax(value):
+    """A JAX array of ``value``; host data by ``device_put`` (``jnp.asarray`` compiles a program per shape)."""
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
+        return value
+    return jax.device_put(np.asarray(value))
 
 
 def _optional_param(value, shape, name):

@@ -41,6 +41,13 @@ def test_run_layer_user_errors_are_one_line(checkpoint, capsys, tmp_path):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save(tmp_path / "ints.npy", np.ones((5, 64), np.int32))
     np.save(tmp_path / "wide.npy", np.ones((5, 65), np.float32))
+    huge = np.lib.format.header_data_from_array_1_0(np.ones((5, 64), np.float32))
+    with open(tmp_path / "huge.npy", "wb") as f:  # a header claiming 4 TB, 16 bytes of data
+        np.lib.format.write_array_header_1_0(f, {**huge, "shape": (10**12,)})
+        f.write(bytes(16))
+    import os
+
+    os.mkfifo(tmp_path / "fifo.npy")
     y = tmp_path / "y.npy"
     cases = [
         (_run_layer(root, "--backend", "triton", output=y), "triton backend"),
@@ -50,6 +57,8 @@ def test_run_layer_user_errors_are_one_line(checkpoint, capsys, tmp_path):
         (_run_layer(root, input=tmp_path / "ints.npy", output=y), "expected a float array [T, hidden], found int32"),
         (_run_layer(root, input=tmp_path / "missing.npy", output=y), "cannot read --input"),
         (_run_layer(root, input=tmp_path / "wide.npy", output=y), "x must be [T, 64]"),
+        (_run_layer(root, input=tmp_path / "huge.npy", output=y), "header claims [1000000000000] float32"),
+        (_run_layer(root, input=tmp_path / "fifo.npy", output=y), "expected a regular .npy file"),
         (_run_layer(root, output=tmp_path / "no" / "such" / "y.npy"), "No such file or directory"),
     ]
     for argv, message in cases:

@@ -65,3 +65,32 @@ def test_construction_errors(key):
         QuarkMoEBlock(experts, np.zeros((4, 64)), RoutingConfig(top_k=5))
     with pytest.raises(ValueError, match="expert_map places 2 experts here, params hold 4"):
         QuarkMoE(config, MoEShape(4, 64, 32), params, expert_map=np.array([0, 1, -1, -1]), num_global_experts=4)
+
+
+def test_eager_block_calls_compile_once_per_token_bucket(key):
+    """An eager ``block(x)`` runs routing, top-k and the experts under one jit per token bucket (T padded on
+    the host; as an eager ``experts.apply``): new token counts inside a compiled bucket compile no XLA
+    program, and padding rows change nothing (the result for T rows equals a jitted call on them)."""
+    k1, k2 = jax.random.split(key)
+    experts = mx_experts(k1)
+    router = jax.random.normal(k2, (4, 64)) * 0.1
+    block = QuarkMoEBlock(experts, router, RoutingConfig(top_k=2))
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+    x = np.asarray(jax.random.normal(key, (16, 64), jnp.float32))  # host rows: slicing them compiles nothing
+    block(x[:9])
+    before = len(compiles)
+    outs = {t: block(x[:t]) for t in (10, 13, 16)}
+    assert len(compiles) == before, compiles[before:]
+    ids = np.stack([np.arange(16) % 4, (np.arange(16) + 1) % 4], 1).astype(np.int32)
+    weights = np.full((16, 2), 0.5, np.float32)
+    experts.apply(x[:3], weights[:3], ids[:3])  # the experts alone: bucket 4
+    before = len(compiles)
+    experts.apply(x[:4], weights[:4], ids[:4])
+    assert len(compiles) == before, compiles[before:]
+    jitted = jax.jit(lambda state, x: nnx.merge(*state)(x))
+    for t, out in outs.items():
+        assert out.shape == (t, 64)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(jitted(nnx.split(block), x[:t])))

@@ -77,7 +77,7 @@ class MoEArchitecture:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> MoEArchitecture:
         model_type = config.get("model_type")
-        builder = _BUILDERS.get(model_type)
+        builder = _BUILDERS.get(model_type) if isinstance(model_type, str) else None
         if builder is None:
             raise CheckpointError(
                 f"config.json: model_type {model_type!r} is not a supported MoE architecture; "
@@ -106,7 +106,7 @@ class _Config:
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
-        self.aliases = CONFIG_ALIASES.get(config.get("model_type"), {})
+        self.aliases = CONFIG_ALIASES.get(str(config.get("model_type")), {})
 
     def _lookup(self, key: str) -> tuple[str, Any] | None:
         """``(spelling found, value)`` of field ``key`` under any of its spellings, or None."""

@@ -16,25 +16,25 @@ Accepted expert tensor layouts under ``<block>.experts`` (``<suffix>`` is ``weig
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import json
 import pathlib
 import re
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from quarkmoe_jax.checkpoint.architectures import PROJECTIONS, MoEArchitecture
-from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, read_json_file
 from quarkmoe_jax.config import QuarkConfig
 from quarkmoe_jax.schemes import HeaderCheckBuffer, MoEScheme, MoEShape, get_moe_scheme
 
 __all__ = [
     "LoadedExperts",
+    "PerTensorDynamicScaleWarning",
     "LoadedMoEBlock",
     "load_moe_block",
     "load_experts",
@@ -84,16 +84,18 @@ class LoadedMoEBlock:
 
 
 def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint folder (or of the folder holding a ``.safetensors`` file), as a
+    dict: a regular file of at most ``MAX_JSON_BYTES`` holding one JSON object."""
     path = pathlib.Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    try:
-        return json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{config_path}: missing (a Hugging Face checkpoint needs config.json)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: invalid JSON ({e})") from e
+    if not config_path.exists():
+        raise CheckpointError(f"{config_path}: missing (a Hugging Face checkpoint needs config.json)")
+    config = read_json_file(config_path, "config.json")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object of settings, found {type(config).__name__}")
+    return config
 
 
 # ------------------------------------------------------------------------------------------ expert maps
@@ -221,6 +223,37 @@ def _parse_names(reader: CheckpointReader, prefix: str, indexed: bool) -> list[_
     return entries
 
 
+def _check_expert_count(reader, entries: list[_Entry], prefix: str, num_experts: int, per_expert: list[str]) -> None:
+    """Refuse an expert count (from config.json) that the tensors present cannot hold, before planning per
+    expert (a crafted count of millions would take minutes there): missing per-expert tensors are named as
+    the plan names them, an all-expert weight with a short leading axis by its shape. ``per_expert``: the
+    ``shard.suffix`` names one expert needs."""
+    for entry in entries:
+        if entry.expert is None and entry.suffix == "weight":
+            shape = reader.info(entry.name)[1]
+            if not shape or shape[0] < num_experts:
+                raise CheckpointError(
+                    f"{entry.name}: expected a leading expert axis of {num_experts} (the config's expert count), "
+                    f"found shape {tuple(shape)}"
+                )
+            return
+    present = {e.expert for e in entries if e.expert is not None and e.expert < num_experts}
+    if len(present) >= num_experts:
+        return
+    absent = []
+    for g in range(num_experts):  # the first few absent experts: at most len(present) + 4 steps
+        if g not in present:
+            absent.append(g)
+            if len(absent) == 4:
+                break
+    count = (num_experts - len(present)) * len(per_expert)
+    examples = [f"{prefix}.{g}.{name}" for g in absent for name in per_expert][:4]
+    raise CheckpointError(
+        f"{count} expert tensors missing under {prefix!r} ({num_experts - len(present)} of the config's "
+        f"{num_experts} experts have none), e.g. {examples}"
+    )
+
+
 def _split_fused(tensor: np.ndarray, part: int, name: str) -> np.ndarray:
     """Half ``part`` (0 = gate, 1 = up) of a fused ``[gate; up]`` tensor along its first axis."""
     if tensor.ndim == 0 or tensor.size == 1:
@@ -268,6 +301,8 @@ def plan_experts(
     optional = ["weight_zero_point", "input_zero_point"]
     if shape.has_bias:
         suffixes.append("bias")
+    if indexed:
+        _check_expert_count(reader, entries, prefix, num_global_experts, [f"{a}.{b}" for a in shards for b in suffixes])
     plan: list[tuple[_Entry, Callable[[np.ndarray], np.ndarray], int, str, str]] = []
     used: set[str] = set()
     missing: list[str] = []
@@ -341,18 +376,20 @@ def load_experts(
         indexed=indexed,
         intermediate_slice=intermediate_slice,
     )
+    check_expert_headers(reader, specs, plan, scheme)  # every dtype and shape, before any buffer is allocated
     buffers = {k: spec.allocate() for k, spec in specs.items()}
     _run_plan(reader, plan, scheme, buffers, progress)
     params = scheme.process_weights_after_loading(buffers)
     return LoadedExperts(prefix, scheme, shape, params, expert_map)
 
 
-def check_expert_headers(reader: CheckpointReader, plan, scheme: MoEScheme) -> None:
+def check_expert_headers(reader: CheckpointReader, specs, plan, scheme: MoEScheme) -> None:
     """What :func:`load_experts` checks of each planned tensor's dtype and shape, from the file headers alone:
     the scheme's ``load_weights`` sees a zero-stride stand-in of the header's dtype and shape (no data read,
-    nothing allocated) and writes into :class:`HeaderCheckBuffer` s. Checks of values (NaN scales, nonzero
-    zero points, non-positive scales) need the data and are left to the load."""
-    buffers = collections.defaultdict(HeaderCheckBuffer)
+    nothing allocated) and writes into a :class:`HeaderCheckBuffer` per parameter of ``specs`` (from
+    :func:`plan_experts`). Checks of values (NaN scales, nonzero zero points, non-positive scales) need the
+    data and are left to the load."""
+    buffers = {key: HeaderCheckBuffer() for key in specs}
     scheme.values_checked = False
     try:
         for entry, select, local, shard, suffix in plan:
@@ -456,6 +493,30 @@ def _router_tensors(reader: CheckpointReader, arch: MoEArchitecture, block: str)
     return tensors
 
 
+class PerTensorDynamicScaleWarning(UserWarning):
+    """A scheme computes one activation scale per tensor at run time (docs/moe.md, "Outliers")."""
+
+
+_WARNED_PER_TENSOR: set[str] = set()
+
+
+def _warn_per_tensor_dynamic(scheme: MoEScheme) -> None:
+    """Warn once per scheme and process: one outlier token sets the scale of the whole batch."""
+    config = scheme.quant_config()
+    act = config.activation
+    if act.kind in ("fp8", "int8") and act.dynamic and act.granularity == "tensor":
+        key = f"{config.scheme}/{config.semantics}"
+        if key not in _WARNED_PER_TENSOR:
+            _WARNED_PER_TENSOR.add(key)
+            warnings.warn(
+                f"{config.scheme} ({config.semantics} semantics) quantizes activations with one dynamic scale per "
+                "tensor: one token with a huge value sets the scale for the whole batch, and every other token's "
+                "output can become 0 (docs/moe.md, 'Outliers and per-tensor dynamic scales')",
+                PerTensorDynamicScaleWarning,
+                stacklevel=4,
+            )
+
+
 def _layer_setup(reader, arch: MoEArchitecture, quark: QuarkConfig | None, layer: int, semantics: str, expert_map):
     """Block prefix, experts prefix, scheme, local shape and checked expert map of one MoE layer (no data read)."""
     block = _block_prefix(reader, arch, layer)
@@ -463,6 +524,7 @@ def _layer_setup(reader, arch: MoEArchitecture, quark: QuarkConfig | None, layer
     children = sorted({name.rsplit(".", 1)[0] for name in reader if name.startswith(prefix + ".")})
     layer_config = quark.resolve(prefix, "FusedMoE", child_names=children) if quark else None
     scheme = get_moe_scheme(layer_config, semantics, layer=prefix)
+    _warn_per_tensor_dynamic(scheme)
     if expert_map is not None:
         expert_map = check_expert_map(expert_map, arch.num_experts)
     num_local = arch.num_experts if expert_map is None else int(expert_map.max()) + 1
@@ -486,15 +548,15 @@ def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> 
             try:
                 block, prefix, scheme, shape, _ = _layer_setup(reader, arch, quark, layer, semantics, None)
                 specs, plan = plan_experts(reader, prefix, scheme, shape, num_global_experts=arch.num_experts)
-                check_expert_headers(reader, plan, scheme)
+                check_expert_headers(reader, specs, plan, scheme)
                 for name, expected in _router_tensors(reader, arch, block).items():
                     _check_float_header(reader, name, expected)
                 if arch.shared_suffix:
                     shared_prefix, shared_scheme, shared_shape = _shared_setup(reader, arch, block, quark, semantics)
-                    _, shared_plan = plan_experts(
+                    shared_specs, shared_plan = plan_experts(
                         reader, shared_prefix, shared_scheme, shared_shape, num_global_experts=1, indexed=False
                     )
-                    check_expert_headers(reader, shared_plan, shared_scheme)
+                    check_expert_headers(reader, shared_specs, shared_plan, shared_scheme)
                 cfg = scheme.quant_config()
                 entry.update(
                     prefix=prefix,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import pathlib
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -25,7 +27,19 @@ from collections.abc import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-__all__ = ["CheckpointError", "SafetensorsFile", "CheckpointReader", "save_file", "new_checkpoint_folder", "DTYPES"]
+from quarkmoe_jax.errors import QuarkMoEError
+
+__all__ = [
+    "CheckpointError",
+    "SafetensorsFile",
+    "CheckpointReader",
+    "save_file",
+    "new_checkpoint_folder",
+    "read_json_file",
+    "DTYPES",
+    "MAX_HEADER_BYTES",
+    "MAX_JSON_BYTES",
+]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -45,15 +59,89 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""The largest safetensors header read (the ``safetensors`` library allows 100 MB). A header entry takes
+about 100 bytes, so this is ~160k tensors in one file; parsing it costs ~10x its size in memory."""
+MAX_JSON_BYTES = 16 * 1024 * 1024
+"""The largest ``config.json`` / index file read (real ones take kilobytes to a few megabytes)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(QuarkMoEError):
     """A checkpoint file, tensor or key is missing or malformed."""
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    keys = set()
+    for key, _ in pairs:
+        if key in keys:
+            raise _DuplicateKey(key)
+        keys.add(key)
+    return dict(pairs)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _open_regular_file(path: pathlib.Path, what: str = "checkpoint file"):
+    """``path`` opened for reading if it is a regular file; a FIFO, device or folder raises (never blocks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO would block a plain open
+    except OSError as e:
+        raise CheckpointError(f"{path}: expected a readable {what}, found {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: expected a regular {what}, found {_file_kind(mode)}")
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_json_file(path: str | os.PathLike, what: str):
+    """The JSON value of a small regular file (``config.json``, an index), size-capped; errors name it."""
+    path = pathlib.Path(path)
+    with _open_regular_file(path, what) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes, expected a {what} of at most {MAX_JSON_BYTES}")
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: expected valid JSON, found {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: expected valid JSON, found JSON nested too deeply") from None
 
 
 class SafetensorsFile:
     """One safetensors file, opened lazily: the header is parsed and checked, tensors are read on demand.
+
+    The header is held to the ``safetensors`` library's own checks and a few more, before anything is
+    allocated: a regular file (no FIFO or device), a header of at most :data:`MAX_HEADER_BYTES` holding one
+    JSON object of unique tensor names, each entry a known dtype, a shape of non-negative integers and two
+    integer ``data_offsets`` whose span is exactly the shape's bytes; the tensors tile the data section
+    exactly (no gap, no overlap, nothing after the last); ``__metadata__`` maps strings to strings.
 
     Use as a context manager or call :meth:`close`. ``get(name)`` returns a numpy array (a copy, so the file
     can be closed afterwards).
@@ -61,10 +149,8 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
-        try:
-            self._file = open(self.path, "rb")
-        except OSError as e:
-            raise CheckpointError(f"cannot open checkpoint file {self.path}: {e.strerror}") from e
+        self._mmap = None
+        self._file = _open_regular_file(self.path)
         try:
             self._parse_header()
         except Exception:
@@ -80,39 +166,77 @@ class SafetensorsFile:
         if len(prefix) < 8:
             raise self._fail(f"not a safetensors file: {size} bytes, too short for the 8-byte header length")
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > _MAX_HEADER or 8 + header_len > size:
+        if 8 + header_len > size:
             raise self._fail(
                 f"not a safetensors file or truncated: header length {header_len} with a file of {size} bytes"
             )
+        if header_len > MAX_HEADER_BYTES:
+            raise self._fail(
+                f"header of {header_len} bytes, expected at most {MAX_HEADER_BYTES} (MAX_HEADER_BYTES; real "
+                "checkpoints' headers take a few hundred bytes per tensor)"
+            )
+        raw = self._file.read(header_len)
         try:
-            header = json.loads(self._file.read(header_len).decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._fail(f"not a safetensors file: header is not valid JSON ({e})") from e
+            raise self._fail(f"not a safetensors file: header is not valid JSON ({e})") from None
+        except RecursionError:
+            raise self._fail("not a safetensors file: the header's JSON is nested too deeply") from None
+        except _DuplicateKey as e:
+            raise self._fail(f"header names {e.args[0]!r} twice; expected unique tensor names") from None
         if not isinstance(header, dict):
             raise self._fail("not a safetensors file: header is not a JSON object")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail(f"__metadata__: expected a JSON object of strings, found {_short(metadata)}")
+        self.metadata: dict[str, str] = metadata
         self._data_start = 8 + header_len
         data_size = size - self._data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for name, entry in header.items():
-            try:
-                dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise self._fail(f"tensor {name!r}: malformed header entry {entry!r}") from e
-            if dtype_name not in DTYPES:
-                raise self._fail(f"tensor {name!r}: unsupported dtype {dtype_name!r}; expected one of {sorted(DTYPES)}")
-            dtype = DTYPES[dtype_name]
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != expected or begin < 0:
-                raise self._fail(
-                    f"tensor {name!r}: {dtype_name}{list(shape)} needs {expected} bytes, header gives {end - begin}"
-                )
+            self._entries[name] = self._check_entry(name, entry)
+        end = 0
+        previous = None
+        for name, (_, _, begin, stop) in sorted(self._entries.items(), key=lambda item: item[1][2:]):
+            if begin != end:
+                where = f"after {previous!r} ends at {end}" if previous else "at the start of the data section"
+                what = "overlaps the tensor before it" if begin < end else f"leaves bytes {end}..{begin} unused"
+                raise self._fail(f"tensor {name!r} begins at byte {begin} {where}: it {what}")
+            end, previous = stop, name
+        if end != data_size:
             if end > data_size:
                 raise self._fail(
-                    f"truncated: tensor {name!r} ends at byte {end} of the data section, which has {data_size}"
+                    f"truncated: tensor {previous!r} ends at byte {end} of the data section, which has {data_size}"
                 )
-            self._entries[name] = (dtype, shape, begin, end)
-        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > self._data_start else None
+            raise self._fail(f"the tensors cover {end} bytes of a data section of {data_size}; expected all of it")
+        if size > self._data_start:
+            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+
+    def _check_entry(self, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise self._fail(
+                f"tensor {name!r}: malformed header entry: expected {{dtype, shape, data_offsets}}, "
+                f"found {_short(entry)}"
+            )
+        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+            raise self._fail(
+                f"tensor {name!r}: unsupported dtype {_short(dtype_name)}; expected one of {sorted(DTYPES)}"
+            )
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise self._fail(f"tensor {name!r}: shape {_short(shape)}, expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise self._fail(f"tensor {name!r}: data_offsets {_short(offsets)}, expected [begin, end] integers")
+        begin, end = offsets
+        dtype = DTYPES[dtype_name]
+        expected = math.prod(shape) * dtype.itemsize  # Python integers: no wrap-around
+        if end < begin or end - begin != expected:
+            raise self._fail(
+                f"tensor {name!r}: {dtype_name}{shape} needs {expected} bytes, "
+                f"data_offsets {offsets} give {end - begin}"
+            )
+        return dtype, tuple(shape), begin, end
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -162,6 +286,49 @@ class SafetensorsFile:
         self.close()
 
 
+def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint: ``path`` itself, the shards its folder's
+    ``model.safetensors.index.json`` names, or the folder's ``*.safetensors``. Every one must resolve inside
+    the folder (no absolute or ``..`` names, no symlink leading out of it) and be a regular file.
+
+    Raises:
+      CheckpointError: naming the path, the index entry and what was expected.
+    """
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        return [path]  # SafetensorsFile checks that it is a regular file
+    folder = path.resolve()
+    index = path / "model.safetensors.index.json"
+    if index.exists() or index.is_symlink():
+        content = read_json_file(_inside(folder, index, index.name), "safetensors index")
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(
+                f"{index}: expected a safetensors index (a JSON object whose 'weight_map' maps tensor names to "
+                f"file names), found {_short(content)}"
+            )
+        names = sorted(set(weight_map.values()))
+        files = [_inside(folder, path / name, f"{index.name}: weight_map entry {name!r}") for name in names]
+    else:
+        files = [_inside(folder, f, f.name) for f in sorted(path.glob("*.safetensors"))]
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors files found")
+    return files
+
+
+def _inside(folder: pathlib.Path, path: pathlib.Path, what: str) -> pathlib.Path:
+    """``path`` resolved (symlinks followed), if it lies inside ``folder``; else a CheckpointError."""
+    resolved = path.resolve()
+    if folder not in resolved.parents:
+        raise CheckpointError(
+            f"{folder}: {what} resolves to {resolved}, outside the checkpoint folder; expected a file inside it"
+        )
+    if not resolved.exists():
+        raise CheckpointError(f"{folder}: {what} names {path.name}, which does not exist")
+    return resolved
+
+
 class CheckpointReader(Mapping):
     """All tensors of a Hugging Face checkpoint folder (one file, or shards with an index), read lazily.
 
@@ -172,22 +339,7 @@ class CheckpointReader(Mapping):
 
     def __init__(self, path: str | os.PathLike):
         path = pathlib.Path(path)
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            index = path / "model.safetensors.index.json"
-            if index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map')") from e
-                files = sorted({path / f for f in weight_map.values()})
-            else:
-                files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{path}: no .safetensors files found")
-        else:
-            raise CheckpointError(f"checkpoint path {path} does not exist")
+        files = checkpoint_files(path)
         self.path = path
         self._files: list[SafetensorsFile] = []
         self._where: dict[str, SafetensorsFile] = {}

@@ -388,13 +388,16 @@ def bucketed_backend(core: Callable) -> Callable:
         pair_dtype=None,
         out_dtype=None,
     ):
-        x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
+        traced = any(isinstance(v, jax.core.Tracer) for v in (x, topk_weights, topk_ids, valid_tokens))
+        if traced:
+            x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
+        else:  # host copies: device ops on each new T would compile a program per token count
+            x, topk_weights, topk_ids = np.asarray(x), np.asarray(topk_weights, np.float32), np.asarray(topk_ids)
         num_global = num_global_experts or shape.num_experts
         validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, num_global, apply_router_weight_on_input)
         t = x.shape[0]
         if t == 0:
             return jnp.zeros((0, shape.hidden_size), out_dtype or x.dtype)
-        topk_ids = topk_ids.astype(jnp.int32)
         kwargs = dict(
             quant_config=quant_config,
             shape=shape,
@@ -405,24 +408,32 @@ def bucketed_backend(core: Callable) -> Callable:
             pair_dtype=None if pair_dtype is None else jnp.dtype(pair_dtype),
             out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
         )
-        expert_map = None if expert_map is None else jnp.asarray(expert_map, jnp.int32)
-        valid = jnp.ones((t,), bool) if valid_tokens is None else jnp.asarray(valid_tokens, bool)
+        if expert_map is not None and not isinstance(expert_map, jax.core.Tracer):
+            expert_map = jax.device_put(np.asarray(expert_map, np.int32))
+        if traced:
+            valid = jnp.ones((t,), bool) if valid_tokens is None else jnp.asarray(valid_tokens, bool)
+        else:
+            valid = np.ones((t,), bool) if valid_tokens is None else np.asarray(valid_tokens, bool)
         if valid.shape != (t,):
             raise ValueError(f"valid_tokens must be [T={t}] bool, got shape {tuple(valid.shape)}")
-        if isinstance(x, jax.core.Tracer):
-            return core(x, topk_weights, topk_ids, valid, params, expert_map=expert_map, **kwargs)
-        bucket = token_bucket(t)
-        pad = bucket - t
+        if traced:
+            return core(x, topk_weights, topk_ids.astype(jnp.int32), valid, params, expert_map=expert_map, **kwargs)
+        pad = token_bucket(t) - t
+
+        def padded(value, dtype=None):
+            value = value if dtype is None else value.astype(dtype)
+            return jax.device_put(np.pad(value, [(0, pad)] + [(0, 0)] * (value.ndim - 1)))
+
         out = jitted(
-            jnp.pad(x, ((0, pad), (0, 0))),
-            jnp.pad(topk_weights, ((0, pad), (0, 0))),
-            jnp.pad(topk_ids, ((0, pad), (0, 0))),
-            jnp.pad(valid, (0, pad)),
+            padded(x),
+            padded(topk_weights),
+            padded(topk_ids, np.int32),
+            padded(valid),
             params,
             expert_map,
             **kwargs,
         )
-        return out[:t]
+        return out if pad == 0 else jax.device_put(np.asarray(out)[:t])
 
     entry.cache_size = jitted._cache_size  # compiled variants, for tests of the bucketing
     entry.__doc__ = (

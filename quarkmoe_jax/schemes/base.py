@@ -28,6 +28,7 @@ import numpy as np
 
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.config import LayerQuantConfig
+from quarkmoe_jax.errors import QuarkMoEError
 
 __all__ = [
     "SEMANTICS",
@@ -46,7 +47,7 @@ SEMANTICS = ("vllm", "quark")
 Shard = Literal["w1", "w3", "w2", "w13"]  # "w13": fused gate+up (interleaved gpt-oss layout)
 
 
-class SchemeError(ValueError):
+class SchemeError(QuarkMoEError):
     """A quantization config that no scheme accepts, or that is incoherent; names the scheme and the key."""
 
 
