@@ -289,7 +289,9 @@ class SafetensorsFile:
 def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
     """The safetensors files of a checkpoint: ``path`` itself, the shards its folder's
     ``model.safetensors.index.json`` names, or the folder's ``*.safetensors``. Every one must resolve inside
-    the folder (no absolute or ``..`` names, no symlink leading out of it) and be a regular file.
+    the folder (no absolute or ``..`` names, no symlink leading out of it) and be a regular file. One
+    exception, the Hugging Face cache's layout: in ``<repo>/snapshots/<revision>/`` the files are symlinks
+    to ``<repo>/blobs/``, which is allowed too.
 
     Raises:
       CheckpointError: naming the path, the index entry and what was expected.
@@ -299,9 +301,12 @@ def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
     if not path.is_dir():
         return [path]  # SafetensorsFile checks that it is a regular file
     folder = path.resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        roots.append((folder.parent.parent / "blobs").resolve())
     index = path / "model.safetensors.index.json"
     if index.exists() or index.is_symlink():
-        content = read_json_file(_inside(folder, index, index.name), "safetensors index")
+        content = read_json_file(_inside(roots, index, index.name), "safetensors index")
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(
@@ -309,18 +314,20 @@ def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
                 f"file names), found {_short(content)}"
             )
         names = sorted(set(weight_map.values()))
-        files = [_inside(folder, path / name, f"{index.name}: weight_map entry {name!r}") for name in names]
+        files = [_inside(roots, path / name, f"{index.name}: weight_map entry {name!r}") for name in names]
     else:
-        files = [_inside(folder, f, f.name) for f in sorted(path.glob("*.safetensors"))]
+        files = [_inside(roots, f, f.name) for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise CheckpointError(f"{path}: no .safetensors files found")
     return files
 
 
-def _inside(folder: pathlib.Path, path: pathlib.Path, what: str) -> pathlib.Path:
-    """``path`` resolved (symlinks followed), if it lies inside ``folder``; else a CheckpointError."""
+def _inside(roots: list[pathlib.Path], path: pathlib.Path, what: str) -> pathlib.Path:
+    """``path`` resolved (symlinks followed), if it lies inside one of ``roots`` (the checkpoint folder,
+    and the cache's blobs); else a CheckpointError."""
     resolved = path.resolve()
-    if folder not in resolved.parents:
+    folder = roots[0]
+    if not any(root in resolved.parents for root in roots):
         raise CheckpointError(
             f"{folder}: {what} resolves to {resolved}, outside the checkpoint folder; expected a file inside it"
         )

@@ -307,3 +307,23 @@ def test_the_cli_reports_each_crafted_checkpoint_in_one_line(exported, tmp_path,
                 continue
             err = err.strip().splitlines()
             assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_a_hugging_face_cache_snapshot_loads(exported, tmp_path):
+    """The hub cache keeps ``<repo>/snapshots/<rev>/model.safetensors`` as a symlink to ``<repo>/blobs/<hash>``:
+    allowed (the blobs of the same repository), while a symlink anywhere else out of the folder is not."""
+    from quarkmoe_jax.nn import QuarkMoEBlock
+
+    repo = tmp_path / "models--org--mixtral"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (blobs / f"sha-{name}").write_bytes((exported / name).read_bytes())
+        (snapshot / name).symlink_to(f"../../blobs/sha-{name}")
+    block = QuarkMoEBlock.from_checkpoint(snapshot, 1)
+    assert block.experts.shape.num_experts == 4
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes((exported / "model.safetensors").read_bytes())
+    (snapshot / "zz.safetensors").symlink_to(elsewhere)
+    refuse(snapshot, CheckpointError, r"zz\.safetensors resolves to .* outside the checkpoint folder")
