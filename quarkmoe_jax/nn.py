@@ -29,7 +29,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.formats import MXTensor
 from quarkmoe_jax.formats.kernel_layout import KERNEL_LAYOUTS
 from quarkmoe_jax.moe import op, routing
-from quarkmoe_jax.moe.emulation import token_bucket
+from quarkmoe_jax.moe.emulation import host_rows, token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
@@ -426,25 +426,16 @@ class QuarkMoEBlock(nnx.Module):
         bucket = token_bucket(t)
         valid = np.arange(bucket) < t
         if bucket != t:
-            x = _host_rows(x, bucket)
-            router_logits = None if router_logits is None else _host_rows(router_logits, bucket)
+            x = host_rows(x, bucket)
+            router_logits = None if router_logits is None else host_rows(router_logits, bucket)
         graphdef, state = nnx.split(self)
         out = _bucketed_block_forward(graphdef, state, x, router_logits, valid, backend)
-        return out if bucket == t else _host_rows(out, t)
+        return out if bucket == t else host_rows(out, t)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "backend"))
 def _bucketed_block_forward(graphdef, state, x, router_logits, valid, backend):
     return nnx.merge(graphdef, state)._forward(x, router_logits, valid, backend)
-
-
-def _host_rows(array, rows: int):
-    """``array``'s first ``rows`` rows, zero-padded to ``rows``, through host memory: a device op on a new
-    shape would compile an XLA program for every token count."""
-    host = np.asarray(array)
-    if host.shape[0] >= rows:
-        return jax.device_put(host[:rows])
-    return jax.device_put(np.pad(host, [(0, rows - host.shape[0])] + [(0, 0)] * (host.ndim - 1)))
 
 
 def _as_jax(value):

@@ -273,9 +273,6 @@ class MXFragmentWeights:
         low = 0 if self.low_bits is None else self.low_bits.size
         return int(self.words.size + self.scales.size + low)
 
-    def _replace(self, **arrays) -> MXFragmentWeights:
-        return dataclasses.replace(self, **arrays)
-
     def to_mx(self) -> MXTensor:
         """Back to Quark's layout, bit for bit (padding dropped)."""
         name = self.format_name
@@ -301,7 +298,7 @@ class MXFragmentWeights:
         if words.ndim != 4:
             raise IndexError("MXFragmentWeights indexing selects experts (a slice or an index array) only")
         low = None if self.low_bits is None else self.low_bits[index]
-        return self._replace(words=words, scales=self.scales[index], low_bits=low)
+        return dataclasses.replace(self, words=words, scales=self.scales[index], low_bits=low)
 
     def __repr__(self) -> str:
         return f"MXFragmentWeights({self.format_name}, shape={self.shape}, padded={self.padded_shape})"

@@ -45,6 +45,7 @@ from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape
 __all__ = [
     "TOKEN_BUCKETS",
     "token_bucket",
+    "host_rows",
     "moe_experts",
     "moe_experts_unpadded",
     "validate_moe_inputs",
@@ -58,6 +59,15 @@ __all__ = [
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 """Token counts the jitted forward compiles for; larger counts round up to a multiple of 8192."""
+
+
+def host_rows(array, rows: int):
+    """``array``'s first ``rows`` rows, zero-padded to ``rows``, as a device array made through host memory:
+    a device op on each new token count would compile an XLA program for it (eager calls only)."""
+    host = np.asarray(array)
+    if host.shape[0] >= rows:
+        return jax.device_put(host[:rows])
+    return jax.device_put(np.pad(host, [(0, rows - host.shape[0])] + [(0, 0)] * (host.ndim - 1)))
 
 
 def token_bucket(num_tokens: int) -> int:
@@ -418,22 +428,17 @@ def bucketed_backend(core: Callable) -> Callable:
             raise ValueError(f"valid_tokens must be [T={t}] bool, got shape {tuple(valid.shape)}")
         if traced:
             return core(x, topk_weights, topk_ids.astype(jnp.int32), valid, params, expert_map=expert_map, **kwargs)
-        pad = token_bucket(t) - t
-
-        def padded(value, dtype=None):
-            value = value if dtype is None else value.astype(dtype)
-            return jax.device_put(np.pad(value, [(0, pad)] + [(0, 0)] * (value.ndim - 1)))
-
+        bucket = token_bucket(t)
         out = jitted(
-            padded(x),
-            padded(topk_weights),
-            padded(topk_ids, np.int32),
-            padded(valid),
+            host_rows(x, bucket),
+            host_rows(topk_weights, bucket),
+            host_rows(topk_ids.astype(np.int32), bucket),
+            host_rows(valid, bucket),
             params,
             expert_map,
             **kwargs,
         )
-        return out if pad == 0 else jax.device_put(np.asarray(out)[:t])
+        return out if bucket == t else host_rows(out, t)
 
     entry.cache_size = jitted._cache_size  # compiled variants, for tests of the bucketing
     entry.__doc__ = (
