@@ -335,8 +335,11 @@ class QuarkMoEBlock(nnx.Module):
         expert_map=None,
         progress: bool | None = None,
         sharding: MoESharding | None = None,
+        float_dtype=None,
     ) -> QuarkMoEBlock:
         """Load MoE block ``layer`` from a Quark checkpoint folder (config.json + safetensors).
+
+        ``float_dtype``: the dtype unquantized experts are held in (default bfloat16; a model passes its own).
 
         ``sharding``: split the experts over a mesh (:class:`~quarkmoe_jax.sharding.MoESharding`), each shard
         reading only its experts and its slice of the intermediate dimension (docs/distributed.md).
@@ -344,9 +347,13 @@ class QuarkMoEBlock(nnx.Module):
         if sharding is not None:
             if expert_map is not None:
                 raise ValueError("pass expert_map or sharding, not both (sharding places the experts itself)")
-            loaded = load_sharded_moe_block(path, layer, sharding, semantics=semantics, progress=progress)
+            loaded = load_sharded_moe_block(
+                path, layer, sharding, semantics=semantics, progress=progress, float_dtype=float_dtype
+            )
         else:
-            loaded = load_moe_block(path, layer, semantics=semantics, expert_map=expert_map, progress=progress)
+            loaded = load_moe_block(
+                path, layer, semantics=semantics, expert_map=expert_map, progress=progress, float_dtype=float_dtype
+            )
         arch = loaded.architecture
         experts = QuarkMoE.from_loaded(
             loaded.experts,
@@ -382,12 +389,13 @@ class QuarkMoEBlock(nnx.Module):
         correction = None if self.correction_bias is None else self.correction_bias.get_value()
         return routing.route(logits, self.routing, correction)
 
-    def __call__(self, x, router_logits=None, *, backend: str = "auto"):
+    def __call__(self, x, router_logits=None, *, backend: str = "auto", valid_tokens=None):
         """MoE block forward: ``x [T, H]`` (optionally with precomputed ``router_logits [T, E]``) -> ``[T, H]``.
 
         Routed experts, plus the shared expert(s) where the architecture has them (Qwen2-MoE gates the
         shared output with ``sigmoid(x @ shared_gate^T)``); the sum is taken in float32 and cast to ``x``'s
-        dtype.
+        dtype. ``valid_tokens``: optional bool ``[T]``, False for padding rows (they enter no dynamic scale
+        and give zero); not taken by sharded experts.
         """
         x = _as_jax(x)
         hidden = self.experts.shape.hidden_size
@@ -403,8 +411,8 @@ class QuarkMoEBlock(nnx.Module):
                     f"got shape {tuple(router_logits.shape)}"
                 )
         traced = isinstance(x, jax.core.Tracer) or isinstance(router_logits, jax.core.Tracer)
-        if traced or self.experts.sharding is not None or x.shape[0] == 0:
-            return self._forward(x, router_logits, None, backend)
+        if traced or valid_tokens is not None or self.experts.sharding is not None or x.shape[0] == 0:
+            return self._forward(x, router_logits, valid_tokens, backend)
         return self._bucketed(x, router_logits, backend)
 
     def _forward(self, x, router_logits, valid_tokens, backend):

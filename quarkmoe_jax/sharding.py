@@ -687,7 +687,13 @@ def _input_scale_maxima(reader, prefix, scheme, shape, num_global_experts) -> di
 
 
 def load_sharded_moe_block(
-    path: str | pathlib.Path, layer: int, sharding: MoESharding, *, semantics: str = "vllm", progress=None
+    path: str | pathlib.Path,
+    layer: int,
+    sharding: MoESharding,
+    *,
+    semantics: str = "vllm",
+    progress=None,
+    float_dtype=None,
 ):
     """:func:`~quarkmoe_jax.checkpoint.loader.load_moe_block` with the routed experts loaded per shard
     (:func:`load_sharded_experts`) and the shared expert(s) tensor-parallel (replicated over the other
@@ -703,4 +709,6 @@ def load_sharded_moe_block(
             reader, prefix, scheme, shape, sharding.for_shared_experts(), num_global_experts=1, indexed=False
         )
 
-    return load_moe_block(path, layer, semantics=semantics, experts_loader=routed, shared_loader=shared)
+    return load_moe_block(
+        path, layer, semantics=semantics, experts_loader=routed, shared_loader=shared, float_dtype=float_dtype
+    )

@@ -223,8 +223,7 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
         layer_re = re.compile(r"^model\.layers\.(\d+)\.")
         out: dict[str, np.ndarray] = {}
         exclude: list[str] = []
-        for name in tensors:
-            tensor = tensors[name]
+        for name, tensor in _checkpoint_layout(tensors):
             match = expert_re.match(name)
             layer_match = layer_re.match(name)
             layer = int(layer_match[1]) if layer_match else None
@@ -264,6 +263,27 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
     finally:
         if reader is not None:
             reader.close()
+
+
+#: transformers' own gpt-oss expert tensors: ``experts.gate_up_proj [E, H, 2I]``, ``experts.down_proj [E, I, H]``
+#: (input-major) and ``experts.*_proj_bias``.
+_NATIVE_EXPERTS = re.compile(r"^(?P<stem>.+\.experts\.(?:gate_up_proj|down_proj))(?P<bias>_bias)?$")
+
+
+def _checkpoint_layout(tensors):
+    """``(name, array)`` of every tensor, transformers' native gpt-oss expert tensors renamed and transposed to
+    the ``<proj>.weight [E, out, in]`` / ``<proj>.bias`` layout that Quark exports and the loader reads."""
+    for name in tensors:
+        native = _NATIVE_EXPERTS.match(name)
+        if native is None:
+            yield name, tensors[name]
+        elif native["bias"]:
+            yield f"{native['stem']}.bias", np.asarray(tensors[name])
+        else:
+            tensor = np.asarray(tensors[name])
+            if tensor.ndim != 3:
+                raise CheckpointError(f"{name}: expected [experts, in, out], found shape {tensor.shape}")
+            yield f"{native['stem']}.weight", np.ascontiguousarray(np.swapaxes(tensor, 1, 2))
 
 
 def _static_scale(cfg, input_amax, layer, match, tensor) -> np.ndarray:

@@ -47,6 +47,7 @@ __all__ = [
     "check_expert_map",
     "IntermediateSlice",
     "read_selected",
+    "load_dense_mlp",
 ]
 
 SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point", "bias")
@@ -201,6 +202,12 @@ class _Entry:
     expert: int | None  # None: one tensor holding all experts (or the single expert of a dense MLP)
     shard: str  # w1, w3, w2, w13
     suffix: str
+    transposed: bool = False  # transformers' gpt-oss layout: [E, in, out] weights
+
+
+#: transformers' own gpt-oss expert tensors (``experts.gate_up_proj [E, H, 2I]``, ``experts.down_proj [E, I, H]``,
+#: ``..._bias``): the weights are stored input-major, so they are read transposed.
+_NATIVE_GPT_OSS = re.compile(r"^(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 
 
 def _parse_names(reader: CheckpointReader, prefix: str, indexed: bool) -> list[_Entry]:
@@ -209,6 +216,11 @@ def _parse_names(reader: CheckpointReader, prefix: str, indexed: bool) -> list[_
     entries = []
     for name in reader:
         if not name.startswith(prefix + "."):
+            continue
+        native = _NATIVE_GPT_OSS.match(name[len(prefix) + 1 :]) if indexed else None
+        if native:
+            suffix = "bias" if native["bias"] else "weight"
+            entries.append(_Entry(name, None, PROJECTIONS[native["proj"]], suffix, transposed=suffix == "weight"))
             continue
         match = pattern.match(name)
         if not match or match["proj"] not in PROJECTIONS or match["suffix"] not in SUFFIXES:
@@ -413,6 +425,10 @@ def _find(by_key, expert, shard, suffix, indexed):
                 if t.ndim == 0 or t.shape[0] <= expert:
                     raise CheckpointError(f"{entry.name}: expected a leading expert axis, found shape {t.shape}")
                 t = t[expert]
+            if entry.transposed:
+                if t.ndim != 2:
+                    raise CheckpointError(f"{entry.name}: expected [experts, in, out], found shape {t.shape}")
+                t = t.T
             return index_part(t, entry.name) if index_part else t
 
         return select
@@ -517,18 +533,20 @@ def _warn_per_tensor_dynamic(scheme: MoEScheme) -> None:
             )
 
 
-def _layer_setup(reader, arch: MoEArchitecture, quark: QuarkConfig | None, layer: int, semantics: str, expert_map):
+def _layer_setup(
+    reader, arch: MoEArchitecture, quark: QuarkConfig | None, layer: int, semantics: str, expert_map, float_dtype=None
+):
     """Block prefix, experts prefix, scheme, local shape and checked expert map of one MoE layer (no data read)."""
     block = _block_prefix(reader, arch, layer)
     prefix = block + ".experts"
     children = sorted({name.rsplit(".", 1)[0] for name in reader if name.startswith(prefix + ".")})
     layer_config = quark.resolve(prefix, "FusedMoE", child_names=children) if quark else None
-    scheme = get_moe_scheme(layer_config, semantics, layer=prefix)
+    scheme = get_moe_scheme(layer_config, semantics, layer=prefix, float_dtype=float_dtype)
     _warn_per_tensor_dynamic(scheme)
     if expert_map is not None:
         expert_map = check_expert_map(expert_map, arch.num_experts)
     num_local = arch.num_experts if expert_map is None else int(expert_map.max()) + 1
-    has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
+    has_bias = any(name.startswith(prefix + ".") and name.endswith((".bias", "_proj_bias")) for name in reader)
     shape = MoEShape(
         num_local, arch.hidden_size, arch.intermediate_size, has_bias=has_bias, interleaved=arch.interleaved
     )
@@ -585,19 +603,23 @@ def load_moe_block(
     progress: bool | None = None,
     experts_loader: Callable | None = None,
     shared_loader: Callable | None = None,
+    float_dtype=None,
 ) -> LoadedMoEBlock:
     """Load MoE block ``layer`` (router, routed experts, shared experts) from a checkpoint folder.
 
     ``experts_loader(reader, prefix, scheme, shape, num_global_experts)`` and ``shared_loader(reader,
     prefix, scheme, shape)`` replace :func:`load_experts` for the routed and the shared experts (the sharded
     loader of :mod:`quarkmoe_jax.sharding` passes its per-shard loads); ``shape`` then holds global sizes.
+    ``float_dtype``: the dtype of unquantized experts (default bfloat16).
     """
     hf_config = read_hf_config(path)
     arch = MoEArchitecture.from_hf_config(hf_config)
     arch.check_moe_layer(layer)
     quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
     with CheckpointReader(path) as reader:
-        block, prefix, scheme, shape, expert_map = _layer_setup(reader, arch, quark, layer, semantics, expert_map)
+        block, prefix, scheme, shape, expert_map = _layer_setup(
+            reader, arch, quark, layer, semantics, expert_map, float_dtype
+        )
         if experts_loader is not None:
             experts = experts_loader(reader, prefix, scheme, shape, arch.num_experts)
         else:
@@ -616,7 +638,9 @@ def load_moe_block(
         loaded.router_bias = router.get(f"{prefix_router}.bias")
         loaded.correction_bias = router.get(f"{prefix_router}.e_score_correction_bias")
         if arch.shared_suffix:
-            shared_prefix, shared_scheme, shared_shape = _shared_setup(reader, arch, block, quark, semantics)
+            shared_prefix, shared_scheme, shared_shape = _shared_setup(
+                reader, arch, block, quark, semantics, float_dtype
+            )
             if shared_loader is not None:
                 loaded.shared = shared_loader(reader, shared_prefix, shared_scheme, shared_shape)
             else:
@@ -628,16 +652,39 @@ def load_moe_block(
     return loaded
 
 
-def _shared_setup(reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str):
+def _shared_setup(
+    reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str, float_dtype=None
+):
     """Prefix, scheme and shape of a block's shared expert(s) (no data read)."""
     prefix = f"{block}.{arch.shared_suffix}"
+    return _dense_setup(reader, prefix, arch.hidden_size, arch.shared_intermediate_size, quark, semantics, float_dtype)
+
+
+def load_dense_mlp(
+    reader: CheckpointReader,
+    prefix: str,
+    hidden_size: int,
+    intermediate_size: int,
+    quark: QuarkConfig | None,
+    semantics: str = "vllm",
+    float_dtype=None,
+) -> LoadedExperts:
+    """A dense gated MLP (``<prefix>.{gate_proj,up_proj,down_proj}``) as one expert: a shared expert, or
+    the MLP of a model's non-MoE layers, quantized as the checkpoint's config says for those Linear layers."""
+    prefix, scheme, shape = _dense_setup(reader, prefix, hidden_size, intermediate_size, quark, semantics, float_dtype)
+    return load_experts(reader, prefix, scheme, shape, num_global_experts=1, indexed=False)
+
+
+def _dense_setup(
+    reader, prefix: str, hidden: int, intermediate: int, quark: QuarkConfig | None, semantics: str, float_dtype=None
+):
     configs = []
     for proj in ("gate_proj", "up_proj", "down_proj"):
         name = f"{prefix}.{proj}"
         configs.append(quark.resolve(name, "Linear", child_names=[name]) if quark else None)
     if any(c != configs[0] for c in configs):
         raise CheckpointError(f"{prefix}: gate/up/down projections resolve to different quantization configs")
-    scheme = get_moe_scheme(configs[0], semantics, layer=prefix)
+    scheme = get_moe_scheme(configs[0], semantics, layer=prefix, float_dtype=float_dtype)
     has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
-    shape = MoEShape(1, arch.hidden_size, arch.shared_intermediate_size, has_bias=has_bias)
+    shape = MoEShape(1, hidden, intermediate, has_bias=has_bias)
     return prefix, scheme, shape

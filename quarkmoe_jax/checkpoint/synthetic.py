@@ -27,6 +27,8 @@ def _hf_config(model_type: str, layers: int, hidden: int, intermediate: int, exp
         "vocab_size": 128,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
+        "head_dim": hidden // 4,
+        "max_position_embeddings": 4096,
         "torch_dtype": "bfloat16",
     }
     if model_type == "mixtral":
@@ -69,6 +71,12 @@ def _hf_config(model_type: str, layers: int, hidden: int, intermediate: int, exp
             "topk_group": 1,
             "routed_scaling_factor": 2.5 if v3 else 1.0,
             "norm_topk_prob": v3,
+            "q_lora_rank": hidden // 2 if v3 else None,
+            "kv_lora_rank": hidden // 2,
+            "qk_nope_head_dim": hidden // 4,
+            "qk_rope_head_dim": hidden // 8,
+            "v_head_dim": hidden // 4,
+            "rope_interleave": True,
         }
     if model_type == "gpt_oss":
         return {
@@ -79,6 +87,8 @@ def _hf_config(model_type: str, layers: int, hidden: int, intermediate: int, exp
             "experts_per_token": top_k,
             "intermediate_size": intermediate,
             "swiglu_limit": 7.0,
+            "sliding_window": 8,
+            "attention_bias": True,
         }
     raise ValueError(f"unknown model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
 
@@ -94,11 +104,14 @@ def synthetic_moe(
     fused_experts: bool = False,
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A float MoE model: ``(config.json dict, {tensor name: bfloat16 / float32 array})``.
+    """A float MoE language model: ``(config.json dict, {tensor name: bfloat16 / float32 array})``.
 
-    Weights are Gaussian (std 0.02) with a few larger outliers per expert so that MX blocks see different
-    scales. ``fused_experts`` stores each layer's experts as all-expert ``gate_up_proj`` / ``down_proj``
-    tensors instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``).
+    Every tensor the whole model needs is there (embeddings, attention of the architecture's kind: GQA with
+    Qwen3's q/k norms or gpt-oss's biases and sinks, DeepSeek's latent attention; norms; dense and MoE MLPs;
+    LM head), so :func:`quarkmoe_jax.models.from_pretrained` runs it. Weights are Gaussian (std 0.02) with a
+    few larger outliers per expert so that MX blocks see different scales; norm weights are near 1.
+    ``fused_experts`` stores each layer's experts as all-expert ``gate_up_proj`` / ``down_proj`` tensors
+    instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``).
     """
     config = _hf_config(model_type, num_layers, hidden_size, intermediate_size, num_experts, top_k)
     rng = np.random.default_rng(seed)
@@ -111,13 +124,37 @@ def synthetic_moe(
         return w.astype(bf16)
 
     tensors: dict[str, np.ndarray] = {"model.embed_tokens.weight": weight(128, h), "lm_head.weight": weight(128, h)}
+    # the non-expert tensors the MoE tests never read come from their own stream, so adding them kept the
+    # expert weights of every seed unchanged
+    aux = np.random.default_rng([seed, 1])
+
+    def norm(dim):
+        return (1 + 0.1 * aux.standard_normal(dim)).astype(bf16)
+
+    def small(*shape):
+        return (aux.standard_normal(shape) * 0.02).astype(bf16)
+
+    tensors["model.norm.weight"] = norm(h)
     first_dense = config.get("first_k_dense_replace", 0)
     block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     for layer in range(num_layers):
         p = f"model.layers.{layer}"
         tensors[f"{p}.input_layernorm.weight"] = np.ones(h, bf16)
-        for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
-            tensors[f"{p}.self_attn.{proj}.weight"] = weight(rows, h)
+        tensors[f"{p}.post_attention_layernorm.weight"] = norm(h)
+        if model_type in ("deepseek_v2", "deepseek_v3"):
+            tensors.update(_latent_attention(f"{p}.self_attn", config, small, norm))
+        else:
+            for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
+                tensors[f"{p}.self_attn.{proj}.weight"] = weight(rows, h)
+        if model_type == "qwen3_moe":
+            tensors[f"{p}.self_attn.q_norm.weight"] = norm(h // 4)
+            tensors[f"{p}.self_attn.k_norm.weight"] = norm(h // 4)
+        if model_type in ("qwen2_moe", "gpt_oss"):  # q/k/v biases (gpt-oss: o_proj too)
+            for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
+                if proj != "o_proj" or model_type == "gpt_oss":
+                    tensors[f"{p}.self_attn.{proj}.bias"] = small(rows)
+        if model_type == "gpt_oss":
+            tensors[f"{p}.self_attn.sinks"] = (aux.standard_normal(4) * 0.5).astype(np.float32)
         if layer < first_dense:
             for proj, shape in (("gate_proj", (4 * i, h)), ("up_proj", (4 * i, h)), ("down_proj", (h, 4 * i))):
                 tensors[f"{p}.mlp.{proj}.weight"] = weight(*shape)
@@ -155,6 +192,25 @@ def synthetic_moe(
             if model_type == "qwen2_moe":
                 tensors[f"{moe}.shared_expert_gate.weight"] = weight(1, h)
     return config, tensors
+
+
+def _latent_attention(prefix: str, config: dict, small, norm) -> dict[str, np.ndarray]:
+    """DeepSeek's multi-head latent attention tensors (transformers' names and shapes)."""
+    h, heads = config["hidden_size"], config["num_attention_heads"]
+    rank, nope, rope, v = (config[k] for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    q_rank = config["q_lora_rank"]
+    tensors = {}
+    if q_rank is None:
+        tensors[f"{prefix}.q_proj.weight"] = small(heads * (nope + rope), h)
+    else:
+        tensors[f"{prefix}.q_a_proj.weight"] = small(q_rank, h)
+        tensors[f"{prefix}.q_a_layernorm.weight"] = norm(q_rank)
+        tensors[f"{prefix}.q_b_proj.weight"] = small(heads * (nope + rope), q_rank)
+    tensors[f"{prefix}.kv_a_proj_with_mqa.weight"] = small(rank + rope, h)
+    tensors[f"{prefix}.kv_a_layernorm.weight"] = norm(rank)
+    tensors[f"{prefix}.kv_b_proj.weight"] = small(heads * (nope + v), rank)
+    tensors[f"{prefix}.o_proj.weight"] = small(h, heads * v)
+    return tensors
 
 
 def write_float_checkpoint(path: str | pathlib.Path, model_type: str = "mixtral", **kwargs) -> pathlib.Path:

@@ -21,13 +21,16 @@ __all__ = ["get_moe_scheme", "MX_WEIGHT_DTYPES"]
 MX_WEIGHT_DTYPES = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3"}
 
 
-def get_moe_scheme(config: LayerQuantConfig | None, semantics: str = "vllm", layer: str = "") -> MoEScheme:
-    """The scheme for one MoE layer; ``config`` None (excluded or no config) gives the unquantized scheme."""
+def get_moe_scheme(
+    config: LayerQuantConfig | None, semantics: str = "vllm", layer: str = "", float_dtype=None
+) -> MoEScheme:
+    """The scheme for one MoE layer; ``config`` None (excluded or no config) gives the unquantized scheme,
+    holding its weights in ``float_dtype`` (default bfloat16; a whole model passes its own dtype)."""
     where = f" (layer {layer})" if layer else ""
     if config is None or config.weight is None:
         if config is not None and config.input_tensors is not None:
             raise SchemeError(f"input_tensors are quantized but weight is not{where}: no MoE scheme does that")
-        return UnquantizedScheme(semantics)
+        return UnquantizedScheme(semantics) if float_dtype is None else UnquantizedScheme(semantics, float_dtype)
     for key in ("output_tensors", "bias"):
         if getattr(config, key) is not None:
             raise SchemeError(

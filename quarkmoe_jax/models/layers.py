@@ -1,0 +1,156 @@
+"""The decoder's non-MoE parts: RMSNorm, linear layers (float or Quark-quantized), rotary embeddings, attention.
+
+Every function takes and returns the model's activation dtype (``x.dtype``); norms, softmax and rotary
+tables are computed in float32 as transformers computes them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.moe.emulation import quantize_gemm_input
+from quarkmoe_jax.schemes import MoEQuantConfig
+
+__all__ = ["RMSNorm", "Linear", "rope_tables", "apply_rope", "attention"]
+
+_HIGHEST = dict(precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, normalized in float32; ``weight [D]`` float32."""
+
+    def __init__(self, weight, eps: float):
+        self.weight = nnx.Param(jnp.asarray(weight, jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.weight.get_value() * normed).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x W^T + b`` for ``x [..., K]`` -> ``[..., N]`` in ``x``'s dtype, accumulated in float32.
+
+    ``weight``: a float ``[N, K]`` array, or a Quark-quantized weight as the checkpoint stores it
+    (:class:`~quarkmoe_jax.MXTensor` for OCP MX; int8 / float8_e4m3fn codes ``[N, K]`` for W8A8, with
+    ``weight_scale`` float32 ``[N]`` per channel or ``[]`` per tensor). ``quant``: how the weight and the input
+    are quantized (None: float); ``input_scale`` float32 ``[]`` for static activation scales; ``bias [N]``.
+    The input is quantized exactly as the MoE layers quantize theirs (``moe.emulation.quantize_gemm_input``),
+    so a quantized linear computes what vLLM's Quark linear methods compute.
+    """
+
+    def __init__(self, weight, *, bias=None, weight_scale=None, input_scale=None, quant: MoEQuantConfig | None = None):
+        self.weight = nnx.Param(weight)
+        self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
+        self.weight_scale = None if weight_scale is None else nnx.Param(jnp.asarray(weight_scale, jnp.float32))
+        self.input_scale = None if input_scale is None else nnx.Param(jnp.asarray(input_scale, jnp.float32))
+        self.quant = quant
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.get_value().shape[0]
+
+    def dequantized_weight(self, dtype=jnp.float32):
+        """``[N, K]`` in ``dtype``, scales applied."""
+        w = self.weight.get_value()
+        if isinstance(w, MXTensor):
+            return w.dequantize(dtype)
+        w = w.astype(jnp.float32)
+        if self.weight_scale is not None:
+            s = self.weight_scale.get_value()
+            w = w * (s[:, None] if s.ndim == 1 else s)
+        return w.astype(dtype)
+
+    def __call__(self, x):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        w = self.weight.get_value()
+        if self.quant is None or self.quant.weight.kind == "none":
+            acc = jnp.dot(x2, w.astype(x2.dtype).T, **_HIGHEST)
+        else:
+            acc = self._quantized(x2, w)
+        if self.bias is not None:
+            acc = acc + self.bias.get_value()
+        return acc.astype(x.dtype).reshape(*lead, -1)
+
+    def _quantized(self, x2, w):
+        q = self.quant
+        static = None if self.input_scale is None else self.input_scale.get_value()
+        operand, a_scale = quantize_gemm_input(x2, q.activation, q.weight.kind, static, q.semantics)
+        if isinstance(w, MXTensor):
+            w_op = w.dequantize(jnp.bfloat16 if operand.dtype == jnp.bfloat16 else jnp.float32)
+        elif operand.dtype == jnp.int8 and w.dtype == jnp.int8:
+            w_op = w
+        else:
+            w_op = w.astype(jnp.bfloat16 if operand.dtype == jnp.bfloat16 else jnp.float32)
+        if w_op.dtype == jnp.int8:
+            acc = jnp.dot(operand, w_op.T, preferred_element_type=jnp.int32).astype(jnp.float32)
+        else:
+            acc = jnp.dot(operand.astype(w_op.dtype), w_op.T, **_HIGHEST)
+        if a_scale is not None:
+            acc = acc * jnp.asarray(a_scale, jnp.float32)
+        if self.weight_scale is not None:
+            acc = acc * self.weight_scale.get_value()
+        return acc
+
+
+def rope_tables(inverse_frequencies: np.ndarray, positions, attention_factor: float):
+    """``(cos, sin)`` float32 ``[..., dim / 2]`` for integer ``positions [...]`` (transformers' float32 product)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inverse_frequencies, jnp.float32)
+    return jnp.cos(freqs) * attention_factor, jnp.sin(freqs) * attention_factor
+
+
+def apply_rope(x, cos, sin, pairs: bool):
+    """Rotate ``x [B, T, heads, dim]`` by ``cos, sin [B, T, dim / 2]``, in ``x``'s dtype.
+
+    ``pairs``: channels ``(2i, 2i+1)`` form pair i (DeepSeek), else channels ``i`` and ``i + dim/2``.
+    The output keeps the input's channel order.
+    """
+    dtype = x.dtype
+    c, s = cos[:, :, None, :].astype(dtype), sin[:, :, None, :].astype(dtype)
+    if pairs:
+        first, second = x[..., 0::2], x[..., 1::2]
+        out = jnp.stack([first * c - second * s, second * c + first * s], axis=-1)
+        return out.reshape(x.shape)
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    return jnp.concatenate([first * c - second * s, second * c + first * s], axis=-1)
+
+
+def attention(q, k, v, q_positions, k_positions, *, scale: float, window: int | None = None, sinks=None, k_valid=None):
+    """Causal grouped-query attention.
+
+    Args:
+      q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (``Hq`` a multiple of ``Hkv``).
+      q_positions: int32 ``[T]``; k_positions: int32 ``[S]``. Key j is seen from query i when
+        ``k_pos[j] <= q_pos[i]`` (and ``k_pos[j] > q_pos[i] - window`` with a sliding ``window``).
+      sinks: float32 ``[Hq]`` gpt-oss sink logits: one more softmax column per head, dropped afterwards.
+      k_valid: optional bool ``[S]``: keys that exist (a cache's written slots).
+
+    Returns:
+      ``[B, T, Hq, Dv]`` in ``q``'s dtype; scores and softmax in float32.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    groups = hq // hkv
+    qg = q.reshape(b, t, hkv, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, **_HIGHEST) * jnp.float32(scale)
+    allowed = k_positions[None, :] <= q_positions[:, None]
+    if window is not None:
+        allowed &= k_positions[None, :] > q_positions[:, None] - window
+    if k_valid is not None:
+        allowed &= k_valid[None, :]
+    scores = jnp.where(allowed, scores, -jnp.inf)
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, hkv, groups, 1, 1), (b, hkv, groups, t, 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, **_HIGHEST)
+    return out.reshape(b, t, hq, v.shape[-1]).astype(q.dtype)

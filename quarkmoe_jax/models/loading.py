@@ -1,0 +1,218 @@
+"""Build a :class:`~quarkmoe_jax.models.model.QuarkMoEForCausalLM` from a checkpoint folder.
+
+Float tensors (embeddings, norms, routers, attention unless quantized) are read with their headers checked
+(dtype, shape) before any data; MoE layers load through :meth:`QuarkMoEBlock.from_checkpoint`, dense MLPs as
+one-expert :class:`QuarkMoE` through the same schemes; Linear layers that the Quark config quantizes
+(attention projections in many exports) load as quantized :class:`Linear`. Any tensor the model needs and the
+checkpoint lacks raises :class:`CheckpointError` naming it; nothing is returned half-built.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
+from quarkmoe_jax.config import QuarkConfig
+from quarkmoe_jax.formats import MX_BLOCK_SIZE, MXTensor, mx_format
+from quarkmoe_jax.models.config import DecoderConfig
+from quarkmoe_jax.models.layers import Linear, RMSNorm
+from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
+from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
+from quarkmoe_jax.schemes import get_moe_scheme
+
+__all__ = ["from_pretrained"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def from_pretrained(
+    path: str | pathlib.Path, *, semantics: str = "vllm", dtype=None, backend: str = "auto"
+) -> QuarkMoEForCausalLM:
+    """The model of a Hugging Face / Quark checkpoint folder (``config.json`` + safetensors).
+
+    Args:
+      path: the folder (quantized by Quark, partly quantized or float).
+      semantics: "vllm" (what vLLM's Quark methods compute) or "quark" (Quark's own fake-quant), for every
+        quantized layer (docs/checkpoints.md).
+      dtype: the activation dtype and that of the float weights (default: the config's ``dtype`` /
+        ``torch_dtype``, else float32).
+      backend: the MoE backend of every MoE layer ("auto": the fastest measured here; the emulation on CPU).
+
+    Returns:
+      :class:`QuarkMoEForCausalLM`; ``model(input_ids)`` gives float32 logits ``[B, T, vocab]``.
+    """
+    if semantics not in ("vllm", "quark"):
+        raise ValueError(f"semantics must be 'vllm' or 'quark', got {semantics!r}")
+    hf_config = read_hf_config(path)
+    config = DecoderConfig.from_hf_config(hf_config)
+    if dtype is None:
+        dtype = _DTYPES[config.dtype]
+    dtype = jnp.dtype(dtype)
+    if dtype not in [jnp.dtype(d) for d in _DTYPES.values()]:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
+    with CheckpointReader(path) as reader:
+        tensors = _Tensors(reader, quark, semantics, dtype)
+        h, v = config.hidden_size, config.vocab_size
+        embed = tensors.float("model.embed_tokens.weight", (v, h))
+        lm_head = None
+        if not config.tie_word_embeddings:
+            lm_head = tensors.linear("lm_head", v, h)
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}"
+            attn = _attention(tensors, config, i, f"{p}.self_attn")
+            if i in config.moe.moe_layers:
+                mlp = None  # loaded below, outside this reader (the block loader opens its own)
+            else:
+                loaded = load_dense_mlp(
+                    reader, f"{p}.mlp", h, config.dense_intermediate_size, quark, semantics, float_dtype=dtype
+                )
+                mlp = QuarkMoE.from_loaded(loaded, activation="silu")
+            layers.append(
+                [
+                    tensors.norm(f"{p}.input_layernorm.weight", h, config),
+                    attn,
+                    tensors.norm(f"{p}.post_attention_layernorm.weight", h, config),
+                    mlp,
+                ]
+            )
+        norm = tensors.norm("model.norm.weight", h, config)
+    decoder_layers = []
+    for i, (norm1, attn, norm2, mlp) in enumerate(layers):
+        if mlp is None:
+            mlp = QuarkMoEBlock.from_checkpoint(path, i, semantics=semantics, float_dtype=dtype)
+        elif jax.default_backend() == "gpu":
+            mlp.prepare_for_kernels()
+        decoder_layers.append(DecoderLayer(norm1, attn, norm2, mlp))
+    return QuarkMoEForCausalLM(config, embed, decoder_layers, norm, lm_head, dtype=dtype, backend=backend)
+
+
+def _attention(tensors: _Tensors, config: DecoderConfig, layer: int, prefix: str):
+    h, heads = config.hidden_size, config.num_heads
+    if config.mla is not None:
+        mla = config.mla
+        projections, norms = {}, {}
+        if mla.q_lora_rank is None:
+            projections["q_proj"] = tensors.linear(f"{prefix}.q_proj", heads * mla.qk_head_dim, h)
+        else:
+            projections["q_a_proj"] = tensors.linear(f"{prefix}.q_a_proj", mla.q_lora_rank, h)
+            norms["q_a_layernorm"] = tensors.norm(f"{prefix}.q_a_layernorm.weight", mla.q_lora_rank, config)
+            projections["q_b_proj"] = tensors.linear(f"{prefix}.q_b_proj", heads * mla.qk_head_dim, mla.q_lora_rank)
+        projections["kv_a_proj_with_mqa"] = tensors.linear(
+            f"{prefix}.kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim, h
+        )
+        norms["kv_a_layernorm"] = tensors.norm(f"{prefix}.kv_a_layernorm.weight", mla.kv_lora_rank, config)
+        projections["kv_b_proj"] = tensors.linear(
+            f"{prefix}.kv_b_proj", heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank
+        )
+        projections["o_proj"] = tensors.linear(f"{prefix}.o_proj", h, heads * mla.v_head_dim)
+        return LatentAttention(config, projections, norms)
+    d, kv = config.head_dim, config.num_kv_heads
+    projections = {
+        "q_proj": tensors.linear(f"{prefix}.q_proj", heads * d, h),
+        "k_proj": tensors.linear(f"{prefix}.k_proj", kv * d, h),
+        "v_proj": tensors.linear(f"{prefix}.v_proj", kv * d, h),
+        "o_proj": tensors.linear(f"{prefix}.o_proj", h, heads * d),
+    }
+    norms = None
+    if config.qk_norm:
+        norms = {
+            "q_norm": tensors.norm(f"{prefix}.q_norm.weight", d, config),
+            "k_norm": tensors.norm(f"{prefix}.k_norm.weight", d, config),
+        }
+    sinks = tensors.float(f"{prefix}.sinks", (heads,), np.float32) if config.sinks else None
+    return Attention(config, layer, projections, norms, sinks)
+
+
+class _Tensors:
+    """Reads the non-expert tensors, checking each header before its data."""
+
+    def __init__(self, reader: CheckpointReader, quark: QuarkConfig | None, semantics: str, dtype):
+        self.reader, self.quark, self.semantics, self.dtype = reader, quark, semantics, dtype
+
+    def _info(self, name: str):
+        if name not in self.reader:
+            raise CheckpointError(f"missing tensor {name!r} (the model needs it)")
+        return self.reader.info(name)
+
+    def float(self, name: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
+        found_dtype, found = self._info(name)
+        if found_dtype.kind != "f" and found_dtype.name != "bfloat16":
+            raise CheckpointError(f"{name}: expected a float tensor, found dtype {found_dtype}")
+        if tuple(found) != tuple(shape):
+            raise CheckpointError(f"{name}: shape {tuple(found)}, expected {tuple(shape)}")
+        return np.asarray(self.reader[name].astype(np.float32), dtype or np.float32)
+
+    def norm(self, name: str, dim: int, config: DecoderConfig) -> RMSNorm:
+        return RMSNorm(self.float(name, (dim,)), config.rms_norm_eps)
+
+    def linear(self, name: str, out_features: int, in_features: int) -> Linear:
+        """``<name>.weight`` (+ ``.bias`` if present; + scales when the Quark config quantizes it)."""
+        bias = None
+        if f"{name}.bias" in self.reader:
+            bias = self.float(f"{name}.bias", (out_features,))
+        layer_config = self.quark.resolve(name, "Linear", child_names=[name]) if self.quark else None
+        if layer_config is None or layer_config.weight is None:
+            weight = jnp.asarray(self.float(f"{name}.weight", (out_features, in_features)), self.dtype)
+            return Linear(weight, bias=bias)
+        quant = get_moe_scheme(layer_config, self.semantics, layer=name).quant_config()
+        if quant.activation.kind in ("fp8", "int8") and quant.activation.granularity == "channel":
+            raise CheckpointError(
+                f"{name}: dynamic per-channel (ch_axis 1) input quantization of a Linear layer is not supported"
+            )
+        wq = quant.weight
+        if wq.kind == "mx":
+            weight = self._mx_weight(name, wq.mx_format, out_features, in_features)
+            weight_scale = None
+        else:
+            weight, weight_scale = self._w8a8_weight(name, wq.kind, out_features, in_features)
+        input_scale = None
+        if quant.activation.kind in ("fp8", "int8") and not quant.activation.dynamic:
+            input_scale = self._scalar(f"{name}.input_scale")
+        return Linear(weight, bias=bias, weight_scale=weight_scale, input_scale=input_scale, quant=quant)
+
+    def _mx_weight(self, name: str, fmt: str, n: int, k: int) -> MXTensor:
+        if k % MX_BLOCK_SIZE:
+            raise CheckpointError(f"{name}: in_features {k} is not a multiple of {MX_BLOCK_SIZE} (MX blocks)")
+        f = mx_format(fmt)
+        packed_shape, scale_shape = (n, f.packed_length(k)), (n, k // MX_BLOCK_SIZE)
+        for suffix, shape in (("weight", packed_shape), ("weight_scale", scale_shape)):
+            found_dtype, found = self._info(f"{name}.{suffix}")
+            if found_dtype != np.uint8 or tuple(found) != shape:
+                raise CheckpointError(
+                    f"{name}.{suffix}: expected uint8 {shape} ({f.name}), found {found_dtype} {tuple(found)}"
+                )
+        return MXTensor.from_arrays(
+            self.reader[f"{name}.weight"], self.reader[f"{name}.weight_scale"], f, name=f"{name}.weight"
+        )
+
+    def _w8a8_weight(self, name: str, kind: str, n: int, k: int):
+        expected = np.int8 if kind == "int8" else np.dtype(jnp.float8_e4m3fn)
+        found_dtype, found = self._info(f"{name}.weight")
+        if found_dtype != expected or tuple(found) != (n, k):
+            raise CheckpointError(f"{name}.weight: expected {np.dtype(expected)} {(n, k)}, found {found_dtype} {found}")
+        scale_dtype, scale_shape = self._info(f"{name}.weight_scale")
+        if scale_dtype.kind != "f" or tuple(scale_shape) not in ((), (1,), (n,), (n, 1)):
+            raise CheckpointError(
+                f"{name}.weight_scale: expected float [], [1], [{n}] or [{n}, 1], found {scale_dtype} {scale_shape}"
+            )
+        scale = self.reader[f"{name}.weight_scale"].astype(np.float32)
+        scale = scale.reshape(-1) if scale.size == n and n > 1 else scale.reshape(())
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            raise CheckpointError(f"{name}.weight_scale: scales must be finite and positive")
+        return jnp.asarray(self.reader[f"{name}.weight"]), scale
+
+    def _scalar(self, name: str) -> np.ndarray:
+        found_dtype, found = self._info(name)
+        if found_dtype.kind != "f" or int(np.prod(found)) != 1:
+            raise CheckpointError(f"{name}: expected one float scale, found {found_dtype} {tuple(found)}")
+        value = self.reader[name].astype(np.float32).reshape(())
+        if not (np.isfinite(value) and value > 0):
+            raise CheckpointError(f"{name}: the scale must be finite and positive, found {value}")
+        return value

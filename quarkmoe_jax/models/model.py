@@ -1,0 +1,377 @@
+"""A whole decoder-only MoE model in Flax NNX: embeddings, attention, dense MLPs, Quark MoE blocks, LM head.
+
+One class covers Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 / V3 and gpt-oss; the differences are the
+:class:`~quarkmoe_jax.models.config.DecoderConfig` fields (rope kind and layout, Qwen3's q/k norm, gpt-oss's
+sinks, biases and sliding layers, DeepSeek's latent attention, which layers are MoE). Build it with
+:func:`quarkmoe_jax.models.from_pretrained`.
+
+Shapes: ``input_ids`` int32 ``[B, T]``; hidden states ``[B, T, H]`` in the model's ``dtype``; logits float32
+``[B, T, vocab]``. The KV cache (:meth:`QuarkMoEForCausalLM.init_cache`) is a list with one dict per layer of
+static-shape arrays ``[B, S, ...]`` written at positions ``start .. start + T - 1``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from quarkmoe_jax.models.config import DecoderConfig
+from quarkmoe_jax.models.layers import Linear, RMSNorm, apply_rope, attention, rope_tables
+from quarkmoe_jax.moe.emulation import token_bucket
+from quarkmoe_jax.nn import QuarkMoEBlock
+
+__all__ = ["Attention", "LatentAttention", "DecoderLayer", "QuarkMoEForCausalLM", "sample_tokens"]
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention (Mixtral, Qwen2/3-MoE, gpt-oss).
+
+    ``q_proj [Hq*D, H]``, ``k_proj`` / ``v_proj [Hkv*D, H]``, ``o_proj [H, Hq*D]`` (:class:`Linear`, biases where
+    the checkpoint has them); Qwen3's ``q_norm`` / ``k_norm`` (RMSNorm over D, before the rotation); gpt-oss's
+    ``sinks [Hq]``. Cache entry: ``{"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}``.
+    """
+
+    def __init__(self, config: DecoderConfig, layer: int, projections: dict[str, Linear], norms=None, sinks=None):
+        self.q_proj, self.k_proj = projections["q_proj"], projections["k_proj"]
+        self.v_proj, self.o_proj = projections["v_proj"], projections["o_proj"]
+        norms = norms or {}
+        self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
+        self.sinks = None if sinks is None else nnx.Param(jnp.asarray(sinks, jnp.float32))
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = config.attention_scale
+        self.window = config.sliding_windows[layer]
+        self.pairs = config.rope.pairs
+
+    def init_cache(self, batch: int, length: int, dtype) -> dict[str, jax.Array]:
+        shape = (batch, length, self.num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def __call__(self, x, positions, cos, sin, cache=None, start=0):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin, self.pairs), apply_rope(k, cos, sin, self.pairs)
+        if cache is None:
+            keys, values, k_positions = k, v, positions
+        else:
+            keys = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+            values = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+            cache = {"k": keys, "v": values}
+            k_positions = jnp.arange(keys.shape[1], dtype=jnp.int32)
+        sinks = None if self.sinks is None else self.sinks.get_value()
+        out = attention(
+            q,
+            keys.astype(q.dtype),
+            values.astype(q.dtype),
+            positions,
+            k_positions,
+            scale=self.scale,
+            window=self.window,
+            sinks=sinks,
+        )
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class LatentAttention(nnx.Module):
+    """DeepSeek's multi-head latent attention, computed in its absorbed form.
+
+    Projections: ``q_proj [Hq*(dn+dr), H]`` or ``q_a_proj [rq, H]`` + ``q_a_layernorm`` + ``q_b_proj``;
+    ``kv_a_proj_with_mqa [r+dr, H]`` (the latent ``c`` and the shared rotary key), ``kv_a_layernorm [r]``,
+    ``kv_b_proj [Hq*(dn+dv), r]``, ``o_proj [H, Hq*dv]``. Scores are ``q_nope W_uk c + q_rot k_rot`` and the
+    output ``W_uv (p c)``, with ``W_uk`` / ``W_uv`` the two halves of ``kv_b_proj``'s dequantized weight, as
+    vLLM's MLA does, so the cache holds only the latent: ``{"latent": [B, S, r], "k_rot": [B, S, dr]}``
+    (equal to transformers' expanded form up to float rounding).
+    """
+
+    def __init__(self, config: DecoderConfig, projections: dict[str, Linear], norms: dict[str, RMSNorm]):
+        mla = config.mla
+        self.q_proj = projections.get("q_proj")
+        self.q_a_proj, self.q_b_proj = projections.get("q_a_proj"), projections.get("q_b_proj")
+        self.q_a_layernorm = norms.get("q_a_layernorm")
+        self.kv_a_proj_with_mqa = projections["kv_a_proj_with_mqa"]
+        self.kv_a_layernorm = norms["kv_a_layernorm"]
+        self.kv_b_proj, self.o_proj = projections["kv_b_proj"], projections["o_proj"]
+        self.num_heads = config.num_heads
+        self.nope, self.rope_dim, self.v_dim, self.rank = (
+            mla.qk_nope_head_dim,
+            mla.qk_rope_head_dim,
+            mla.v_head_dim,
+            mla.kv_lora_rank,
+        )
+        self.scale = config.attention_scale
+        self.pairs = config.rope.pairs
+
+    def init_cache(self, batch: int, length: int, dtype) -> dict[str, jax.Array]:
+        return {
+            "latent": jnp.zeros((batch, length, self.rank), dtype),
+            "k_rot": jnp.zeros((batch, length, self.rope_dim), dtype),
+        }
+
+    def __call__(self, x, positions, cos, sin, cache=None, start=0):
+        b, t, _ = x.shape
+        h = self.num_heads
+        if self.q_proj is not None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(b, t, h, self.nope + self.rope_dim)
+        q_nope, q_rot = q[..., : self.nope], q[..., self.nope :]
+        compressed = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(compressed[..., : self.rank])
+        k_rot = compressed[..., self.rank :][:, :, None, :]
+        q_rot, k_rot = apply_rope(q_rot, cos, sin, self.pairs), apply_rope(k_rot, cos, sin, self.pairs)[:, :, 0]
+        if cache is None:
+            latents, rot_keys, k_positions = latent, k_rot, positions
+        else:
+            latents = lax.dynamic_update_slice(cache["latent"], latent.astype(cache["latent"].dtype), (0, start, 0))
+            rot_keys = lax.dynamic_update_slice(cache["k_rot"], k_rot.astype(cache["k_rot"].dtype), (0, start, 0))
+            cache = {"latent": latents, "k_rot": rot_keys}
+            k_positions = jnp.arange(latents.shape[1], dtype=jnp.int32)
+        w = self.kv_b_proj.dequantized_weight(jnp.float32).reshape(h, self.nope + self.v_dim, self.rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+        q_latent = jnp.einsum("bthn,hnr->bthr", q_nope, w_uk, precision=lax.Precision.HIGHEST).astype(x.dtype)
+        # multi-query attention over [latent | k_rot] keys with the latent as the value
+        queries = jnp.concatenate([q_latent, q_rot], axis=-1)
+        keys = jnp.concatenate([latents, rot_keys], axis=-1).astype(x.dtype)[:, :, None, :]
+        context = attention(
+            queries, keys, latents.astype(x.dtype)[:, :, None, :], positions, k_positions, scale=self.scale
+        )
+        out = jnp.einsum("bthr,hvr->bthv", context, w_uv, precision=lax.Precision.HIGHEST).astype(x.dtype)
+        return self.o_proj(out.reshape(b, t, h * self.v_dim)), cache
+
+
+class DecoderLayer(nnx.Module):
+    """``h = x + attn(norm1(x)); out = h + mlp(norm2(h))``; ``mlp`` is a :class:`QuarkMoEBlock` (MoE layers) or a
+    one-expert :class:`QuarkMoE` (a dense gated MLP, quantized as the checkpoint says)."""
+
+    def __init__(self, input_layernorm: RMSNorm, attn, post_attention_layernorm: RMSNorm, mlp):
+        self.input_layernorm = input_layernorm
+        self.self_attn = attn
+        self.post_attention_layernorm = post_attention_layernorm
+        self.mlp = mlp
+
+    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None, backend="auto"):
+        b, t, hidden = x.shape
+        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, start)
+        h = x + attn_out
+        y = self.post_attention_layernorm(h).reshape(b * t, hidden)
+        valid_rows = None if valid is None else jnp.broadcast_to(valid[None, :], (b, t)).reshape(-1)
+        if isinstance(self.mlp, QuarkMoEBlock):
+            m = self.mlp(y, backend=backend, valid_tokens=valid_rows)
+        else:
+            ones, zeros = jnp.ones((b * t, 1), jnp.float32), jnp.zeros((b * t, 1), jnp.int32)
+            m = self.mlp.apply(y, ones, zeros, backend=backend, valid_tokens=valid_rows)
+        return h + m.reshape(b, t, hidden).astype(h.dtype), cache
+
+
+class QuarkMoEForCausalLM(nnx.Module):
+    """A decoder-only MoE language model whose MoE layers are Quark-quantized :class:`QuarkMoEBlock` s.
+
+    Attributes: ``embed_tokens`` ``nnx.Param [V, H]`` (``dtype``), ``layers`` (``nnx.List`` of
+    :class:`DecoderLayer`), ``norm`` (:class:`RMSNorm`), ``lm_head`` (:class:`Linear` ``[V, H]``, or None when
+    tied to the embeddings). Static: ``config`` (:class:`DecoderConfig`), ``dtype``, ``backend``.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        embed_tokens,
+        layers,
+        norm: RMSNorm,
+        lm_head: Linear | None,
+        *,
+        dtype=jnp.float32,
+        backend: str = "auto",
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.backend = backend
+        self.embed_tokens = nnx.Param(jnp.asarray(embed_tokens, dtype))
+        self.layers = nnx.List(layers)
+        self.norm = norm
+        self.lm_head = lm_head
+        rope = config.rope
+        self._inverse_frequencies = tuple(float(f) for f in rope.inverse_frequencies())
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
+        """An empty KV cache for ``batch`` sequences of up to ``length`` positions (``dtype``: the model's)."""
+        dtype = dtype or self.dtype
+        return [layer.self_attn.init_cache(batch, length, dtype) for layer in self.layers]
+
+    def hidden_states(self, input_ids, *, cache=None, start=0, valid=None):
+        """The final-norm hidden states ``[B, T, H]`` and the updated cache (None without one).
+
+        ``start``: the position of ``input_ids[:, 0]`` (int or int32 scalar); ``valid``: optional bool ``[T]``,
+        False for padding positions (they enter no MoE statistic and nothing attends to them later).
+        """
+        ids = jnp.asarray(input_ids)
+        if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an integer array [B, T], got {ids.dtype} {tuple(ids.shape)}")
+        t = ids.shape[1]
+        positions = jnp.asarray(start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        cos, sin = rope_tables(
+            np.asarray(self._inverse_frequencies, np.float32), positions, self.config.rope.attention_factor
+        )
+        cos, sin = cos[None], sin[None]
+        x = jnp.take(self.embed_tokens.get_value(), ids, axis=0)
+        new_cache = None if cache is None else []
+        for i, layer in enumerate(self.layers):
+            x, entry = layer(x, positions, cos, sin, None if cache is None else cache[i], start, valid, self.backend)
+            if cache is not None:
+                new_cache.append(entry)
+        return self.norm(x), new_cache
+
+    def logits(self, hidden):
+        """float32 ``[..., V]`` of final hidden states ``[..., H]``."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).astype(jnp.float32)
+        w = self.embed_tokens.get_value()
+        return jnp.dot(hidden, w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, *, cache=None, start=0):
+        """Logits float32 ``[B, T, V]`` of ``input_ids`` int32 ``[B, T]``; with a ``cache``, ``(logits, cache)``.
+
+        Called eagerly (outside ``jit``) without a cache, the forward runs as one compiled program per
+        (B, token bucket): T is padded to the bucket (1, 2, 4, ..., as the MoE layers bucket tokens).
+        """
+        if cache is not None:
+            hidden, cache = self.hidden_states(input_ids, cache=cache, start=start)
+            return self.logits(hidden), cache
+        if isinstance(input_ids, jax.core.Tracer):
+            return self.logits(self.hidden_states(input_ids)[0])
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise ValueError(f"input_ids must be an integer array [B, T], got {ids.dtype} {tuple(ids.shape)}")
+        _check_ids(ids, self.config.vocab_size)
+        t = ids.shape[1]
+        bucket = token_bucket(t)
+        padded = np.zeros((ids.shape[0], bucket), np.int32)
+        padded[:, :t] = ids
+        graphdef, state = nnx.split(self)
+        valid = np.arange(bucket) < t
+        return _full_forward(graphdef, state, jax.device_put(padded), jax.device_put(valid))[:, :t]
+
+    # ------------------------------------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        key: jax.Array | None = None,
+        eos_token_id: int | list[int] | None = None,
+    ) -> np.ndarray:
+        """Extend ``input_ids`` int32 ``[B, T]`` by up to ``max_new_tokens`` tokens with a KV cache.
+
+        ``temperature`` 0: greedy (argmax); otherwise sample from ``softmax(logits / temperature)`` restricted to
+        the smallest set of tokens whose probability reaches ``top_p`` (``key`` required: an explicit
+        ``jax.random`` key, split once per step). ``eos_token_id``: a row stops at it and is filled with it
+        afterwards; generation ends early once every row has stopped (default: the config's
+        ``eos_token_id``; pass ``[]`` to never stop).
+
+        Compiles one prefill per (B, prompt bucket) and one decode step per (B, cache length); the cache
+        length is ``token_bucket(max(bucket, T + max_new_tokens))``. Returns int32 ``[B, T + n]`` (host
+        array), ``n <= max_new_tokens``.
+        """
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty integer array [B, T], got {ids.dtype} {ids.shape}")
+        _check_ids(ids, self.config.vocab_size)
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        greedy = temperature == 0
+        if not greedy:
+            if not temperature > 0 or not 0 < top_p <= 1:
+                raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+            if key is None:
+                raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
+        eos = self.config.eos_token_ids if eos_token_id is None else eos_token_id
+        eos = np.asarray([eos] if isinstance(eos, (int, np.integer)) else list(eos), np.int32)
+        b, t = ids.shape
+        if max_new_tokens == 0:
+            return ids.astype(np.int32)
+        bucket = token_bucket(t)
+        length = token_bucket(max(bucket, t + max_new_tokens))
+        padded = np.zeros((b, bucket), np.int32)
+        padded[:, :t] = ids
+        graphdef, state = nnx.split(self)
+        cache = self.init_cache(b, length)
+        key = jax.random.key(0) if key is None else key
+        params = (jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p))
+        key, step_key = jax.random.split(key)
+        token, cache = _prefill(
+            graphdef, state, jax.device_put(padded), jnp.int32(t), cache, step_key, *params, greedy=greedy
+        )
+        out = [np.asarray(token)]
+        done = np.isin(out[-1], eos)
+        for i in range(1, max_new_tokens):
+            if eos.size and done.all():
+                break
+            key, step_key = jax.random.split(key)
+            token, cache = _decode_step(
+                graphdef, state, token, jnp.int32(t + i - 1), cache, step_key, *params, greedy=greedy
+            )
+            new = np.asarray(token)
+            new = np.where(done, out[-1], new) if eos.size else new
+            out.append(new)
+            done |= np.isin(new, eos)
+        return np.concatenate([ids.astype(np.int32), np.stack(out, axis=1)], axis=1)
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"QuarkMoEForCausalLM({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, "
+            f"vocab={c.vocab_size}, moe_layers={len(c.moe.moe_layers)}, dtype={self.dtype.name})"
+        )
+
+
+def _check_ids(ids: np.ndarray, vocab: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"input_ids must be in [0, {vocab}), found values in [{ids.min()}, {ids.max()}]")
+
+
+def sample_tokens(logits, key, temperature, top_p, *, greedy: bool):
+    """int32 ``[B]`` tokens from float32 ``logits [B, V]``: argmax (``greedy``) or nucleus sampling."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / temperature
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the better tokens
+    kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(key, kept, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@jax.jit
+def _full_forward(graphdef, state, ids, valid):
+    model = nnx.merge(graphdef, state)
+    return model.logits(model.hidden_states(ids, valid=valid)[0])
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
+def _prefill(graphdef, state, ids, length, cache, key, temperature, top_p, *, greedy):
+    model = nnx.merge(graphdef, state)
+    valid = jnp.arange(ids.shape[1]) < length
+    hidden, cache = model.hidden_states(ids, cache=cache, start=0, valid=valid)
+    last = lax.dynamic_index_in_dim(hidden, length - 1, axis=1, keepdims=False)
+    return sample_tokens(model.logits(last), key, temperature, top_p, greedy=greedy), cache
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
+def _decode_step(graphdef, state, token, position, cache, key, temperature, top_p, *, greedy):
+    model = nnx.merge(graphdef, state)
+    hidden, cache = model.hidden_states(token[:, None], cache=cache, start=position)
+    return sample_tokens(model.logits(hidden[:, 0]), key, temperature, top_p, greedy=greedy), cache
