@@ -161,6 +161,7 @@ def export_quark_checkpoint(
     scale_mode: str = "even",
     input_amax: float | Mapping[int, Mapping[str, np.ndarray]] | None = None,
     exclude_layers: tuple[int, ...] = (),
+    quantize_linears: bool = False,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Quantize a float MoE checkpoint into Quark's format.
@@ -176,6 +177,9 @@ def export_quark_checkpoint(
         ``{layer: {"w13": [E] amax of the expert inputs, "w2": [E] amax of the intermediates}}``.
         Required by static schemes.
       exclude_layers: MoE layers left unquantized (listed in ``exclude``, as Quark does).
+      quantize_linears: also quantize every other Linear layer of the decoder layers with the same scheme
+        (attention projections, dense MLPs; routers stay float), as Quark's whole-model recipes do; the
+        embeddings and ``lm_head`` stay float. Static schemes then need ``input_amax`` as one float.
       overwrite: replace an existing non-empty ``out_dir`` (or the source folder itself) once the new
         checkpoint is complete; without it such an ``out_dir`` is refused
         (:func:`~quarkmoe_jax.checkpoint.safetensors_io.new_checkpoint_folder`).
@@ -186,7 +190,7 @@ def export_quark_checkpoint(
     out_dir = pathlib.Path(out_dir)
     source_dir = pathlib.Path(source) if isinstance(source, (str, os.PathLike)) else None
     with new_checkpoint_folder(out_dir, overwrite=overwrite, inputs=(source_dir,) if source_dir else ()) as tmp:
-        _export(source, tmp, scheme, scale_mode, input_amax, exclude_layers)
+        _export(source, tmp, scheme, scale_mode, input_amax, exclude_layers, quantize_linears)
         if source_dir is not None and source_dir.is_dir():
             _copy_other_files(source_dir, tmp)
     return out_dir
@@ -204,7 +208,11 @@ def _copy_other_files(source_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
             shutil.copyfile(path, out_dir / path.name)
 
 
-def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclude_layers) -> None:
+#: Linear layers that stay float when the other linears are quantized: the routers (vLLM keeps them float)
+_ROUTERS = (".gate.weight", ".router.weight", ".shared_expert_gate.weight")
+
+
+def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclude_layers, quantize_linears) -> None:
     hf_config, tensors, reader = _open_source(source)
     try:
         arch = MoEArchitecture.from_hf_config(hf_config)
@@ -216,6 +224,8 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
         static = cfg.activation.kind in ("fp8", "int8") and not cfg.activation.dynamic
         if static and input_amax is None:
             raise ValueError(f"scheme {scheme} has static input scales: pass input_amax (calibration)")
+        if static and quantize_linears and not isinstance(input_amax, (int, float)):
+            raise ValueError("quantize_linears with a static scheme needs input_amax as one float for every layer")
         expert_re = re.compile(
             r"^(?P<block>.+?)\.(?P<kind>experts|shared_experts?)\.(?:(?P<expert>\d+)\.)?"
             r"(?P<proj>gate_up_proj|gate_proj|up_proj|down_proj|w13|w1|w2|w3)\.weight$"
@@ -228,13 +238,13 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
             layer_match = layer_re.match(name)
             layer = int(layer_match[1]) if layer_match else None
             if match and layer in arch.moe_layers and layer not in exclude_layers:
-                stem = name[: -len(".weight")]
-                for suffix, value in _quantize_weight(tensor, moe_scheme, scale_mode).items():
-                    out[f"{stem}.{suffix}"] = value
-                if static:
-                    out[f"{stem}.input_scale"] = _static_scale(cfg, input_amax, layer, match, tensor)
-                    if cfg.activation.kind == "int8":
-                        out[f"{stem}.input_zero_point"] = np.zeros_like(out[f"{stem}.input_scale"], np.int8)
+                scale = _static_scale(cfg, input_amax, layer, match, tensor) if static else None
+                _write_quantized(out, name[: -len(".weight")], tensor, moe_scheme, scale_mode, scale)
+                continue
+            linear = layer is not None and name.endswith(".weight") and np.ndim(tensor) == 2
+            if quantize_linears and linear and not name.endswith(_ROUTERS) and layer not in exclude_layers:
+                scale = _input_scale(cfg, input_amax).astype(np.float32) if static else None
+                _write_quantized(out, name[: -len(".weight")], tensor, moe_scheme, scale_mode, scale)
                 continue
             out[name] = np.asarray(tensor)
             if name.endswith(".weight") and np.ndim(tensor) == 2:
@@ -263,6 +273,16 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
     finally:
         if reader is not None:
             reader.close()
+
+
+def _write_quantized(out: dict, stem: str, tensor, scheme, scale_mode: str, input_scale) -> None:
+    """``<stem>.weight`` codes, ``.weight_scale`` (+ zero points) and, for static schemes, ``.input_scale``."""
+    for suffix, value in _quantize_weight(tensor, scheme, scale_mode).items():
+        out[f"{stem}.{suffix}"] = value
+    if input_scale is not None:
+        out[f"{stem}.input_scale"] = input_scale
+        if scheme.quant_config().activation.kind == "int8":
+            out[f"{stem}.input_zero_point"] = np.zeros_like(input_scale, np.int8)
 
 
 #: transformers' own gpt-oss expert tensors: ``experts.gate_up_proj [E, H, 2I]``, ``experts.down_proj [E, I, H]``

@@ -166,14 +166,15 @@ class DecoderConfig:
         num_layers = get("num_hidden_layers")
         hidden = get("hidden_size")
         heads = get("num_attention_heads")
-        kv_heads = get("num_key_value_heads", heads)
+        mla_model = model_type in ("deepseek_v2", "deepseek_v3")  # latent attention: num_key_value_heads unused
+        kv_heads = heads if mla_model else get("num_key_value_heads", heads)
         if heads % kv_heads:
             raise CheckpointError(
                 f"config.json: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}"
             )
         head_dim = get("head_dim", hidden // heads)
         mla = None
-        if model_type in ("deepseek_v2", "deepseek_v3"):
+        if mla_model:
             mla = MLAConfig(
                 q_lora_rank=get("q_lora_rank", None),
                 kv_lora_rank=get("kv_lora_rank"),
@@ -211,7 +212,7 @@ class DecoderConfig:
             hidden_size=hidden,
             num_layers=num_layers,
             num_heads=heads,
-            num_kv_heads=kv_heads if mla is None else heads,
+            num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=get("rms_norm_eps", defaults["rms_norm_eps"], float),
             rope=rope,

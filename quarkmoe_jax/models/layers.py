@@ -42,7 +42,9 @@ class Linear(nnx.Module):
     ``weight_scale`` float32 ``[N]`` per channel or ``[]`` per tensor). ``quant``: how the weight and the input
     are quantized (None: float); ``input_scale`` float32 ``[]`` for static activation scales; ``bias [N]``.
     The input is quantized exactly as the MoE layers quantize theirs (``moe.emulation.quantize_gemm_input``),
-    so a quantized linear computes what vLLM's Quark linear methods compute.
+    so a quantized linear computes what vLLM's Quark linear methods compute. ``valid`` (bool, broadcastable
+    to ``x.shape[:-1]``): False for padding rows, which are zeroed before a quantized input's dynamic scale
+    is taken (a padded prompt bucket gives what its unpadded prompt gives).
     """
 
     def __init__(self, weight, *, bias=None, weight_scale=None, input_scale=None, quant: MoEQuantConfig | None = None):
@@ -67,14 +69,15 @@ class Linear(nnx.Module):
             w = w * (s[:, None] if s.ndim == 1 else s)
         return w.astype(dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
         lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
         w = self.weight.get_value()
         if self.quant is None or self.quant.weight.kind == "none":
-            acc = jnp.dot(x2, w.astype(x2.dtype).T, **_HIGHEST)
+            acc = jnp.dot(x.reshape(-1, k), w.astype(x.dtype).T, **_HIGHEST)
         else:
-            acc = self._quantized(x2, w)
+            if valid is not None:
+                x = jnp.where(jnp.broadcast_to(valid, lead)[..., None], x, jnp.zeros((), x.dtype))
+            acc = self._quantized(x.reshape(-1, k), w)
         if self.bias is not None:
             acc = acc + self.bias.get_value()
         return acc.astype(x.dtype).reshape(*lead, -1)

@@ -22,6 +22,7 @@ from quarkmoe_jax.formats import MX_BLOCK_SIZE, MXTensor, mx_format
 from quarkmoe_jax.models.config import DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
+from quarkmoe_jax.moe.op import BACKENDS
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 from quarkmoe_jax.schemes import get_moe_scheme
 
@@ -48,6 +49,8 @@ def from_pretrained(
     """
     if semantics not in ("vllm", "quark"):
         raise ValueError(f"semantics must be 'vllm' or 'quark', got {semantics!r}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     hf_config = read_hf_config(path)
     config = DecoderConfig.from_hf_config(hf_config)
     if dtype is None:

@@ -51,11 +51,11 @@ class Attention(nnx.Module):
         shape = (batch, length, self.num_kv_heads, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def __call__(self, x, positions, cos, sin, cache=None, start=0):
+    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, valid).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, valid).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, valid).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.pairs), apply_rope(k, cos, sin, self.pairs)
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
             window=self.window,
             sinks=sinks,
         )
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        return self.o_proj(out.reshape(b, t, -1), valid), cache
 
 
 class LatentAttention(nnx.Module):
@@ -115,16 +115,16 @@ class LatentAttention(nnx.Module):
             "k_rot": jnp.zeros((batch, length, self.rope_dim), dtype),
         }
 
-    def __call__(self, x, positions, cos, sin, cache=None, start=0):
+    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None):
         b, t, _ = x.shape
         h = self.num_heads
         if self.q_proj is not None:
-            q = self.q_proj(x)
+            q = self.q_proj(x, valid)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x, valid)), valid)
         q = q.reshape(b, t, h, self.nope + self.rope_dim)
         q_nope, q_rot = q[..., : self.nope], q[..., self.nope :]
-        compressed = self.kv_a_proj_with_mqa(x)
+        compressed = self.kv_a_proj_with_mqa(x, valid)
         latent = self.kv_a_layernorm(compressed[..., : self.rank])
         k_rot = compressed[..., self.rank :][:, :, None, :]
         q_rot, k_rot = apply_rope(q_rot, cos, sin, self.pairs), apply_rope(k_rot, cos, sin, self.pairs)[:, :, 0]
@@ -145,7 +145,7 @@ class LatentAttention(nnx.Module):
             queries, keys, latents.astype(x.dtype)[:, :, None, :], positions, k_positions, scale=self.scale
         )
         out = jnp.einsum("bthr,hvr->bthv", context, w_uv, precision=lax.Precision.HIGHEST).astype(x.dtype)
-        return self.o_proj(out.reshape(b, t, h * self.v_dim)), cache
+        return self.o_proj(out.reshape(b, t, h * self.v_dim), valid), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -160,7 +160,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None, backend="auto"):
         b, t, hidden = x.shape
-        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, start)
+        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, start, valid)
         h = x + attn_out
         y = self.post_attention_layernorm(h).reshape(b * t, hidden)
         valid_rows = None if valid is None else jnp.broadcast_to(valid[None, :], (b, t)).reshape(-1)

@@ -243,9 +243,12 @@ def static_input_scale(params, key, rows_expert):
 # ------------------------------------------------------------------------------------------ the forward
 
 
-def prepare_expert_input(x, topk_weights, w13_shape, i_pad: int, activation: str, apply_router_weight_on_input: bool):
+def prepare_expert_input(
+    x, topk_weights, w13_shape, i_pad: int, activation: str, apply_router_weight_on_input: bool, valid_tokens=None
+):
     """Every backend's first step: check that ``w13 [E, S*I_pad, H_pad]`` fits the activation (S = 2 when
-    gated), apply the router weight on the input if asked, and pad ``x [T, H]`` to ``[T, H_pad]``.
+    gated), apply the router weight on the input if asked, zero the padding tokens (``valid_tokens [T]``
+    False: they must not enter a dynamic per-tensor scale) and pad ``x [T, H]`` to ``[T, H_pad]``.
 
     Returns the padded ``x`` (``x``'s dtype) and the number of weight shards ``S``.
     """
@@ -255,6 +258,8 @@ def prepare_expert_input(x, topk_weights, w13_shape, i_pad: int, activation: str
         raise ValueError(f"w13 has {n13} rows; activation {activation!r} needs {shards} x {i_pad}")
     if apply_router_weight_on_input:
         x = (x.astype(jnp.float32) * topk_weights.astype(jnp.float32)).astype(x.dtype)
+    if valid_tokens is not None:
+        x = jnp.where(valid_tokens[:, None], x, jnp.zeros((), x.dtype))
     if h_pad > x.shape[1]:
         x = jnp.pad(x, ((0, 0), (0, h_pad - x.shape[1])))
     return x, shards
@@ -289,7 +294,9 @@ def moe_experts_unpadded(
     num_local = w13.shape[0]
     h_pad, n13, i_pad = w13.shape[2], w13.shape[1], w2.shape[2]
     hidden = x.shape[1]
-    x, shards = prepare_expert_input(x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input)
+    x, shards = prepare_expert_input(
+        x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input, valid_tokens
+    )
 
     pairs = sort_pairs(topk_ids, valid_tokens, expert_map, num_local)
     order, group_sizes = pairs.order, pairs.group_sizes

@@ -229,7 +229,9 @@ def _fused_forward(
     num_local, n13, h_pad = w13.shape[0], w13.shape[1], w13.shape[2]
     i_pad = w2.shape[2]
     hidden = x.shape[1]
-    x, shards = prepare_expert_input(x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input)
+    x, shards = prepare_expert_input(
+        x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input, valid_tokens
+    )
     gated = shards == 2
 
     num_pairs = t * k

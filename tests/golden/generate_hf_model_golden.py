@@ -11,9 +11,11 @@ latent attention with and without a q LoRA rank, interleaved rope, YaRN softmax 
 correction bias), random parameters (norm weights near 1, nonzero biases), saved with ``save_pretrained``.
 Then, with the eager attention and expert code of transformers:
   - ``logits``: the float model's logits on ``input_ids``;
-  - ``fake_quant_logits[scheme]``: the same model with each routed and shared expert weight replaced by the
+  - ``fake_quant_logits/<scheme>``: the same model with each routed and shared expert weight replaced by the
     values our exporter's checkpoint dequantizes to (``.venv`` runs the exporter; the weight-only schemes
-    below), so that comparing our loaded quantized model with it tests everything but float rounding.
+    below), so that comparing our loaded quantized model with it tests everything but float rounding;
+    ``fake_quant_logits/<scheme>_linears``: the same with every Linear of the decoder layers quantized
+    (``export_quark_checkpoint(..., quantize_linears=True)``: attention, dense MLPs; routers stay float).
 Output: ``data/hf_models/<model_type>/`` (the float checkpoint) + ``golden.npz``.
 """
 
@@ -33,7 +35,8 @@ from safetensors.numpy import load_file
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "golden" / "data" / "hf_models"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-SCHEMES = ("w_mxfp4", "w_mxfp6_e3m2")
+#: (scheme, every Linear of the decoder layers quantized too, not only the experts)
+VARIANTS = (("w_mxfp4", False), ("w_mxfp6_e3m2", False), ("w_mxfp4", True))
 INPUT_SHAPE = (2, 9)
 COMMON = dict(
     vocab_size=96,
@@ -185,8 +188,8 @@ import sys, pathlib, numpy as np, jax.numpy as jnp
 from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader, save_file
 from quarkmoe_jax.formats import MXTensor, mx_format
-src, scheme, quant_dir, out = sys.argv[1:5]
-export_quark_checkpoint(src, quant_dir, scheme)
+src, scheme, quant_dir, out, linears = sys.argv[1:6]
+export_quark_checkpoint(src, quant_dir, scheme, quantize_linears=linears == "1")
 fmt = mx_format(scheme.removeprefix("w_"))
 with CheckpointReader(src) as original, CheckpointReader(quant_dir) as quant:
     tensors = {}
@@ -243,13 +246,23 @@ def main() -> None:
             (folder / extra).unlink(missing_ok=True)
         ids = np.random.default_rng(index).integers(0, COMMON["vocab_size"], INPUT_SHAPE).astype(np.int32)
         golden = {"input_ids": ids, "logits": _logits(model, ids)}
-        for scheme in SCHEMES:
+        for scheme, linears in VARIANTS:
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = pathlib.Path(tmp)
                 fake = tmp / "fake"
                 fake.mkdir()
                 subprocess.run(
-                    [str(VENV_PYTHON), "-c", _EXPORT, str(folder), scheme, str(tmp / "quant"), str(fake)], check=True
+                    [
+                        str(VENV_PYTHON),
+                        "-c",
+                        _EXPORT,
+                        str(folder),
+                        scheme,
+                        str(tmp / "quant"),
+                        str(fake),
+                        str(int(linears)),
+                    ],
+                    check=True,
                 )
                 shutil.copyfile(folder / "config.json", fake / "config.json")
                 fake_model = transformers.AutoModelForCausalLM.from_pretrained(fake, dtype=torch.float32).eval()
@@ -257,10 +270,15 @@ def main() -> None:
                 replaced = load_file(fake / "model.safetensors")
                 original = load_file(folder / "model.safetensors")
                 changed = sorted(n for n in original if not np.array_equal(original[n], replaced[n]))
-                golden[f"fake_quant_logits/{scheme}"] = _logits(fake_model, ids)
-                print(f"{model_type} {scheme}: {len(changed)} tensors dequantized")
+                variant = scheme + ("_linears" if linears else "")
+                golden[f"fake_quant_logits/{variant}"] = _logits(fake_model, ids)
+                print(f"{model_type} {variant}: {len(changed)} tensors dequantized")
         np.savez(folder / "golden.npz", **golden)
-        meta = {"transformers": transformers.__version__, "torch": torch.__version__, "schemes": list(SCHEMES)}
+        meta = {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "variants": [s + ("_linears" if q else "") for s, q in VARIANTS],
+        }
         (folder / "golden_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         print(model_type, "logits", golden["logits"].shape, "max |logit|", float(np.abs(golden["logits"]).max()))
 

@@ -240,6 +240,23 @@ class BackendSuite:
         np.testing.assert_array_equal(out[others], clean[others])
         assert not np.isfinite(out[3]).all()
 
+    def test_padding_tokens_enter_no_dynamic_scale(self, key):
+        """Rows marked invalid (a model's padded prompt bucket) hold real values, here huge ones: a dynamic
+        per-tensor scale must come from the valid rows only, so the result is the unpadded call's."""
+        scheme = "w_mxfp4_a_fp8_dynamic_tensor"
+        if scheme not in self.schemes:
+            pytest.skip(f"{self.backend} does not take {scheme}")
+        experts = random_experts(key, scheme=scheme)
+        x, weights, ids = inputs(key, t=13)
+        pad = 3
+        x_padded = jnp.concatenate([x, jnp.full((pad, x.shape[1]), 1e6, x.dtype)])
+        weights_padded = jnp.concatenate([weights, weights[:pad]])
+        ids_padded = jnp.concatenate([ids, ids[:pad]])
+        valid = jnp.arange(13 + pad) < 13
+        got = experts.apply(x_padded, weights_padded, ids_padded, backend=self.backend, valid_tokens=valid)[:13]
+        want = experts.apply(x, weights, ids, backend="emulation")
+        assert_matches_oracle(got, want, activation_quantized=True, rtol=1e-5)
+
     def test_under_jit(self, key):
         experts = random_experts(key)
         x, weights, ids = inputs(key)
