@@ -3,6 +3,7 @@
 Subcommands:
   demo       the main job on an embedded default: codec table, then a seeded small MoE layer exported in every
              scheme and run, with error vs the float layer, bytes per weight and time
+  generate   load a whole model and generate from a prompt (text through tokenizer.json, or token ids)
   run-layer  run MoE block N of a checkpoint (router included) on x.npy [T, hidden] and write y.npy
   inspect    describe a checkpoint: architecture, scheme per MoE layer, expert bytes, padding, refusals
   quantize   export a float Hugging Face MoE checkpoint to Quark's format with a named scheme
@@ -127,8 +128,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"({time.perf_counter() - start:.1f} s)")
     failed = [r for r in rows if not all(r["checks"].values())]
-    if args.no_layer:
-        return 1 if failed else 0
+    layer_rows = None if args.no_layer else _demo_layer(args, rows)
+    generation = None if args.no_model else _demo_model(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"codecs": rows, "layer": layer_rows, "generation": generation}, f, indent=1)
+    return 1 if failed else 0
+
+
+def _demo_layer(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     import tempfile
 
     start = time.perf_counter()
@@ -153,10 +161,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(MXFP4 activations the most). '-': per-tensor weight scales (no Gaussian reference)."
     )
     print(f"({time.perf_counter() - start:.1f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"codecs": rows, "layer": layer_rows}, f, indent=1)
-    return 1 if failed else 0
+    return layer_rows
+
+
+def _demo_model(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        generation = demo_model_generation(tmp, seed=args.seed)
+    print(
+        "\nA seeded synthetic Mixtral-style model (2 layers, hidden 128, 4 experts, vocabulary 128) exported "
+        "with its experts in MXFP4, loaded whole (quarkmoe_jax.models.from_pretrained) and run next to its "
+        "float original; greedy generation with a KV cache:\n"
+    )
+    print(f"prompt ids        {generation['prompt']}")
+    for name in ("float", "w_mxfp4"):
+        g = generation[name]
+        rate = len(g["tokens"]) / g["seconds"]
+        print(f"{name:<8} generates {g['tokens']}  ({rate:.0f} tokens/s)")
+    print(
+        f"\nMXFP4 vs float on the float model's sequence: logits relative RMS error "
+        f"{generation['logits_rel_rms']:.3f}, the same top-1 next token at {generation['top1_agreement']:.0%} of "
+        "the positions (random weights give near-tied logits, which flip more easily than a trained model's). "
+        "Your own checkpoint: quarkmoe generate CKPT --prompt TEXT --max-new-tokens N"
+    )
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return generation
+
+
+def demo_model_generation(tmp_dir, seed: int = 0, new_tokens: int = 8) -> dict:
+    """Export a seeded synthetic Mixtral-style model (experts in MXFP4), load it whole with
+    :func:`quarkmoe_jax.models.from_pretrained` next to its float original, and generate greedily from both.
+
+    Also: the two models' logits on the float model's whole sequence (prompt + its generation): their
+    relative RMS difference and how often their top-1 next tokens agree (teacher-forced, so one flipped
+    token does not decide the rest)."""
+    import pathlib
+    import warnings
+
+    from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
+    from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+    from quarkmoe_jax.models import from_pretrained
+
+    tmp_dir = pathlib.Path(tmp_dir)
+    src = write_float_checkpoint(tmp_dir / "model_float", "mixtral", num_layers=2, hidden_size=128, seed=seed)
+    quantized = export_quark_checkpoint(src, tmp_dir / "model_mxfp4", "w_mxfp4")
+    prompt = np.asarray([[1, 17, 42, 7, 99, 3]], np.int32)
+    result = {"prompt": prompt[0].tolist()}
+    models = {}
+    for name, path in (("float", src), ("w_mxfp4", quantized)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[name] = model = from_pretrained(path)
+        model.generate(prompt, new_tokens, eos_token_id=[])  # compile
+        start = time.perf_counter()
+        out = model.generate(prompt, new_tokens, eos_token_id=[])
+        result[name] = {"tokens": out[0, prompt.shape[1] :].tolist(), "seconds": time.perf_counter() - start}
+        if name == "float":
+            sequence = out
+    f, q = (np.asarray(models[name](sequence), np.float64) for name in ("float", "w_mxfp4"))
+    result["logits_rel_rms"] = float(np.sqrt(np.mean((q - f) ** 2) / np.mean(f**2)))
+    result["top1_agreement"] = float(np.mean(f.argmax(-1) == q.argmax(-1)))
+    return result
 
 
 def layer_weight_error(scheme: str, weight_error: dict[str, float]) -> float | None:
@@ -215,6 +282,67 @@ def demo_layer_rows(tmp_dir, tokens: int = 64, seed: int = 0, schemes=None) -> l
             }
         )
     return rows
+
+
+def parse_prompt_ids(text: str) -> np.ndarray:
+    """``"1,2,3"`` -> int32 ``[1, 3]``; anything else is a ValueError naming ``--prompt-ids``."""
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+    if not ids:
+        raise ValueError("--prompt-ids: no token ids given")
+    return np.asarray([ids], np.int32)
+
+
+def load_tokenizer(checkpoint: str, needed: bool):
+    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library; None when it has none (an
+    error when ``needed``: a text prompt)."""
+    import pathlib
+
+    path = pathlib.Path(checkpoint) / "tokenizer.json"
+    if not path.is_file():
+        if needed:
+            raise ValueError(f"--prompt needs {path} (a tokenizer); this checkpoint has none: pass --prompt-ids")
+        return None
+    try:
+        import tokenizers
+    except ImportError:
+        if needed:
+            raise ValueError("--prompt needs the tokenizers library: pip install 'quarkmoe-jax[text]'") from None
+        return None
+    return tokenizers.Tokenizer.from_file(str(path))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quarkmoe_jax.models import from_pretrained
+
+    tokenizer = load_tokenizer(args.checkpoint, needed=args.prompt is not None)
+    if args.prompt is not None:
+        ids = np.asarray([tokenizer.encode(args.prompt).ids], np.int32)
+        if ids.size == 0:
+            raise ValueError(f"--prompt {args.prompt!r}: the tokenizer gives no tokens")
+    else:
+        ids = parse_prompt_ids(args.prompt_ids)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    dtype = None if args.dtype == "auto" else jnp.dtype(args.dtype)
+    model = from_pretrained(args.checkpoint, semantics=args.semantics, dtype=dtype, backend=args.backend)
+    key = jax.random.key(args.seed) if args.temperature > 0 else None
+    start = time.perf_counter()
+    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, key=key)
+    elapsed = time.perf_counter() - start
+    new = out[0, ids.shape[1] :].tolist()
+    if tokenizer is not None:
+        print(tokenizer.decode(out[0].tolist()))
+    print(f"prompt ids: {ids[0].tolist()}")
+    print(f"new ids:    {new}")
+    print(
+        f"({len(new)} tokens in {elapsed:.2f} s, compile included; {model.config.model_type}, "
+        f"dtype {model.dtype.name}, semantics {args.semantics}, backend {args.backend})",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def cmd_run_layer(args: argparse.Namespace) -> int:
@@ -387,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the weight, the layer and its input")
     demo.add_argument("--json", help="also write the tables as JSON to this path")
     demo.add_argument("--tokens", type=int, default=64, help="tokens of the MoE layer run")
-    demo.add_argument("--no-layer", action="store_true", help="only the codec table")
+    demo.add_argument("--no-layer", action="store_true", help="skip the MoE layer table")
+    demo.add_argument("--no-model", action="store_true", help="skip the whole-model generation")
     demo.set_defaults(func=cmd_demo)
 
     from quarkmoe_jax.checkpoint.architectures import SUPPORTED_MODEL_TYPES
@@ -429,6 +558,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="activation dtype")
     run.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="numerics to load with")
     run.set_defaults(func=cmd_run_layer)
+
+    generate = command("generate", "load a whole model (from_pretrained) and generate tokens with a KV cache")
+    generate.add_argument("checkpoint", help="Hugging Face / Quark folder with config.json and *.safetensors")
+    prompt = generate.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
+    prompt.add_argument("--prompt-ids", help="token ids, comma-separated: 1,2,3")
+    generate.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate at most")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
+    generate.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
+    generate.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: config's")
+    generate.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="MoE kernel backend")
+    generate.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="numerics to load with")
+    generate.set_defaults(func=cmd_generate)
 
     synthetic = command("synthetic", "write a small seeded float MoE checkpoint (random weights, no download)")
     synthetic.add_argument("out", help="new (or empty) output folder")

@@ -161,7 +161,7 @@ def test_inspect_checks_shapes_and_dtypes_as_the_loader_does(checkpoint, capsys,
 
 
 def test_help_describes_every_option_with_its_default(capsys):
-    for command in ("synthetic", "quantize", "run-layer", "inspect", "demo"):
+    for command in ("synthetic", "quantize", "run-layer", "inspect", "demo", "generate"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         out = capsys.readouterr().out
