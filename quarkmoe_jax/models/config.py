@@ -40,7 +40,9 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: config.json's dtype spellings -> the model dtypes (MODEL_DTYPES)
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16"}
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +203,7 @@ class DecoderConfig:
             )
         dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
         if not isinstance(dtype_name, str) or dtype_name.removeprefix("torch.") not in _DTYPES:
-            raise CheckpointError(f"config.json: dtype {dtype_name!r} is not one of {sorted(set(_DTYPES.values()))}")
+            raise CheckpointError(f"config.json: dtype {dtype_name!r} is not one of {list(MODEL_DTYPES)}")
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):

@@ -19,7 +19,7 @@ from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
 from quarkmoe_jax.config import QuarkConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, MXTensor, mx_format
-from quarkmoe_jax.models.config import DecoderConfig
+from quarkmoe_jax.models.config import MODEL_DTYPES, DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
 from quarkmoe_jax.moe.op import BACKENDS
@@ -27,8 +27,6 @@ from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 from quarkmoe_jax.schemes import get_moe_scheme
 
 __all__ = ["from_pretrained"]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def from_pretrained(
@@ -54,9 +52,9 @@ def from_pretrained(
     hf_config = read_hf_config(path)
     config = DecoderConfig.from_hf_config(hf_config)
     if dtype is None:
-        dtype = _DTYPES[config.dtype]
+        dtype = config.dtype
     dtype = jnp.dtype(dtype)
-    if dtype not in [jnp.dtype(d) for d in _DTYPES.values()]:
+    if dtype.name not in MODEL_DTYPES:
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
     with CheckpointReader(path) as reader:

@@ -48,6 +48,23 @@ COMMON = dict(
     bos_token_id=None,
     pad_token_id=None,
 )
+#: what the two DeepSeek configs share (latent attention sizes, one dense layer, grouped routing)
+_DEEPSEEK = dict(
+    num_hidden_layers=2,
+    num_key_value_heads=4,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_group=2,
+    topk_group=1,
+)
 
 CONFIGS = {
     "mixtral": (
@@ -99,22 +116,9 @@ CONFIGS = {
     "deepseek_v2": (
         "DeepseekV2Config",
         dict(
-            num_hidden_layers=2,
-            num_key_value_heads=4,
-            intermediate_size=64,
-            moe_intermediate_size=32,
-            n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
+            **_DEEPSEEK,
             q_lora_rank=None,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
             topk_method="group_limited_greedy",
-            n_group=2,
-            topk_group=1,
             routed_scaling_factor=1.5,
             norm_topk_prob=False,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -123,22 +127,9 @@ CONFIGS = {
     "deepseek_v3": (
         "DeepseekV3Config",
         dict(
-            num_hidden_layers=2,
-            num_key_value_heads=4,
-            intermediate_size=64,
-            moe_intermediate_size=32,
-            n_routed_experts=4,
-            n_shared_experts=1,
-            num_experts_per_tok=2,
-            first_k_dense_replace=1,
+            **_DEEPSEEK,
             q_lora_rank=32,
-            kv_lora_rank=32,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=16,
             head_dim=8,
-            n_group=2,
-            topk_group=1,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
             rope_interleave=True,
