@@ -36,9 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from quarkmoe_jax.activations import gated_activation, unary_activation
 from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, chunk_sizes
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
-from quarkmoe_jax.moe.activations import gated_activation, unary_activation
 
 __all__ = [
     "TileConfig",

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import quarkmoe_jax as qm
+from quarkmoe_jax.contracts import DEFAULT_SEMANTICS, SEMANTICS
 from quarkmoe_jax.formats import quantizers
 
 # Relative RMS error of each MX format on Gaussian data (N = 4M, blocks of 32; performance_floors.md §5).
@@ -525,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = command("inspect", "describe a checkpoint and check its expert tensors' names, shapes and dtypes")
     inspect.add_argument("checkpoint", help="Hugging Face folder with config.json and *.safetensors")
-    inspect.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="numerics to load with")
+    inspect.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -543,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--scale-mode", choices=["even", "floor", "ceil"], default="even", help="MX scale rule")
     quantize.add_argument("--input-amax", type=float, help="calibration amax for static activation scales")
     quantize.add_argument("--exclude-layer", type=int, action="append", default=[], help="leave a MoE layer in float")
-    quantize.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="for the reload check")
+    quantize.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="for the reload check")
     quantize.add_argument(
         "--overwrite", action="store_true", help="replace an existing non-empty OUT (even the input) once complete"
     )
@@ -556,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help=".npy to write [T, hidden] (float32 values)")
     run.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="kernel backend")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="activation dtype")
-    run.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="numerics to load with")
+    run.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
     run.set_defaults(func=cmd_run_layer)
 
     generate = command("generate", "load a whole model (from_pretrained) and generate tokens with a KV cache")
@@ -570,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
     generate.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: config's")
     generate.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="MoE kernel backend")
-    generate.add_argument("--semantics", choices=["vllm", "quark"], default="vllm", help="numerics to load with")
+    generate.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
     generate.set_defaults(func=cmd_generate)
 
     synthetic = command("synthetic", "write a small seeded float MoE checkpoint (random weights, no download)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from quarkmoe_jax.errors import QuarkMoEError
+from quarkmoe_jax.files import read_json_file
 
 __all__ = [
     "KNOWN_DTYPES",
@@ -335,8 +336,6 @@ class QuarkConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        from quarkmoe_jax.checkpoint.safetensors_io import read_json_file
-
         try:
             config = read_json_file(path, "config.json")
         except QuarkMoEError as e:

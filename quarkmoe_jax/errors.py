@@ -8,8 +8,16 @@ what was expected and what was found (one line; ``quarkmoe`` prints it as its er
 
 from __future__ import annotations
 
-__all__ = ["QuarkMoEError"]
+__all__ = ["QuarkMoEError", "CheckpointError", "SchemeError"]
 
 
 class QuarkMoEError(ValueError):
     """Bad user input: a checkpoint, config, scheme or array this library refuses (the message says why)."""
+
+
+class CheckpointError(QuarkMoEError):
+    """A checkpoint file, tensor or key is missing or malformed."""
+
+
+class SchemeError(QuarkMoEError):
+    """A quantization config that no scheme accepts, or that is incoherent; names the scheme and the key."""

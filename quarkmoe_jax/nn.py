@@ -26,13 +26,13 @@ from flax import nnx
 from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
 from quarkmoe_jax.checkpoint.loader import LoadedExperts, check_expert_map, load_moe_block
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats import MXTensor
 from quarkmoe_jax.formats.kernel_layout import KERNEL_LAYOUTS
 from quarkmoe_jax.moe import op, routing
-from quarkmoe_jax.moe.emulation import host_rows, token_bucket
+from quarkmoe_jax.moe.entry import host_rows, token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.moe.routing import RoutingConfig
-from quarkmoe_jax.schemes import MoEQuantConfig, MoEShape
 from quarkmoe_jax.sharding import (
     MoESharding,
     kernel_layout_per_shard,

@@ -61,7 +61,7 @@ from quarkmoe_jax.formats import MXTensor
 from quarkmoe_jax.formats.kernel_layout import as_mx_tensor, to_kernel_layout
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 from quarkmoe_jax.moe import op
-from quarkmoe_jax.moe.emulation import token_bucket, validate_moe_inputs
+from quarkmoe_jax.moe.entry import token_bucket, validate_moe_inputs
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 from quarkmoe_jax.schemes import MoEQuantConfig, MoEScheme, MoEShape
 

@@ -347,20 +347,25 @@ def calibrate_input_amax(float_checkpoint, x, layers=None) -> dict[int, dict[str
     to it and ``"w2"`` the max |activation| of its intermediate. Experts that receive no token get the
     layer's maximum. The result is the ``input_amax`` argument of :func:`export_quark_checkpoint`.
     """
-    from quarkmoe_jax.moe.activations import apply_activation
-    from quarkmoe_jax.nn import QuarkMoEBlock
+    from quarkmoe_jax.activations import apply_activation
+    from quarkmoe_jax.checkpoint.loader import load_moe_block
+    from quarkmoe_jax.moe import routing
 
     hf_config = json.loads((pathlib.Path(float_checkpoint) / "config.json").read_text())
     arch = MoEArchitecture.from_hf_config(hf_config)
     x = jnp.asarray(x, jnp.float32)
     result = {}
     for layer in arch.moe_layers if layers is None else layers:
-        block = QuarkMoEBlock.from_checkpoint(float_checkpoint, layer)
-        _, ids = block.route(x)
-        w13, _ = block.experts.dequantized_weights(jnp.float32)
-        bias = block.experts.params().get("w13_bias")
+        block = load_moe_block(float_checkpoint, layer)
+        experts = block.experts
+        if experts.scheme.quant_config().weight.kind != "none":
+            raise ValueError(f"calibrate_input_amax needs a float checkpoint; layer {layer} is {experts.scheme.name}")
+        logits = routing.router_logits(x, block.router_weight, block.router_bias)
+        _, ids = routing.route(logits, routing.RoutingConfig.from_architecture(arch), block.correction_bias)
+        w13 = jnp.asarray(experts.params["w13"], jnp.float32)
+        bias = experts.params.get("w13_bias")
         h = jnp.einsum("th,enh->ten", x, w13) + (0 if bias is None else bias[None])
-        a2 = apply_activation(h, block.experts.activation, limit=block.experts.swiglu_limit)
+        a2 = apply_activation(h, arch.activation, limit=arch.swiglu_limit)
         routed = (ids[:, :, None] == jnp.arange(arch.num_experts)).any(1)  # [T, E]
         x_amax = jnp.where(routed, jnp.abs(x).max(-1, keepdims=True), 0).max(0)
         a2_amax = jnp.where(routed, jnp.abs(a2).max(-1), 0).max(0)

@@ -19,7 +19,6 @@ import mmap
 import os
 import pathlib
 import shutil
-import stat
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -27,7 +26,8 @@ from collections.abc import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from quarkmoe_jax.errors import QuarkMoEError
+from quarkmoe_jax.errors import CheckpointError
+from quarkmoe_jax.files import MAX_JSON_BYTES, open_regular_file, read_json_file
 
 __all__ = [
     "CheckpointError",
@@ -62,12 +62,6 @@ _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """The largest safetensors header read (the ``safetensors`` library allows 100 MB). A header entry takes
 about 100 bytes, so this is ~160k tensors in one file; parsing it costs ~10x its size in memory."""
-MAX_JSON_BYTES = 16 * 1024 * 1024
-"""The largest ``config.json`` / index file read (real ones take kilobytes to a few megabytes)."""
-
-
-class CheckpointError(QuarkMoEError):
-    """A checkpoint file, tensor or key is missing or malformed."""
 
 
 class _DuplicateKey(Exception):
@@ -92,48 +86,6 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _open_regular_file(path: pathlib.Path, what: str = "checkpoint file"):
-    """``path`` opened for reading if it is a regular file; a FIFO, device or folder raises (never blocks)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO would block a plain open
-    except OSError as e:
-        raise CheckpointError(f"{path}: expected a readable {what}, found {e.strerror}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        raise CheckpointError(f"{path}: expected a regular {what}, found {_file_kind(mode)}")
-    return os.fdopen(fd, "rb")
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a folder"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a device"),
-        (stat.S_ISBLK, "a device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def read_json_file(path: str | os.PathLike, what: str):
-    """The JSON value of a small regular file (``config.json``, an index), size-capped; errors name it."""
-    path = pathlib.Path(path)
-    with _open_regular_file(path, what) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{path}: {size} bytes, expected a {what} of at most {MAX_JSON_BYTES}")
-        raw = f.read()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: expected valid JSON, found {e}") from None
-    except RecursionError:
-        raise CheckpointError(f"{path}: expected valid JSON, found JSON nested too deeply") from None
-
-
 class SafetensorsFile:
     """One safetensors file, opened lazily: the header is parsed and checked, tensors are read on demand.
 
@@ -150,7 +102,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         self._mmap = None
-        self._file = _open_regular_file(self.path)
+        self._file = open_regular_file(self.path)
         try:
             self._parse_header()
         except Exception:

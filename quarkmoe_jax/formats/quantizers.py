@@ -36,6 +36,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from quarkmoe_jax.contracts import SEMANTICS, check_semantics
 from quarkmoe_jax.formats import elements as el
 
 __all__ = [
@@ -54,14 +55,12 @@ __all__ = [
 FP8_E4M3_MAX = 448.0
 FP8_MIN_SCALING_FACTOR = 1.0 / (FP8_E4M3_MAX * 512.0)
 INT8_MIN_SCALE = 1e-10
-SEMANTICS = ("vllm", "quark")
 GRANULARITIES = ("tensor", "token")
 _F32_EPS = float(jnp.finfo(jnp.float32).eps)
 
 
 def _check(semantics: str, granularity: str) -> None:
-    if semantics not in SEMANTICS:
-        raise ValueError(f"unknown semantics {semantics!r}; expected one of {SEMANTICS}")
+    check_semantics(semantics)
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
 

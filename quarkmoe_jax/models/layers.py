@@ -12,9 +12,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from quarkmoe_jax.contracts import MoEQuantConfig
 from quarkmoe_jax.formats import MXTensor
-from quarkmoe_jax.moe.emulation import quantize_gemm_input
-from quarkmoe_jax.schemes import MoEQuantConfig
+from quarkmoe_jax.moe.expert_io import quantize_gemm_input
 
 __all__ = ["RMSNorm", "Linear", "rope_tables", "apply_rope", "attention"]
 
@@ -41,7 +41,7 @@ class Linear(nnx.Module):
     (:class:`~quarkmoe_jax.MXTensor` for OCP MX; int8 / float8_e4m3fn codes ``[N, K]`` for W8A8, with
     ``weight_scale`` float32 ``[N]`` per channel or ``[]`` per tensor). ``quant``: how the weight and the input
     are quantized (None: float); ``input_scale`` float32 ``[]`` for static activation scales; ``bias [N]``.
-    The input is quantized exactly as the MoE layers quantize theirs (``moe.emulation.quantize_gemm_input``),
+    The input is quantized exactly as the MoE layers quantize theirs (``moe.expert_io.quantize_gemm_input``),
     so a quantized linear computes what vLLM's Quark linear methods compute. ``valid`` (bool, broadcastable
     to ``x.shape[:-1]``): False for padding rows, which are zeroed before a quantized input's dynamic scale
     is taken (a padded prompt bucket gives what its unpadded prompt gives).

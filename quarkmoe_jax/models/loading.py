@@ -18,6 +18,7 @@ import numpy as np
 from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
 from quarkmoe_jax.config import QuarkConfig
+from quarkmoe_jax.contracts import check_semantics
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, MXTensor, mx_format
 from quarkmoe_jax.models.config import MODEL_DTYPES, DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm
@@ -45,8 +46,7 @@ def from_pretrained(
     Returns:
       :class:`QuarkMoEForCausalLM`; ``model(input_ids)`` gives float32 logits ``[B, T, vocab]``.
     """
-    if semantics not in ("vllm", "quark"):
-        raise ValueError(f"semantics must be 'vllm' or 'quark', got {semantics!r}")
+    check_semantics(semantics)
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     hf_config = read_hf_config(path)

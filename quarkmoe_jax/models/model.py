@@ -22,7 +22,7 @@ from jax import lax
 
 from quarkmoe_jax.models.config import DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm, apply_rope, attention, rope_tables
-from quarkmoe_jax.moe.emulation import token_bucket
+from quarkmoe_jax.moe.entry import token_bucket
 from quarkmoe_jax.nn import QuarkMoEBlock
 
 __all__ = ["Attention", "LatentAttention", "DecoderLayer", "QuarkMoEForCausalLM", "sample_tokens"]

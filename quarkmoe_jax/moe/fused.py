@@ -39,6 +39,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from quarkmoe_jax.activations import apply_activation
 from quarkmoe_jax.formats import MXTensor
 from quarkmoe_jax.formats import quantizers as qz
 from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights, to_fragment_layout
@@ -50,9 +51,8 @@ from quarkmoe_jax.kernels.grouped_gemm import (
     TileConfig,
     dequantize_to_bfloat16,
 )
-from quarkmoe_jax.moe.activations import apply_activation
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
-from quarkmoe_jax.moe.emulation import (
+from quarkmoe_jax.moe.expert_io import (
     combine_pairs,
     expert_column_scales,
     prepare_expert_input,
@@ -185,7 +185,7 @@ def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, 
 
 
 def fused_core(backend: KernelBackend) -> Callable:
-    """The forward core of ``backend`` (:func:`quarkmoe_jax.moe.emulation.bucketed_backend` makes it an op)."""
+    """The forward core of ``backend`` (:func:`quarkmoe_jax.moe.entry.bucketed_backend` makes it an op)."""
 
     def core(x, topk_weights, topk_ids, valid_tokens, params, *, expert_map, **kwargs):
         reason = backend.unavailable()

@@ -9,7 +9,7 @@ bounded chunks (:data:`quarkmoe_jax.moe.fused.PREFILL_DEQUANT_CAP_BYTES`).
 from __future__ import annotations
 
 from quarkmoe_jax.kernels.grouped_gemm import grouped_gemm
-from quarkmoe_jax.moe.emulation import bucketed_backend
+from quarkmoe_jax.moe.entry import bucketed_backend
 from quarkmoe_jax.moe.fused import KernelBackend, fused_core
 
 __all__ = ["PALLAS", "moe_experts"]

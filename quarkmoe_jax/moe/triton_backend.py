@@ -12,7 +12,7 @@ dense kernel (``block_n`` / warps / stages autotuned). No prefill dequantize pat
 from __future__ import annotations
 
 from quarkmoe_jax.kernels.triton_grouped_gemm import triton_grouped_gemm, unavailable_reason
-from quarkmoe_jax.moe.emulation import bucketed_backend
+from quarkmoe_jax.moe.entry import bucketed_backend
 from quarkmoe_jax.moe.fused import KernelBackend, fused_core
 
 __all__ = ["TRITON", "moe_experts"]

@@ -26,9 +26,16 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.config import LayerQuantConfig
-from quarkmoe_jax.errors import QuarkMoEError
+from quarkmoe_jax.contracts import (
+    SEMANTICS,
+    ActivationQuant,
+    MoEQuantConfig,
+    MoEShape,
+    WeightQuant,
+    check_semantics,
+)
+from quarkmoe_jax.errors import CheckpointError, SchemeError
 
 __all__ = [
     "SEMANTICS",
@@ -43,37 +50,7 @@ __all__ = [
     "HeaderCheckBuffer",
 ]
 
-SEMANTICS = ("vllm", "quark")
 Shard = Literal["w1", "w3", "w2", "w13"]  # "w13": fused gate+up (interleaved gpt-oss layout)
-
-
-class SchemeError(QuarkMoEError):
-    """A quantization config that no scheme accepts, or that is incoherent; names the scheme and the key."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEShape:
-    """Logical sizes of one MoE layer's experts (before any padding).
-
-    Attributes:
-      num_experts: experts held by this layer (local experts under expert parallelism).
-      hidden_size: H.
-      intermediate_size: I, per partition.
-      has_bias: whether the checkpoint has ``w13_bias`` / ``w2_bias``.
-      gated: gate+up (2 shards in w13) or a non-gated activation (1 shard).
-      interleaved: gpt-oss layout, w13 rows alternate gate/up instead of ``[gate; up]``.
-    """
-
-    num_experts: int
-    hidden_size: int
-    intermediate_size: int
-    has_bias: bool = False
-    gated: bool = True
-    interleaved: bool = False
-
-    @property
-    def num_shards(self) -> int:
-        return 2 if self.gated else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,42 +63,6 @@ class ParamSpec:
 
     def allocate(self) -> np.ndarray:
         return np.full(self.shape, self.fill, dtype=self.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightQuant:
-    """How expert weights are stored. ``kind`` is "mx", "int8", "fp8" or "none" (float weights).
-
-    ``granularity`` for int8/fp8 scales: "channel" (``[E, N]``), "tensor" (``[E]``) or "shard" (per-tensor
-    scales kept per w1/w3 shard, ``[E, S]`` for w13, Quark semantics).
-    """
-
-    kind: Literal["mx", "int8", "fp8", "none"]
-    mx_format: str | None = None
-    granularity: Literal["channel", "tensor", "shard"] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationQuant:
-    """How a GEMM input is quantized: not at all, MX (dynamic), FP8 or INT8 (static or dynamic)."""
-
-    kind: Literal["none", "mx", "fp8", "int8"] = "none"
-    mx_format: str | None = None
-    dynamic: bool = True
-    # "channel": one scale per input channel over the tokens routed to each expert, which is what Quark's
-    # fake-quant computes for dynamic per_channel inputs with ch_axis 1 / -1 on the 2-D expert inputs.
-    granularity: Literal["tensor", "token", "channel"] | None = None
-    scale_mode: str = "even"  # MX activations: vLLM always uses "even"; Quark semantics use the config's mode
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEQuantConfig:
-    """Everything the MoE forward needs to know about a layer's quantization."""
-
-    scheme: str
-    weight: WeightQuant
-    activation: ActivationQuant
-    semantics: str = "vllm"
 
 
 def shard_rows(shape: MoEShape, shard: Shard, padded_intermediate: int) -> slice:
@@ -142,8 +83,7 @@ class MoEScheme(abc.ABC):
     vllm_method: str = ""
 
     def __init__(self, config: LayerQuantConfig | None, semantics: str = "vllm", name: str = ""):
-        if semantics not in SEMANTICS:
-            raise ValueError(f"unknown semantics {semantics!r}; expected one of {SEMANTICS}")
+        check_semantics(semantics)
         self.config = config
         self.semantics = semantics
         self.name = name

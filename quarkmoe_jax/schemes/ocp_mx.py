@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+from quarkmoe_jax.errors import CheckpointError
 from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE, MXTensor, mx_format
 from quarkmoe_jax.schemes.base import (
     ActivationQuant,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+from quarkmoe_jax.errors import CheckpointError
 from quarkmoe_jax.formats.quantizers import FP8_E4M3_MAX
 from quarkmoe_jax.schemes.base import (
     ActivationQuant,

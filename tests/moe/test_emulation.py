@@ -11,7 +11,7 @@ import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint, scheme_layer_config
 from quarkmoe_jax.checkpoint.loader import linear_expert_map, round_robin_expert_map
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
-from quarkmoe_jax.moe import emulation
+from quarkmoe_jax.moe import emulation, entry
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
 from tests.moe.backend_suite import ACTIVATION_CASES
@@ -170,7 +170,7 @@ def test_zero_tokens_and_experts_without_tokens(key):
 
 
 def test_token_buckets_compile_once_per_bucket(key):
-    assert [emulation.token_bucket(t) for t in (1, 3, 8, 9, 100, 8192, 8193)] == [1, 4, 8, 16, 128, 8192, 16384]
+    assert [entry.token_bucket(t) for t in (1, 3, 8, 9, 100, 8192, 8193)] == [1, 4, 8, 16, 128, 8192, 16384]
     experts = random_mx_experts(key, "gelu_tanh")
     sizes = []
     for t in (33, 40, 64):  # all in the 64-token bucket
