@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from moe_bench import scheme_config  # noqa: E402
+
 from quarkmoe_jax.kernels.configs import BACKEND_TABLE_PATH, scheme_family  # noqa: E402
 
 

@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from quarkmoe_jax.kernels import configs
 
 import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import scheme_layer_config
+from quarkmoe_jax.kernels import configs
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape, WeightQuant, get_moe_scheme

@@ -8,7 +8,7 @@ Same shapes and schemes as ``moe_bench.py``. On a host with N GPUs (NVLink multi
 
 Per (shape, scheme, tokens) it times, in one process: the layer on one GPU (``backend``), then each mesh
 with both exchanges; it reports wall time per layer (median of ``--repeats`` after warm-up; inputs rotated),
-the scaling against one GPU, and the bytes each device sends (:func:`quarkmoe_jax.sharding.exchange_bytes`).
+the scaling against one GPU, and the bytes each device sends (:func:`quarkmoe_jax.moe.sharded.exchange_bytes`).
 
 ``--one-shard ep,tp [ep,tp ...]`` (one GPU; CUPTI kernel time, as ``moe_bench.py``): times the work one
 shard of each ``ep x tp`` mesh does under the all-gather exchange (its ``E / ep`` experts and ``I / tp``
@@ -79,8 +79,9 @@ def main(argv=None) -> int:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     import moe_bench as mb
 
-    from quarkmoe_jax import sharding as sh
     from quarkmoe_jax.moe import op
+    from quarkmoe_jax.moe import sharded as sh
+    from quarkmoe_jax.moe.shard_layout import kernel_layout_per_shard, shard_params
     from quarkmoe_jax.schemes import MoEShape
 
     devices = jax.devices()
@@ -113,9 +114,9 @@ def main(argv=None) -> int:
                         mesh = sh.moe_mesh(**sizes)
                         for exchange in args.exchanges if sizes["expert"] > 1 else ["all_gather"]:  # noqa: E501
                             sharding = sh.MoESharding(mesh, exchange=exchange)
-                            sharded = sh.shard_params(params, shape, sharding)
+                            sharded = shard_params(params, shape, sharding)
                             if args.backend != "emulation":
-                                sharded = sh.kernel_layout_per_shard(sharded, sharding)
+                                sharded = kernel_layout_per_shard(sharded, sharding)
 
                             def layer(x, w, ids, params, sharding=sharding, config=config, shape=shape):
                                 return sh.sharded_moe_experts(

@@ -19,13 +19,14 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks.moe_bench import SHAPES, routing, timeit, weight_copies
+from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
+from quarkmoe_jax.formats.mx import mx_format
 from quarkmoe_jax.kernels import grouped_gemm as grouped_gemm_module
 from quarkmoe_jax.kernels.configs import regime
 from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, dequantize_to_bfloat16, grouped_gemm
-
-from benchmarks.moe_bench import SHAPES, routing, timeit, weight_copies
-from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
-from quarkmoe_jax.formats.mx import mx_format
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
 
 CANDIDATES = {
@@ -38,7 +39,7 @@ CANDIDATES = {
 }
 
 
-def random_kernel_weights(key, experts: int, n: int, k: int, fmt: str) -> MXKernelWeights:
+def random_kernel_weights(key, experts: int, n: int, k: int, fmt: str) -> QArray:
     """Random codes (uniform bytes) and E8M0 scales near 2^-7: realistic bit patterns, never zeros."""
     f = mx_format(fmt)
     k1, k2, k3 = jax.random.split(key, 3)
@@ -47,7 +48,7 @@ def random_kernel_weights(key, experts: int, n: int, k: int, fmt: str) -> MXKern
     if f.bits == 6:
         high = jax.random.randint(k2, (experts, n, k // 4), 0, 256, jnp.int32).astype(jnp.uint8)
     scales = jax.random.randint(k3, (experts, n, k // 32), 115, 125, jnp.int32).astype(jnp.uint8)
-    return MXKernelWeights(nibbles, high, scales, f, 128)
+    return chunk_layout_qarray(nibbles, high, scales, f, 128)
 
 
 def main(argv=None) -> int:

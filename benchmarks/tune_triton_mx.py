@@ -30,11 +30,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from quarkmoe_jax.kernels import configs  # noqa: E402
-from quarkmoe_jax.kernels.grouped_gemm import TileConfig  # noqa: E402
 
 from benchmarks.moe_bench import SHAPES, routing, timeit  # noqa: E402
-from quarkmoe_jax.formats.fragment_layout import ROW_ALIGN, UNIT_K, MXFragmentWeights  # noqa: E402
+from quarkmoe_jax.formats import QArray  # noqa: E402
+from quarkmoe_jax.formats.fragment_layout import ROW_ALIGN, UNIT_K, fragment_qarray  # noqa: E402
+from quarkmoe_jax.kernels import configs  # noqa: E402
+from quarkmoe_jax.kernels.grouped_gemm import TileConfig  # noqa: E402
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def candidates(regime: str) -> list[TileConfig]:
 
 def random_fragment(
     key, experts: int, n: int, k: int, exact: bool = False, fmt: str = "mxfp4", row_align: int = ROW_ALIGN
-) -> MXFragmentWeights:
+) -> QArray:
     """Random code bytes (every code and neighbour) and E8M0 scales near 2^-7 (up to 2^13 with ``exact``);
     rows padded to a multiple of ``row_align``."""
     k1, k2, k3 = jax.random.split(key, 3)
@@ -65,7 +66,7 @@ def random_fragment(
     low = None if fmt == "mxfp4" else jax.random.randint(k3, (*units, 512), 0, 256, jnp.int32).astype(jnp.uint8)
     high = 140 if exact else 125
     scales = jax.random.randint(k2, (*units, 64), 115, high, jnp.int32)
-    return MXFragmentWeights(words, scales.astype(jnp.uint8), n_pad, k_pad, exact, low, fmt)
+    return fragment_qarray(words, scales.astype(jnp.uint8), n_pad, k_pad, exact, low, fmt)
 
 
 def check(config: TileConfig, interleaved: bool = False, exact: bool = False, fmt: str = "mxfp4") -> float:

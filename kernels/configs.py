@@ -24,6 +24,7 @@ import pathlib
 import warnings
 
 import jax
+
 from quarkmoe_jax.kernels.grouped_gemm import TileConfig
 
 __all__ = [

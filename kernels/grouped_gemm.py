@@ -5,10 +5,10 @@ dispatch (``quarkmoe_jax.moe.dispatch``) sorts the (token, expert) pairs by expe
 group to a multiple of ``block_m`` rows, so each row tile belongs to one expert (``tile_expert``, -1 for the
 unused tiles at the end, which the kernel skips).
 
-Weights are either MX in the kernel layout (:class:`quarkmoe_jax.formats.kernel_layout.MXKernelWeights`,
-uint8 nibble planes + E8M0 scales, decoded tile by tile in registers) or a dense ``[E, N, K]`` array:
-bfloat16 (the project's bf16 grouped matmul, the baseline the MX kernels are measured against), int8 or
-float8_e4m3fn (W8A8 / W8A16). The tensor-core math:
+Weights are either MX in the chunk layout (a :class:`~quarkmoe_jax.formats.QArray`, see
+:mod:`quarkmoe_jax.formats.kernel_layout`: uint8 nibble planes + E8M0 scales, decoded tile by tile in
+registers) or a dense ``[E, N, K]`` array: bfloat16 (the project's bf16 grouped matmul, the baseline the MX
+kernels are measured against), int8 or float8_e4m3fn (W8A8 / W8A16). The tensor-core math:
 
 - int8 weights x int8 operand: int8 x int8 with int32 accumulation (exact);
 - float8_e4m3fn weights x float8_e4m3fn operand: e4m3 x e4m3 with float32 accumulation (Hopper's fp8 MMA
@@ -37,7 +37,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from quarkmoe_jax.activations import gated_activation, unary_activation
-from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, chunk_sizes
+from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.formats.kernel_layout import CHUNK_LAYOUT, chunk_of, chunk_sizes
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 
 __all__ = [
@@ -461,7 +462,7 @@ def grouped_gemm(
         ``block_m``: int8 codes (with int8 weights: int8 tensor cores), float8_e4m3fn codes (with e4m3
         weights: fp8 tensor cores), or any float dtype (cast to bfloat16 in the kernel; exact for MX / FP8
         values).
-      weight: :class:`MXKernelWeights` ``[E, S*N, K]``, or an ``[E, S*N, K]`` array: bfloat16, int8 or
+      weight: MX :class:`QArray` in the chunk layout ``[E, S*N, K]``, or an ``[E, S*N, K]`` array: bfloat16, int8 or
         float8_e4m3fn (other floats are cast to bfloat16).
       tile_expert: int32 ``[num_tiles]``, the local expert of each row tile, -1 for unused tiles.
       bias, col_scales: float32 ``[E, S*N]`` or None. row_weights, row_scales: float32 ``[M_pad]`` or None
@@ -483,10 +484,12 @@ def grouped_gemm(
         raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {bm}")
     if n_out % bn:
         raise ValueError(f"block_n {bn} must divide N = {n_out}")
-    if isinstance(weight, MXKernelWeights):
+    if isinstance(weight, QArray):
+        if weight.layout != CHUNK_LAYOUT:
+            raise TypeError(f"grouped_gemm reads MX weights in the chunk layout, got {weight!r}")
         weight_kind, fmt = "mx", weight.fmt
-        chunks = chunk_sizes(k_total, weight.chunk)
-        weight_arrays = [weight.nibbles] + ([weight.high_bits] if fmt.bits == 6 else []) + [weight.scales]
+        chunks = chunk_sizes(k_total, chunk_of(weight))
+        weight_arrays = [weight.values] + ([weight.extra] if fmt.bits == 6 else []) + [weight.scales]
     else:
         weight_kind, fmt = "dense", None
         if weight.dtype not in _DENSE_WEIGHT_DTYPES:
@@ -652,7 +655,7 @@ def _dequantize_kernel(nib_ref, *refs, fmt, chunks, block_n, packed_decode):
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "interpret"))
-def dequantize_to_bfloat16(weight: MXKernelWeights, *, block_n: int = 32, interpret: bool = False):
+def dequantize_to_bfloat16(weight: QArray, *, block_n: int = 32, interpret: bool = False):
     """Kernel-layout MX weights ``[E, N, K]`` -> bfloat16 ``[E, N, K]`` (exact), one pass at memory speed.
 
     The prefill path's transient buffer: its caller bounds how many experts it dequantizes at a time.
@@ -661,18 +664,18 @@ def dequantize_to_bfloat16(weight: MXKernelWeights, *, block_n: int = 32, interp
     while n % block_n:
         block_n //= 2
     fmt = weight.fmt
-    arrays = [weight.nibbles] + ([weight.high_bits] if fmt.bits == 6 else []) + [weight.scales]
+    arrays = [weight.values] + ([weight.extra] if fmt.bits == 6 else []) + [weight.scales]
     kernel = functools.partial(
         _dequantize_kernel,
         fmt=fmt,
-        chunks=chunk_sizes(k, weight.chunk),
+        chunks=chunk_sizes(k, chunk_of(weight)),
         block_n=block_n,
         packed_decode=_packed_decode(fmt, interpret),
     )
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((num_experts, n, k), jnp.bfloat16),
-        grid=(num_experts, n // block_n, max(1, k // weight.chunk)),
+        grid=(num_experts, n // block_n, max(1, k // chunk_of(weight))),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
     )(*arrays)

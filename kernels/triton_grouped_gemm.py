@@ -29,6 +29,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.formats.fragment_layout import to_fragment_layout
 from quarkmoe_jax.kernels.grouped_gemm import (
     DENSE_BLOCK_BYTES,
     DENSE_MIN_K,
@@ -38,10 +41,6 @@ from quarkmoe_jax.kernels.grouped_gemm import (
     dot_dtype,
     epilogue_of_accumulators,
 )
-
-from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights, to_fragment_layout
-from quarkmoe_jax.formats.kernel_layout import KERNEL_LAYOUTS, as_mx_tensor
-from quarkmoe_jax.formats.mx import MXTensor
 
 __all__ = ["triton_grouped_gemm", "unavailable_reason", "AUTOTUNE_BLOCK_N"]
 
@@ -188,7 +187,7 @@ def triton_grouped_gemm(
         raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {bm}")
     shards = 2 if epilogue.gated else 1
     n_total = shards * n_out
-    if isinstance(weight, (MXTensor, *KERNEL_LAYOUTS)):
+    if isinstance(weight, QArray) and weight.kind == "mx":
         acc = _fragment_accumulators(a, weight, tile_expert, config, epilogue)
     else:
         acc = _dense_accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue)
@@ -210,8 +209,7 @@ def _fragment_accumulators(a, weight, tile_expert, config, epilogue):
     """The v2 MX kernel's float32 accumulators (block_n halved down to 64 until it tiles the rows)."""
     from quarkmoe_jax.kernels import triton_mx_gemm
 
-    if not isinstance(weight, MXFragmentWeights):
-        weight = to_fragment_layout(as_mx_tensor(weight))
+    weight = to_fragment_layout(weight)
 
     block_n = config.block_n
     while block_n > 64 and not triton_mx_gemm.fits(weight, block_n):

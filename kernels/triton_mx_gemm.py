@@ -32,7 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from quarkmoe_jax.formats.fragment_layout import LOW_ROTATIONS, UNIT_K, MXFragmentWeights, low_mask
+from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.formats.fragment_layout import LOW_ROTATIONS, UNIT_K, exact_scales, low_mask, padded_shape
 from quarkmoe_jax.formats.mx import MX_FORMATS
 
 __all__ = ["mx_fragment_gemm", "fits"]
@@ -44,9 +45,9 @@ except ImportError:  # the optional extra is not installed
     triton = None
 
 
-def fits(weight: MXFragmentWeights, block_n: int) -> bool:
+def fits(weight: QArray, block_n: int) -> bool:
     """Whether ``block_n`` (64, 128 or 256: 4 warps per 64... 256 rows) tiles the weight's padded rows."""
-    return weight.padded_shape[1] % block_n == 0
+    return padded_shape(weight)[1] % block_n == 0
 
 
 def _bf16x2_power_of_two(exponent: int) -> int:
@@ -309,7 +310,7 @@ def split_k_for(num_tiles: int, n_tiles: int, k_units: int, limit: int) -> int:
     return split
 
 
-def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, interleaved: bool = False):
+def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: bool = False):
     """``a [M_pad, K]`` (bfloat16, rows in the dispatch's tile layout) times MX ``weight`` (MXFP4 or MXFP6,
     fragment layout, ``[E, N, K]``) of each row tile's expert -> float32 ``[M_pad, N]`` accumulators.
 
@@ -324,8 +325,8 @@ def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, inter
     """
     import jax_triton as jt
 
-    _, n_pad, k_pad = weight.padded_shape
-    n = weight.n
+    _, n_pad, k_pad = padded_shape(weight)
+    n = weight.shape[1]
     if not fits(weight, config.block_n):
         raise NotImplementedError(f"triton backend: block_n {config.block_n} does not tile N = {n_pad}")
     num_tiles = tile_expert.shape[0]
@@ -338,7 +339,7 @@ def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, inter
     k_units = k_pad // UNIT_K
     n_tiles = n_pad // config.block_n
     split = split_k_for(num_tiles, n_tiles, k_units, config.split_k)
-    fp6 = weight.low_bits is not None
+    fp6 = weight.extra is not None
     prefetch = 0 if fp6 else config.prefetch_l2
     stages = config.num_stages if prefetch == 0 else 1
     if fp6 and config.prefetch_l2:  # the L2-prefetch path is FP4's: pipeline the loads instead
@@ -346,9 +347,9 @@ def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, inter
     out = jt.triton_call(
         tile_expert.astype(jnp.int32),
         a,
-        weight.words,
+        weight.values,
         weight.scales,
-        weight.low_bits if fp6 else weight.words,  # not read for MXFP4
+        weight.extra if fp6 else weight.values,  # not read for MXFP4
         kernel=_mx_fragment_gemm_kernel,
         out_shape=jax.ShapeDtypeStruct((split * m_pad, n_pad), jnp.float32),
         grid=(num_tiles, n_tiles, split),
@@ -362,11 +363,11 @@ def mx_fragment_gemm(a, weight: MXFragmentWeights, tile_expert, *, config, inter
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         SPLIT_K=split,
-        EXACT=bool(weight.exact_scales),
+        EXACT=bool(exact_scales(weight)),
         PREFETCH_L2=prefetch,
         NUM_STAGES=stages,
         FP6=fp6,
-        E3M2=weight.format_name == "mxfp6_e3m2",
+        E3M2=weight.qtype.element == "mxfp6_e3m2",
         ELEM_BIAS=weight.fmt.element.bias,
     )
     if split > 1:

@@ -26,20 +26,15 @@ from flax import nnx
 from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
 from quarkmoe_jax.checkpoint.loader import LoadedExperts, check_expert_map, load_moe_block
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+from quarkmoe_jax.checkpoint.sharded_loading import load_sharded_moe_block
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats import MXTensor
-from quarkmoe_jax.formats.kernel_layout import KERNEL_LAYOUTS
 from quarkmoe_jax.moe import op, routing
 from quarkmoe_jax.moe.entry import host_rows, token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.moe.routing import RoutingConfig
-from quarkmoe_jax.sharding import (
-    MoESharding,
-    kernel_layout_per_shard,
-    load_sharded_moe_block,
-    shard_params,
-    sharded_moe_experts,
-)
+from quarkmoe_jax.moe.shard_layout import kernel_layout_per_shard, shard_params
+from quarkmoe_jax.moe.sharded import MoESharding, sharded_moe_experts
 
 __all__ = ["RoutingConfig", "QuarkMoE", "QuarkMoEBlock", "ExpertMap"]
 
@@ -64,8 +59,9 @@ class QuarkMoE(nnx.Module):
     MXTensor for MX schemes), and where the scheme has them ``w13_weight_scale``, ``w2_weight_scale``,
     ``w13_input_scale``, ``w2_input_scale``, ``w13_bias [E, S*I_pad]``, ``w2_bias [E, H_pad]``.
     Static: ``quant_config``, ``shape`` (logical sizes before padding), ``activation``, ``sharding``
-    (:class:`~quarkmoe_jax.sharding.MoESharding` or None; when set the parameters are global arrays in the
-    sharded layout: experts shard-major, ``I`` split per tensor shard, see :func:`shard_params`).
+    (:class:`~quarkmoe_jax.moe.sharded.MoESharding` or None; when set the parameters are global arrays in the
+    sharded layout: experts shard-major, ``I`` split per tensor shard, see
+    :mod:`~quarkmoe_jax.moe.shard_layout`).
     """
 
     def __init__(
@@ -89,11 +85,9 @@ class QuarkMoE(nnx.Module):
         unknown = set(params) - {"w13", "w2", *_OPTIONAL_PARAMS}
         if missing or unknown:
             raise ValueError(f"QuarkMoE params: missing {sorted(missing)}, unknown {sorted(unknown)}")
-        e = shape.num_experts
-        if sharding is not None:  # the sharded layout: ep shards of ceil(E / ep) expert slots
-            e = sharding.ep * sharding.experts_per_shard(shape.num_experts)
-            if expert_map is not None:
-                raise ValueError("a sharded QuarkMoE places its experts itself; pass expert_map or sharding, not both")
+        if sharding is not None and expert_map is not None:
+            raise ValueError("a sharded QuarkMoE places its experts itself; pass expert_map or sharding, not both")
+        e = shape.num_experts if sharding is None else sharding.expert_slots(shape.num_experts)
         w13, w2 = params["w13"], params["w2"]
         if w13.shape[0] != e or w2.shape[0] != e or w13.shape[2] != w2.shape[1] or w13.shape[1] % shape.num_shards:
             raise ValueError(
@@ -171,15 +165,14 @@ class QuarkMoE(nnx.Module):
         in the fragment layout); every backend accepts every layout, but one in another
         layout re-lays the weights on each call. Sharded experts take the chunk layout, shard by shard.
         """
-        if self.sharding is not None:
-            relaid = kernel_layout_per_shard({"w13": self.w13.get_value(), "w2": self.w2.get_value()}, self.sharding)
-            self.w13.set_value(relaid["w13"])
-            self.w2.set_value(relaid["w2"])
+        if self.sharding is not None:  # the chunk layout, shard by shard
+            for name, value in kernel_layout_per_shard(self.params(), self.sharding).items():
+                getattr(self, name).set_value(value)
             return self
         backend = backend or default_kernel_backend()
         for name, var in (("w13", self.w13), ("w2", self.w2)):
             value = var.get_value()
-            if isinstance(value, (MXTensor, *KERNEL_LAYOUTS)):
+            if isinstance(value, MXTensor) and value.kind == "mx":
                 try:
                     var.set_value(kernel_weights(value, name, backend, backend == "triton"))
                 except NotImplementedError:  # e.g. FP6 with K % 64 != 0: the kernels do not take it; keep it
@@ -215,42 +208,23 @@ class QuarkMoE(nnx.Module):
           backend: "auto" (the best available; the emulation oracle on CPU) or a name from ``moe.op.BACKENDS``.
           apply_router_weight_on_input: scale ``x`` by the (top-1) weight before GEMM1 instead of the output.
           valid_tokens: optional ``[T]`` bool; False rows are padding (they contribute nothing and enter no
-            dynamic scale). Not taken by sharded experts.
+            dynamic scale).
 
         Returns:
           ``[T, H]`` in ``x``'s dtype (split over the mesh's token axes when the experts are sharded).
         """
-        if self.sharding is not None:
-            if valid_tokens is not None:
-                raise NotImplementedError("sharded experts pad their tokens themselves: valid_tokens is not taken")
-            return sharded_moe_experts(
-                x,
-                topk_weights,
-                topk_ids,
-                self.params(),
-                self.quant_config,
-                self.shape,
-                self.sharding,
-                activation=self.activation,
-                swiglu_limit=self.swiglu_limit,
-                apply_router_weight_on_input=apply_router_weight_on_input,
-                backend=backend,
-            )
-        return op.moe_experts(
-            x,
-            topk_weights,
-            topk_ids,
-            self.params(),
-            self.quant_config,
-            self.shape,
+        args = (x, topk_weights, topk_ids, self.params(), self.quant_config, self.shape)
+        kwargs = dict(
             activation=self.activation,
             swiglu_limit=self.swiglu_limit,
-            expert_map=None if self.expert_map is None else self.expert_map.get_value(),
-            num_global_experts=self.num_global_experts,
             apply_router_weight_on_input=apply_router_weight_on_input,
             valid_tokens=valid_tokens,
             backend=backend,
         )
+        if self.sharding is not None:
+            return sharded_moe_experts(*args, self.sharding, **kwargs)
+        expert_map = None if self.expert_map is None else self.expert_map.get_value()
+        return op.moe_experts(*args, expert_map=expert_map, num_global_experts=self.num_global_experts, **kwargs)
 
     def __repr__(self) -> str:
         s = self.shape
@@ -269,7 +243,7 @@ def default_kernel_backend() -> str:
 
 
 def _dequantize(weight, scale, dtype, shape: MoEShape | None):
-    if isinstance(weight, (MXTensor, *KERNEL_LAYOUTS)):
+    if isinstance(weight, MXTensor):
         return weight.dequantize(dtype)
     values = weight.astype(jnp.float32)
     if scale is not None:
@@ -341,19 +315,14 @@ class QuarkMoEBlock(nnx.Module):
 
         ``float_dtype``: the dtype unquantized experts are held in (default bfloat16; a model passes its own).
 
-        ``sharding``: split the experts over a mesh (:class:`~quarkmoe_jax.sharding.MoESharding`), each shard
-        reading only its experts and its slice of the intermediate dimension (docs/distributed.md).
+        ``sharding``: split the experts over a mesh (:class:`~quarkmoe_jax.moe.sharded.MoESharding`), each
+        shard reading only its experts and its slice of the intermediate dimension
+        (:func:`~quarkmoe_jax.checkpoint.sharded_loading.load_sharded_moe_block`, docs/distributed.md).
         """
-        if sharding is not None:
-            if expert_map is not None:
-                raise ValueError("pass expert_map or sharding, not both (sharding places the experts itself)")
-            loaded = load_sharded_moe_block(
-                path, layer, sharding, semantics=semantics, progress=progress, float_dtype=float_dtype
-            )
-        else:
-            loaded = load_moe_block(
-                path, layer, semantics=semantics, expert_map=expert_map, progress=progress, float_dtype=float_dtype
-            )
+        load = load_moe_block if sharding is None else functools.partial(load_sharded_moe_block, sharding=sharding)
+        loaded = load(
+            path, layer, semantics=semantics, expert_map=expert_map, progress=progress, float_dtype=float_dtype
+        )
         arch = loaded.architecture
         experts = QuarkMoE.from_loaded(
             loaded.experts,
@@ -395,7 +364,7 @@ class QuarkMoEBlock(nnx.Module):
         Routed experts, plus the shared expert(s) where the architecture has them (Qwen2-MoE gates the
         shared output with ``sigmoid(x @ shared_gate^T)``); the sum is taken in float32 and cast to ``x``'s
         dtype. ``valid_tokens``: optional bool ``[T]``, False for padding rows (they enter no dynamic scale
-        and give zero); not taken by sharded experts.
+        and give zero).
         """
         x = _as_jax(x)
         hidden = self.experts.shape.hidden_size

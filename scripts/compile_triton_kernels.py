@@ -19,9 +19,10 @@ import re
 import subprocess
 
 import triton
-from quarkmoe_jax.kernels import triton_mx_gemm as mx
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from quarkmoe_jax.kernels import triton_mx_gemm as mx
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CONFIGS = [  # (block_m, block_n, num_warps, num_stages, prefetch_l2, exact, format)

@@ -65,8 +65,11 @@ def cfg(weight=None, input_tensors=None, **kw):
         (cfg(spec(is_dynamic=True)), r"is_dynamic must be false"),
         (cfg(spec(), spec(is_dynamic=False)), r"w_mxfp4_a_mxfp4 input_tensors.*: MX activations must be dynamic"),
         (cfg(spec(), {"dtype": "int8", "qscheme": "per_tensor"}), r"input_tensors.dtype 'int8' cannot pair"),
-        (cfg(spec(dtype="fp8_e4m3")), r"MXFP8 weights"),
-        (cfg(spec(), {"dtype": "fp8_e4m3", "qscheme": "per_group", "is_dynamic": True, "group_size": 32}), "MXFP8"),
+        (cfg(spec(dtype="fp8_e4m3", group_size=16)), r"w_mxfp8_e4m3 weight.*group_size must be 32, found 16"),
+        (
+            cfg(spec(), {"dtype": "fp8_e4m3", "qscheme": "per_group", "is_dynamic": True, "group_size": 64}),
+            r"w_mxfp4_a_mxfp8_e4m3 input_tensors.*group_size must be 32, found 64",
+        ),
         (cfg({"dtype": "int4", "qscheme": "per_group", "group_size": 128}), r"W4A16 INT4"),
         (cfg(spec(), output_tensors={"dtype": "fp8_e4m3", "qscheme": "per_tensor"}), r"output_tensors quantization"),
         (cfg(spec(), bias={"dtype": "fp8_e4m3", "qscheme": "per_tensor"}), r"bias quantization"),
@@ -84,6 +87,18 @@ def cfg(weight=None, input_tensors=None, **kw):
 def test_refusals_name_the_key(config, message):
     with pytest.raises(SchemeError, match=message):
         get_moe_scheme(config, layer="model.layers.0.mlp.experts")
+
+
+def test_mxfp8_weights_and_activations_are_ocp_mx():
+    """fp8_e4m3 per_group (group 32, e8m0): MXFP8, vLLM's QuarkW8A8Mxfp8MoEMethod (weights, dynamic activations)."""
+    mxfp8 = spec(dtype="fp8_e4m3")
+    scheme = get_moe_scheme(cfg(mxfp8, {**mxfp8, "is_dynamic": True}))
+    assert scheme.name == "w_mxfp8_e4m3_a_mxfp8_e4m3"
+    q = scheme.quant_config()
+    assert (q.weight.kind, q.weight.mx_format) == ("mx", "mxfp8_e4m3")
+    assert (q.activation.kind, q.activation.mx_format, q.activation.dynamic) == ("mx", "mxfp8_e4m3", True)
+    assert get_moe_scheme(cfg(mxfp8)).name == "w_mxfp8_e4m3"
+    assert get_moe_scheme(cfg(spec(), {**mxfp8, "is_dynamic": True})).name == "w_mxfp4_a_mxfp8_e4m3"
 
 
 def test_asymmetric_int8_activations():

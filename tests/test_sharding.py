@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quarkmoe_jax import sharding as sh
 from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
-from quarkmoe_jax.checkpoint.loader import IntermediateSlice
+from quarkmoe_jax.checkpoint.loader import IntermediateSlice, linear_expert_map, round_robin_expert_map
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+from quarkmoe_jax.moe import sharded as sh
 from quarkmoe_jax.nn import QuarkMoEBlock
 from tests.conftest import RUN_SEED
 
@@ -220,6 +220,40 @@ def test_pallas_on_every_shard(checkpoints, key, scheme):
     want = strict(lambda x, w, i: single.apply(x, w, i, backend="emulation"), x, weights, ids)
     got = strict(lambda x, w, i: sharded.apply(x, w, i, backend="pallas"), x, weights, ids)
     assert_same(got, want, exact=False)
+
+
+@needs_8
+def test_padding_rows_and_eager_calls(checkpoints, key):
+    """Rows marked invalid enter no dynamic scale on any shard (a huge invalid row would set the per-tensor
+    FP8 scale), as on one device; an eager call (tokens padded on the host to a bucket, then to the token
+    shards) gives the jitted result and stays on the mesh."""
+    single = load(checkpoints["w8a8_fp8_tensor_dynamic_tensor"])
+    sharding = sh.MoESharding(sh.moe_mesh(data=2, expert=4), exchange="all_to_all")
+    sharded = single.shard(sharding)
+    t = 13
+    x, weights, ids = routing(key, t=t)
+    valid = jnp.arange(t) % 3 != 0
+    x = x.at[3].set(1e4).astype(jnp.bfloat16)
+
+    def run(experts):
+        return lambda x, w, i, v: experts.apply(x, w, i, backend="emulation", valid_tokens=v)
+
+    want = strict(run(single), x, weights, ids, valid)
+    assert_same(strict(run(sharded), x, weights, ids, valid), want, exact=True)
+    x32 = x.astype(jnp.float32)
+    eager = sharded.apply(x32, weights, ids, backend="emulation")
+    assert eager.shape == (t, H) and eager.sharding.device_set == set(sharding.mesh.devices.flat)
+    jitted = jax.jit(lambda x, w, i: sharded.apply(x, w, i, backend="emulation"))(x32, weights, ids)
+    assert_same(eager, jitted, exact=False)
+
+
+def test_placements_are_the_loaders_expert_maps():
+    for ep in (2, 3, 4, 8):
+        for e in (1, 6, 8, 13):
+            for rank in range(ep):
+                linear, round_robin = (sh.placement_expert_map(p, e, ep, rank) for p in sh.PLACEMENTS)
+                np.testing.assert_array_equal(linear, linear_expert_map(e, ep, rank))
+                np.testing.assert_array_equal(round_robin, round_robin_expert_map(e, ep, rank))
 
 
 @needs_8

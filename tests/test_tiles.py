@@ -5,6 +5,7 @@ import json
 import warnings
 
 import pytest
+
 from quarkmoe_jax.kernels import configs
 from quarkmoe_jax.kernels.grouped_gemm import TileConfig
 

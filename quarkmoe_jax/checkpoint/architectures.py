@@ -1,20 +1,61 @@
 """MoE architectures read from a Hugging Face ``config.json``: sizes, routing, and checkpoint tensor names.
 
 Supported ``model_type`` values: ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``deepseek_v2``, ``deepseek_v3``,
-``gpt_oss``. Expert tensors are looked up under several prefixes because Quark writes Mixtral under
-``block_sparse_moe.experts`` or ``mlp.experts`` depending on the transformers version it ran with.
+``gpt_oss``.
+
+This module is the one place that knows how MoE tensors are named in a checkpoint; the loader, the exporter
+and the synthetic checkpoints make and read every expert, router and shared-expert name through it. The
+names of decoder layer ``L`` (``<block>`` is ``model.layers.L.<block name>``, see :class:`TensorNames`):
+
+* routed experts: ``<block>.experts.<e>.<projection>.<suffix>``, or ``<block>.experts.<projection>.<suffix>``
+  for one tensor holding all experts (leading expert axis);
+* transformers' own layout (gpt-oss): ``<block>.experts.{gate_up_proj|down_proj}`` ``[E, in, out]``
+  (input-major, read transposed) and ``<block>.experts.{gate_up_proj|down_proj}_bias``;
+* shared expert(s): ``<block>.<shared>.<projection>.<suffix>`` (a dense gated MLP);
+* router: ``<block>.<router>.{weight|bias|e_score_correction_bias}``; shared-expert gate:
+  ``<block>.<shared_gate>.weight``;
+* the dense MLP of a non-MoE layer: ``model.layers.L.mlp.<projection>.<suffix>``.
+
+``<projection>`` is any spelling of :data:`PROJECTIONS` (Quark keeps the float checkpoint's), ``<suffix>`` one
+of :data:`SUFFIXES`. Expert tensors are looked up under several blocks because Quark writes Mixtral under
+``block_sparse_moe`` or ``mlp`` depending on the transformers version it ran with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from typing import Any
 
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
+from quarkmoe_jax.moe.routing import RoutingConfig
 
-__all__ = ["MoEArchitecture", "SUPPORTED_MODEL_TYPES", "PROJECTIONS", "CONFIG_ALIASES"]
+__all__ = [
+    "MoEArchitecture",
+    "SUPPORTED_MODEL_TYPES",
+    "CONFIG_ALIASES",
+    "TensorNames",
+    "TENSOR_NAMES",
+    "ProjectionTensor",
+    "PROJECTIONS",
+    "HF_PROJECTIONS",
+    "PROJECTION_SPELLINGS",
+    "SUFFIXES",
+    "CORRECTION_BIAS",
+    "decoder_layer",
+    "layer_of",
+    "dense_mlp",
+    "linear_name",
+    "tensor_name",
+    "split_tensor_name",
+    "dense_tensor",
+    "parse_projection_tensor",
+]
 
-#: checkpoint projection name -> shard ("w13" = fused gate+up).
+# ------------------------------------------------------------------------------------ checkpoint tensor names
+
+#: checkpoint projection spelling -> shard ("w13" = fused gate+up).
 PROJECTIONS = {
     "gate_proj": "w1",
     "w1": "w1",
@@ -25,17 +66,242 @@ PROJECTIONS = {
     "gate_up_proj": "w13",
     "w13": "w13",
 }
+#: transformers' spelling of each shard: dense MLPs, shared experts, all-expert tensors, gpt-oss's experts.
+HF_PROJECTIONS = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "w13": "gate_up_proj"}
+#: the accepted spellings, as error messages list them.
+PROJECTION_SPELLINGS = "gate_proj/up_proj/down_proj, w1/w3/w2 or gate_up_proj"
+#: the tensors of one projection, ``<projection>.<suffix>``.
+SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point", "bias")
+#: DeepSeek-V3's selection bias, ``<router>.e_score_correction_bias [E]`` (``noaux_tc`` routing).
+CORRECTION_BIAS = "e_score_correction_bias"
+
+_DECODER_LAYER = "model.layers.{layer}"
+_LAYER_PATTERN = re.escape(_DECODER_LAYER).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+_LAYER_OF = re.compile(rf"^{_LAYER_PATTERN}\.")
+_MLP = "mlp"  # a decoder layer's MLP, dense or MoE
+_EXPERTS = "experts"
+#: transformers' own all-expert tensors: ``<projection>`` (weight, input-major) or ``<projection>_bias``.
+_NATIVE = re.compile(rf"^(?P<projection>{HF_PROJECTIONS['w13']}|{HF_PROJECTIONS['w2']})(?P<bias>_bias)?$")
+_INDEXED = re.compile(r"^(?:(?P<expert>\d+)\.)?(?P<projection>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z_]+)$")
+_NOT_INDEXED = re.compile(r"^(?P<projection>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z_]+)$")
+
+
+def decoder_layer(layer: int) -> str:
+    """``model.layers.<layer>``: the prefix of every tensor of decoder layer ``layer``."""
+    return _DECODER_LAYER.format(layer=layer)
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a tensor name belongs to (``model.layers.<layer>.…``), or None (embeddings, head)."""
+    match = _LAYER_OF.match(name)
+    return int(match["layer"]) if match else None
+
+
+def dense_mlp(layer: int) -> str:
+    """``model.layers.<layer>.mlp``: the dense gated MLP of a decoder layer that is not a MoE layer."""
+    return f"{decoder_layer(layer)}.{_MLP}"
+
+
+def linear_name(prefix: str, projection: str, expert: int | None = None) -> str:
+    """``<prefix>.[<expert>.]<projection>``: one Linear layer (the name Quark's config and ``exclude`` match)."""
+    return f"{prefix}.{projection}" if expert is None else f"{prefix}.{expert}.{projection}"
+
+
+def tensor_name(linear: str, suffix: str = "weight") -> str:
+    """``<linear>.<suffix>``: one tensor of a Linear layer (``suffix``: one of :data:`SUFFIXES`)."""
+    return f"{linear}.{suffix}"
+
+
+def split_tensor_name(name: str) -> tuple[str, str]:
+    """``(linear, suffix)`` of ``<linear>.<suffix>`` (the text after the last dot); ``(name, "")`` without a dot."""
+    linear, dot, suffix = name.rpartition(".")
+    return (linear, suffix) if dot else (name, "")
+
+
+def dense_tensor(prefix: str, shard: str, suffix: str = "weight") -> str:
+    """``<prefix>.{gate_proj|up_proj|down_proj}.<suffix>``: a tensor of the dense gated MLP (or shared expert)
+    at ``prefix``; ``shard`` is ``w1`` (gate), ``w3`` (up) or ``w2`` (down)."""
+    return tensor_name(linear_name(prefix, HF_PROJECTIONS[shard]), suffix)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionTensor:
+    """One projection tensor of a set of experts (or of a dense MLP), parsed from its name.
+
+    ``prefix`` is what the projection hangs off (``<block>.experts``, a shared expert's or a dense MLP's
+    prefix); ``expert`` is None for a tensor holding all experts (leading expert axis) or the one expert of a
+    dense MLP; ``projection`` is the name's spelling (a key of :data:`PROJECTIONS`); ``native`` marks
+    transformers' own all-expert layout (``<projection>`` weights ``[E, in, out]``, ``<projection>_bias``).
+    :meth:`TensorNames.parse` also sets ``layer`` and ``shared`` (a shared expert's tensor, not the routed
+    experts').
+    """
+
+    name: str
+    prefix: str
+    expert: int | None
+    projection: str
+    suffix: str
+    native: bool = False
+    layer: int | None = None
+    shared: bool = False
+
+    @property
+    def shard(self) -> str:
+        """``w1``, ``w3``, ``w2`` or ``w13`` (fused gate and up)."""
+        return PROJECTIONS[self.projection]
+
+    @property
+    def transposed(self) -> bool:
+        """An input-major ``[E, in, out]`` weight (transformers' own layout), read transposed."""
+        return self.native and self.suffix == "weight"
+
+    @property
+    def quark_name(self) -> str:
+        """The name in the layout Quark exports: ``name`` itself, except for transformers' own layout
+        (``experts.gate_up_proj`` -> ``experts.gate_up_proj.weight``, ``…_bias`` -> ``….bias``)."""
+        return tensor_name(linear_name(self.prefix, self.projection, self.expert), self.suffix)
+
+
+def parse_projection_tensor(name: str, prefix: str, indexed: bool = True) -> ProjectionTensor | None:
+    """``name`` as a projection tensor under ``prefix``, or None when it is not one.
+
+    ``indexed``: ``prefix`` holds experts (``<prefix>.[<expert>.]<projection>.<suffix>``, and transformers'
+    ``<prefix>.{gate_up_proj|down_proj}[_bias]``); otherwise a dense MLP (``<prefix>.<projection>.<suffix>``).
+    """
+    if not name.startswith(prefix + "."):
+        return None
+    rest = name[len(prefix) + 1 :]
+    native = _NATIVE.match(rest) if indexed else None
+    if native:
+        suffix = "bias" if native["bias"] else "weight"
+        return ProjectionTensor(name, prefix, None, native["projection"], suffix, native=True)
+    match = (_INDEXED if indexed else _NOT_INDEXED).match(rest)
+    if not match or match["projection"] not in PROJECTIONS or match["suffix"] not in SUFFIXES:
+        return None
+    expert = match.groupdict().get("expert")
+    return ProjectionTensor(name, prefix, None if expert is None else int(expert), match["projection"], match["suffix"])
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorNames:
+    """Where one architecture's MoE tensors are in a checkpoint (:data:`TENSOR_NAMES` has one per model type).
+
+    Attributes:
+      block_names: the MoE block's name inside a decoder layer, in lookup order; writers use the first.
+      expert_projections: the spelling of w1 (gate), w3 (up) and w2 (down) in per-expert tensors (fused
+        gate+up and all-expert tensors are spelled as transformers does, :data:`HF_PROJECTIONS`).
+      router: the router's name in the block.
+      shared: the shared expert(s)' name in the block; None if the architecture has none.
+      shared_gate: the shared expert's sigmoid gate (``[1, H]``) in the block; None if it has none.
+    """
+
+    block_names: tuple[str, ...] = (_MLP,)
+    expert_projections: tuple[str, str, str] = (HF_PROJECTIONS["w1"], HF_PROJECTIONS["w3"], HF_PROJECTIONS["w2"])
+    router: str = "gate"
+    shared: str | None = None
+    shared_gate: str | None = None
+
+    def blocks(self, layer: int) -> tuple[str, ...]:
+        """Every place layer ``layer``'s MoE block may be, in lookup order (e.g. ``model.layers.3.mlp``)."""
+        return tuple(f"{decoder_layer(layer)}.{name}" for name in self.block_names)
+
+    def block(self, layer: int) -> str:
+        """Where writers put layer ``layer``'s MoE block."""
+        return self.blocks(layer)[0]
+
+    def experts(self, block: str) -> str:
+        """``<block>.experts``: the prefix of the routed experts' tensors."""
+        return f"{block}.{_EXPERTS}"
+
+    def shared_experts(self, block: str) -> str:
+        """``<block>.<shared>``: the prefix of the shared expert(s)' tensors (a dense MLP)."""
+        if self.shared is None:
+            raise ValueError("this architecture has no shared experts")
+        return f"{block}.{self.shared}"
+
+    def expert_tensor(self, block: str, expert: int | None, shard: str, suffix: str = "weight") -> str:
+        """The routed experts' tensor ``suffix`` of ``shard`` (w1, w3, w2, w13): expert ``expert``'s, or with
+        ``expert`` None the one holding all experts (``[E, ...]``)."""
+        if expert is None or shard == "w13":
+            projection = HF_PROJECTIONS[shard]
+        else:
+            projection = self.expert_projections[("w1", "w3", "w2").index(shard)]
+        return tensor_name(linear_name(self.experts(block), projection, expert), suffix)
+
+    def router_tensor(self, block: str, suffix: str = "weight") -> str:
+        """The router's ``weight [E, H]``, ``bias [E]`` or :data:`CORRECTION_BIAS` ``[E]``."""
+        return tensor_name(f"{block}.{self.router}", suffix)
+
+    def shared_gate_tensor(self, block: str) -> str:
+        """The shared expert gate's ``weight [1, H]``."""
+        if self.shared_gate is None:
+            raise ValueError("this architecture has no shared expert gate")
+        return tensor_name(f"{block}.{self.shared_gate}")
+
+    def parse(self, name: str) -> ProjectionTensor | None:
+        """``name`` as a routed or shared expert projection tensor of any MoE block, with its ``layer`` (the
+        inverse of :meth:`expert_tensor` and of :func:`dense_tensor` under :meth:`shared_experts`); None for
+        every other tensor."""
+        match = self._group_pattern.match(name)
+        if match is None:
+            return None
+        shared = match["group"] != _EXPERTS
+        tensor = parse_projection_tensor(name, match["prefix"], indexed=not shared)
+        return None if tensor is None else dataclasses.replace(tensor, layer=int(match["layer"]), shared=shared)
+
+    def is_router(self, name: str) -> bool:
+        """Whether ``name`` is the weight of a MoE block's router or shared expert gate (kept float)."""
+        return self._router_pattern.match(name) is not None
+
+    @functools.cached_property
+    def _group_pattern(self) -> re.Pattern:
+        groups = [_EXPERTS] + ([self.shared] if self.shared else [])
+        return re.compile(rf"^(?P<prefix>{self._block_pattern}\.(?P<group>{_alternatives(groups)}))\.")
+
+    @functools.cached_property
+    def _router_pattern(self) -> re.Pattern:
+        routers = [self.router] + ([self.shared_gate] if self.shared_gate else [])
+        return re.compile(rf"^{self._block_pattern}\.(?:{_alternatives(routers)})\.weight$")
+
+    @property
+    def _block_pattern(self) -> str:
+        return rf"{_LAYER_PATTERN}\.(?:{_alternatives(self.block_names)})"
+
+
+def _alternatives(words) -> str:
+    return "|".join(re.escape(w) for w in words)
+
+
+#: The tensor names of each supported architecture.
+TENSOR_NAMES: dict[str, TensorNames] = {
+    "mixtral": TensorNames(block_names=("block_sparse_moe", _MLP), expert_projections=("w1", "w3", "w2")),
+    "qwen2_moe": TensorNames(shared="shared_expert", shared_gate="shared_expert_gate"),
+    "qwen3_moe": TensorNames(),
+    "deepseek_v2": TensorNames(shared="shared_experts"),
+    "deepseek_v3": TensorNames(shared="shared_experts"),
+    "gpt_oss": TensorNames(router="router"),
+}
+
+
+# --------------------------------------------------------------------------------------------- architectures
+
+
+def _routing_field(name: str) -> property:
+    return property(lambda self: getattr(self.routing, name), doc=f"``routing.{name}``.")
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEArchitecture:
     """What quarkmoe-jax needs to know about a model's MoE layers.
 
-    Sizes: ``num_experts`` (global), ``top_k``, ``hidden_size``, ``intermediate_size`` (per expert),
-    ``shared_intermediate_size`` (0 = no shared expert). Routing: ``scoring`` ("softmax" / "sigmoid"),
-    ``renormalize``, ``softmax_after_topk`` (gpt-oss), grouped top-k (``num_expert_group``, ``topk_group``),
-    ``routed_scaling_factor``, ``has_correction_bias``. Experts: ``activation`` ("silu" / "swigluoai"),
-    ``interleaved`` (gpt-oss gate/up rows), ``has_bias``, ``swiglu_limit``.
+    Sizes: ``num_experts`` (global), ``hidden_size``, ``intermediate_size`` (per expert),
+    ``shared_intermediate_size`` (all shared experts together; 0 = none). ``routing``: how router logits
+    become top-k weights (its fields ``top_k``, ``scoring``, ``renormalize``, ``softmax_after_topk``,
+    ``num_expert_group``, ``topk_group``, ``routed_scaling_factor`` read through as attributes here too);
+    ``has_correction_bias``: the router has DeepSeek-V3's ``e_score_correction_bias``. Experts:
+    ``activation`` ("silu" / "swigluoai"), ``interleaved`` (gpt-oss gate/up rows), ``has_bias``,
+    ``swiglu_limit``. ``has_shared_experts`` / ``has_shared_expert_gate``: the blocks have shared expert(s) /
+    a sigmoid gate on them. Tensor names: :attr:`names`.
     """
 
     model_type: str
@@ -43,29 +309,29 @@ class MoEArchitecture:
     moe_layers: tuple[int, ...]
     hidden_size: int
     num_experts: int
-    top_k: int
     intermediate_size: int
-    scoring: str = "softmax"
-    renormalize: bool = True
-    softmax_after_topk: bool = False
-    num_expert_group: int | None = None
-    topk_group: int | None = None
-    routed_scaling_factor: float = 1.0
+    routing: RoutingConfig
     has_correction_bias: bool = False
     activation: str = "silu"
     interleaved: bool = False
     has_bias: bool = False
     swiglu_limit: float | None = None
     shared_intermediate_size: int = 0
+    has_shared_experts: bool = False
     has_shared_expert_gate: bool = False
-    # MoE block prefixes (the experts live under "<block>.experts"); others hang off the block too.
-    block_prefixes: tuple[str, ...] = ("model.layers.{layer}.mlp",)
-    router_suffix: str = "gate"
-    shared_suffix: str | None = None
-    shared_gate_suffix: str | None = None
 
-    def block_prefix_candidates(self, layer: int) -> list[str]:
-        return [p.format(layer=layer) for p in self.block_prefixes]
+    top_k = _routing_field("top_k")
+    scoring = _routing_field("scoring")
+    renormalize = _routing_field("renormalize")
+    softmax_after_topk = _routing_field("softmax_after_topk")
+    num_expert_group = _routing_field("num_expert_group")
+    topk_group = _routing_field("topk_group")
+    routed_scaling_factor = _routing_field("routed_scaling_factor")
+
+    @property
+    def names(self) -> TensorNames:
+        """The architecture's checkpoint tensor names."""
+        return TENSOR_NAMES[self.model_type]
 
     def check_moe_layer(self, layer: int) -> None:
         if layer not in self.moe_layers:
@@ -144,6 +410,13 @@ class _Config:
             raise CheckpointError(f"config.json: {name} = {value!r} is not a valid {cast.__name__}") from e
 
 
+def _routing(**fields) -> RoutingConfig:
+    try:
+        return RoutingConfig(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"config.json: {e}") from e
+
+
 def _mixtral(c: _Config) -> MoEArchitecture:
     n = c("num_hidden_layers")
     return MoEArchitecture(
@@ -152,9 +425,8 @@ def _mixtral(c: _Config) -> MoEArchitecture:
         moe_layers=tuple(range(n)),
         hidden_size=c("hidden_size"),
         num_experts=c("num_local_experts"),
-        top_k=c("num_experts_per_tok"),
+        routing=_routing(top_k=c("num_experts_per_tok")),
         intermediate_size=c("intermediate_size"),
-        block_prefixes=("model.layers.{layer}.block_sparse_moe", "model.layers.{layer}.mlp"),
     )
 
 
@@ -166,19 +438,18 @@ def _qwen_moe(c: _Config) -> MoEArchitecture:
     moe_layers = tuple(i for i in range(n) if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
     shared = c("shared_expert_intermediate_size", 0)
     model_type = c.config["model_type"]
+    hidden, top_k, intermediate = c("hidden_size"), c("num_experts_per_tok"), c("moe_intermediate_size")
     return MoEArchitecture(
         model_type=model_type,
         num_layers=n,
         moe_layers=moe_layers,
-        hidden_size=c("hidden_size"),
+        hidden_size=hidden,
         num_experts=num_experts,
-        top_k=c("num_experts_per_tok"),
-        intermediate_size=c("moe_intermediate_size"),
-        renormalize=c("norm_topk_prob", False, cast=bool),
+        intermediate_size=intermediate,
+        routing=_routing(top_k=top_k, renormalize=c("norm_topk_prob", False, cast=bool)),
         shared_intermediate_size=shared if model_type == "qwen2_moe" else 0,
+        has_shared_experts=model_type == "qwen2_moe" and bool(shared),
         has_shared_expert_gate=model_type == "qwen2_moe" and shared > 0,
-        shared_suffix="shared_expert" if model_type == "qwen2_moe" and shared else None,
-        shared_gate_suffix="shared_expert_gate" if model_type == "qwen2_moe" and shared else None,
     )
 
 
@@ -198,16 +469,18 @@ def _deepseek(c: _Config) -> MoEArchitecture:
         moe_layers=moe_layers,
         hidden_size=c("hidden_size"),
         num_experts=c("n_routed_experts"),
-        top_k=c("num_experts_per_tok"),
         intermediate_size=moe_intermediate,
-        scoring=c("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax", cast=str),
-        renormalize=c("norm_topk_prob", model_type == "deepseek_v3", cast=bool),
-        num_expert_group=c("n_group", 1) if grouped else None,
-        topk_group=c("topk_group", 1) if grouped else None,
-        routed_scaling_factor=c("routed_scaling_factor", 1.0, cast=float),
+        routing=_routing(
+            top_k=c("num_experts_per_tok"),
+            scoring=c("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax", cast=str),
+            renormalize=c("norm_topk_prob", model_type == "deepseek_v3", cast=bool),
+            num_expert_group=c("n_group", 1) if grouped else None,
+            topk_group=c("topk_group", 1) if grouped else None,
+            routed_scaling_factor=c("routed_scaling_factor", 1.0, cast=float),
+        ),
         has_correction_bias=topk_method == "noaux_tc",
         shared_intermediate_size=moe_intermediate * shared,
-        shared_suffix="shared_experts" if shared else None,
+        has_shared_experts=bool(shared),
     )
 
 
@@ -224,15 +497,12 @@ def _gpt_oss(c: _Config) -> MoEArchitecture:
         moe_layers=tuple(range(n)),
         hidden_size=c("hidden_size"),
         num_experts=c("num_local_experts"),
-        top_k=c("num_experts_per_tok"),
+        routing=_routing(top_k=c("num_experts_per_tok"), softmax_after_topk=True, renormalize=False),
         intermediate_size=c("intermediate_size"),
-        softmax_after_topk=True,
-        renormalize=False,
         activation="swigluoai",
         interleaved=True,
         has_bias=True,
         swiglu_limit=c("swiglu_limit", 7.0, cast=float),
-        router_suffix="router",
     )
 
 

@@ -27,7 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import quarkmoe_jax as qm
-from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
+from quarkmoe_jax.checkpoint.architectures import (
+    MoEArchitecture,
+    ProjectionTensor,
+    TensorNames,
+    layer_of,
+    split_tensor_name,
+    tensor_name,
+)
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
 from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers
@@ -208,10 +215,6 @@ def _copy_other_files(source_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
             shutil.copyfile(path, out_dir / path.name)
 
 
-#: Linear layers that stay float when the other linears are quantized: the routers (vLLM keeps them float)
-_ROUTERS = (".gate.weight", ".router.weight", ".shared_expert_gate.weight")
-
-
 def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclude_layers, quantize_linears) -> None:
     hf_config, tensors, reader = _open_source(source)
     try:
@@ -226,31 +229,28 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
             raise ValueError(f"scheme {scheme} has static input scales: pass input_amax (calibration)")
         if static and quantize_linears and not isinstance(input_amax, (int, float)):
             raise ValueError("quantize_linears with a static scheme needs input_amax as one float for every layer")
-        expert_re = re.compile(
-            r"^(?P<block>.+?)\.(?P<kind>experts|shared_experts?)\.(?:(?P<expert>\d+)\.)?"
-            r"(?P<proj>gate_up_proj|gate_proj|up_proj|down_proj|w13|w1|w2|w3)\.weight$"
-        )
-        layer_re = re.compile(r"^model\.layers\.(\d+)\.")
         out: dict[str, np.ndarray] = {}
         exclude: list[str] = []
-        for name, tensor in _checkpoint_layout(tensors):
-            match = expert_re.match(name)
-            layer_match = layer_re.match(name)
-            layer = int(layer_match[1]) if layer_match else None
-            if match and layer in arch.moe_layers and layer not in exclude_layers:
-                scale = _static_scale(cfg, input_amax, layer, match, tensor) if static else None
-                _write_quantized(out, name[: -len(".weight")], tensor, moe_scheme, scale_mode, scale)
+        for name, tensor in _checkpoint_layout(tensors, arch.names):
+            linear, suffix = split_tensor_name(name)
+            # a routed or shared expert's weight (None for any other tensor)
+            expert_weight = arch.names.parse(name) if suffix == "weight" else None
+            layer = layer_of(name)
+            if expert_weight and layer in arch.moe_layers and layer not in exclude_layers:
+                scale = _static_scale(cfg, input_amax, expert_weight) if static else None
+                _write_quantized(out, linear, tensor, moe_scheme, scale_mode, scale)
                 continue
-            linear = layer is not None and name.endswith(".weight") and np.ndim(tensor) == 2
-            if quantize_linears and linear and not name.endswith(_ROUTERS) and layer not in exclude_layers:
+            is_linear = layer is not None and suffix == "weight" and np.ndim(tensor) == 2
+            # the routers stay float (vLLM keeps them float)
+            if quantize_linears and is_linear and not arch.names.is_router(name) and layer not in exclude_layers:
                 scale = _input_scale(cfg, input_amax).astype(np.float32) if static else None
-                _write_quantized(out, name[: -len(".weight")], tensor, moe_scheme, scale_mode, scale)
+                _write_quantized(out, linear, tensor, moe_scheme, scale_mode, scale)
                 continue
             out[name] = np.asarray(tensor)
-            if name.endswith(".weight") and np.ndim(tensor) == 2:
-                exclude.append(name[: -len(".weight")])
-            elif match:  # an excluded MoE layer's experts: exclude each expert projection, as Quark lists them
-                exclude.append(name[: -len(".weight")])
+            if suffix == "weight" and np.ndim(tensor) == 2:
+                exclude.append(linear)
+            elif expert_weight:  # an excluded MoE layer's experts: exclude each expert projection, as Quark lists them
+                exclude.append(linear)
         quant = {
             "quant_method": "quark",
             "export": {
@@ -275,50 +275,48 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
             reader.close()
 
 
-def _write_quantized(out: dict, stem: str, tensor, scheme, scale_mode: str, input_scale) -> None:
-    """``<stem>.weight`` codes, ``.weight_scale`` (+ zero points) and, for static schemes, ``.input_scale``."""
+def _write_quantized(out: dict, linear: str, tensor, scheme, scale_mode: str, input_scale) -> None:
+    """The Linear's ``weight`` codes, ``weight_scale`` (+ ``weight_zero_point``) and, for static schemes,
+    ``input_scale`` (+ ``input_zero_point`` for INT8)."""
     for suffix, value in _quantize_weight(tensor, scheme, scale_mode).items():
-        out[f"{stem}.{suffix}"] = value
+        out[tensor_name(linear, suffix)] = value
     if input_scale is not None:
-        out[f"{stem}.input_scale"] = input_scale
+        out[tensor_name(linear, "input_scale")] = input_scale
         if scheme.quant_config().activation.kind == "int8":
-            out[f"{stem}.input_zero_point"] = np.zeros_like(input_scale, np.int8)
+            out[tensor_name(linear, "input_zero_point")] = np.zeros_like(input_scale, np.int8)
 
 
-#: transformers' own gpt-oss expert tensors: ``experts.gate_up_proj [E, H, 2I]``, ``experts.down_proj [E, I, H]``
-#: (input-major) and ``experts.*_proj_bias``.
-_NATIVE_EXPERTS = re.compile(r"^(?P<stem>.+\.experts\.(?:gate_up_proj|down_proj))(?P<bias>_bias)?$")
-
-
-def _checkpoint_layout(tensors):
-    """``(name, array)`` of every tensor, transformers' native gpt-oss expert tensors renamed and transposed to
-    the ``<proj>.weight [E, out, in]`` / ``<proj>.bias`` layout that Quark exports and the loader reads."""
+def _checkpoint_layout(tensors, names: TensorNames):
+    """``(name, array)`` of every tensor, transformers' own gpt-oss expert tensors (``experts.gate_up_proj
+    [E, H, 2I]``, ``experts.down_proj [E, I, H]``, input-major, and their ``_bias``) renamed and transposed to
+    the ``<projection>.weight [E, out, in]`` / ``<projection>.bias`` layout that Quark exports and the loader
+    reads."""
     for name in tensors:
-        native = _NATIVE_EXPERTS.match(name)
-        if native is None:
+        parsed = names.parse(name)
+        if parsed is None or not parsed.native:
             yield name, tensors[name]
-        elif native["bias"]:
-            yield f"{native['stem']}.bias", np.asarray(tensors[name])
+        elif parsed.suffix == "bias":
+            yield parsed.quark_name, np.asarray(tensors[name])
         else:
             tensor = np.asarray(tensors[name])
             if tensor.ndim != 3:
                 raise CheckpointError(f"{name}: expected [experts, in, out], found shape {tensor.shape}")
-            yield f"{native['stem']}.weight", np.ascontiguousarray(np.swapaxes(tensor, 1, 2))
+            yield parsed.quark_name, np.ascontiguousarray(np.swapaxes(tensor, 1, 2))
 
 
-def _static_scale(cfg, input_amax, layer, match, tensor) -> np.ndarray:
-    proj = match["proj"]
-    which = "w2" if proj in ("down_proj", "w2") else "w13"
+def _static_scale(cfg, input_amax, expert_weight: ProjectionTensor) -> np.ndarray:
+    """The static ``input_scale`` of one expert weight: ``[E]`` for an all-expert tensor, else 0-d."""
+    layer, which = expert_weight.layer, "w2" if expert_weight.shard == "w2" else "w13"
     if isinstance(input_amax, (int, float)):
         amax = np.float32(input_amax)
     else:
         try:
             per_expert = np.asarray(input_amax[layer][which], np.float32)
         except (KeyError, TypeError) as e:
-            raise ValueError(f"input_amax has no entry [{layer}][{which!r}] for {match.string}") from e
-        if match["expert"] is not None:
-            amax = per_expert[int(match["expert"])]
-        elif match["kind"] == "experts":  # all-expert tensor: one scale per expert
+            raise ValueError(f"input_amax has no entry [{layer}][{which!r}] for {expert_weight.name}") from e
+        if expert_weight.expert is not None:
+            amax = per_expert[expert_weight.expert]
+        elif not expert_weight.shared:  # all-expert tensor: one scale per expert
             amax = per_expert
         else:
             amax = per_expert.max()

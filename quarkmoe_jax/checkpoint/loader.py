@@ -11,7 +11,11 @@ Accepted expert tensor layouts under ``<block>.experts`` (``<suffix>`` is ``weig
 * per expert, gate and up fused: ``experts.{e}.{gate_up_proj|w13}.<suffix>`` (rows ``[gate; up]``, or
   interleaved for gpt-oss);
 * all experts in one tensor: ``experts.{gate_up_proj|w13|down_proj|w2|...}.<suffix>`` with a leading
-  expert axis.
+  expert axis;
+* transformers' own gpt-oss tensors ``experts.{gate_up_proj|down_proj}`` ``[E, in, out]`` (read transposed)
+  and ``experts.{gate_up_proj|down_proj}_bias``.
+
+Every tensor name is made and parsed by :mod:`quarkmoe_jax.checkpoint.architectures`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-import re
 import traceback
 import warnings
 from collections.abc import Callable
@@ -27,7 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from quarkmoe_jax.checkpoint.architectures import PROJECTIONS, MoEArchitecture
+from quarkmoe_jax.checkpoint.architectures import (
+    CORRECTION_BIAS,
+    HF_PROJECTIONS,
+    PROJECTION_SPELLINGS,
+    PROJECTIONS,
+    SUFFIXES,
+    MoEArchitecture,
+    ProjectionTensor,
+    linear_name,
+    parse_projection_tensor,
+    split_tensor_name,
+    tensor_name,
+)
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, read_json_file
 from quarkmoe_jax.config import QuarkConfig
 from quarkmoe_jax.schemes import HeaderCheckBuffer, MoEScheme, MoEShape, get_moe_scheme
@@ -50,7 +65,6 @@ __all__ = [
     "load_dense_mlp",
 ]
 
-SUFFIXES = ("weight", "weight_scale", "input_scale", "weight_zero_point", "input_zero_point", "bias")
 _PROGRESS_BYTES = 256 * 1024 * 1024
 
 
@@ -196,50 +210,37 @@ def _pad_slice(tensor: np.ndarray, axis: int, start: int, size: int, fill) -> np
 # ---------------------------------------------------------------------------------------------- loading
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    name: str
-    expert: int | None  # None: one tensor holding all experts (or the single expert of a dense MLP)
-    shard: str  # w1, w3, w2, w13
-    suffix: str
-    transposed: bool = False  # transformers' gpt-oss layout: [E, in, out] weights
-
-
-#: transformers' own gpt-oss expert tensors (``experts.gate_up_proj [E, H, 2I]``, ``experts.down_proj [E, I, H]``,
-#: ``..._bias``): the weights are stored input-major, so they are read transposed.
-_NATIVE_GPT_OSS = re.compile(r"^(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$")
-
-
-def _parse_names(reader: CheckpointReader, prefix: str, indexed: bool) -> list[_Entry]:
-    expert_part = r"(?:(?P<expert>\d+)\.)?" if indexed else ""
-    pattern = re.compile(rf"^{re.escape(prefix)}\.{expert_part}(?P<proj>[A-Za-z0-9_]+)\.(?P<suffix>[A-Za-z_]+)$")
+def _parse_names(reader: CheckpointReader, prefix: str, indexed: bool) -> list[ProjectionTensor]:
+    """Every tensor under ``prefix``, parsed; a name that is not a projection tensor is refused."""
     entries = []
     for name in reader:
         if not name.startswith(prefix + "."):
             continue
-        native = _NATIVE_GPT_OSS.match(name[len(prefix) + 1 :]) if indexed else None
-        if native:
-            suffix = "bias" if native["bias"] else "weight"
-            entries.append(_Entry(name, None, PROJECTIONS[native["proj"]], suffix, transposed=suffix == "weight"))
-            continue
-        match = pattern.match(name)
-        if not match or match["proj"] not in PROJECTIONS or match["suffix"] not in SUFFIXES:
+        entry = parse_projection_tensor(name, prefix, indexed)
+        if entry is None:
             raise CheckpointError(
                 f"unexpected tensor {name!r} under {prefix!r}; expected {prefix}.[<expert>.]<projection>.<suffix> "
                 f"with projection in {sorted(PROJECTIONS)} and suffix in {list(SUFFIXES)}"
             )
-        expert = match.groupdict().get("expert")
-        entries.append(
-            _Entry(name, int(expert) if expert is not None else None, PROJECTIONS[match["proj"]], match["suffix"])
-        )
+        entries.append(entry)
     return entries
 
 
-def _check_expert_count(reader, entries: list[_Entry], prefix: str, num_experts: int, per_expert: list[str]) -> None:
+def _has_bias(reader: CheckpointReader, prefix: str, indexed: bool) -> bool:
+    """Whether any projection under ``prefix`` has a ``bias`` tensor."""
+    return any(
+        entry is not None and entry.suffix == "bias"
+        for entry in (parse_projection_tensor(name, prefix, indexed) for name in reader)
+    )
+
+
+def _check_expert_count(
+    reader, entries: list[ProjectionTensor], prefix: str, num_experts: int, per_expert: list[tuple[str, str]]
+) -> None:
     """Refuse an expert count (from config.json) that the tensors present cannot hold, before planning per
     expert (a crafted count of millions would take minutes there): missing per-expert tensors are named as
     the plan names them, an all-expert weight with a short leading axis by its shape. ``per_expert``: the
-    ``shard.suffix`` names one expert needs."""
+    ``(shard, suffix)`` tensors one expert needs."""
     for entry in entries:
         if entry.expert is None and entry.suffix == "weight":
             shape = reader.info(entry.name)[1]
@@ -259,7 +260,7 @@ def _check_expert_count(reader, entries: list[_Entry], prefix: str, num_experts:
             if len(absent) == 4:
                 break
     count = (num_experts - len(present)) * len(per_expert)
-    examples = [f"{prefix}.{g}.{name}" for g in absent for name in per_expert][:4]
+    examples = [tensor_name(linear_name(prefix, shard, g), suffix) for g in absent for shard, suffix in per_expert][:4]
     raise CheckpointError(
         f"{count} expert tensors missing under {prefix!r} ({num_experts - len(present)} of the config's "
         f"{num_experts} experts have none), e.g. {examples}"
@@ -297,7 +298,7 @@ def plan_experts(
     entries = _parse_names(reader, prefix, indexed)
     if not entries:
         raise CheckpointError(f"no expert tensors found under {prefix!r}")
-    by_key: dict[tuple[int | None, str, str], _Entry] = {}
+    by_key: dict[tuple[int | None, str, str], ProjectionTensor] = {}
     for entry in entries:
         if entry.expert is not None and entry.expert >= num_global_experts:
             raise CheckpointError(
@@ -314,8 +315,8 @@ def plan_experts(
     if shape.has_bias:
         suffixes.append("bias")
     if indexed:
-        _check_expert_count(reader, entries, prefix, num_global_experts, [f"{a}.{b}" for a in shards for b in suffixes])
-    plan: list[tuple[_Entry, Callable[[np.ndarray], np.ndarray], int, str, str]] = []
+        _check_expert_count(reader, entries, prefix, num_global_experts, [(a, b) for a in shards for b in suffixes])
+    plan: list[tuple[ProjectionTensor, Callable[[np.ndarray], np.ndarray], int, str, str]] = []
     used: set[str] = set()
     missing: list[str] = []
     experts = range(num_global_experts) if indexed else [0]
@@ -326,7 +327,7 @@ def plan_experts(
                 found = _find(by_key, g if indexed else None, shard, suffix, indexed)
                 if found is None:
                     if suffix in suffixes:
-                        missing.append(f"{prefix}.{g}.{shard}.{suffix}" if indexed else f"{prefix}.{shard}.{suffix}")
+                        missing.append(tensor_name(linear_name(prefix, shard, g if indexed else None), suffix))
                     continue
                 entry, select = found
                 used.add(entry.name)
@@ -334,7 +335,7 @@ def plan_experts(
                     if intermediate_slice is not None:
                         select = functools.partial(_narrowed, select, intermediate_slice, shard, suffix)
                     plan.append((entry, select, local, shard, suffix))
-    missing_bias = [m for m in missing if m.endswith(".bias")]
+    missing_bias = [m for m in missing if split_tensor_name(m)[1] == "bias"]
     if missing_bias:
         present = sorted(e.name for e in entries if e.suffix == "bias")
         raise CheckpointError(
@@ -344,7 +345,7 @@ def plan_experts(
     if missing:
         raise CheckpointError(
             f"{len(missing)} expert tensors missing under {prefix!r} for scheme {scheme.name}, e.g. "
-            f"{missing[:4]} (projection names may be gate_proj/up_proj/down_proj, w1/w3/w2 or gate_up_proj)"
+            f"{missing[:4]} (projection names may be {PROJECTION_SPELLINGS})"
         )
     extra = sorted(e.name for e in entries if e.name not in used)
     if extra:
@@ -476,11 +477,15 @@ def read_selected(reader: CheckpointReader, name: str, select: Callable[[np.ndar
 
 
 def _block_prefix(reader: CheckpointReader, arch: MoEArchitecture, layer: int) -> str:
-    candidates = arch.block_prefix_candidates(layer)
+    """The first of the layer's possible MoE blocks that holds expert tensors."""
+    candidates = arch.names.blocks(layer)
     for block in candidates:
-        if any(name.startswith(block + ".experts.") for name in reader):
+        experts = arch.names.experts(block) + "."
+        if any(name.startswith(experts) for name in reader):
             return block
-    raise CheckpointError(f"layer {layer}: no expert tensors under any of {[c + '.experts' for c in candidates]}")
+    raise CheckpointError(
+        f"layer {layer}: no expert tensors under any of {[arch.names.experts(c) for c in candidates]}"
+    )
 
 
 def _check_float_header(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> None:
@@ -498,14 +503,14 @@ def _float(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> np.nd
 
 def _router_tensors(reader: CheckpointReader, arch: MoEArchitecture, block: str) -> dict[str, tuple[int, ...]]:
     """The router's tensors of a block and their expected shapes (float)."""
-    router = f"{block}.{arch.router_suffix}"
-    tensors = {f"{router}.weight": (arch.num_experts, arch.hidden_size)}
-    if f"{router}.bias" in reader:
-        tensors[f"{router}.bias"] = (arch.num_experts,)
+    names = arch.names
+    tensors = {names.router_tensor(block): (arch.num_experts, arch.hidden_size)}
+    if names.router_tensor(block, "bias") in reader:
+        tensors[names.router_tensor(block, "bias")] = (arch.num_experts,)
     if arch.has_correction_bias:
-        tensors[f"{router}.e_score_correction_bias"] = (arch.num_experts,)
-    if arch.shared_gate_suffix:
-        tensors[f"{block}.{arch.shared_gate_suffix}.weight"] = (1, arch.hidden_size)
+        tensors[names.router_tensor(block, CORRECTION_BIAS)] = (arch.num_experts,)
+    if arch.has_shared_expert_gate:
+        tensors[names.shared_gate_tensor(block)] = (1, arch.hidden_size)
     return tensors
 
 
@@ -538,7 +543,7 @@ def _layer_setup(
 ):
     """Block prefix, experts prefix, scheme, local shape and checked expert map of one MoE layer (no data read)."""
     block = _block_prefix(reader, arch, layer)
-    prefix = block + ".experts"
+    prefix = arch.names.experts(block)
     children = sorted({name.rsplit(".", 1)[0] for name in reader if name.startswith(prefix + ".")})
     layer_config = quark.resolve(prefix, "FusedMoE", child_names=children) if quark else None
     scheme = get_moe_scheme(layer_config, semantics, layer=prefix, float_dtype=float_dtype)
@@ -546,9 +551,12 @@ def _layer_setup(
     if expert_map is not None:
         expert_map = check_expert_map(expert_map, arch.num_experts)
     num_local = arch.num_experts if expert_map is None else int(expert_map.max()) + 1
-    has_bias = any(name.startswith(prefix + ".") and name.endswith((".bias", "_proj_bias")) for name in reader)
     shape = MoEShape(
-        num_local, arch.hidden_size, arch.intermediate_size, has_bias=has_bias, interleaved=arch.interleaved
+        num_local,
+        arch.hidden_size,
+        arch.intermediate_size,
+        has_bias=_has_bias(reader, prefix, indexed=True),
+        interleaved=arch.interleaved,
     )
     return block, prefix, scheme, shape, expert_map
 
@@ -559,7 +567,9 @@ def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> 
     hf_config = read_hf_config(path)
     arch = MoEArchitecture.from_hf_config(hf_config)
     quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
-    report: dict[str, Any] = {"architecture": dataclasses.asdict(arch), "quantized": quark is not None, "layers": {}}
+    described = dataclasses.asdict(arch)
+    described.update(described.pop("routing"))  # one flat dict: sizes, routing and expert settings
+    report: dict[str, Any] = {"architecture": described, "quantized": quark is not None, "layers": {}}
     with CheckpointReader(path) as reader:
         for layer in arch.moe_layers:
             entry: dict[str, Any] = {}
@@ -569,7 +579,7 @@ def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> 
                 check_expert_headers(reader, specs, plan, scheme)
                 for name, expected in _router_tensors(reader, arch, block).items():
                     _check_float_header(reader, name, expected)
-                if arch.shared_suffix:
+                if arch.has_shared_experts:
                     shared_prefix, shared_scheme, shared_shape = _shared_setup(reader, arch, block, quark, semantics)
                     shared_specs, shared_plan = plan_experts(
                         reader, shared_prefix, shared_scheme, shared_shape, num_global_experts=1, indexed=False
@@ -586,8 +596,8 @@ def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> 
                     hidden_size=[shape.hidden_size, scheme.padded_hidden],
                     intermediate_size=[shape.intermediate_size, scheme.padded_intermediate],
                 )
-                if arch.shared_suffix:
-                    entry["shared_experts"] = f"{block}.{arch.shared_suffix}"
+                if arch.has_shared_experts:
+                    entry["shared_experts"] = arch.names.shared_experts(block)
             except (CheckpointError, ValueError) as e:
                 entry["refused"] = str(e)
             report["layers"][layer] = entry
@@ -633,11 +643,11 @@ def load_moe_block(
                 progress=progress,
             )
         router = {name: _float(reader, name, shape) for name, shape in _router_tensors(reader, arch, block).items()}
-        prefix_router = f"{block}.{arch.router_suffix}"
-        loaded = LoadedMoEBlock(arch, layer, block, experts, router[f"{prefix_router}.weight"])
-        loaded.router_bias = router.get(f"{prefix_router}.bias")
-        loaded.correction_bias = router.get(f"{prefix_router}.e_score_correction_bias")
-        if arch.shared_suffix:
+        names = arch.names
+        loaded = LoadedMoEBlock(arch, layer, block, experts, router[names.router_tensor(block)])
+        loaded.router_bias = router.get(names.router_tensor(block, "bias"))
+        loaded.correction_bias = router.get(names.router_tensor(block, CORRECTION_BIAS))
+        if arch.has_shared_experts:
             shared_prefix, shared_scheme, shared_shape = _shared_setup(
                 reader, arch, block, quark, semantics, float_dtype
             )
@@ -647,8 +657,8 @@ def load_moe_block(
                 loaded.shared = load_experts(
                     reader, shared_prefix, shared_scheme, shared_shape, num_global_experts=1, indexed=False
                 )
-        if arch.shared_gate_suffix:
-            loaded.shared_gate_weight = router[f"{block}.{arch.shared_gate_suffix}.weight"]
+        if arch.has_shared_expert_gate:
+            loaded.shared_gate_weight = router[names.shared_gate_tensor(block)]
     return loaded
 
 
@@ -656,7 +666,7 @@ def _shared_setup(
     reader, arch: MoEArchitecture, block: str, quark: QuarkConfig | None, semantics: str, float_dtype=None
 ):
     """Prefix, scheme and shape of a block's shared expert(s) (no data read)."""
-    prefix = f"{block}.{arch.shared_suffix}"
+    prefix = arch.names.shared_experts(block)
     return _dense_setup(reader, prefix, arch.hidden_size, arch.shared_intermediate_size, quark, semantics, float_dtype)
 
 
@@ -679,12 +689,11 @@ def _dense_setup(
     reader, prefix: str, hidden: int, intermediate: int, quark: QuarkConfig | None, semantics: str, float_dtype=None
 ):
     configs = []
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        name = f"{prefix}.{proj}"
+    for shard in ("w1", "w3", "w2"):
+        name = linear_name(prefix, HF_PROJECTIONS[shard])
         configs.append(quark.resolve(name, "Linear", child_names=[name]) if quark else None)
     if any(c != configs[0] for c in configs):
         raise CheckpointError(f"{prefix}: gate/up/down projections resolve to different quantization configs")
     scheme = get_moe_scheme(configs[0], semantics, layer=prefix, float_dtype=float_dtype)
-    has_bias = any(name.startswith(prefix + ".") and name.endswith(".bias") for name in reader)
-    shape = MoEShape(1, hidden, intermediate, has_bias=has_bias)
+    shape = MoEShape(1, hidden, intermediate, has_bias=_has_bias(reader, prefix, indexed=False))
     return prefix, scheme, shape

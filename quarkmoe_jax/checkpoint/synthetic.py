@@ -13,7 +13,14 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from quarkmoe_jax.checkpoint.architectures import SUPPORTED_MODEL_TYPES
+from quarkmoe_jax.checkpoint.architectures import (
+    CORRECTION_BIAS,
+    SUPPORTED_MODEL_TYPES,
+    TENSOR_NAMES,
+    decoder_layer,
+    dense_mlp,
+    dense_tensor,
+)
 from quarkmoe_jax.checkpoint.safetensors_io import save_file
 
 __all__ = ["synthetic_moe", "write_float_checkpoint"]
@@ -114,6 +121,7 @@ def synthetic_moe(
     instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``).
     """
     config = _hf_config(model_type, num_layers, hidden_size, intermediate_size, num_experts, top_k)
+    names = TENSOR_NAMES[model_type]
     rng = np.random.default_rng(seed)
     bf16 = ml_dtypes.bfloat16
     h, i, e = hidden_size, intermediate_size, num_experts
@@ -136,9 +144,8 @@ def synthetic_moe(
 
     tensors["model.norm.weight"] = norm(h)
     first_dense = config.get("first_k_dense_replace", 0)
-    block = "block_sparse_moe" if model_type == "mixtral" else "mlp"
     for layer in range(num_layers):
-        p = f"model.layers.{layer}"
+        p = decoder_layer(layer)
         tensors[f"{p}.input_layernorm.weight"] = np.ones(h, bf16)
         tensors[f"{p}.post_attention_layernorm.weight"] = norm(h)
         if model_type in ("deepseek_v2", "deepseek_v3"):
@@ -156,41 +163,42 @@ def synthetic_moe(
         if model_type == "gpt_oss":
             tensors[f"{p}.self_attn.sinks"] = (aux.standard_normal(4) * 0.5).astype(np.float32)
         if layer < first_dense:
-            for proj, shape in (("gate_proj", (4 * i, h)), ("up_proj", (4 * i, h)), ("down_proj", (h, 4 * i))):
-                tensors[f"{p}.mlp.{proj}.weight"] = weight(*shape)
+            for shard, shape in (("w1", (4 * i, h)), ("w3", (4 * i, h)), ("w2", (h, 4 * i))):
+                tensors[dense_tensor(dense_mlp(layer), shard)] = weight(*shape)
             continue
-        moe = f"{p}.{block}"
+        moe = names.block(layer)
         if model_type == "gpt_oss":
-            tensors[f"{moe}.router.weight"] = weight(e, h)
-            tensors[f"{moe}.router.bias"] = (rng.standard_normal(e) * 0.1).astype(np.float32)
+            tensors[names.router_tensor(moe)] = weight(e, h)
+            tensors[names.router_tensor(moe, "bias")] = (rng.standard_normal(e) * 0.1).astype(np.float32)
             for x in range(e):
-                tensors[f"{moe}.experts.{x}.gate_up_proj.weight"] = weight(2 * i, h)
-                tensors[f"{moe}.experts.{x}.gate_up_proj.bias"] = (rng.standard_normal(2 * i) * 0.02).astype(np.float32)
-                tensors[f"{moe}.experts.{x}.down_proj.weight"] = weight(h, i)
-                tensors[f"{moe}.experts.{x}.down_proj.bias"] = (rng.standard_normal(h) * 0.02).astype(np.float32)
+                tensors[names.expert_tensor(moe, x, "w13")] = weight(2 * i, h)
+                tensors[names.expert_tensor(moe, x, "w13", "bias")] = (rng.standard_normal(2 * i) * 0.02).astype(
+                    np.float32
+                )
+                tensors[names.expert_tensor(moe, x, "w2")] = weight(h, i)
+                tensors[names.expert_tensor(moe, x, "w2", "bias")] = (rng.standard_normal(h) * 0.02).astype(np.float32)
             continue
-        tensors[f"{moe}.gate.weight"] = weight(e, h)
-        names = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        tensors[names.router_tensor(moe)] = weight(e, h)
         if fused_experts:
-            tensors[f"{moe}.experts.gate_up_proj.weight"] = weight(e, 2 * i, h)
-            tensors[f"{moe}.experts.down_proj.weight"] = weight(e, h, i)
+            tensors[names.expert_tensor(moe, None, "w13")] = weight(e, 2 * i, h)
+            tensors[names.expert_tensor(moe, None, "w2")] = weight(e, h, i)
         else:
             for x in range(e):
-                tensors[f"{moe}.experts.{x}.{names[0]}.weight"] = weight(i, h)
-                tensors[f"{moe}.experts.{x}.{names[1]}.weight"] = weight(i, h)
-                tensors[f"{moe}.experts.{x}.{names[2]}.weight"] = weight(h, i)
+                tensors[names.expert_tensor(moe, x, "w1")] = weight(i, h)
+                tensors[names.expert_tensor(moe, x, "w3")] = weight(i, h)
+                tensors[names.expert_tensor(moe, x, "w2")] = weight(h, i)
         if model_type == "deepseek_v3":
-            tensors[f"{moe}.gate.e_score_correction_bias"] = (rng.standard_normal(e) * 0.01).astype(np.float32)
+            tensors[names.router_tensor(moe, CORRECTION_BIAS)] = (rng.standard_normal(e) * 0.01).astype(np.float32)
         shared = config.get("shared_expert_intermediate_size") or (
             config.get("n_shared_experts", 0) * config.get("moe_intermediate_size", 0)
         )
         if shared:
-            sp = f"{moe}.shared_expert" if model_type == "qwen2_moe" else f"{moe}.shared_experts"
-            tensors[f"{sp}.gate_proj.weight"] = weight(shared, h)
-            tensors[f"{sp}.up_proj.weight"] = weight(shared, h)
-            tensors[f"{sp}.down_proj.weight"] = weight(h, shared)
-            if model_type == "qwen2_moe":
-                tensors[f"{moe}.shared_expert_gate.weight"] = weight(1, h)
+            sp = names.shared_experts(moe)
+            tensors[dense_tensor(sp, "w1")] = weight(shared, h)
+            tensors[dense_tensor(sp, "w3")] = weight(shared, h)
+            tensors[dense_tensor(sp, "w2")] = weight(h, shared)
+            if names.shared_gate:
+                tensors[names.shared_gate_tensor(moe)] = weight(1, h)
     return config, tensors
 
 

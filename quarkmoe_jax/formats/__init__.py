@@ -1,5 +1,8 @@
-"""Number formats: element codecs, OCP MX block quantization and FP8 / INT8 activation quantizers."""
+"""Number formats: element codecs, OCP MX block quantization, FP8 / INT8 activation quantizers, and
+:class:`QArray`, the one quantized-array type (every format, checkpoint or kernel layout)."""
 
+# the kernel layouts register themselves with QArray on import
+from quarkmoe_jax.formats import fragment_layout, kernel_layout  # noqa: E402, I001
 from quarkmoe_jax.formats.elements import (
     BFLOAT16,
     E2M1,
@@ -23,16 +26,23 @@ from quarkmoe_jax.formats.mx import (
     MXFP4,
     MXFP6_E2M3,
     MXFP6_E3M2,
+    MXFP8_E4M3,
     SCALE_MODES,
     MXFormat,
-    MXTensor,
     block_scale_exponents,
-    dequantize,
     mx_format,
     pack_codes,
     quant_dequant,
-    quantize,
     unpack_codes,
+)
+from quarkmoe_jax.formats.qarray import (
+    MXTensor,
+    QArray,
+    QType,
+    dequantize,
+    float_qarray,
+    quantize,
+    scaled_qarray,
 )
 from quarkmoe_jax.formats.quantizers import (
     FP8_E4M3_MAX,

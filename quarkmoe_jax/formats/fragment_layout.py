@@ -33,7 +33,7 @@ order and bit-arranged for a short decode:
   tiles, 8-28% slower per GEMM on the H200, docs/performance.md.)
 
 Same bytes as the checkpoint plus that padding (gpt-oss's K = 2880 -> 2944: 2.2%). :func:`to_fragment_layout`
-and :meth:`MXFragmentWeights.to_mx` are exact inverses (tested), and :func:`decode_fragment_words` is the
+and :meth:`QArray.to_checkpoint_layout` are exact inverses (tested), and :func:`decode_fragment_words` is the
 kernel's decode written in jnp (the CPU test that the layout and the decode give the checkpoint's values).
 """
 
@@ -45,11 +45,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quarkmoe_jax.formats.mx import MXTensor, mx_format, pack_codes, unpack_codes
+from quarkmoe_jax.formats.mx import mx_format, pack_codes, unpack_codes
+from quarkmoe_jax.formats.qarray import LayoutCodec, QArray, QType, register_layout
 
 __all__ = [
-    "MXFragmentWeights",
+    "FRAGMENT_LAYOUT",
     "to_fragment_layout",
+    "fragment_qarray",
+    "padded_shape",
+    "exact_scales",
     "decode_fragment_words",
     "SOURCE_BITS",
     "UNIT_ROWS",
@@ -70,7 +74,7 @@ FRAGMENT_FORMATS = ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3")
 def fast_scale_max(fmt) -> int:
     """Largest E8M0 code for which one bf16 multiply by ``2^(s - bias)`` applies the scale to the decoded
     pattern exactly (the kernels' fast path: 128 for e2m1 and e2m3, 130 for e3m2); larger codes take two
-    multiplies (``MXFragmentWeights.exact_scales``)."""
+    multiplies (:func:`exact_scales`)."""
     return 127 + mx_format(fmt).element.bias
 
 
@@ -219,98 +223,74 @@ def _units_to_scales(units):
     return units.reshape(nb, kb, 8, 4, 2).transpose(0, 4, 2, 1, 3).reshape(nb * 16, kb * 4)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class MXFragmentWeights:
-    """MX expert weights in the fragment layout (module docstring); the same values as an :class:`MXTensor`.
+FRAGMENT_LAYOUT = "fragment"
 
-    Attributes:
-      words: uint8 ``[E, N_pad/16, K_pad/128, 1024]`` code units (FP6: the codes' 4-bit parts).
-      scales: uint8 ``[E, N_pad/16, K_pad/128, 64]`` E8M0 units.
-      low_bits: uint8 ``[E, N_pad/16, K_pad/128, 512]``, the FP6 codes' other two bits; ``None`` for MXFP4.
-      n, k: static logical ``N`` and ``K`` (before padding).
-      exact_scales: static; some scale code exceeds :func:`fast_scale_max`, so the kernels apply scales with
-        two multiplies (``True`` as well when the layout was made under ``jit``, where the codes are unknown).
-      format_name: static, one of :data:`FRAGMENT_FORMATS`.
-    """
 
-    words: jax.Array
-    scales: jax.Array
-    n: int = dataclasses.field(metadata=dict(static=True))
-    k: int = dataclasses.field(metadata=dict(static=True))
-    exact_scales: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    low_bits: jax.Array | None = None
-    format_name: str = dataclasses.field(default="mxfp4", metadata=dict(static=True))
+def padded_shape(weights: QArray) -> tuple[int, int, int]:
+    """``(E, N_pad, K_pad)`` of a fragment-layout :class:`QArray`."""
+    e, nb, kb = weights.values.shape[:3]
+    return (e, nb * UNIT_ROWS, kb * UNIT_K)
 
-    def __post_init__(self):
-        if self.format_name not in FRAGMENT_FORMATS:
-            raise ValueError(f"fragment layout format must be one of {FRAGMENT_FORMATS}, got {self.format_name!r}")
-        if (self.low_bits is None) != (self.format_name == "mxfp4"):
-            raise ValueError(
-                f"{self.format_name} fragment weights {'need' if self.low_bits is None else 'take no'} low_bits"
-            )
 
-    @property
-    def fmt(self):
-        return mx_format(self.format_name)
+def exact_scales(weights: QArray) -> bool:
+    """Whether the kernels apply this weight's scales with two multiplies (some code exceeds
+    :func:`fast_scale_max`, or the layout was made under ``jit``)."""
+    return weights.qtype.layout_params[2]
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Logical ``(E, N, K)``."""
-        return (self.words.shape[0], self.n, self.k)
 
-    @property
-    def padded_shape(self) -> tuple[int, int, int]:
-        e, nb, kb = self.words.shape[:3]
-        return (e, nb * UNIT_ROWS, kb * UNIT_K)
+def _shape(weights: QArray) -> tuple[int, int, int]:
+    n, k, _ = weights.qtype.layout_params
+    return (weights.values.shape[0], n, k)
 
-    @property
-    def ndim(self) -> int:
-        return 3
 
-    @property
-    def nbytes(self) -> int:
-        low = 0 if self.low_bits is None else self.low_bits.size
-        return int(self.words.size + self.scales.size + low)
+def _to_checkpoint(weights: QArray) -> QArray:
+    """Back to Quark's layout, bit for bit (padding dropped)."""
+    name = weights.qtype.element
+    fmt = mx_format(name)
+    n, k, _ = weights.qtype.layout_params
 
-    def to_mx(self) -> MXTensor:
-        """Back to Quark's layout, bit for bit (padding dropped)."""
-        name = self.format_name
+    def one(arrays):
+        codes = _units_to_codes(arrays[0])
+        if name != "mxfp4":
+            codes = _join_codes(codes, _units_to_low(arrays[2], name), name)
+        return pack_codes(codes[:n, :k], fmt), _units_to_scales(arrays[1])[:n, : k // 32]
 
-        def one(arrays):
-            codes = _units_to_codes(arrays[0])
-            if name != "mxfp4":
-                codes = _join_codes(codes, _units_to_low(arrays[2], name), name)
-            return pack_codes(codes[: self.n, : self.k], self.fmt), _units_to_scales(arrays[1])[
-                : self.n, : self.k // 32
-            ]
+    arrays = (weights.values, weights.scales) + (() if weights.extra is None else (weights.extra,))
+    packed, scales = jax.lax.map(one, arrays)
+    return QArray(packed, scales, fmt)
 
-        arrays = (self.words, self.scales) + (() if self.low_bits is None else (self.low_bits,))
-        packed, scales = jax.lax.map(one, arrays)
-        return MXTensor(packed, scales, self.fmt)
 
-    def dequantize(self, dtype=jnp.bfloat16):
-        return self.to_mx().dequantize(dtype)
+def _take(weights: QArray, index) -> QArray:
+    """Select experts (the leading axis)."""
+    values = weights.values[index]
+    if values.ndim != 4:
+        raise IndexError("fragment-layout weights select experts (a slice or an index array) only")
+    extra = None if weights.extra is None else weights.extra[index]
+    return dataclasses.replace(weights, values=values, scales=weights.scales[index], extra=extra)
 
-    def __getitem__(self, index) -> MXFragmentWeights:
-        """Select experts (the leading axis)."""
-        words = self.words[index]
-        if words.ndim != 4:
-            raise IndexError("MXFragmentWeights indexing selects experts (a slice or an index array) only")
-        low = None if self.low_bits is None else self.low_bits[index]
-        return dataclasses.replace(self, words=words, scales=self.scales[index], low_bits=low)
 
-    def __repr__(self) -> str:
-        return f"MXFragmentWeights({self.format_name}, shape={self.shape}, padded={self.padded_shape})"
+register_layout(FRAGMENT_LAYOUT, LayoutCodec(_to_checkpoint, _shape, _take))
+
+
+def fragment_qarray(words, scales, n: int, k: int, exact: bool = True, low_bits=None, fmt: str = "mxfp4") -> QArray:
+    """A fragment-layout :class:`QArray` from its units (``words``, ``scales``, FP6's ``low_bits``; shapes in
+    :func:`to_fragment_layout`) and the logical ``n``, ``k``, e.g. random bytes for a benchmark."""
+    if fmt not in FRAGMENT_FORMATS:
+        raise ValueError(f"fragment layout format must be one of {FRAGMENT_FORMATS}, got {fmt!r}")
+    if (low_bits is None) != (fmt == "mxfp4"):
+        raise ValueError(f"{fmt} fragment weights {'need' if low_bits is None else 'take no'} low_bits")
+    return QArray(words, scales, QType(fmt, "block32", FRAGMENT_LAYOUT, (n, k, bool(exact))), low_bits)
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def to_fragment_layout(weights: MXTensor) -> MXFragmentWeights:
+def to_fragment_layout(weights: QArray) -> QArray:
     """Re-lay MX weights ``[E, N, K]`` (MXFP4 or either MXFP6; ``K`` a multiple of 32) for the v2 kernels;
-    exact.
+    exact. Returns a :class:`QArray` with layout ``"fragment"``: ``values`` the words ``[E, N_pad/16,
+    K_pad/128, 1024]``, ``scales`` the E8M0 units ``[E, N_pad/16, K_pad/128, 64]``, ``extra`` FP6's low bits
+    ``[E, N_pad/16, K_pad/128, 512]`` (``None`` for MXFP4); ``layout_params = (N, K, exact_scales)``.
 
     One expert at a time (bounded temporaries). Outside ``jit`` the scale codes are inspected once to pick
     the kernels' one-multiply scale path (:func:`fast_scale_max`).
@@ -318,10 +298,11 @@ def to_fragment_layout(weights: MXTensor) -> MXFragmentWeights:
     Raises:
       ValueError: not an MX format of :data:`FRAGMENT_FORMATS`, not 3-D, or K not a multiple of 32.
     """
-    if isinstance(weights, MXFragmentWeights):
+    if not isinstance(weights, QArray) or weights.kind != "mx":
+        raise TypeError(f"to_fragment_layout takes MX weights (a QArray), got {weights!r:.80}")
+    if weights.layout == FRAGMENT_LAYOUT:
         return weights
-    if not isinstance(weights, MXTensor):
-        raise TypeError(f"to_fragment_layout takes an MXTensor, got {type(weights).__name__}")
+    weights = weights.to_checkpoint_layout()
     name = weights.fmt.name
     if name not in FRAGMENT_FORMATS:
         raise ValueError(f"the fragment layout takes {FRAGMENT_FORMATS}; got {name}")
@@ -343,17 +324,19 @@ def to_fragment_layout(weights: MXTensor) -> MXFragmentWeights:
     exact = True
     if not isinstance(weights.scales, jax.core.Tracer):  # concrete (also when captured by a jit): one look
         exact = bool(np.asarray(weights.scales).max(initial=0) > fast_scale_max(name))
-    return MXFragmentWeights(words, scales, n, k, exact, low[0] if low else None, name)
+    qtype = weights.qtype.with_layout(FRAGMENT_LAYOUT, (n, k, exact))
+    return QArray(words, scales, qtype, low[0] if low else None)
 
 
-def decode_fragment_words(weights: MXFragmentWeights) -> np.ndarray:
+def decode_fragment_words(weights: QArray) -> np.ndarray:
     """What the kernels compute from the fragment layout, modelled on the host in numpy (float64, so bf16
     subnormals stay exact, as they are on the GPU; XLA:CPU would flush them): each word decoded by the
     rotate-and-mask formulas to bf16 bit patterns (value x 2^-(127 - bias)), FP6's low-plane bits rotated
     and OR'ed in, times ``2^(127 - bias) * 2^(s - 127)``. Returns ``[E, N, K]`` float64; E8M0 code 255
     gives NaN. For tests, not a fast path."""
-    e, nb, kb = weights.words.shape[:3]
-    words = np.ascontiguousarray(np.asarray(weights.words)).view(np.uint32).reshape(e, nb, kb, 2, 8, 4, 2, 2)
+    e, nb, kb = weights.values.shape[:3]
+    n, k, _ = weights.qtype.layout_params
+    words = np.ascontiguousarray(np.asarray(weights.values)).view(np.uint32).reshape(e, nb, kb, 2, 8, 4, 2, 2)
     words = words.astype(np.uint64)
 
     def rotl(w, r):
@@ -368,9 +351,9 @@ def decode_fragment_words(weights: MXFragmentWeights) -> np.ndarray:
         ],
         -1,
     )  # [e, nb, kb, c6, g, tig, q1, q0, o]
-    name = weights.format_name
+    name = weights.qtype.element
     if name != "mxfp4":
-        low = np.asarray(weights.low_bits).reshape(e, nb, kb, 8, 2, 4, 2, 2, 2).astype(np.uint64)
+        low = np.asarray(weights.extra).reshape(e, nb, kb, 8, 2, 4, 2, 2, 2).astype(np.uint64)
         b0, b1 = low[..., 0], low[..., 1]  # [e, nb, kb, g, c6, tig, q1, q0]
         register = (b0 | (b0 << 8) | (b1 << 16) | (b1 << 24)).transpose(0, 1, 2, 4, 3, 5, 6, 7)
         mask = low_mask(name)
@@ -383,4 +366,4 @@ def decode_fragment_words(weights: MXFragmentWeights) -> np.ndarray:
     scales = np.asarray(weights.scales).reshape(e, nb, kb, 8, 4, 2).transpose(0, 1, 5, 3, 2, 4)
     exponent = scales.reshape(e, nb * 16, kb * 4).astype(np.int64) - 127
     factor = np.where(exponent == 128, np.nan, np.ldexp(1.0, exponent))
-    return (values * np.repeat(factor, 32, axis=2))[:, : weights.n, : weights.k]
+    return (values * np.repeat(factor, 32, axis=2))[:, :n, :k]

@@ -3,12 +3,13 @@
 Quark packs MX codes along the contraction axis K in element order: FP4 puts elements ``2j`` / ``2j+1`` in
 the low / high nibble of byte ``j``; FP6 packs four codes into three bytes. A GPU kernel that decodes a
 ``[N, chunk]`` weight tile wants each nibble plane to be a *contiguous* run of K, so that every decoded
-plane multiplies one contiguous slice of activations and no interleave is needed. :class:`MXKernelWeights`
-stores exactly the same bits re-laid that way, chunk by chunk along K:
+plane multiplies one contiguous slice of activations and no interleave is needed. the chunk layout
+stores exactly the same bits re-laid that way, chunk by chunk along K, as a :class:`QArray` with layout
+``"chunk"`` (``layout_params = (chunk,)``):
 
-* **FP4** (``nibbles [..., N, K/2]``): in a chunk of ``c`` elements, byte ``j`` holds element ``j`` in its
+* **FP4** (``values``: nibbles ``[..., N, K/2]``): in a chunk of ``c`` elements, byte ``j`` holds element ``j`` in its
   low nibble and element ``j + c/2`` in its high nibble.
-* **FP6** (``nibbles [..., N, K/2]`` + ``high_bits [..., N, K/4]``): the low 4 bits of every code are laid
+* **FP6** (``values`` as FP4's + ``extra``: high bits ``[..., N, K/4]``): the low 4 bits of every code are laid
   out as FP4's nibbles; the top 2 bits go to a second plane where byte ``j`` of a chunk holds the top bits
   of elements ``j``, ``j + c/4``, ``j + c/2``, ``j + 3c/4`` at bit offsets 0, 2, 4, 6. Same 0.75 byte per
   element as Quark's packing.
@@ -16,7 +17,7 @@ stores exactly the same bits re-laid that way, chunk by chunk along K:
 
 Chunks are ``chunk`` elements long (a power of two, default 128); the last ``K mod chunk`` elements form
 smaller power-of-two chunks (64, then 32), so any K that is a multiple of 32 is covered. The kernel's K
-loop walks the same chunks. :func:`to_kernel_layout` / :meth:`MXKernelWeights.to_mx` convert both ways and
+loop walks the same chunks. :func:`to_kernel_layout` / :meth:`QArray.to_checkpoint_layout` convert both ways and
 round-trip bit for bit (tested), so a kernel-layout tensor holds exactly the checkpoint's values.
 """
 
@@ -24,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
-from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights
-from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, MXFormat, MXTensor, pack_codes, unpack_codes
+from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, mx_format, pack_codes, unpack_codes
+from quarkmoe_jax.formats.qarray import LayoutCodec, QArray, QType, register_layout
 
-__all__ = ["DEFAULT_CHUNK", "MXKernelWeights", "to_kernel_layout", "chunk_sizes", "KERNEL_LAYOUTS", "as_mx_tensor"]
+__all__ = ["DEFAULT_CHUNK", "CHUNK_LAYOUT", "to_kernel_layout", "chunk_sizes", "chunk_of", "as_mx_tensor",
+           "chunk_layout_qarray"]
 
 DEFAULT_CHUNK = 128
 
@@ -70,104 +71,85 @@ def _high_plane(top2, c: int):
     ).astype(jnp.uint8)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class MXKernelWeights:
-    """MX weights in the kernel layout (module docstring); the same bits as an :class:`MXTensor`.
+CHUNK_LAYOUT = "chunk"
 
-    Attributes:
-      nibbles: uint8 ``[..., N, K/2]``, the low 4 bits of every code, chunk-planar.
-      high_bits: uint8 ``[..., N, K/4]`` for FP6 (bits 4-5 of every code), ``None`` for FP4.
-      scales: uint8 E8M0 ``[..., N, K/32]``, as in the checkpoint.
-      fmt: static :class:`MXFormat`.
-      chunk: static chunk length along K.
+
+def chunk_of(weights: QArray) -> int:
+    """The chunk length of a chunk-layout :class:`QArray`."""
+    return weights.qtype.layout_params[0]
+
+
+def _shape(weights: QArray) -> tuple[int, ...]:
+    return tuple(weights.values.shape[:-1]) + (2 * weights.values.shape[-1],)
+
+
+def _codes(weights: QArray):
+    """uint8 element codes ``[..., N, K]`` in element order."""
+    sizes = chunk_sizes(_shape(weights)[-1], chunk_of(weights))
+    nibble_chunks = _split_chunks(weights.values, [c // 2 for c in sizes])
+    high_chunks = _split_chunks(weights.extra, [c // 4 for c in sizes]) if weights.extra is not None else None
+    out = []
+    for i in range(len(sizes)):
+        plane = nibble_chunks[i]
+        low4 = jnp.concatenate([plane & 0xF, plane >> 4], axis=-1)
+        if high_chunks is not None:
+            h = high_chunks[i]
+            top2 = jnp.concatenate([(h >> s) & 0x3 for s in (0, 2, 4, 6)], axis=-1)
+            low4 = low4 | (top2 << 4)
+        out.append(low4)
+    return jnp.concatenate(out, axis=-1).astype(jnp.uint8)
+
+
+def _to_checkpoint(weights: QArray) -> QArray:
+    """Back to Quark's layout, bit for bit."""
+    return QArray(pack_codes(_codes(weights), weights.fmt), weights.scales, weights.fmt)
+
+
+def _take(weights: QArray, index) -> QArray:
+    extra = None if weights.extra is None else weights.extra[index]
+    return dataclasses.replace(weights, values=weights.values[index], scales=weights.scales[index], extra=extra)
+
+
+register_layout(CHUNK_LAYOUT, LayoutCodec(_to_checkpoint, _shape, _take))
+
+
+def chunk_layout_qarray(nibbles, high_bits, scales, fmt, chunk: int = DEFAULT_CHUNK) -> QArray:
+    """A chunk-layout :class:`QArray` from its planes (nibbles ``[..., N, K/2]``, FP6 high bits ``[..., N,
+    K/4]`` or ``None``, E8M0 ``[..., N, K/32]``), e.g. random bytes for a benchmark."""
+    fmt = mx_format(fmt)
+    if (high_bits is None) != (fmt.bits == 4):
+        raise ValueError(f"{fmt.name} chunk-layout weights {'need' if high_bits is None else 'take no'} high bits")
+    return QArray(nibbles, scales, QType(fmt.name, "block32", CHUNK_LAYOUT, (chunk,)), high_bits)
+
+
+def to_kernel_layout(weights: QArray, chunk: int = DEFAULT_CHUNK) -> QArray:
+    """Re-lay MX weights ``[..., N, K]`` in the chunk layout (exact; see the module docstring).
+
+    Returns a :class:`QArray` with layout ``"chunk"``: ``values`` the nibble planes ``[..., N, K/2]``,
+    ``extra`` FP6's high-bit plane ``[..., N, K/4]`` (``None`` for FP4), ``scales`` as in the checkpoint.
     """
-
-    nibbles: jax.Array
-    high_bits: jax.Array | None
-    scales: jax.Array
-    fmt: MXFormat = dataclasses.field(metadata=dict(static=True))
-    chunk: int = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Logical shape ``[..., N, K]``."""
-        return tuple(self.nibbles.shape[:-1]) + (2 * self.nibbles.shape[-1],)
-
-    @property
-    def ndim(self) -> int:
-        return self.nibbles.ndim
-
-    @property
-    def nbytes(self) -> int:
-        high = 0 if self.high_bits is None else self.high_bits.size
-        return int(self.nibbles.size + high + self.scales.size)
-
-    def codes(self):
-        """uint8 element codes ``[..., N, K]`` in element order."""
-        sizes = chunk_sizes(self.shape[-1], self.chunk)
-        nibble_chunks = _split_chunks(self.nibbles, [c // 2 for c in sizes])
-        high_chunks = _split_chunks(self.high_bits, [c // 4 for c in sizes]) if self.high_bits is not None else None
-        out = []
-        for i in range(len(sizes)):
-            plane = nibble_chunks[i]
-            low4 = jnp.concatenate([plane & 0xF, plane >> 4], axis=-1)
-            if high_chunks is not None:
-                h = high_chunks[i]
-                top2 = jnp.concatenate([(h >> s) & 0x3 for s in (0, 2, 4, 6)], axis=-1)
-                low4 = low4 | (top2 << 4)
-            out.append(low4)
-        return jnp.concatenate(out, axis=-1).astype(jnp.uint8)
-
-    def to_mx(self) -> MXTensor:
-        """Back to Quark's layout, bit for bit."""
-        return MXTensor(pack_codes(self.codes(), self.fmt), self.scales, self.fmt)
-
-    def dequantize(self, dtype=jnp.bfloat16):
-        return self.to_mx().dequantize(dtype)
-
-    def __getitem__(self, index) -> MXKernelWeights:
-        index = index if isinstance(index, tuple) else (index,)
-        if Ellipsis in index or len(index) >= self.ndim:
-            raise IndexError("MXKernelWeights indexing selects leading axes only")
-        high = None if self.high_bits is None else self.high_bits[index]
-        return MXKernelWeights(self.nibbles[index], high, self.scales[index], self.fmt, self.chunk)
-
-    def __repr__(self) -> str:
-        return f"MXKernelWeights({self.fmt.name}, shape={self.shape}, chunk={self.chunk})"
-
-
-def to_kernel_layout(weights: MXTensor, chunk: int = DEFAULT_CHUNK) -> MXKernelWeights:
-    """Re-lay an :class:`MXTensor` ``[..., N, K]`` for the kernels (exact; see the module docstring)."""
-    if isinstance(weights, MXKernelWeights):
-        if weights.chunk == chunk:
-            return weights
-        weights = weights.to_mx()
-    if isinstance(weights, MXFragmentWeights):
-        weights = weights.to_mx()
-    if not isinstance(weights, MXTensor):
-        raise TypeError(f"to_kernel_layout takes an MXTensor, got {type(weights).__name__}")
+    if not isinstance(weights, QArray) or weights.kind != "mx":
+        raise TypeError(f"to_kernel_layout takes MX weights (a QArray), got {weights!r:.80}")
+    if weights.layout == CHUNK_LAYOUT and chunk_of(weights) == chunk:
+        return weights
+    weights = weights.to_checkpoint_layout()
     if weights.fmt.bits not in (4, 6):
-        raise ValueError(f"unsupported MX element width {weights.fmt.bits}")
+        raise ValueError(f"the chunk layout takes MXFP4 / MXFP6, got {weights.fmt.name}")
     sizes = chunk_sizes(weights.shape[-1], chunk)
     if weights.fmt.bits == 6 and min(sizes) < 64:
         raise ValueError(
             f"the FP6 kernel layout needs K to be a multiple of 64 (its smallest chunk feeds 16-wide dots); "
             f"got K = {weights.shape[-1]}"
         )
-    codes = unpack_codes(weights.packed, weights.fmt).astype(jnp.uint8)
+    codes = unpack_codes(weights.values, weights.fmt).astype(jnp.uint8)
     chunks = _split_chunks(codes, sizes)
     nibbles = jnp.concatenate([_nibble_plane(ch & 0xF, c) for ch, c in zip(chunks, sizes, strict=True)], axis=-1)
     high = None
     if weights.fmt.bits == 6:
         high = jnp.concatenate([_high_plane(ch >> 4, c) for ch, c in zip(chunks, sizes, strict=True)], axis=-1)
-    return MXKernelWeights(nibbles, high, weights.scales, weights.fmt, chunk)
-
-
-KERNEL_LAYOUTS = (MXKernelWeights, MXFragmentWeights)
-"""The kernels' MX weight layouts (exact re-lays of an :class:`MXTensor`)."""
+    return QArray(nibbles, weights.scales, weights.qtype.with_layout(CHUNK_LAYOUT, (chunk,)), high)
 
 
 def as_mx_tensor(weight):
-    """MX weights in any kernel layout back in Quark's (:class:`MXTensor`); anything else unchanged."""
-    return weight.to_mx() if isinstance(weight, KERNEL_LAYOUTS) else weight
+    """A :class:`QArray` in any layout back in the checkpoint layout; anything else unchanged."""
+    return weight.to_checkpoint_layout() if isinstance(weight, QArray) else weight

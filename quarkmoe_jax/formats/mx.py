@@ -1,7 +1,8 @@
 """OCP MX block quantization along the last axis (block 32), bit-exact to amd-quark 0.13.
 
-Public entry points: :func:`quantize` (float -> :class:`MXTensor`), :func:`dequantize` (packed arrays straight
-from a checkpoint -> float), :func:`quant_dequant` (Quark's fake-quant in one call) and :class:`MXTensor`.
+The codec: :func:`quantize_packed` (float -> packed codes + E8M0 scales), :func:`quant_dequant` (Quark's
+fake-quant in one call), :func:`pack_codes` / :func:`unpack_codes`. The container is
+:class:`quarkmoe_jax.formats.QArray` (``quantize`` / ``dequantize`` there).
 
 What Quark computes for a 32-element block ``x`` (see docs/formats.md for the derivation and the cases where
 Quark and the OCP spec part ways):
@@ -44,11 +45,10 @@ __all__ = [
     "MXFP4",
     "MXFP6_E3M2",
     "MXFP6_E2M3",
+    "MXFP8_E4M3",
     "MX_FORMATS",
     "mx_format",
-    "MXTensor",
-    "quantize",
-    "dequantize",
+    "quantize_packed",
     "quant_dequant",
     "pack_codes",
     "unpack_codes",
@@ -73,7 +73,8 @@ class MXFormat:
         return self.element.nbits
 
     def packed_length(self, length: int) -> int:
-        """Bytes along the packed axis for ``length`` elements (length/2 for fp4, 3*length/4 for fp6)."""
+        """Bytes along the packed axis for ``length`` elements (length/2 for fp4, 3*length/4 for fp6, length
+        for fp8)."""
         return length * self.bits // 8
 
     def logical_length(self, packed_length: int) -> int:
@@ -91,12 +92,16 @@ class MXFormat:
 MXFP4 = MXFormat("mxfp4", el.E2M1, "fp4")
 MXFP6_E3M2 = MXFormat("mxfp6_e3m2", el.E3M2, "fp6_e3m2")
 MXFP6_E2M3 = MXFormat("mxfp6_e2m3", el.E2M3, "fp6_e2m3")
-MX_FORMATS = {f.name: f for f in (MXFP4, MXFP6_E3M2, MXFP6_E2M3)}
+MXFP8_E4M3 = MXFormat("mxfp8_e4m3", el.E4M3FN, "fp8_e4m3")
+"""MXFP8: e4m3fn elements (one uint8 code each, the float8_e4m3fn bit pattern) with E8M0 block scales
+(vLLM's ``QuarkW8A8Mxfp8MoEMethod``; Quark's ``fp8_e4m3`` with ``per_group`` 32 and ``e8m0`` scales)."""
+MX_FORMATS = {f.name: f for f in (MXFP4, MXFP6_E3M2, MXFP6_E2M3, MXFP8_E4M3)}
 _BY_QUARK_DTYPE = {f.quark_dtype: f for f in MX_FORMATS.values()}
 
 
 def mx_format(fmt: str | MXFormat) -> MXFormat:
-    """Resolve ``"mxfp4"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"`` (or Quark's ``"fp4"``, ``"fp6_*"``)."""
+    """Resolve ``"mxfp4"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"``, ``"mxfp8_e4m3"`` (or Quark's ``"fp4"``,
+    ``"fp6_*"``, ``"fp8_e4m3"``)."""
     if isinstance(fmt, MXFormat):
         return fmt
     found = MX_FORMATS.get(fmt) or _BY_QUARK_DTYPE.get(fmt)
@@ -127,9 +132,12 @@ def pack_codes(codes, fmt: str | MXFormat):
     """Pack uint8 element codes along the last axis in Quark's layout.
 
     FP4: two codes per byte, low nibble = even index. FP6: four codes ``v0..v3`` form the 24-bit little-endian
-    word ``v0 | v1<<6 | v2<<12 | v3<<18`` stored as 3 bytes. ``[..., K] -> [..., K/2 | 3K/4]``.
+    word ``v0 | v1<<6 | v2<<12 | v3<<18`` stored as 3 bytes. FP8: one code per byte.
+    ``[..., K] -> [..., K/2 | 3K/4 | K]``.
     """
     fmt = mx_format(fmt)
+    if fmt.bits == 8:
+        return jnp.asarray(codes).astype(jnp.uint8)
     codes = jnp.asarray(codes).astype(jnp.uint32)
     k = codes.shape[-1]
     if fmt.bits == 4:
@@ -146,11 +154,13 @@ def pack_codes(codes, fmt: str | MXFormat):
 
 
 def unpack_codes(packed, fmt: str | MXFormat):
-    """Inverse of :func:`pack_codes`: ``[..., K/2 | 3K/4]`` uint8 -> ``[..., K]`` uint8 codes."""
+    """Inverse of :func:`pack_codes`: ``[..., K/2 | 3K/4 | K]`` uint8 -> ``[..., K]`` uint8 codes."""
     fmt = mx_format(fmt)
     packed = jnp.asarray(packed)
     if packed.dtype != jnp.uint8:
         raise TypeError(f"packed MX data must be uint8, got {packed.dtype}")
+    if fmt.bits == 8:
+        return packed
     n = packed.shape[-1]
     if fmt.bits == 4:
         lo, hi = packed & 0x0F, packed >> 4
@@ -272,14 +282,17 @@ def _encode_blocks(x, fmt: MXFormat, scale_mode: str):
     quant_exponent, scale_codes, nonfinite = block_scale_exponents(x, fmt, scale_mode)
     code = el.encode(x, fmt.element, jnp.repeat(quant_exponent, MX_BLOCK_SIZE, axis=-1)).astype(jnp.uint32)
     element = fmt.element
-    nan_pattern = (((1 << element.ebits) - 1) << element.mbits) | (1 << (element.mbits - 1))
+    nan_pattern = element.nan_code
+    if nan_pattern is None:  # the MX elements have no NaN: Quark's packers write exponent ones, mantissa top bit
+        nan_pattern = (((1 << element.ebits) - 1) << element.mbits) | (1 << (element.mbits - 1))
     code = jnp.where(jnp.repeat(nonfinite, MX_BLOCK_SIZE, axis=-1), jnp.uint32(nan_pattern), code)
     return code.astype(jnp.uint8), quant_exponent, scale_codes, nonfinite
 
 
-# Scale exponents for which every MX value times 2^e is a normal float32 (element exponents span
-# [2^-4, 28], so e in [-120, 120] keeps the result's biased exponent inside [1, 254]).
-_FAST_EXPONENT_RANGE = (-120, 120)
+def _fast_exponent_range(fmt: MXFormat) -> tuple[int, int]:
+    """Scale exponents for which every nonzero element value times 2^e is a normal float32: the element's
+    smallest subnormal (2^min_exponent) and largest value (< 2^(emax+1)) keep a biased exponent in [1, 254]."""
+    return 1 - (fmt.element.min_exponent + 127), 254 - (fmt.element.emax + 127)
 
 
 @functools.cache
@@ -291,7 +304,7 @@ def _value_bits_table(fmt: MXFormat) -> np.ndarray:
 def _rescale(codes, exponents, nan_blocks, fmt: MXFormat, dtype):
     """``decode(code) * 2**exponent`` per block, computed in float32 and then cast to ``dtype`` (as Quark).
 
-    Exact either way: when every exponent is in :data:`_FAST_EXPONENT_RANGE` the float32 result is the
+    Exact either way: when every exponent is in :func:`_fast_exponent_range` the float32 result is the
     element's bit pattern with the exponent added to its exponent field (and bfloat16 is its top half, exact
     for these values); otherwise every value is composed and rounded by :func:`elements.compose_bits`.
     """
@@ -306,103 +319,32 @@ def _rescale(codes, exponents, nan_blocks, fmt: MXFormat, dtype):
 
     def fast():
         bits = jnp.asarray(_value_bits_table(fmt))[codes.astype(jnp.int32)]
-        nonzero = (bits & 0x7FFFFFFF) != 0
-        bits = jnp.where(nonzero, bits + (per_element << 23), bits)
+        finite_nonzero = ((bits & 0x7FFFFFFF) != 0) & ((bits & 0x7F800000) != 0x7F800000)  # e4m3fn has a NaN
+        bits = jnp.where(finite_nonzero, bits + (per_element << 23), bits)
         bits = jnp.where(nan, jnp.int32(0x7FC00000), bits)
         if target_dtype == jnp.bfloat16:
             return jax.lax.bitcast_convert_type((bits >> 16).astype(jnp.uint16), jnp.bfloat16)
         values = jax.lax.bitcast_convert_type(bits, jnp.float32)
         return values if target_dtype == jnp.float32 else el.round_float32_to(values, target_dtype)
 
-    lo, hi = _FAST_EXPONENT_RANGE
+    lo, hi = _fast_exponent_range(fmt)
     in_range = jnp.all((exponents >= lo) & (exponents <= hi))
     return jax.lax.cond(in_range, fast, exact)
 
 
-# ------------------------------------------------------------------------------------------- MXTensor
+# ----------------------------------------------------------------------------------------- entry points
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class MXTensor:
-    """MX-quantized array: packed element codes and E8M0 scales along the last axis, as Quark stores them.
+def quantize_packed(x, fmt: str | MXFormat, scale_mode: str = "even"):
+    """Quantize ``x [..., K]`` (float32/bfloat16/float16, K a multiple of 32) as Quark's exporter does.
 
-    Attributes:
-      packed: uint8 ``[..., K/2]`` (MXFP4) or ``[..., 3K/4]`` (MXFP6), Quark's byte layout.
-      scales: uint8 E8M0 ``[..., K/32]``, one per 32 elements along the last axis.
-      fmt: static :class:`MXFormat`.
-
-    A frozen pytree (arrays are leaves, ``fmt`` is static), so it passes through ``jit`` and can be the value
-    of an ``nnx.Param``. Index leading axes with ``t[e]`` (e.g. one expert); the last axis is packed.
-    """
-
-    packed: jax.Array
-    scales: jax.Array
-    fmt: MXFormat = dataclasses.field(metadata=dict(static=True))
-
-    @classmethod
-    def from_arrays(cls, packed, scales, fmt: str | MXFormat, name: str = "tensor") -> MXTensor:
-        """Wrap arrays read from a checkpoint, checking dtypes and shapes; errors name ``name``."""
-        fmt = mx_format(fmt)
-        packed, scales = jnp.asarray(packed), jnp.asarray(scales)
-        if packed.dtype != jnp.uint8:
-            raise TypeError(f"{name}: packed {fmt.name} weights must be uint8, found {packed.dtype}")
-        if scales.dtype != jnp.uint8:
-            raise TypeError(f"{name}: E8M0 scales must be uint8, found {scales.dtype}")
-        n = packed.shape[-1] if packed.ndim else 0
-        if packed.ndim == 0 or (n * 8) % fmt.bits:
-            raise ValueError(f"{name}: packed {fmt.name} last axis {n} is not a whole number of elements")
-        k = fmt.logical_length(n)
-        _check_block_axis(k, f"{name} logical last axis (packed length {n})")
-        expected = packed.shape[:-1] + (k // MX_BLOCK_SIZE,)
-        if scales.shape != expected:
-            raise ValueError(
-                f"{name}: scales shape {scales.shape} does not match packed {fmt.name} shape {packed.shape}; "
-                f"expected {expected} (one E8M0 byte per {MX_BLOCK_SIZE} elements)"
-            )
-        return cls(packed, scales, fmt)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Logical (unpacked) shape."""
-        return tuple(self.packed.shape[:-1]) + (self.fmt.logical_length(self.packed.shape[-1]),)
-
-    @property
-    def ndim(self) -> int:
-        return self.packed.ndim
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.packed.size + self.scales.size)
-
-    def codes(self):
-        """Unpacked uint8 element codes ``[..., K]``."""
-        return unpack_codes(self.packed, self.fmt)
-
-    def dequantize(self, dtype=jnp.bfloat16):
-        """Float values ``[..., K]`` in ``dtype`` (exact in float32/bfloat16; E8M0 code 0xFF gives NaN)."""
-        return _rescale(self.codes(), self.scales.astype(jnp.int32) - 127, el.e8m0_is_nan(self.scales), self.fmt, dtype)
-
-    def __getitem__(self, index) -> MXTensor:
-        index = index if isinstance(index, tuple) else (index,)
-        if Ellipsis in index or len(index) >= self.ndim:
-            raise IndexError("MXTensor indexing selects leading axes only; the last (packed) axis cannot be indexed")
-        return MXTensor(self.packed[index], self.scales[index], self.fmt)
-
-    def __repr__(self) -> str:
-        return f"MXTensor({self.fmt.name}, shape={self.shape})"
-
-
-def quantize(x, fmt: str | MXFormat, scale_mode: str = "even") -> MXTensor:
-    """Quantize ``x [..., K]`` (float32/bfloat16/float16, K a multiple of 32) to an :class:`MXTensor`.
-
-    Bit-exact to amd-quark's exporter (observer -> scale -> ``scaled_real_quantize`` -> pack -> E8M0).
-    ``scale_mode`` is ``"even"`` (Quark's default), ``"floor"`` (OCP MX v1.0) or ``"ceil"``.
+    Returns ``(packed, scales)``: uint8 codes packed along the last axis and uint8 E8M0 ``[..., K/32]``
+    (:func:`quarkmoe_jax.formats.quantize` wraps them in a :class:`~quarkmoe_jax.formats.QArray`).
     """
     fmt = mx_format(fmt)
     x = _check_float_input(x)
     codes, _, scale_codes, _ = _encode_blocks(x, fmt, scale_mode)
-    return MXTensor(pack_codes(codes, fmt), scale_codes, fmt)
+    return pack_codes(codes, fmt), scale_codes
 
 
 def quant_dequant(x, fmt: str | MXFormat, scale_mode: str = "even", dtype=None):
@@ -415,21 +357,6 @@ def quant_dequant(x, fmt: str | MXFormat, scale_mode: str = "even", dtype=None):
     x = _check_float_input(x)
     codes, quant_exponent, _, nonfinite = _encode_blocks(x, fmt, scale_mode)
     return _rescale(codes, quant_exponent, nonfinite, fmt, x.dtype if dtype is None else dtype)
-
-
-def dequantize(packed, scales, fmt: str | MXFormat, dtype=jnp.bfloat16):
-    """Dequantize arrays read straight from a Quark checkpoint.
-
-    Args:
-      packed: uint8 ``[..., K/2]`` (mxfp4) or ``[..., 3K/4]`` (mxfp6).
-      scales: uint8 E8M0 ``[..., K/32]``.
-      fmt: ``"mxfp4"``, ``"mxfp6_e3m2"``, ``"mxfp6_e2m3"`` (or Quark's ``"fp4"``…).
-      dtype: output dtype.
-
-    Returns:
-      ``[..., K]`` array of ``dtype``.
-    """
-    return MXTensor.from_arrays(packed, scales, fmt).dequantize(dtype)
 
 
 def _check_float_input(x):

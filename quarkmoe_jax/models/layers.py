@@ -13,7 +13,7 @@ from flax import nnx
 from jax import lax
 
 from quarkmoe_jax.contracts import MoEQuantConfig
-from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.moe.expert_io import quantize_gemm_input
 
 __all__ = ["RMSNorm", "Linear", "rope_tables", "apply_rope", "attention"]
@@ -37,9 +37,9 @@ class RMSNorm(nnx.Module):
 class Linear(nnx.Module):
     """``y = x W^T + b`` for ``x [..., K]`` -> ``[..., N]`` in ``x``'s dtype, accumulated in float32.
 
-    ``weight``: a float ``[N, K]`` array, or a Quark-quantized weight as the checkpoint stores it
-    (:class:`~quarkmoe_jax.MXTensor` for OCP MX; int8 / float8_e4m3fn codes ``[N, K]`` for W8A8, with
-    ``weight_scale`` float32 ``[N]`` per channel or ``[]`` per tensor). ``quant``: how the weight and the input
+    ``weight``: a float ``[N, K]`` array, or a Quark-quantized weight as the checkpoint stores it, a
+    :class:`~quarkmoe_jax.formats.QArray` (OCP MX codes + E8M0 scales; int8 / float8_e4m3fn codes ``[N, K]``
+    with float32 scales per channel ``[N]`` or per tensor ``[]``). ``quant``: how the weight and the input
     are quantized (None: float); ``input_scale`` float32 ``[]`` for static activation scales; ``bias [N]``.
     The input is quantized exactly as the MoE layers quantize theirs (``moe.expert_io.quantize_gemm_input``),
     so a quantized linear computes what vLLM's Quark linear methods compute. ``valid`` (bool, broadcastable
@@ -47,10 +47,9 @@ class Linear(nnx.Module):
     is taken (a padded prompt bucket gives what its unpadded prompt gives).
     """
 
-    def __init__(self, weight, *, bias=None, weight_scale=None, input_scale=None, quant: MoEQuantConfig | None = None):
+    def __init__(self, weight, *, bias=None, input_scale=None, quant: MoEQuantConfig | None = None):
         self.weight = nnx.Param(weight)
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
-        self.weight_scale = None if weight_scale is None else nnx.Param(jnp.asarray(weight_scale, jnp.float32))
         self.input_scale = None if input_scale is None else nnx.Param(jnp.asarray(input_scale, jnp.float32))
         self.quant = quant
 
@@ -61,13 +60,7 @@ class Linear(nnx.Module):
     def dequantized_weight(self, dtype=jnp.float32):
         """``[N, K]`` in ``dtype``, scales applied."""
         w = self.weight.get_value()
-        if isinstance(w, MXTensor):
-            return w.dequantize(dtype)
-        w = w.astype(jnp.float32)
-        if self.weight_scale is not None:
-            s = self.weight_scale.get_value()
-            w = w * (s[:, None] if s.ndim == 1 else s)
-        return w.astype(dtype)
+        return w.dequantize(dtype) if isinstance(w, QArray) else w.astype(dtype)
 
     def __call__(self, x, valid=None):
         lead, k = x.shape[:-1], x.shape[-1]
@@ -82,24 +75,25 @@ class Linear(nnx.Module):
             acc = acc + self.bias.get_value()
         return acc.astype(x.dtype).reshape(*lead, -1)
 
-    def _quantized(self, x2, w):
+    def _quantized(self, x2, w: QArray):
         q = self.quant
         static = None if self.input_scale is None else self.input_scale.get_value()
         operand, a_scale = quantize_gemm_input(x2, q.activation, q.weight.kind, static, q.semantics)
-        if isinstance(w, MXTensor):
-            w_op = w.dequantize(jnp.bfloat16 if operand.dtype == jnp.bfloat16 else jnp.float32)
-        elif operand.dtype == jnp.int8 and w.dtype == jnp.int8:
-            w_op = w
+        bfloat16 = operand.dtype == jnp.bfloat16
+        if w.kind == "mx":  # MXFP8's smallest values can lie below bfloat16's range: float32 then
+            w_op = w.dequantize(jnp.bfloat16 if bfloat16 and w.fmt.bits < 8 else jnp.float32)
+        elif operand.dtype == jnp.int8 and w.values.dtype == jnp.int8:
+            w_op = w.values
         else:
-            w_op = w.astype(jnp.bfloat16 if operand.dtype == jnp.bfloat16 else jnp.float32)
+            w_op = w.values.astype(jnp.bfloat16 if bfloat16 else jnp.float32)
         if w_op.dtype == jnp.int8:
             acc = jnp.dot(operand, w_op.T, preferred_element_type=jnp.int32).astype(jnp.float32)
         else:
             acc = jnp.dot(operand.astype(w_op.dtype), w_op.T, **_HIGHEST)
         if a_scale is not None:
             acc = acc * jnp.asarray(a_scale, jnp.float32)
-        if self.weight_scale is not None:
-            acc = acc * self.weight_scale.get_value()
+        if w.kind != "mx":
+            acc = acc * w.row_scales()
         return acc
 
 

@@ -19,7 +19,7 @@ from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
 from quarkmoe_jax.config import QuarkConfig
 from quarkmoe_jax.contracts import check_semantics
-from quarkmoe_jax.formats import MX_BLOCK_SIZE, MXTensor, mx_format
+from quarkmoe_jax.formats import MX_BLOCK_SIZE, QArray, mx_format, scaled_qarray
 from quarkmoe_jax.models.config import MODEL_DTYPES, DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
@@ -170,28 +170,29 @@ class _Tensors:
         wq = quant.weight
         if wq.kind == "mx":
             weight = self._mx_weight(name, wq.mx_format, out_features, in_features)
-            weight_scale = None
         else:
-            weight, weight_scale = self._w8a8_weight(name, wq.kind, out_features, in_features)
+            weight = self._w8a8_weight(name, wq.kind, out_features, in_features)
         input_scale = None
         if quant.activation.kind in ("fp8", "int8") and not quant.activation.dynamic:
             input_scale = self._scalar(f"{name}.input_scale")
-        return Linear(weight, bias=bias, weight_scale=weight_scale, input_scale=input_scale, quant=quant)
+        return Linear(weight, bias=bias, input_scale=input_scale, quant=quant)
 
-    def _mx_weight(self, name: str, fmt: str, n: int, k: int) -> MXTensor:
+    def _mx_weight(self, name: str, fmt: str, n: int, k: int) -> QArray:
         if k % MX_BLOCK_SIZE:
             raise CheckpointError(f"{name}: in_features {k} is not a multiple of {MX_BLOCK_SIZE} (MX blocks)")
         f = mx_format(fmt)
         packed_shape, scale_shape = (n, f.packed_length(k)), (n, k // MX_BLOCK_SIZE)
-        for suffix, shape in (("weight", packed_shape), ("weight_scale", scale_shape)):
+        # MXFP8 codes may be stored as float8_e4m3fn values (Quark does): read as their bit pattern
+        code_dtypes = (np.uint8, np.dtype(jnp.float8_e4m3fn)) if f.bits == 8 else (np.uint8,)
+        expected = (("weight", packed_shape, code_dtypes), ("weight_scale", scale_shape, (np.uint8,)))
+        for suffix, shape, dtypes in expected:
             found_dtype, found = self._info(f"{name}.{suffix}")
-            if found_dtype != np.uint8 or tuple(found) != shape:
+            if found_dtype not in dtypes or tuple(found) != shape:
                 raise CheckpointError(
                     f"{name}.{suffix}: expected uint8 {shape} ({f.name}), found {found_dtype} {tuple(found)}"
                 )
-        return MXTensor.from_arrays(
-            self.reader[f"{name}.weight"], self.reader[f"{name}.weight_scale"], f, name=f"{name}.weight"
-        )
+        codes = np.asarray(self.reader[f"{name}.weight"]).view(np.uint8)
+        return QArray.from_arrays(codes, self.reader[f"{name}.weight_scale"], f, name=f"{name}.weight")
 
     def _w8a8_weight(self, name: str, kind: str, n: int, k: int):
         expected = np.int8 if kind == "int8" else np.dtype(jnp.float8_e4m3fn)
@@ -204,10 +205,11 @@ class _Tensors:
                 f"{name}.weight_scale: expected float [], [1], [{n}] or [{n}, 1], found {scale_dtype} {scale_shape}"
             )
         scale = self.reader[f"{name}.weight_scale"].astype(np.float32)
-        scale = scale.reshape(-1) if scale.size == n and n > 1 else scale.reshape(())
+        per_channel = scale.size == n and n > 1
+        scale = scale.reshape(-1) if per_channel else scale.reshape(())
         if not (np.isfinite(scale).all() and (scale > 0).all()):
             raise CheckpointError(f"{name}.weight_scale: scales must be finite and positive")
-        return jnp.asarray(self.reader[f"{name}.weight"]), scale
+        return scaled_qarray(self.reader[f"{name}.weight"], scale, "channel" if per_channel else "tensor")
 
     def _scalar(self, name: str) -> np.ndarray:
         found_dtype, found = self._info(name)

@@ -32,8 +32,7 @@ from jax import lax
 
 from quarkmoe_jax.activations import apply_activation
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
-from quarkmoe_jax.formats import MXTensor
-from quarkmoe_jax.formats.kernel_layout import as_mx_tensor
+from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.moe.dispatch import sort_pairs
 from quarkmoe_jax.moe.entry import bucketed_backend
 from quarkmoe_jax.moe.expert_io import (
@@ -58,7 +57,7 @@ def _weights_for_gemm(weight, operand_dtype, rows_expert=None):
     """
     if rows_expert is not None:
         weight = weight[rows_expert]
-    if isinstance(weight, MXTensor):
+    if isinstance(weight, QArray) and weight.kind == "mx":
         return weight.dequantize(operand_dtype)
     if operand_dtype == jnp.int8:
         return weight
@@ -71,12 +70,16 @@ def _row_scale(scale, rows_expert, num_columns: int):
 
 
 def _gemm_dtype(operand, weight):
-    """int8 for INT8 x INT8; bfloat16 when both sides are exact in it (MX values, INT8 / FP8 codes, bfloat16
-    data); float32 otherwise."""
-    weight_dtype = weight.packed.dtype if isinstance(weight, MXTensor) else weight.dtype
+    """int8 for INT8 x INT8; bfloat16 when both sides are exact in it (MXFP4 / MXFP6 values, INT8 / FP8 codes,
+    bfloat16 data); float32 otherwise (MXFP8 too: e4m3 subnormals at the smallest scales are below
+    bfloat16's range)."""
+    mx = isinstance(weight, QArray) and weight.kind == "mx"
+    weight_dtype = weight.values.dtype if mx else weight.dtype
     if operand.dtype == jnp.int8 and weight_dtype == jnp.int8:
         return jnp.int8
-    weight_exact = isinstance(weight, MXTensor) or weight_dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16)
+    weight_exact = (mx and weight.fmt.bits < 8) or (
+        not mx and weight_dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16)
+    )
     return jnp.bfloat16 if operand.dtype == jnp.bfloat16 and weight_exact else jnp.float32
 
 
@@ -139,7 +142,7 @@ def moe_experts_unpadded(
     dtype = x.dtype
     axes = shard_axes or ShardAxes()
     t, k = topk_ids.shape
-    params = {name: as_mx_tensor(v) for name, v in params.items()}
+    params = {name: v.to_checkpoint_layout() if isinstance(v, QArray) else v for name, v in params.items()}
     w13, w2 = params["w13"], params["w2"]
     num_local = w13.shape[0]
     h_pad, n13, i_pad = w13.shape[2], w13.shape[1], w2.shape[2]

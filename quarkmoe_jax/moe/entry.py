@@ -4,6 +4,7 @@
 :func:`quarkmoe_jax.moe.emulation.moe_experts_unpadded`) into a backend entry point: it validates the inputs
 (:func:`validate_moe_inputs`), pads the token count to a bucket (:data:`TOKEN_BUCKETS`) on the host and calls
 the core under ``jit``, compiled once per bucket; inside an outer ``jit`` it calls the core directly.
+:func:`bucketed` is the shared part, also around the sharded forward (:mod:`quarkmoe_jax.moe.sharded`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 
-__all__ = ["TOKEN_BUCKETS", "token_bucket", "host_rows", "validate_moe_inputs", "bucketed_backend"]
+__all__ = ["TOKEN_BUCKETS", "token_bucket", "host_rows", "validate_moe_inputs", "bucketed", "bucketed_backend"]
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 """Token counts the jitted forward compiles for; larger counts round up to a multiple of 8192."""
@@ -61,11 +62,64 @@ def validate_moe_inputs(x, topk_weights, topk_ids, hidden_size: int, num_experts
             raise ValueError(f"topk_ids must be in [0, {num_experts}), found values in [{ids.min()}, {ids.max()}]")
 
 
+def bucketed(core: Callable, static_argnames: tuple[str, ...], trim: Callable = host_rows) -> Callable:
+    """The part of an entry point every forward shares: input checks and token buckets around ``core``.
+
+    ``core(x, topk_weights, topk_ids, valid_tokens, params, **kwargs)`` computes on padded arrays; its
+    keyword arguments include ``shape`` (a :class:`MoEShape`) and ``apply_router_weight_on_input``, and
+    may include ``out_dtype``; ``static_argnames`` names those of them that are static under ``jit``.
+    Returns ``call(x, topk_weights, topk_ids, valid_tokens, params, *, num_experts, **kwargs)``: it validates
+    the inputs (``topk_ids`` in ``[0, num_experts)``), marks every row valid where ``valid_tokens`` is None,
+    and calls ``core``: directly inside an outer ``jit``, else under ``jit`` on the rows padded (on the host)
+    to :func:`token_bucket`, compiled once per bucket; ``trim(out, T)`` then keeps the first ``T`` rows
+    (default :func:`host_rows`: no device op per token count). ``call.cache_size()``: compiled variants.
+    """
+
+    @functools.partial(jax.jit, static_argnames=static_argnames)
+    def jitted(x, topk_weights, topk_ids, valid_tokens, params, **kwargs):
+        return core(x, topk_weights, topk_ids, valid_tokens, params, **kwargs)
+
+    def call(x, topk_weights, topk_ids, valid_tokens, params, *, num_experts: int, **kwargs):
+        traced = any(isinstance(v, jax.core.Tracer) for v in (x, topk_weights, topk_ids, valid_tokens))
+        if traced:
+            x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
+        else:  # host copies: device ops on each new T would compile a program per token count
+            x, topk_weights, topk_ids = np.asarray(x), np.asarray(topk_weights, np.float32), np.asarray(topk_ids)
+        shape = kwargs["shape"]
+        apply_on_input = kwargs["apply_router_weight_on_input"]
+        validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, num_experts, apply_on_input)
+        t = x.shape[0]
+        if t == 0:
+            return jnp.zeros((0, shape.hidden_size), kwargs.get("out_dtype") or x.dtype)
+        if traced:
+            valid = jnp.ones((t,), bool) if valid_tokens is None else jnp.asarray(valid_tokens, bool)
+        else:
+            valid = np.ones((t,), bool) if valid_tokens is None else np.asarray(valid_tokens, bool)
+        if valid.shape != (t,):
+            raise ValueError(f"valid_tokens must be [T={t}] bool, got shape {tuple(valid.shape)}")
+        if traced:
+            return core(x, topk_weights, topk_ids.astype(jnp.int32), valid, params, **kwargs)
+        bucket = token_bucket(t)
+        out = jitted(
+            host_rows(x, bucket),
+            host_rows(topk_weights, bucket),
+            host_rows(topk_ids.astype(np.int32), bucket),
+            host_rows(valid, bucket),
+            params,
+            **kwargs,
+        )
+        return out if bucket == t else trim(out, t)
+
+    call.cache_size = jitted._cache_size
+    return call
+
+
 def bucketed_backend(core: Callable) -> Callable:
     """Wrap a forward core with :func:`moe_experts_unpadded`'s signature into a backend entry point.
 
     The entry point validates the inputs, pads T to :func:`token_bucket` and calls the core under ``jit``
-    (compiled once per bucket, scheme and shape); inside an outer ``jit`` it calls the core directly.
+    (compiled once per bucket, scheme and shape); inside an outer ``jit`` it calls the core directly
+    (:func:`bucketed`).
     """
     static = (
         "quant_config",
@@ -77,10 +131,7 @@ def bucketed_backend(core: Callable) -> Callable:
         "pair_dtype",
         "out_dtype",
     )
-
-    @functools.partial(jax.jit, static_argnames=static)
-    def jitted(x, topk_weights, topk_ids, valid_tokens, params, expert_map, **kwargs):
-        return core(x, topk_weights, topk_ids, valid_tokens, params, expert_map=expert_map, **kwargs)
+    call = bucketed(core, static)
 
     def entry(
         x,
@@ -100,17 +151,16 @@ def bucketed_backend(core: Callable) -> Callable:
         pair_dtype=None,
         out_dtype=None,
     ):
-        traced = any(isinstance(v, jax.core.Tracer) for v in (x, topk_weights, topk_ids, valid_tokens))
-        if traced:
-            x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
-        else:  # host copies: device ops on each new T would compile a program per token count
-            x, topk_weights, topk_ids = np.asarray(x), np.asarray(topk_weights, np.float32), np.asarray(topk_ids)
-        num_global = num_global_experts or shape.num_experts
-        validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, num_global, apply_router_weight_on_input)
-        t = x.shape[0]
-        if t == 0:
-            return jnp.zeros((0, shape.hidden_size), out_dtype or x.dtype)
-        kwargs = dict(
+        if expert_map is not None and not isinstance(expert_map, jax.core.Tracer):
+            expert_map = jax.device_put(np.asarray(expert_map, np.int32))
+        return call(
+            x,
+            topk_weights,
+            topk_ids,
+            valid_tokens,
+            params,
+            num_experts=num_global_experts or shape.num_experts,
+            expert_map=expert_map,
             quant_config=quant_config,
             shape=shape,
             activation=activation,
@@ -120,29 +170,8 @@ def bucketed_backend(core: Callable) -> Callable:
             pair_dtype=None if pair_dtype is None else jnp.dtype(pair_dtype),
             out_dtype=None if out_dtype is None else jnp.dtype(out_dtype),
         )
-        if expert_map is not None and not isinstance(expert_map, jax.core.Tracer):
-            expert_map = jax.device_put(np.asarray(expert_map, np.int32))
-        if traced:
-            valid = jnp.ones((t,), bool) if valid_tokens is None else jnp.asarray(valid_tokens, bool)
-        else:
-            valid = np.ones((t,), bool) if valid_tokens is None else np.asarray(valid_tokens, bool)
-        if valid.shape != (t,):
-            raise ValueError(f"valid_tokens must be [T={t}] bool, got shape {tuple(valid.shape)}")
-        if traced:
-            return core(x, topk_weights, topk_ids.astype(jnp.int32), valid, params, expert_map=expert_map, **kwargs)
-        bucket = token_bucket(t)
-        out = jitted(
-            host_rows(x, bucket),
-            host_rows(topk_weights, bucket),
-            host_rows(topk_ids.astype(np.int32), bucket),
-            host_rows(valid, bucket),
-            params,
-            expert_map,
-            **kwargs,
-        )
-        return out if bucket == t else host_rows(out, t)
 
-    entry.cache_size = jitted._cache_size  # compiled variants, for tests of the bucketing
+    entry.cache_size = call.cache_size  # compiled variants, for tests of the bucketing
     entry.__doc__ = (
         "MoE experts: ``x [T, H]``, ``topk_weights [T, k]`` fp32, ``topk_ids [T, k]`` (global ids) -> ``[T, H]`` "
         "in ``x``'s dtype. ``valid_tokens [T]`` bool (optional) marks padding rows: they contribute nothing and "

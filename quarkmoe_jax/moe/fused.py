@@ -26,9 +26,9 @@ weights whose K is not a multiple of 64, dense weights whose K is not a multiple
 (erf) has no Pallas-Triton lowering: for it the GEMM1 kernel writes the pre-activation and XLA applies the
 activation.
 
-Weights are read in the kernel layout (:mod:`quarkmoe_jax.formats.kernel_layout`); ``MXTensor`` weights in
-Quark's layout are re-laid on every call, which costs a pass over the weights: re-lay them once after loading
-(``QuarkMoE.prepare_for_kernels()``).
+MX weights are read in a kernel layout (:mod:`quarkmoe_jax.formats.kernel_layout`,
+:mod:`quarkmoe_jax.formats.fragment_layout`); MX weights in Quark's layout are re-laid on every call, which
+costs a pass over the weights: re-lay them once after loading (``QuarkMoE.prepare_for_kernels()``).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 
 from quarkmoe_jax.activations import apply_activation
-from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats import quantizers as qz
-from quarkmoe_jax.formats.fragment_layout import MXFragmentWeights, to_fragment_layout
-from quarkmoe_jax.formats.kernel_layout import DEFAULT_CHUNK, MXKernelWeights, as_mx_tensor, to_kernel_layout
+from quarkmoe_jax.formats.fragment_layout import FRAGMENT_LAYOUT, to_fragment_layout
+from quarkmoe_jax.formats.kernel_layout import CHUNK_LAYOUT, DEFAULT_CHUNK, to_kernel_layout
 from quarkmoe_jax.kernels.configs import dequant_min_rows, expected_load, fp8_tensor_cores, tile_configs
 from quarkmoe_jax.kernels.grouped_gemm import (
     DENSE_MIN_K,
@@ -93,22 +93,22 @@ class KernelBackend:
 
 
 def kernel_weights(weight, name: str, backend: str = "pallas", fragment_layout: bool = False):
-    """``weight`` as the kernels read it: :class:`MXFragmentWeights` (MX weights with ``fragment_layout``),
-    :class:`MXKernelWeights` (MX weights without), or an ``[E, N, K]`` array (int8, e4m3, or float). Weights
-    in another layout are re-laid (a pass over them on every call: lay them out once after loading,
-    ``QuarkMoE.prepare_for_kernels``)."""
-    if isinstance(weight, MXFragmentWeights) and fragment_layout:
-        return weight
-    if isinstance(weight, MXKernelWeights) and not fragment_layout:
-        return weight
-    if isinstance(weight, (MXTensor, MXKernelWeights, MXFragmentWeights)):
-        weight = as_mx_tensor(weight)
+    """``weight`` as the kernels read it: MX weights as a :class:`QArray` in the fragment layout (with
+    ``fragment_layout``) or the chunk layout (without); 8-bit or float weights as an ``[E, N, K]`` array.
+    MX weights in another layout are re-laid (a pass over them on every call: lay them out once after
+    loading, ``QuarkMoE.prepare_for_kernels``)."""
+    if isinstance(weight, QArray) and weight.kind == "mx":
+        layout = FRAGMENT_LAYOUT if fragment_layout else CHUNK_LAYOUT
+        if weight.layout == layout:
+            return weight
         try:
             if fragment_layout:
                 return to_fragment_layout(weight)
             return to_kernel_layout(weight, DEFAULT_CHUNK)
         except ValueError as e:
             raise NotImplementedError(f"{backend} backend: {name}: {e}") from None
+    if isinstance(weight, QArray):
+        weight = weight.values
     if jnp.issubdtype(weight.dtype, jnp.floating) or weight.dtype == jnp.int8:
         if weight.shape[2] % DENSE_MIN_K:
             k = weight.shape[2]
@@ -168,7 +168,7 @@ def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, 
     """One GEMM: the fused kernel ``gemm``, or (``dequant``, prefill) bounded expert chunks dequantized to
     bfloat16 and multiplied by the same kernel with dense tiles, all chunks writing into one output buffer."""
     kwargs["out_dtype"] = dtype
-    if not (dequant and isinstance(weight, MXKernelWeights)):
+    if not (dequant and isinstance(weight, QArray) and weight.layout == CHUNK_LAYOUT):
         return gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales=col_scales, **kwargs)
     num_experts, n, k = weight.shape
     per_chunk = max(1, PREFILL_DEQUANT_CAP_BYTES // (2 * n * k))
@@ -238,7 +238,7 @@ def _fused_forward(
     device_kind = jax.devices()[0].device_kind
     num_global = num_local if expert_map is None else expert_map.shape[0]
     touched, rows_per_expert = expected_load(num_pairs, num_local, num_global)
-    fragment = isinstance(w13, MXFragmentWeights) and isinstance(w2, MXFragmentWeights)
+    fragment = all(isinstance(w, QArray) and w.layout == FRAGMENT_LAYOUT for w in (w13, w2))
     config1, config2 = tile_configs(
         device_kind, rows_per_expert, touched, "triton_mx" if fragment else "pallas", contractions=(h_pad, i_pad)
     )

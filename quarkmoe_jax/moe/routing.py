@@ -24,7 +24,8 @@ __all__ = ["RoutingConfig", "route", "router_logits"]
 
 @dataclasses.dataclass(frozen=True)
 class RoutingConfig:
-    """How router logits become ``(topk_weights, topk_ids)``; read from the architecture's config.json."""
+    """How router logits become ``(topk_weights, topk_ids)``; read from the architecture's config.json
+    (``MoEArchitecture.routing``)."""
 
     top_k: int
     scoring: str = "softmax"
@@ -42,15 +43,8 @@ class RoutingConfig:
 
     @classmethod
     def from_architecture(cls, arch) -> RoutingConfig:
-        return cls(
-            top_k=arch.top_k,
-            scoring=arch.scoring,
-            renormalize=arch.renormalize,
-            softmax_after_topk=arch.softmax_after_topk,
-            num_expert_group=arch.num_expert_group,
-            topk_group=arch.topk_group,
-            routed_scaling_factor=arch.routed_scaling_factor,
-        )
+        """The routing of a :class:`~quarkmoe_jax.checkpoint.architectures.MoEArchitecture` (which holds one)."""
+        return arch.routing
 
 
 def router_logits(x, weight, bias=None):

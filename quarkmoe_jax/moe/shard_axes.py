@@ -1,7 +1,7 @@
 """Which mesh axes split a sharded MoE forward's tensors, so that dynamic activation scales computed on one
 shard equal those of the whole (single-device) tensor.
 
-A backend core running inside ``shard_map`` (:mod:`quarkmoe_jax.sharding`) sees a slice of the work: the
+A backend core running inside ``shard_map`` (:mod:`quarkmoe_jax.moe.sharded`) sees a slice of the work: the
 tokens of one data-parallel group, the pairs routed to its local experts, a slice of the intermediate
 dimension ``I``. A dynamic scale covers a set of values; where that set is split across devices, its
 ``amax`` is reduced (``lax.pmax``) over the splitting axes. MX scales cover 32 elements of one row inside a

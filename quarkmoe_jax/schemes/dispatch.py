@@ -19,6 +19,7 @@ from quarkmoe_jax.schemes.w8a8 import Fp8W8A8Scheme, Int8W8A8Scheme
 __all__ = ["get_moe_scheme", "MX_WEIGHT_DTYPES"]
 
 MX_WEIGHT_DTYPES = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3"}
+MXFP8_DTYPE = "fp8_e4m3"  # with qscheme per_group (group 32, e8m0 scales): MXFP8, not FP8 W8A8
 
 
 def get_moe_scheme(
@@ -77,9 +78,7 @@ def _require(spec: TensorSpec, key: str, expected, scheme: str, where: str) -> N
 
 def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme:
     weight, act = config.weight, config.input_tensors
-    if weight.dtype == "fp8_e4m3":
-        raise SchemeError(f"MXFP8 weights (fp8_e4m3 per_group){where} are not supported (QuarkW8A8Mxfp8MoEMethod)")
-    weight_format = MX_WEIGHT_DTYPES[weight.dtype]
+    weight_format = "mxfp8_e4m3" if weight.dtype == MXFP8_DTYPE else MX_WEIGHT_DTYPES[weight.dtype]
     scheme = f"w_{weight_format}"
     _require(weight, "qscheme", "per_group", scheme, " weight" + where)
     _require(weight, "group_size", 32, scheme, " weight" + where)
@@ -93,9 +92,12 @@ def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme
     if act is None:
         activation = ActivationQuant("none")
     elif act.dtype == "fp8_e4m3":
-        if act.is_dynamic:
-            if act.qscheme == "per_group":
-                raise SchemeError(f"{scheme}{where}: dynamic MXFP8 activations (fp8_e4m3 per_group) are not supported")
+        if act.is_dynamic and act.qscheme == "per_group":  # MXFP8 activations (vLLM's Mxfp8Dynamic key)
+            scheme += "_a_mxfp8_e4m3"
+            _require(act, "group_size", 32, scheme, " input_tensors" + where)
+            mode = (act.scale_calculation_mode or "even") if semantics == "quark" else "even"
+            activation = ActivationQuant("mx", "mxfp8_e4m3", dynamic=True, scale_mode=mode)
+        elif act.is_dynamic:
             granularity = "token" if act.qscheme == "per_channel" else "tensor"
             scheme += f"_a_fp8_dynamic_{granularity}"
             activation = ActivationQuant("fp8", dynamic=True, granularity=_dynamic_granularity(act, semantics))

@@ -1,12 +1,15 @@
-"""OCP MX weights (MXFP4 / MXFP6) with any activation quantization: vLLM's ``QuarkOCP_MX_MoEMethod``.
+"""OCP MX weights (MXFP4 / MXFP6 / MXFP8) with any activation quantization: vLLM's ``QuarkOCP_MX_MoEMethod``
+and, for MXFP8 (e4m3 elements), ``QuarkW8A8Mxfp8MoEMethod``.
 
 Weights stay packed exactly as Quark wrote them: ``w13_weight`` uint8 ``[E, S*I, packed(H)]``, ``w2_weight``
-uint8 ``[E, H, packed(I)]`` and E8M0 scales ``[E, N, K/32]``, wrapped in :class:`MXTensor`. Hidden and
+uint8 ``[E, H, packed(I)]`` (MXFP8: one e4m3 code per byte; a float8_e4m3fn checkpoint tensor is read as its
+bit pattern) and E8M0 scales ``[E, N, K/32]``, wrapped in a checkpoint-layout :class:`QArray`. Hidden and
 intermediate sizes are padded up to a multiple of 32 (zero codes, scale code 127 = 1.0), as vLLM's emulation
 does.
 
-Activations: none (W4A16 / W6A16), dynamic MXFP4 / MXFP6, static per-tensor FP8, or dynamic FP8 per token /
-per tensor. vLLM runs 7 of these pairs; it refuses weight-only MXFP6 (an assertion), MXFP6 weights with FP8
+Activations: none (W4A16 / W6A16 / W8A16), dynamic MXFP4 / MXFP6 / MXFP8, static per-tensor FP8, or dynamic
+FP8 per token / per tensor. vLLM's MXFP8 method takes no bias; here a bias is added as for the other schemes.
+vLLM runs 7 of these pairs; it refuses weight-only MXFP6 (an assertion), MXFP6 weights with FP8
 activations and any MX weights with dynamic FP8 activations, and pairs outside its table (e.g. MXFP6 weights
 with MXFP4 activations). Every pair is well defined (dequantize the weights, fake-quantize the GEMM inputs),
 so we run all of them.
@@ -17,10 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from quarkmoe_jax.errors import CheckpointError
-from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE, MXTensor, mx_format
+from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE, QArray, mx_format
 from quarkmoe_jax.schemes.base import (
     ActivationQuant,
     MoEQuantConfig,
@@ -94,8 +98,11 @@ class OcpMxScheme(MoEScheme):
 
     def _load_weight(self, buffers, tensor, expert, shard, name):
         fmt = self.weight_format
+        if fmt.bits == 8 and tensor.dtype == ml_dtypes.float8_e4m3fn:  # MXFP8 codes stored as e4m3 values
+            tensor = tensor.view(np.uint8)
         if tensor.dtype != np.uint8:
-            raise CheckpointError(f"{name}: packed {fmt.name} weights must be uint8 codes, found dtype {tensor.dtype}")
+            stored = "uint8 codes" + (" or float8_e4m3fn" if fmt.bits == 8 else "")
+            raise CheckpointError(f"{name}: packed {fmt.name} weights must be {stored}, found dtype {tensor.dtype}")
         k = self._logical_k(shard)
         if (k * fmt.bits) % 8:
             raise CheckpointError(f"{name}: contraction length {k} cannot be packed as {fmt.name}")
@@ -115,8 +122,8 @@ class OcpMxScheme(MoEScheme):
     def process_weights_after_loading(self, buffers: dict[str, np.ndarray]) -> dict[str, Any]:
         fmt = self.weight_format
         params: dict[str, Any] = {
-            "w13": MXTensor(jnp.asarray(buffers["w13_weight"]), jnp.asarray(buffers["w13_weight_scale"]), fmt),
-            "w2": MXTensor(jnp.asarray(buffers["w2_weight"]), jnp.asarray(buffers["w2_weight_scale"]), fmt),
+            "w13": QArray(jnp.asarray(buffers["w13_weight"]), jnp.asarray(buffers["w13_weight_scale"]), fmt),
+            "w2": QArray(jnp.asarray(buffers["w2_weight"]), jnp.asarray(buffers["w2_weight_scale"]), fmt),
         }
         params.update(self._bias_and_input_scale_params(buffers))
         return params

@@ -12,12 +12,14 @@ from quarkmoe_jax.formats.fragment_layout import (
     FRAGMENT_FORMATS,
     LOW_SOURCE_BITS,
     SOURCE_BITS,
-    MXFragmentWeights,
     decode_fragment_words,
+    exact_scales,
     fast_scale_max,
+    fragment_qarray,
+    padded_shape,
     to_fragment_layout,
 )
-from quarkmoe_jax.formats.kernel_layout import as_mx_tensor, to_kernel_layout
+from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 
 
 def random_mx(key, shape, scale_low=100, scale_high=140, fmt="mxfp4"):
@@ -38,16 +40,16 @@ def test_round_trip_and_decode_are_exact(key, shape, fmt):
     layout holds the packed bytes plus the padding (6 bits per FP6 element)."""
     weights = random_mx(key, shape, fmt=fmt)
     fragment = to_fragment_layout(weights)
-    assert isinstance(fragment, MXFragmentWeights) and fragment.shape == shape
-    _, n_pad, k_pad = fragment.padded_shape
+    assert fragment.layout == "fragment" and fragment.shape == shape
+    _, n_pad, k_pad = padded_shape(fragment)
     assert n_pad % 128 == 0 and k_pad % 128 == 0 and n_pad - shape[1] < 128 and k_pad - shape[2] < 128
-    back = fragment.to_mx()
+    back = fragment.to_checkpoint_layout()
     np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(weights.packed))
     np.testing.assert_array_equal(np.asarray(back.scales), np.asarray(weights.scales))
     np.testing.assert_array_equal(decode_fragment_words(fragment), np.asarray(weights.dequantize(jnp.float32)))
     bits = qm.MX_FORMATS[fmt].bits
     assert fragment.nbytes == shape[0] * (n_pad * k_pad * bits // 8 + n_pad * k_pad // 32)
-    assert fragment.format_name == fmt and (fragment.low_bits is None) == (fmt == "mxfp4")
+    assert fragment.qtype.element == fmt and (fragment.extra is None) == (fmt == "mxfp4")
 
 
 @pytest.mark.parametrize("fmt", FRAGMENT_FORMATS)
@@ -62,7 +64,7 @@ def test_every_scale_code_decodes_and_the_fast_path_flag(fmt):
     packed = np.asarray(qm.formats.mx.pack_codes(element_codes, fmt_))
     weights = qm.MXTensor(jnp.asarray(packed), jnp.asarray(scales), fmt_)
     fragment = to_fragment_layout(weights)
-    assert fragment.exact_scales
+    assert exact_scales(fragment)
     want = np.asarray(weights.dequantize(jnp.float32), np.float64)
     with np.errstate(over="ignore"):  # 6 * 2^127 overflows float32, as it does bf16 in the kernels
         got = decode_fragment_words(fragment).astype(np.float32)
@@ -72,7 +74,7 @@ def test_every_scale_code_decodes_and_the_fast_path_flag(fmt):
     got_nan = decode_fragment_words(to_fragment_layout(qm.MXTensor(weights.packed, nan, weights.fmt)))
     assert np.isnan(got_nan[0, 0, :32]).all() and np.isfinite(got_nan[0, 0, 32:]).all()
     small = to_fragment_layout(random_mx(jax.random.key(1), (1, 64, 128), 100, fast_scale_max(fmt) + 1, fmt))
-    assert not small.exact_scales
+    assert not exact_scales(small)
     assert fast_scale_max(fmt) == (130 if fmt == "mxfp6_e3m2" else 128)
 
 
@@ -85,8 +87,8 @@ def test_source_bits_are_a_permutation_of_the_word():
 def test_layout_under_jit_takes_the_exact_scale_path(key):
     weights = random_mx(key, (2, 64, 128))
     fragment = jax.jit(to_fragment_layout)(weights)
-    assert fragment.exact_scales
-    np.testing.assert_array_equal(np.asarray(fragment.to_mx().packed), np.asarray(weights.packed))
+    assert exact_scales(fragment)
+    np.testing.assert_array_equal(np.asarray(fragment.to_checkpoint_layout().packed), np.asarray(weights.packed))
 
 
 @pytest.mark.parametrize("fmt", FRAGMENT_FORMATS)
@@ -94,21 +96,21 @@ def test_layouts_convert_into_each_other(key, fmt):
     weights = random_mx(key, (2, 64, 256), fmt=fmt)
     fragment = to_fragment_layout(weights)
     chunked = to_kernel_layout(fragment)
-    np.testing.assert_array_equal(np.asarray(as_mx_tensor(chunked).packed), np.asarray(weights.packed))
-    np.testing.assert_array_equal(np.asarray(fragment[1:].to_mx().packed), np.asarray(weights.packed[1:]))
+    np.testing.assert_array_equal(np.asarray(chunked.to_checkpoint_layout().packed), np.asarray(weights.packed))
+    np.testing.assert_array_equal(np.asarray(fragment[1:].packed), np.asarray(weights.packed[1:]))
 
 
 def test_the_fragment_layout_refuses_what_it_cannot_hold(key):
     w4 = random_mx(key, (2, 64, 128))
     with pytest.raises(ValueError, match=r"\[E, N, K\]"):
         to_fragment_layout(qm.MXTensor(w4.packed[0], w4.scales[0], w4.fmt))
-    with pytest.raises(TypeError, match="MXTensor"):
+    with pytest.raises(TypeError, match="QArray"):
         to_fragment_layout(jnp.zeros((2, 64, 128)))
     fragment = to_fragment_layout(random_mx(key, (2, 64, 128), fmt="mxfp6_e3m2"))
     with pytest.raises(ValueError, match="need low_bits"):
-        MXFragmentWeights(fragment.words, fragment.scales, 64, 128, format_name="mxfp6_e3m2")
+        fragment_qarray(fragment.values, fragment.scales, 64, 128, fmt="mxfp6_e3m2")
     with pytest.raises(ValueError, match="one of"):
-        MXFragmentWeights(fragment.words, fragment.scales, 64, 128, format_name="mxfp8")
+        fragment_qarray(fragment.values, fragment.scales, 64, 128, fmt="mxfp8_e4m3")
 
 
 def test_layout_of_weights_captured_by_a_jit_reads_their_scales(key):
@@ -119,8 +121,8 @@ def test_layout_of_weights_captured_by_a_jit_reads_their_scales(key):
     @jax.jit
     def f(x):
         fragment = to_fragment_layout(weights)
-        flags.append(fragment.exact_scales)
-        return x + fragment.words.sum()
+        flags.append(exact_scales(fragment))
+        return x + fragment.values.sum()
 
     f(jnp.int32(0))
     assert flags == [False]

@@ -16,7 +16,7 @@ import quarkmoe_jax as qm
 from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE
 
 DATA = pathlib.Path(__file__).parents[1] / "golden" / "data"
-QUARK_TO_OURS = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3"}
+QUARK_TO_OURS = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3", "fp8_e4m3": "mxfp8_e4m3"}
 DTYPES = {
     "float32": (np.float32, np.uint32),
     "bfloat16": (ml_dtypes.bfloat16, np.uint16),

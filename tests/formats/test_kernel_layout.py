@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from quarkmoe_jax.formats import quantize
-from quarkmoe_jax.formats.kernel_layout import MXKernelWeights, chunk_sizes, to_kernel_layout
+from quarkmoe_jax.formats.kernel_layout import chunk_sizes, to_kernel_layout
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e3m2", "mxfp6_e2m3"])
@@ -17,7 +17,7 @@ def test_round_trip_is_bit_exact(key, fmt, k):
     t = quantize(jax.random.normal(key, (3, 5, k)), fmt)
     kl = to_kernel_layout(t)
     assert kl.nbytes == t.nbytes  # same storage as Quark's packing
-    back = kl.to_mx()
+    back = kl.to_checkpoint_layout()
     np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(t.packed))
     np.testing.assert_array_equal(np.asarray(back.scales), np.asarray(t.scales))
     np.testing.assert_array_equal(np.asarray(kl.dequantize(jnp.float32)), np.asarray(t.dequantize(jnp.float32)))
@@ -26,10 +26,10 @@ def test_round_trip_is_bit_exact(key, fmt, k):
 
 def test_fp4_nibble_placement():
     codes = (jnp.arange(256) % 16).astype(jnp.uint8)[None]  # chunks 128 and 128
-    from quarkmoe_jax.formats.mx import MXTensor, pack_codes
+    from quarkmoe_jax.formats import MXTensor, pack_codes
 
     t = MXTensor.from_arrays(pack_codes(codes, "mxfp4"), jnp.full((1, 8), 127, jnp.uint8), "mxfp4")
-    nib = np.asarray(to_kernel_layout(t).nibbles[0])
+    nib = np.asarray(to_kernel_layout(t).values[0])
     c = np.asarray(codes[0])
     for j in (0, 5, 63, 64 + 7):
         chunk, byte = divmod(j, 64)
@@ -43,6 +43,6 @@ def test_chunks_and_bad_input():
         chunk_sizes(100)
     with pytest.raises(ValueError, match="multiple of 64"):
         to_kernel_layout(quantize(jnp.ones((2, 96)), "mxfp6_e2m3"))
-    with pytest.raises(TypeError, match="MXTensor"):
+    with pytest.raises(TypeError, match="QArray"):
         to_kernel_layout(jnp.ones((2, 64)))
-    assert isinstance(to_kernel_layout(quantize(jnp.ones((2, 64)), "mxfp4")), MXKernelWeights)
+    assert to_kernel_layout(quantize(jnp.ones((2, 64)), "mxfp4")).layout == "chunk"

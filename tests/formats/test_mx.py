@@ -59,6 +59,7 @@ def representable_blocks(fmt, key, rows=8, k=128):
     """Values exactly on the MX grid: element grid values times one power of two per block."""
     element = qm.MX_FORMATS[fmt].element
     grid = el.decode_table(element)
+    grid = grid[np.isfinite(grid)]  # e4m3fn (MXFP8) has NaN codes
     k1, k2 = jax.random.split(key)
     picks = np.asarray(jax.random.randint(k1, (rows, k), 0, grid.size))
     exps = np.asarray(jax.random.randint(k2, (rows, k // 32), -20, 20))
@@ -232,7 +233,7 @@ def test_fast_rescale_path_is_bit_identical_to_the_exact_path(fmt, dtype, key, m
     t = qm.quantize(x, fmt)
     assert int(jnp.abs(t.scales.astype(jnp.int32) - 127).max()) > 60  # a wide spread of in-range scales
     fast_deq, fast_qdq = t.dequantize(dtype), qm.quant_dequant(x.astype(dtype), fmt)
-    monkeypatch.setattr(mx, "_FAST_EXPONENT_RANGE", (0, -1))  # no exponent is in range: exact path only
+    monkeypatch.setattr(mx, "_fast_exponent_range", lambda fmt: (0, -1))  # no exponent is in range: exact path only
     exact_deq, exact_qdq = t.dequantize(dtype), qm.quant_dequant(x.astype(dtype), fmt)
     for fast, exact in ((fast_deq, exact_deq), (fast_qdq, exact_qdq)):
         bits = np.uint32 if dtype == jnp.float32 else np.uint16

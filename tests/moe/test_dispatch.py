@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from quarkmoe_jax.kernels.configs import expected_load, regime
 
+from quarkmoe_jax.kernels.configs import expected_load, regime
 from quarkmoe_jax.moe.dispatch import max_row_tiles, sort_pairs, tile_rows
 
 

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from quarkmoe_jax.kernels.grouped_gemm import decode_mx_piece
 
 from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint
 from quarkmoe_jax.checkpoint.loader import linear_expert_map
 from quarkmoe_jax.formats import mx_format
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
+from quarkmoe_jax.kernels.grouped_gemm import decode_mx_piece
 from quarkmoe_jax.moe import fused, pallas_backend
 from tests.moe.backend_suite import AMAX, BackendSuite, inputs, random_experts
 
@@ -51,7 +51,7 @@ def test_in_kernel_decode_is_exact_for_every_code_and_scale(fmt):
     scales = jnp.arange(255, dtype=jnp.int32)
     got = decode_mx_piece(jnp.tile(codes, (255, 32 // codes.size or 1))[:, :32], scales[:, None], f, 32)
     packed_codes = jnp.tile(codes, (255, 32 // codes.size or 1))[:, :32].astype(jnp.uint8)
-    from quarkmoe_jax.formats.mx import MXTensor, pack_codes
+    from quarkmoe_jax.formats import MXTensor, pack_codes
 
     want = MXTensor(pack_codes(packed_codes, f), jnp.repeat(scales[:, None], 1, 1).astype(jnp.uint8), f).dequantize(
         jnp.bfloat16
@@ -67,9 +67,8 @@ def test_in_kernel_decode_is_exact_for_every_code_and_scale(fmt):
 def test_tile_options_do_not_change_the_result(fmt, key):
     """k_unroll and swap_ab reorganise the K loop, never the summation order: bit-identical output
     (gated epilogue, K = 5 full chunks + a 64 tail so the unrolled loop leaves a remainder, an empty tile)."""
+    from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
     from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
-
-    from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
 
     f = mx_format(fmt)
     k_dim, n_rows = 704, 128
@@ -77,7 +76,7 @@ def test_tile_options_do_not_change_the_result(fmt, key):
     nibbles = jax.random.randint(k1, (2, n_rows, k_dim // 2), 0, 256).astype(jnp.uint8)
     high = jax.random.randint(k2, (2, n_rows, k_dim // 4), 0, 256).astype(jnp.uint8) if f.bits == 6 else None
     scales = jax.random.randint(k3, (2, n_rows, k_dim // 32), 118, 128).astype(jnp.uint8)
-    weight = MXKernelWeights(nibbles, high, scales, f, 128)
+    weight = chunk_layout_qarray(nibbles, high, scales, f, 128)
     a = jax.random.normal(k4, (48, k_dim), jnp.float32)
     tile_expert = jnp.array([1, 0, -1], jnp.int32)
     results = [
@@ -109,14 +108,13 @@ def test_split_k_matches_one_pass(key):
     """split_k: float32 partial sums over K splits (the last one takes the 64-element tail), reduced and
     epilogued by XLA (row scales, bias, router weights; a gated activation on [gate; up] and on interleaved
     rows); equal to one pass up to summation order."""
+    from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
     from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
-
-    from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
 
     f = mx_format("mxfp4")
     k_dim, n_rows = 576, 64
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-    weight = MXKernelWeights(
+    weight = chunk_layout_qarray(
         jax.random.randint(k1, (2, n_rows, k_dim // 2), 0, 256).astype(jnp.uint8),
         None,
         jax.random.randint(k2, (2, n_rows, k_dim // 32), 118, 128).astype(jnp.uint8),
@@ -180,9 +178,8 @@ def test_compiled_decode_is_bit_exact_including_subnormals(decoder, monkeypatch)
     """Compiled dequantize kernel: every FP4 byte under every E8M0 code 0..255 (row n holds scale codes
     n..n+3, byte j of row n is (n + j) mod 256) against an exact numpy decode, subnormal bfloat16 results and
     overflow to inf included; code 255 gives NaN. "asm" is the packed PTX decode the fused kernels use."""
+    from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
     from quarkmoe_jax.kernels import grouped_gemm as kernel_module
-
-    from quarkmoe_jax.formats.kernel_layout import MXKernelWeights
 
     monkeypatch.setattr(kernel_module, "DECODE", decoder)
     jax.clear_caches()
@@ -190,7 +187,7 @@ def test_compiled_decode_is_bit_exact_including_subnormals(decoder, monkeypatch)
     rows = np.arange(256)
     nibbles = ((rows[:, None] + np.arange(64)[None, :]) % 256).astype(np.uint8)[None]
     scales = ((rows[:, None] + np.arange(4)[None, :]) % 256).astype(np.uint8)[None]
-    weight = MXKernelWeights(jnp.asarray(nibbles), None, jnp.asarray(scales), f, 128)
+    weight = chunk_layout_qarray(jnp.asarray(nibbles), None, jnp.asarray(scales), f, 128)
     got = np.asarray(kernel_module.dequantize_to_bfloat16(weight))
     codes = np.asarray(weight.codes()).astype(np.int64)
     magnitude = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])[codes & 7] * np.where(codes & 8, -1.0, 1.0)
@@ -230,7 +227,7 @@ def test_prepare_for_kernels_keeps_every_backend_exact(key):
     before = {b: np.asarray(experts.apply(x, weights, ids, backend=b)) for b in ("emulation", "pallas")}
     dequantized = np.asarray(experts.dequantized_weights()[0])
     experts.prepare_for_kernels()
-    assert type(experts.params()["w13"]).__name__ == "MXKernelWeights"
+    assert experts.params()["w13"].layout == "chunk"
     for b, out in before.items():
         np.testing.assert_array_equal(np.asarray(experts.apply(x, weights, ids, backend=b)), out)
     np.testing.assert_array_equal(np.asarray(experts.dequantized_weights()[0]), dequantized)

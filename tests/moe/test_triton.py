@@ -4,9 +4,9 @@ without it: the module imports, a call says what is missing, and ``auto`` moves 
 import jax
 import jax.numpy as jnp
 import pytest
-from quarkmoe_jax.kernels.triton_grouped_gemm import unavailable_reason
 
 from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, scheme_layer_config
+from quarkmoe_jax.kernels.triton_grouped_gemm import unavailable_reason
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.schemes import get_moe_scheme
 from tests.moe.backend_suite import BackendSuite, inputs, random_experts
@@ -113,13 +113,13 @@ def test_v2_kernel_decodes_every_code_at_every_scale_exactly(fmt_name, max_scale
     of the decode (float64: bf16 subnormals exact) for every element code next to every scale code, on the
     one-multiply scale path (codes <= 128) and the two-multiply one (up to 250: no product overflows)."""
     import numpy as np
+
+    from quarkmoe_jax.formats.fragment_layout import decode_fragment_words, exact_scales, to_fragment_layout
     from quarkmoe_jax.kernels.grouped_gemm import TileConfig
     from quarkmoe_jax.kernels.triton_mx_gemm import mx_fragment_gemm
 
-    from quarkmoe_jax.formats.fragment_layout import decode_fragment_words, to_fragment_layout
-
     fragment = to_fragment_layout(_every_code_and_scale(fmt_name, max_scale))
-    assert fragment.exact_scales == (max_scale > 128)
+    assert exact_scales(fragment) == (max_scale > 128)
     k = fragment.k
     config = TileConfig(16, 64, 4, 3, split_k=1)
     identity = jnp.eye(k, dtype=jnp.bfloat16)

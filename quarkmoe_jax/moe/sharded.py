@@ -1,8 +1,14 @@
-"""Expert- and tensor-parallel MoE over a ``jax.sharding.Mesh`` (docs/distributed.md).
+"""The MoE experts op split over a ``jax.sharding.Mesh``: expert, tensor and data parallelism (docs/distributed.md).
+
+:class:`MoESharding` says how a layer is split; :func:`sharded_moe_experts` runs any backend's forward on
+every shard inside ``shard_map``, behind the op's entry (:func:`quarkmoe_jax.moe.entry.bucketed`: input
+checks, token buckets); :func:`exchange_bytes` models what it sends. The parameter layout is in
+:mod:`quarkmoe_jax.moe.shard_layout`; per-shard loading from a checkpoint in
+:mod:`quarkmoe_jax.checkpoint.sharded_loading`.
 
 * **Expert parallelism (EP)**: the experts are split over the mesh's ``expert`` axis, with vLLM's linear or
-  round-robin placement (:func:`~quarkmoe_jax.checkpoint.loader.linear_expert_map`); a shard holds
-  ``ceil(E / ep)`` expert slots (the last slot of a shard with fewer experts is an unused zero expert).
+  round-robin placement (:func:`placement_expert_map`); a shard holds ``ceil(E / ep)`` expert slots
+  (the last slot of a shard with fewer experts is an unused zero expert).
 * **Tensor parallelism (TP)**: the intermediate dimension ``I`` is split over the ``tensor`` axis in
   32-aligned slices (whole MX scale blocks; ``I`` is padded with zero channels up to ``tp`` slices): each
   shard holds its ``[gate; up]`` rows of w13 (vLLM's narrowing) and the matching columns of w2; GEMM2's
@@ -32,57 +38,50 @@ rounding).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
 import math
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from quarkmoe_jax.checkpoint.loader import (
-    IntermediateSlice,
-    LoadedExperts,
-    linear_expert_map,
-    load_experts,
-    load_moe_block,
-    plan_experts,
-    read_selected,
-    round_robin_expert_map,
-)
-from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
-from quarkmoe_jax.formats import MXTensor
-from quarkmoe_jax.formats.kernel_layout import as_mx_tensor, to_kernel_layout
+from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 from quarkmoe_jax.moe import op
-from quarkmoe_jax.moe.entry import token_bucket, validate_moe_inputs
+from quarkmoe_jax.moe.entry import bucketed
 from quarkmoe_jax.moe.shard_axes import ShardAxes
-from quarkmoe_jax.schemes import MoEQuantConfig, MoEScheme, MoEShape
+from quarkmoe_jax.moe.shard_layout import param_specs
 
 __all__ = [
     "MoESharding",
     "moe_mesh",
     "PLACEMENTS",
     "EXCHANGES",
-    "shard_params",
-    "param_specs",
+    "placement_expert_map",
     "sharded_moe_experts",
-    "kernel_layout_per_shard",
     "exchange_bytes",
-    "load_sharded_experts",
-    "load_sharded_moe_block",
 ]
 
 PLACEMENTS = ("linear", "round_robin")
 EXCHANGES = ("auto", "all_gather", "all_to_all")
 TP_ALIGN = MX_BLOCK_SIZE
-_NEUTRAL_E8M0 = 127
+
+
+def placement_expert_map(placement: str, num_experts: int, ep_size: int, ep_rank: int) -> np.ndarray:
+    """``[E]`` int32: global expert -> local slot on EP rank ``ep_rank``, -1 elsewhere, for vLLM's placements:
+    "linear" (contiguous ranges, the first ``E % ep`` ranks one extra) or "round_robin" (rank ``r`` holds
+    ``r, r + ep, r + 2 ep, ...``)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; expected one of {PLACEMENTS}")
+    experts = np.arange(num_experts)
+    local = np.array_split(experts, ep_size)[ep_rank] if placement == "linear" else experts[ep_rank::ep_size]
+    expert_map = np.full(num_experts, -1, np.int32)
+    expert_map[local] = np.arange(local.size, dtype=np.int32)
+    return expert_map
 
 
 def moe_mesh(*, data: int = 1, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -187,12 +186,15 @@ class MoESharding:
     def experts_per_shard(self, num_experts: int) -> int:
         return -(-num_experts // self.ep)
 
+    def expert_slots(self, num_experts: int) -> int:
+        """Expert slots of the sharded arrays: ``ep`` shards of ``ceil(E / ep)``."""
+        return self.ep * self.experts_per_shard(num_experts)
+
     def expert_map(self, num_experts: int, ep_rank: int) -> np.ndarray:
         """``[E]`` int32: global expert -> local slot on EP shard ``ep_rank``, -1 elsewhere (vLLM's map)."""
         if self.ep == 1:
             return np.arange(num_experts, dtype=np.int32)
-        make = linear_expert_map if self.placement == "linear" else round_robin_expert_map
-        return make(num_experts, self.ep, ep_rank)
+        return placement_expert_map(self.placement, num_experts, self.ep, ep_rank)
 
     def expert_maps(self, num_experts: int) -> np.ndarray:
         """``[ep, E]`` int32: every EP shard's expert map."""
@@ -202,7 +204,7 @@ class MoESharding:
         """``[ep * E_local]`` global expert in each slot of the sharded arrays (shard-major); ``num_experts``
         marks an unused slot."""
         per = self.experts_per_shard(num_experts)
-        order = np.full(self.ep * per, num_experts, np.int64)
+        order = np.full(self.expert_slots(num_experts), num_experts, np.int64)
         for rank, expert_map in enumerate(self.expert_maps(num_experts)):
             for g in np.flatnonzero(expert_map >= 0):
                 order[rank * per + expert_map[g]] = g
@@ -214,10 +216,6 @@ class MoESharding:
             return intermediate_size
         per_shard = -(-intermediate_size // self.tp)
         return -(-per_shard // TP_ALIGN) * TP_ALIGN
-
-    def intermediate_slice(self, intermediate_size: int, tp_rank: int, mx_bits=None) -> IntermediateSlice:
-        size = self.intermediate_per_shard(intermediate_size)
-        return IntermediateSlice(tp_rank * size, size, intermediate_size, mx_bits)
 
     def local_shape(self, shape: MoEShape) -> MoEShape:
         """One shard's experts: ``E_local`` slots and ``I`` per shard (a scheme's own padding of ``I`` to
@@ -247,138 +245,6 @@ class MoESharding:
         return max(1, min(tokens_per_shard, -(-rows // 8) * 8))
 
 
-# ------------------------------------------------------------------------------------- parameter layout
-
-
-def _leaf_spec(name: str, ndim: int, per_channel: bool, s: MoESharding) -> P:
-    e, t = s.expert_axis if s.ep > 1 else None, s.tensor_axis if s.tp > 1 else None
-    if name == "w13":
-        return P(e, t, None)
-    if name == "w2":
-        return P(e, None, t)
-    if name in ("w13_weight_scale", "w13_bias"):
-        if ndim == 2:
-            return P(e, t if per_channel or name == "w13_bias" else None)
-        return P(e)
-    if name in ("w2_weight_scale", "w2_bias"):
-        return P(e, None) if ndim == 2 else P(e)
-    if name in ("w13_input_scale", "w2_input_scale"):
-        return P() if ndim == 0 else P(e)
-    raise ValueError(f"unknown MoE parameter {name!r}")
-
-
-def param_specs(params: dict[str, Any], sharding: MoESharding, num_rows13: int) -> dict[str, Any]:
-    """The ``PartitionSpec`` of every parameter leaf in the sharded layout (MX leaves share their tensor's).
-
-    ``num_rows13``: w13's rows per shard (``S * I_local``), to tell per-channel from per-shard scales."""
-    specs = {}
-    for name, value in params.items():
-        ndim = len(value.shape)
-        per_channel = name == "w13_weight_scale" and ndim == 2 and value.shape[1] % num_rows13 == 0
-        spec = _leaf_spec(name, ndim, per_channel, sharding)
-        specs[name] = jax.tree.map(lambda _, spec=spec: spec, value)
-    return specs
-
-
-def _rows_by_tensor_shard(a, shards: int, interleaved: bool, i_stored: int, i_local: int, tp: int, fill):
-    """w13-like ``[E, S*I, ...]`` -> ``[E, tp*S*I_local, ...]``: each tensor shard's ``[gate; up]`` rows
-    contiguous (interleaved gpt-oss rows are already in channel order), ``I`` padded with ``fill``."""
-    e, rest = a.shape[0], a.shape[2:]
-    if interleaved:
-        a = a.reshape(e, i_stored, 2, *rest)
-        a = _pad_axis(a, 1, tp * i_local, fill)
-        return a.reshape(e, tp * i_local * 2, *rest)
-    a = a.reshape(e, shards, i_stored, *rest)
-    a = _pad_axis(a, 2, tp * i_local, fill)
-    a = a.reshape(e, shards, tp, i_local, *rest)
-    a = jnp.swapaxes(a, 1, 2)
-    return a.reshape(e, tp * shards * i_local, *rest)
-
-
-def _pad_axis(a, axis: int, size: int, fill):
-    missing = size - a.shape[axis]
-    if missing == 0:
-        return a
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, missing)
-    return jnp.pad(a, widths, constant_values=fill)
-
-
-def _experts_by_shard(a, order: np.ndarray, fill):
-    """Leading expert axis -> the shard-major slot order (unused slots filled with ``fill``)."""
-    padded = jnp.concatenate([a, jnp.full((1, *a.shape[1:]), fill, a.dtype)], axis=0)
-    return jnp.take(padded, jnp.asarray(order), axis=0)
-
-
-def shard_params(params: dict[str, Any], shape: MoEShape, sharding: MoESharding) -> dict[str, Any]:
-    """Single-device parameters (as loaded: ``w13 [E, S*I, H]``, ``w2 [E, H, I]``, scales, biases) -> the
-    sharded layout, placed on the mesh.
-
-    The sharded arrays hold the experts shard-major (:meth:`MoESharding.slot_order`) and w13's rows tensor-
-    shard-major; each device's block is exactly the parameters :func:`load_sharded_experts` reads for it.
-    Prefer that per-shard loader for models that do not fit one device.
-    """
-    params = {k: as_mx_tensor(v) for k, v in params.items()}
-    w13, w2 = params["w13"], params["w2"]
-    i_stored = w2.shape[2]
-    shards = w13.shape[1] // i_stored
-    i_local = sharding.intermediate_per_shard(i_stored)
-    tp = sharding.tp
-    order = sharding.slot_order(w13.shape[0])
-    mx_bits = w13.fmt.bits if isinstance(w13, MXTensor) else None
-    out = {}
-    for name, value in params.items():
-        if isinstance(value, MXTensor):
-            packed, scales = value.packed, value.scales
-            if name == "w13":
-                packed = _rows_by_tensor_shard(packed, shards, shape.interleaved, i_stored, i_local, tp, 0)
-                scales = _rows_by_tensor_shard(scales, shards, shape.interleaved, i_stored, i_local, tp, 127)
-            else:
-                packed = _pad_axis(packed, 2, tp * i_local * mx_bits // 8, 0)
-                scales = _pad_axis(scales, 2, tp * i_local // MX_BLOCK_SIZE, _NEUTRAL_E8M0)
-            packed = _experts_by_shard(packed, order, 0)
-            scales = _experts_by_shard(scales, order, _NEUTRAL_E8M0)
-            out[name] = MXTensor(packed, scales, value.fmt)
-            continue
-        value = jnp.asarray(value)
-        fill = 1 if "scale" in name else 0
-        if name == "w13" or (
-            name in ("w13_weight_scale", "w13_bias") and value.ndim == 2 and value.shape[1] == w13.shape[1]
-        ):
-            value = _rows_by_tensor_shard(value, shards, shape.interleaved, i_stored, i_local, tp, fill)
-        elif name == "w2":
-            value = _pad_axis(value, 2, tp * i_local, 0)
-        if value.ndim >= 1:
-            value = _experts_by_shard(value, order, fill)
-        out[name] = value
-    specs = param_specs(out, sharding, shards * i_local)
-    return jax.tree.map(lambda v, spec: jax.device_put(v, NamedSharding(sharding.mesh, spec)), out, specs)
-
-
-def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> dict[str, Any]:
-    """Re-lay sharded MX weights for the kernels, shard by shard (w2's K is split, so the layout's K chunks
-    must be each shard's own). FP6 tensors whose per-shard K the kernels cannot take stay as they are."""
-    out = dict(params)
-    for name in ("w13", "w2"):
-        value = params[name]
-        if not isinstance(value, MXTensor):
-            continue
-        local_k = value.shape[2] // (sharding.tp if name == "w2" else 1)
-        probe = MXTensor(
-            jnp.zeros((1, local_k * value.fmt.bits // 8), jnp.uint8),
-            jnp.zeros((1, local_k // MX_BLOCK_SIZE), jnp.uint8),
-            value.fmt,
-        )
-        try:
-            to_kernel_layout(probe)
-        except ValueError:
-            continue
-        spec = _leaf_spec(name, 3, False, sharding)
-        relay = jax.shard_map(to_kernel_layout, mesh=sharding.mesh, in_specs=(spec,), out_specs=spec)
-        out[name] = jax.jit(relay)(value)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- the forward
 
 
@@ -394,6 +260,7 @@ def sharded_moe_experts(
     activation: str = "silu",
     swiglu_limit: float | None = None,
     apply_router_weight_on_input: bool = False,
+    valid_tokens=None,
     backend: str = "auto",
 ):
     """The MoE experts forward over ``sharding``'s mesh.
@@ -402,25 +269,24 @@ def sharded_moe_experts(
       x: ``[T, H]`` float32 / bfloat16 / float16 hidden states (any sharding; split over the token axes
         inside).
       topk_weights: ``[T, k]`` float32 router weights; topk_ids: ``[T, k]`` int32 global expert ids.
-      params: the sharded layout (:func:`shard_params` or the per-shard loader).
+      params: the sharded layout (:func:`~quarkmoe_jax.moe.shard_layout.shard_params` or the per-shard
+        loader).
       quant_config, shape: the layer's scheme and **global** logical sizes.
       sharding: the :class:`MoESharding`.
+      valid_tokens: optional ``[T]`` bool; False rows are padding (they contribute nothing and enter no
+        dynamic scale).
       backend: what every shard runs ("auto", "emulation", "pallas", "triton").
 
     Returns:
       ``[T, H]`` in ``x``'s dtype, split over the token axes.
     """
-    x, topk_weights, topk_ids = jnp.asarray(x), jnp.asarray(topk_weights, jnp.float32), jnp.asarray(topk_ids)
-    validate_moe_inputs(x, topk_weights, topk_ids, shape.hidden_size, shape.num_experts, apply_router_weight_on_input)
-    t = x.shape[0]
-    if t == 0:
-        return jnp.zeros((0, shape.hidden_size), x.dtype)
-    multiple = sharding.token_shards * sharding.tp
-    padded = -(-t // multiple) * multiple
-    if not isinstance(x, jax.core.Tracer):  # eager call: compile once per token bucket
-        padded = -(-token_bucket(t) // multiple) * multiple
-    pad = padded - t
-    static = dict(
+    return _sharded_entry(
+        x,
+        topk_weights,
+        topk_ids,
+        valid_tokens,
+        params,
+        num_experts=shape.num_experts,
         quant_config=quant_config,
         shape=shape,
         sharding=sharding,
@@ -429,20 +295,33 @@ def sharded_moe_experts(
         apply_router_weight_on_input=apply_router_weight_on_input,
         backend=backend,
     )
-    out = _sharded_forward(
-        jnp.pad(x, ((0, pad), (0, 0))),
-        jnp.pad(topk_weights, ((0, pad), (0, 0))),
-        jnp.pad(topk_ids.astype(jnp.int32), ((0, pad), (0, 0))),
-        jnp.arange(padded) < t,
-        params,
-        **static,
+
+
+def _sharded_core(x, topk_weights, topk_ids, valid_tokens, params, *, sharding: MoESharding, **kwargs):
+    """Pads the tokens to a multiple of the token shards (and tensor shards) as padding rows, runs
+    :func:`_shard_mapped`, and drops the padding again."""
+    t = x.shape[0]
+    multiple = sharding.token_shards * sharding.tp
+    pad = -(-t // multiple) * multiple - t
+
+    def rows(a):
+        return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+
+    out = _shard_mapped(
+        rows(x), rows(topk_weights), rows(topk_ids), rows(valid_tokens), params, sharding=sharding, **kwargs
     )
     return out[:t]
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
+def _keep_rows(out, t: int):
+    """The first ``t`` rows of an eager call's output, still split over the token axes (``host_rows`` would
+    gather them onto one device)."""
+    return out[:t]
+
+
+_sharded_entry = bucketed(
+    _sharded_core,
+    (
         "quant_config",
         "shape",
         "sharding",
@@ -451,8 +330,13 @@ def sharded_moe_experts(
         "apply_router_weight_on_input",
         "backend",
     ),
+    trim=_keep_rows,
 )
-def _sharded_forward(x, topk_weights, topk_ids, valid, params, *, quant_config, shape, sharding, backend, **kwargs):
+
+
+def _shard_mapped(x, topk_weights, topk_ids, valid, params, *, quant_config, shape, sharding, backend, **kwargs):
+    """The forward on token counts that split evenly: every shard's experts inside ``shard_map``, with the
+    all-gather or the all-to-all exchange (module docstring)."""
     s = sharding
     num_rows13 = params["w13"].shape[1] // s.tp
     specs = param_specs(params, s, num_rows13)
@@ -586,129 +470,3 @@ def exchange_bytes(
         "all_to_all": a2a,
         "auto": a2a if sharding.chosen_exchange(math.ceil(per_shard), top_k) == "all_to_all" else gather,
     }
-
-
-# ---------------------------------------------------------------------------------------- per-shard loading
-
-
-def load_sharded_experts(
-    reader: CheckpointReader,
-    prefix: str,
-    scheme: MoEScheme,
-    shape: MoEShape,
-    sharding: MoESharding,
-    *,
-    num_global_experts: int,
-    indexed: bool = True,
-    progress: bool | None = None,
-) -> LoadedExperts:
-    """Load the experts under ``prefix`` straight into the sharded layout, each shard reading only its own
-    experts and its own slice of ``I`` (w1 / w3 rows, w2 columns) from the checkpoint.
-
-    ``scheme`` is the layer's scheme (a fresh copy runs the lifecycle for every distinct shard); ``shape``
-    holds the global sizes. Shards that differ only in their data-parallel coordinate share one load.
-    Static input scales under vLLM semantics are the maximum over **all** experts (each shard reads every
-    expert's scalar input scales), so the result does not depend on the placement.
-
-    Returns :class:`LoadedExperts` whose params are global ``jax.Array`` s in the sharded layout (the same
-    arrays :func:`shard_params` would build from a whole load).
-    """
-    mesh = sharding.mesh
-    mx_format = getattr(scheme, "weight_format", None)
-    local_shape = sharding.local_shape(shape)
-    per_shard: dict[tuple[int, int], dict[str, Any]] = {}
-    device_coords = {}
-    names = mesh.axis_names
-    for index in np.ndindex(*mesh.devices.shape):
-        coords = dict(zip(names, index, strict=True))
-        ep_rank = coords[sharding.expert_axis] if sharding.ep > 1 else 0
-        tp_rank = coords[sharding.tensor_axis] if sharding.tp > 1 else 0
-        device_coords[mesh.devices[index]] = (ep_rank, tp_rank)
-    for device, (ep_rank, tp_rank) in device_coords.items():
-        if (ep_rank, tp_rank) in per_shard:
-            continue
-        expert_map = sharding.expert_map(num_global_experts, ep_rank) if indexed else None
-        if expert_map is not None and sharding.ep == 1:
-            expert_map = None
-        intermediate_slice = None
-        if sharding.tp > 1:
-            bits = mx_format.bits if mx_format is not None else None
-            intermediate_slice = sharding.intermediate_slice(shape.intermediate_size, tp_rank, bits)
-        with jax.default_device(device):
-            loaded = load_experts(
-                reader,
-                prefix,
-                copy.deepcopy(scheme),
-                local_shape,
-                num_global_experts=num_global_experts,
-                expert_map=expert_map,
-                indexed=indexed,
-                progress=progress,
-                intermediate_slice=intermediate_slice,
-            )
-        per_shard[(ep_rank, tp_rank)] = loaded.params
-    first = next(iter(per_shard.values()))
-    if first.get("w13_input_scale") is not None and jnp.ndim(first["w13_input_scale"]) == 0 and sharding.ep > 1:
-        maxima = _input_scale_maxima(reader, prefix, copy.deepcopy(scheme), shape, num_global_experts)
-        for params in per_shard.values():
-            params.update({key: jnp.asarray(value, jnp.float32) for key, value in maxima.items()})
-    num_rows13 = first["w13"].shape[1]
-    specs = param_specs(first, sharding, num_rows13)
-    params = {}
-    for name, spec_tree in specs.items():
-        leaves_by_shard = {coord: jax.tree.leaves(p[name]) for coord, p in per_shard.items()}
-        spec_leaves, treedef = jax.tree.flatten(spec_tree, is_leaf=lambda v: isinstance(v, P))
-        assembled = []
-        for i, spec in enumerate(spec_leaves):
-            local = leaves_by_shard[next(iter(leaves_by_shard))][i]
-            global_shape = list(local.shape)
-            for dim, axis in enumerate(spec):
-                if axis is not None:
-                    global_shape[dim] *= mesh.shape[axis]
-            arrays = [jax.device_put(leaves_by_shard[coord][i], device) for device, coord in device_coords.items()]
-            assembled.append(
-                jax.make_array_from_single_device_arrays(tuple(global_shape), NamedSharding(mesh, spec), arrays)
-            )
-        params[name] = jax.tree.unflatten(treedef, assembled)
-    return LoadedExperts(prefix, scheme, shape, params, None)
-
-
-def _input_scale_maxima(reader, prefix, scheme, shape, num_global_experts) -> dict[str, float]:
-    """vLLM's static input scale of each GEMM: the maximum over every expert's (scalar) input scale."""
-    _, plan = plan_experts(reader, prefix, scheme, shape, num_global_experts=num_global_experts)
-    maxima: dict[str, float] = {}
-    for entry, select, _, shard, suffix in plan:
-        if suffix != "input_scale":
-            continue
-        key = "w2_input_scale" if shard == "w2" else "w13_input_scale"
-        value = float(read_selected(reader, entry.name, select).astype(np.float32).reshape(-1)[0])
-        maxima[key] = max(maxima.get(key, value), value)
-    return maxima
-
-
-def load_sharded_moe_block(
-    path: str | pathlib.Path,
-    layer: int,
-    sharding: MoESharding,
-    *,
-    semantics: str = "vllm",
-    progress=None,
-    float_dtype=None,
-):
-    """:func:`~quarkmoe_jax.checkpoint.loader.load_moe_block` with the routed experts loaded per shard
-    (:func:`load_sharded_experts`) and the shared expert(s) tensor-parallel (replicated over the other
-    axes). The router stays whole (replicated)."""
-
-    def routed(reader, prefix, scheme, shape, num_global_experts):
-        return load_sharded_experts(
-            reader, prefix, scheme, shape, sharding, num_global_experts=num_global_experts, progress=progress
-        )
-
-    def shared(reader, prefix, scheme, shape):
-        return load_sharded_experts(
-            reader, prefix, scheme, shape, sharding.for_shared_experts(), num_global_experts=1, indexed=False
-        )
-
-    return load_moe_block(
-        path, layer, semantics=semantics, experts_loader=routed, shared_loader=shared, float_dtype=float_dtype
-    )
