@@ -43,6 +43,7 @@ from jax import lax
 
 import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import scheme_layer_config
+from quarkmoe_jax.formats import float_qarray, scaled_qarray
 from quarkmoe_jax.kernels import configs
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.fused import kernel_weights
@@ -272,7 +273,7 @@ def bench_ragged_dot_mgpu(p: Problem, w13s, repeats: int) -> float | None:
     return best
 
 
-def random_mx_weights(key, shape, fmt) -> qm.MXTensor:
+def random_mx_weights(key, shape, fmt) -> qm.QArray:
     """Seeded Gaussian expert weights quantized one expert at a time (bounded temporaries)."""
 
     @jax.jit
@@ -284,7 +285,7 @@ def random_mx_weights(key, shape, fmt) -> qm.MXTensor:
 
 def random_w8a8_weights(key, shape, kind: str, granularity: str):
     """Seeded Gaussian expert weights quantized to int8 / e4m3 codes with per-channel ``[E, N]`` or
-    per-tensor ``[E]`` float32 scales, one expert at a time."""
+    per-tensor ``[E]`` float32 scales, one expert at a time, as a :class:`~quarkmoe_jax.formats.QArray`."""
     qmax = 127.0 if kind == "int8" else 448.0
 
     def one(k):
@@ -295,7 +296,8 @@ def random_w8a8_weights(key, shape, kind: str, granularity: str):
         codes = jnp.clip(jnp.round(scaled), -128, 127).astype(jnp.int8) if kind == "int8" else scaled
         return codes.astype(jnp.int8 if kind == "int8" else jnp.float8_e4m3fn), scale
 
-    return jax.jit(lambda keys: jax.lax.map(one, keys))(jax.random.split(key, shape[0]))
+    codes, scales = jax.jit(lambda keys: jax.lax.map(one, keys))(jax.random.split(key, shape[0]))
+    return scaled_qarray(codes, scales, granularity)
 
 
 def scheme_config(scheme: str) -> MoEQuantConfig:
@@ -318,11 +320,9 @@ def expert_params(p: Problem, config: MoEQuantConfig, kernel_layout: str | None)
                 w = kernel_weights(w, name, kernel_layout, fragment_layout=kernel_layout == "triton")
             params[name] = w
         elif weight.kind in ("int8", "fp8"):
-            params[name], params[f"{name}_weight_scale"] = random_w8a8_weights(
-                key, shape, weight.kind, weight.granularity
-            )
+            params[name] = random_w8a8_weights(key, shape, weight.kind, weight.granularity)
         else:
-            params[name] = (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16)
+            params[name] = float_qarray((jax.random.normal(key, shape, jnp.float32) * 0.02).astype(jnp.bfloat16))
     act = config.activation
     if act.kind in ("fp8", "int8") and not act.dynamic:
         qmax = 448.0 if act.kind == "fp8" else 127.0

@@ -4,8 +4,9 @@
 * :class:`QuarkMoEBlock`: router + experts + optional shared expert(s) (``__call__(x)`` or
   ``__call__(x, router_logits)``).
 
-Parameters are ``nnx.Param`` values: :class:`~quarkmoe_jax.MXTensor` (uint8 codes + E8M0 scales) for OCP MX
-weights, int8 / float8_e4m3fn arrays for W8A8, float32 scales and biases. The quantization scheme
+Parameters are ``nnx.Param`` values: the expert weights ``w13`` / ``w2`` are :class:`~quarkmoe_jax.formats.QArray` s
+(OCP MX: uint8 codes + E8M0 scales; W8A8: int8 / float8_e4m3fn codes + float32 scales with their granularity;
+unquantized: floats), biases and static input scales float32 arrays. The quantization scheme
 (:class:`~quarkmoe_jax.schemes.MoEQuantConfig`) and the sizes are static module attributes.
 
 ``apply`` / ``__call__`` run the MoE forward through ``moe.op`` (``backend="auto"``: the emulation oracle on
@@ -28,7 +29,7 @@ from quarkmoe_jax.checkpoint.loader import LoadedExperts, check_expert_map, load
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.checkpoint.sharded_loading import load_sharded_moe_block
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
-from quarkmoe_jax.formats import MXTensor
+from quarkmoe_jax.formats import QArray, float_qarray
 from quarkmoe_jax.moe import op, routing
 from quarkmoe_jax.moe.entry import host_rows, token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
@@ -39,8 +40,6 @@ from quarkmoe_jax.moe.sharded import MoESharding, sharded_moe_experts
 __all__ = ["RoutingConfig", "QuarkMoE", "QuarkMoEBlock", "ExpertMap"]
 
 _OPTIONAL_PARAMS = (
-    "w13_weight_scale",
-    "w2_weight_scale",
     "w13_input_scale",
     "w2_input_scale",
     "w13_bias",
@@ -55,9 +54,10 @@ class ExpertMap(nnx.Variable):
 class QuarkMoE(nnx.Module):
     """Routed experts of one MoE layer.
 
-    Attributes (``nnx.Param``): ``w13`` ``[E, S*I_pad, H_pad]`` and ``w2`` ``[E, H_pad, I_pad]`` (logical shapes;
-    MXTensor for MX schemes), and where the scheme has them ``w13_weight_scale``, ``w2_weight_scale``,
-    ``w13_input_scale``, ``w2_input_scale``, ``w13_bias [E, S*I_pad]``, ``w2_bias [E, H_pad]``.
+    Attributes (``nnx.Param``): ``w13`` ``[E, S*I_pad, H_pad]`` and ``w2`` ``[E, H_pad, I_pad]`` (logical shapes),
+    each a :class:`~quarkmoe_jax.formats.QArray` holding its scales (a float array given for an unquantized
+    layer is wrapped), and where the scheme has them ``w13_input_scale``, ``w2_input_scale``,
+    ``w13_bias [E, S*I_pad]``, ``w2_bias [E, H_pad]``.
     Static: ``quant_config``, ``shape`` (logical sizes before padding), ``activation``, ``sharding``
     (:class:`~quarkmoe_jax.moe.sharded.MoESharding` or None; when set the parameters are global arrays in the
     sharded layout: experts shard-major, ``I`` split per tensor shard, see
@@ -88,7 +88,7 @@ class QuarkMoE(nnx.Module):
         if sharding is not None and expert_map is not None:
             raise ValueError("a sharded QuarkMoE places its experts itself; pass expert_map or sharding, not both")
         e = shape.num_experts if sharding is None else sharding.expert_slots(shape.num_experts)
-        w13, w2 = params["w13"], params["w2"]
+        w13, w2 = _as_weight(params["w13"], "w13"), _as_weight(params["w2"], "w2")
         if w13.shape[0] != e or w2.shape[0] != e or w13.shape[2] != w2.shape[1] or w13.shape[1] % shape.num_shards:
             raise ValueError(
                 f"QuarkMoE params: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit {e} experts "
@@ -172,7 +172,7 @@ class QuarkMoE(nnx.Module):
         backend = backend or default_kernel_backend()
         for name, var in (("w13", self.w13), ("w2", self.w2)):
             value = var.get_value()
-            if isinstance(value, MXTensor) and value.kind == "mx":
+            if value.kind == "mx":
                 try:
                     var.set_value(kernel_weights(value, name, backend, backend == "triton"))
                 except NotImplementedError:  # e.g. FP6 with K % 64 != 0: the kernels do not take it; keep it
@@ -184,10 +184,7 @@ class QuarkMoE(nnx.Module):
 
         Per-tensor INT8/FP8 scales that Quark semantics keep per shard apply to their w1/w3 halves.
         """
-        p = self.params()
-        return _dequantize(p["w13"], p.get("w13_weight_scale"), dtype, self.shape), _dequantize(
-            p["w2"], p.get("w2_weight_scale"), dtype, None
-        )
+        return self.w13.get_value().dequantize(dtype), self.w2.get_value().dequantize(dtype)
 
     def apply(
         self,
@@ -242,20 +239,17 @@ def default_kernel_backend() -> str:
     return "triton" if unavailable_reason() is None else "pallas"
 
 
-def _dequantize(weight, scale, dtype, shape: MoEShape | None):
-    if isinstance(weight, MXTensor):
-        return weight.dequantize(dtype)
-    values = weight.astype(jnp.float32)
-    if scale is not None:
-        scale = jnp.asarray(scale, jnp.float32)
-        if scale.ndim == 2 and scale.shape[1] == values.shape[1]:  # per channel [E, N]
-            values = values * scale[:, :, None]
-        elif scale.ndim == 2:  # per shard [E, S]
-            rows = values.shape[1] // scale.shape[1]
-            values = values * jnp.repeat(scale, rows, axis=1)[:, :, None]
-        else:  # per tensor [E]
-            values = values * scale.reshape(-1, 1, 1)
-    return values.astype(dtype)
+def _as_weight(value, name: str) -> QArray:
+    """An expert weight as a :class:`QArray`: QArrays as they are, a float array wrapped (unquantized)."""
+    if isinstance(value, QArray):
+        return value
+    if hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != jnp.float8_e4m3fn:
+        return float_qarray(value)
+    raise TypeError(
+        f"QuarkMoE params: {name} must be a QArray (quarkmoe_jax.formats: quantize for MX, scaled_qarray for "
+        f"int8 / fp8 codes with their scales) or a float array, found {type(value).__name__} "
+        f"{getattr(value, 'dtype', '')}"
+    )
 
 
 class QuarkMoEBlock(nnx.Module):

@@ -41,9 +41,8 @@ def test_int8_experts_from_arrays_apply_scales_per_channel(key):
     q2 = jax.random.randint(key, (2, 32, 4), -127, 128).astype(jnp.int8)
     config = get_moe_scheme(scheme_layer_config("w8a8_int8_channel_dynamic_token")).quant_config()
     s13, s2 = jnp.full((2, 8), 0.5), jnp.full((2, 32), 0.25)
-    experts = QuarkMoE(
-        config, MoEShape(2, 32, 4), {"w13": q13, "w2": q2, "w13_weight_scale": s13, "w2_weight_scale": s2}
-    )
+    params = {"w13": qm.scaled_qarray(q13, s13, "channel"), "w2": qm.scaled_qarray(q2, s2, "channel")}
+    experts = QuarkMoE(config, MoEShape(2, 32, 4), params)
     w13, w2 = experts.dequantized_weights()
     np.testing.assert_array_equal(np.asarray(w13), np.asarray(q13, np.float32) * 0.5)
     np.testing.assert_array_equal(np.asarray(w2), np.asarray(q2, np.float32) * 0.25)

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 import quarkmoe_jax as qm
@@ -42,10 +43,12 @@ from quarkmoe_jax.schemes import get_moe_scheme
 
 __all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint", "calibrate_input_amax"]
 
-_MX = {"mxfp4": "fp4", "mxfp6_e3m2": "fp6_e3m2", "mxfp6_e2m3": "fp6_e2m3"}
+_MX = {"mxfp4": "fp4", "mxfp6_e3m2": "fp6_e3m2", "mxfp6_e2m3": "fp6_e2m3", "mxfp8_e4m3": "fp8_e4m3"}
 _MX_ACTIVATIONS = [None, "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "fp8", "fp8_dynamic_token", "fp8_dynamic_tensor"]
 EXPORT_SCHEMES: tuple[str, ...] = tuple(
-    [f"w_{w}" + (f"_a_{a}" if a else "") for w in _MX for a in _MX_ACTIVATIONS]
+    [f"w_{w}" + (f"_a_{a}" if a else "") for w in list(_MX)[:3] for a in _MX_ACTIVATIONS]
+    # MXFP8 as vLLM's QuarkW8A8Mxfp8MoEMethod runs it (dynamic MXFP8 activations), and weight-only
+    + ["w_mxfp8_e4m3", "w_mxfp8_e4m3_a_mxfp8_e4m3"]
     + [
         f"w8a8_{kind}_{wg}_{ag}"
         for kind in ("int8", "fp8")
@@ -133,8 +136,10 @@ def _quantize_weight(w: np.ndarray, scheme, scale_mode: str) -> dict[str, np.nda
         if padded != k:  # Quark pads the last block with zeros and stores the unpadded length
             w32 = jnp.pad(w32, [(0, 0)] * (w32.ndim - 1) + [(0, padded - k)])
         t = qm.quantize(w32, fmt, scale_mode)
+        packed = np.asarray(t.packed)[..., : fmt.packed_length(k)]
         return {
-            "weight": np.asarray(t.packed)[..., : fmt.packed_length(k)],
+            # Quark stores MXFP8 codes as float8_e4m3fn tensors (the same bytes)
+            "weight": packed.view(ml_dtypes.float8_e4m3fn) if fmt.bits == 8 else packed,
             "weight_scale": np.asarray(t.scales)[..., : -(-k // MX_BLOCK_SIZE)],
         }
     granularity = "token" if cfg.weight.granularity == "channel" else "tensor"
@@ -360,7 +365,7 @@ def calibrate_input_amax(float_checkpoint, x, layers=None) -> dict[int, dict[str
             raise ValueError(f"calibrate_input_amax needs a float checkpoint; layer {layer} is {experts.scheme.name}")
         logits = routing.router_logits(x, block.router_weight, block.router_bias)
         _, ids = routing.route(logits, routing.RoutingConfig.from_architecture(arch), block.correction_bias)
-        w13 = jnp.asarray(experts.params["w13"], jnp.float32)
+        w13 = experts.params["w13"].dequantize(jnp.float32)
         bias = experts.params.get("w13_bias")
         h = jnp.einsum("th,enh->ten", x, w13) + (0 if bias is None else bias[None])
         a2 = apply_activation(h, arch.activation, limit=arch.swiglu_limit)

@@ -105,8 +105,7 @@ def load_sharded_experts(
         maxima = _input_scale_maxima(reader, prefix, copy.deepcopy(scheme), shape, num_global_experts)
         for params in per_shard.values():
             params.update({key: jnp.asarray(value, jnp.float32) for key, value in maxima.items()})
-    num_rows13 = first["w13"].shape[1]
-    specs = param_specs(first, sharding, num_rows13)
+    specs = param_specs(first, sharding)
     params = {}
     for name, spec_tree in specs.items():
         leaves_by_shard = {coord: jax.tree.leaves(p[name]) for coord, p in per_shard.items()}

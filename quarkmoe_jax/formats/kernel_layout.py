@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, mx_format, pack_codes, unpack_codes
 from quarkmoe_jax.formats.qarray import LayoutCodec, QArray, QType, register_layout
 
-__all__ = ["DEFAULT_CHUNK", "CHUNK_LAYOUT", "to_kernel_layout", "chunk_sizes", "chunk_of", "as_mx_tensor",
-           "chunk_layout_qarray"]
+__all__ = ["DEFAULT_CHUNK", "CHUNK_LAYOUT", "to_kernel_layout", "chunk_sizes", "chunk_of", "chunk_layout_qarray"]
 
 DEFAULT_CHUNK = 128
 
@@ -149,7 +148,3 @@ def to_kernel_layout(weights: QArray, chunk: int = DEFAULT_CHUNK) -> QArray:
         high = jnp.concatenate([_high_plane(ch >> 4, c) for ch, c in zip(chunks, sizes, strict=True)], axis=-1)
     return QArray(nibbles, weights.scales, weights.qtype.with_layout(CHUNK_LAYOUT, (chunk,)), high)
 
-
-def as_mx_tensor(weight):
-    """A :class:`QArray` in any layout back in the checkpoint layout; anything else unchanged."""
-    return weight.to_checkpoint_layout() if isinstance(weight, QArray) else weight

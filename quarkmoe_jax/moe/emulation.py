@@ -37,7 +37,6 @@ from quarkmoe_jax.moe.dispatch import sort_pairs
 from quarkmoe_jax.moe.entry import bucketed_backend
 from quarkmoe_jax.moe.expert_io import (
     combine_pairs,
-    expert_column_scales,
     prepare_expert_input,
     quantize_gemm_input,
     static_input_scale,
@@ -49,37 +48,38 @@ __all__ = ["moe_experts", "moe_experts_unpadded"]
 # ------------------------------------------------------------------------------------------- the GEMMs
 
 
-def _weights_for_gemm(weight, operand_dtype, rows_expert=None):
-    """Stored weights ``[E, N, K]`` as a GEMM operand of ``operand_dtype`` (int8 stays int8).
+def _weights_for_gemm(weight: QArray, operand_dtype, rows_expert=None):
+    """Stored weights ``[E, N, K]`` as a GEMM operand of ``operand_dtype`` (int8 stays int8); 8-bit scales stay
+    out (the epilogue applies them).
 
-    MX values, INT8 and FP8 codes are exact in bfloat16. With ``rows_expert`` the weights of each row's
-    expert are gathered first, ``[P, N, K]``: for few pairs (decode) only the touched experts are dequantized.
+    MXFP4 / MXFP6 values, INT8 and FP8 codes are exact in bfloat16. With ``rows_expert`` the weights of each
+    row's expert are gathered first, ``[P, N, K]``: for few pairs (decode) only the touched experts are
+    dequantized.
     """
     if rows_expert is not None:
         weight = weight[rows_expert]
-    if isinstance(weight, QArray) and weight.kind == "mx":
+    if weight.kind == "mx":
         return weight.dequantize(operand_dtype)
     if operand_dtype == jnp.int8:
-        return weight
-    return weight.astype(operand_dtype)
+        return weight.values
+    return weight.values.astype(operand_dtype)
 
 
-def _row_scale(scale, rows_expert, num_columns: int):
-    """Per-row weight scale ``[P, N]`` (or None)."""
-    return None if scale is None else expert_column_scales(scale, num_columns)[rows_expert]
+def _row_scale(weight: QArray, rows_expert):
+    """8-bit weights: each row's weight scale per output column ``[P, N]``; None for MX and float weights."""
+    return weight.row_scales()[rows_expert] if weight.kind in ("int8", "fp8") else None
 
 
-def _gemm_dtype(operand, weight):
+def _gemm_dtype(operand, weight: QArray):
     """int8 for INT8 x INT8; bfloat16 when both sides are exact in it (MXFP4 / MXFP6 values, INT8 / FP8 codes,
     bfloat16 data); float32 otherwise (MXFP8 too: e4m3 subnormals at the smallest scales are below
     bfloat16's range)."""
-    mx = isinstance(weight, QArray) and weight.kind == "mx"
-    weight_dtype = weight.values.dtype if mx else weight.dtype
-    if operand.dtype == jnp.int8 and weight_dtype == jnp.int8:
-        return jnp.int8
-    weight_exact = (mx and weight.fmt.bits < 8) or (
-        not mx and weight_dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16)
-    )
+    if weight.kind == "mx":
+        weight_exact = weight.fmt.bits < 8
+    else:
+        if operand.dtype == jnp.int8 and weight.values.dtype == jnp.int8:
+            return jnp.int8
+        weight_exact = weight.values.dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16)
     return jnp.bfloat16 if operand.dtype == jnp.bfloat16 and weight_exact else jnp.float32
 
 
@@ -143,9 +143,11 @@ def moe_experts_unpadded(
     axes = shard_axes or ShardAxes()
     t, k = topk_ids.shape
     params = {name: v.to_checkpoint_layout() if isinstance(v, QArray) else v for name, v in params.items()}
+    if not all(isinstance(params[name], QArray) for name in ("w13", "w2")):
+        raise TypeError("w13 and w2 must be QArrays (quarkmoe_jax.formats: quantize, scaled_qarray, float_qarray)")
     w13, w2 = params["w13"], params["w2"]
     num_local = w13.shape[0]
-    h_pad, n13, i_pad = w13.shape[2], w13.shape[1], w2.shape[2]
+    h_pad, i_pad = w13.shape[2], w2.shape[2]
     hidden = x.shape[1]
     x, shards = prepare_expert_input(
         x, topk_weights, w13.shape, i_pad, activation, apply_router_weight_on_input, valid_tokens
@@ -177,7 +179,7 @@ def moe_experts_unpadded(
         rows_expert,
         rows_valid,
         a_scale,
-        _row_scale(params.get("w13_weight_scale"), rows_expert, n13),
+        _row_scale(w13, rows_expert),
         params.get("w13_bias"),
     ).astype(dtype)
     a2 = apply_activation(h, activation, limit=swiglu_limit)
@@ -196,7 +198,7 @@ def moe_experts_unpadded(
         rows_expert,
         rows_valid,
         a_scale,
-        _row_scale(params.get("w2_weight_scale"), rows_expert, h_pad),
+        _row_scale(w2, rows_expert),
         params.get("w2_bias"),
     )
     if not apply_router_weight_on_input:

@@ -4,7 +4,6 @@
   input, zero padding tokens, pad ``H``.
 * :func:`quantize_gemm_input`: a GEMM input quantized as the scheme says (MX fake-quant, FP8 / INT8 codes
   with their scale, Quark's per-expert-channel fake-quant); :func:`static_input_scale` picks a static scale.
-* :func:`expert_column_scales`: W8A8 weight scales per output column.
 * :func:`combine_pairs`: each token's sum over its ``k`` expert outputs, in vLLM's rounding order.
 """
 
@@ -23,7 +22,6 @@ __all__ = [
     "prepare_expert_input",
     "quantize_gemm_input",
     "static_input_scale",
-    "expert_column_scales",
     "combine_pairs",
 ]
 
@@ -112,17 +110,6 @@ def static_input_scale(params, key, rows_expert):
         return None
     scale = jnp.asarray(scale, jnp.float32)
     return scale if scale.ndim == 0 else scale[rows_expert][:, None]  # Quark semantics: one per expert
-
-
-def expert_column_scales(scale, num_columns: int):
-    """W8A8 weight scales, per output column: float32 ``[E, N]`` from ``[E]`` (per tensor), ``[E, S]`` (per
-    w1 / w3 shard, each covering ``N / S`` consecutive rows) or ``[E, N]`` (per channel)."""
-    scale = jnp.asarray(scale, jnp.float32)
-    if scale.ndim == 1:
-        return jnp.broadcast_to(scale[:, None], (scale.shape[0], num_columns))
-    if scale.shape[1] == num_columns:
-        return scale
-    return jnp.repeat(scale, num_columns // scale.shape[1], axis=1)
 
 
 def combine_pairs(per_pair, dtype, pair_dtype=None, out_dtype=None):

@@ -54,7 +54,6 @@ from quarkmoe_jax.kernels.grouped_gemm import (
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
 from quarkmoe_jax.moe.expert_io import (
     combine_pairs,
-    expert_column_scales,
     prepare_expert_input,
     quantize_gemm_input,
     static_input_scale,
@@ -92,9 +91,10 @@ class KernelBackend:
     fragment_layout: bool = False
 
 
-def kernel_weights(weight, name: str, backend: str = "pallas", fragment_layout: bool = False):
+def kernel_weights(weight: QArray, name: str, backend: str = "pallas", fragment_layout: bool = False):
     """``weight`` as the kernels read it: MX weights as a :class:`QArray` in the fragment layout (with
-    ``fragment_layout``) or the chunk layout (without); 8-bit or float weights as an ``[E, N, K]`` array.
+    ``fragment_layout``) or the chunk layout (without); 8-bit or float weights as their ``[E, N, K]`` values
+    (8-bit scales go to the epilogue).
     MX weights in another layout are re-laid (a pass over them on every call: lay them out once after
     loading, ``QuarkMoE.prepare_for_kernels``)."""
     if isinstance(weight, QArray) and weight.kind == "mx":
@@ -107,8 +107,7 @@ def kernel_weights(weight, name: str, backend: str = "pallas", fragment_layout: 
             return to_kernel_layout(weight, DEFAULT_CHUNK)
         except ValueError as e:
             raise NotImplementedError(f"{backend} backend: {name}: {e}") from None
-    if isinstance(weight, QArray):
-        weight = weight.values
+    weight = weight.values
     if jnp.issubdtype(weight.dtype, jnp.floating) or weight.dtype == jnp.int8:
         if weight.shape[2] % DENSE_MIN_K:
             k = weight.shape[2]
@@ -221,6 +220,8 @@ def _fused_forward(
         raise NotImplementedError(
             f"{backend.name} backend: per-channel dynamic activation scales (Quark) are not supported"
         )
+    if not all(isinstance(params[name], QArray) for name in ("w13", "w2")):
+        raise TypeError("w13 and w2 must be QArrays (quarkmoe_jax.formats: quantize, scaled_qarray, float_qarray)")
     w13 = kernel_weights(params["w13"], "w13", backend.name, backend.fragment_layout)
     w2 = kernel_weights(params["w2"], "w2", backend.name, backend.fragment_layout)
 
@@ -263,9 +264,7 @@ def _fused_forward(
         a1, scale1 = _padded(operand, row_token), _padded_scale(a_scale, row_token)
 
     col_scales = {  # W8A8 weight scales per output column [E, N]
-        name: expert_column_scales(params[f"{name}_weight_scale"], n)
-        for name, n in (("w13", n13), ("w2", w2.shape[1]))
-        if params.get(f"{name}_weight_scale") is not None
+        name: params[name].row_scales() for name in ("w13", "w2") if params[name].kind in ("int8", "fp8")
     }
     fused = activation not in UNFUSED_ACTIVATIONS
     epilogue1 = Epilogue(

@@ -10,6 +10,7 @@ single-device load; :func:`kernel_layout_per_shard` re-lays MX weights for the k
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -19,8 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from quarkmoe_jax.contracts import MoEShape
-from quarkmoe_jax.formats import MXTensor
-from quarkmoe_jax.formats.kernel_layout import as_mx_tensor, to_kernel_layout
+from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -31,33 +32,49 @@ __all__ = ["param_specs", "shard_params", "kernel_layout_per_shard"]
 _NEUTRAL_E8M0 = 127
 
 
-def _leaf_spec(name: str, ndim: int, per_channel: bool, s: MoESharding) -> P:
+def _leaf_spec(name: str, ndim: int, s: MoESharding) -> P:
+    """The spec of a parameter that is not an expert weight (biases, input scales)."""
     e, t = s.expert_axis if s.ep > 1 else None, s.tensor_axis if s.tp > 1 else None
-    if name == "w13":
-        return P(e, t, None)
-    if name == "w2":
-        return P(e, None, t)
-    if name in ("w13_weight_scale", "w13_bias"):
-        if ndim == 2:
-            return P(e, t if per_channel or name == "w13_bias" else None)
-        return P(e)
-    if name in ("w2_weight_scale", "w2_bias"):
-        return P(e, None) if ndim == 2 else P(e)
+    if name == "w13_bias":
+        return P(e, t)
+    if name == "w2_bias":
+        return P(e, None)
     if name in ("w13_input_scale", "w2_input_scale"):
         return P() if ndim == 0 else P(e)
     raise ValueError(f"unknown MoE parameter {name!r}")
 
 
-def param_specs(params: dict[str, Any], sharding: MoESharding, num_rows13: int) -> dict[str, Any]:
-    """The ``PartitionSpec`` of every parameter leaf in the sharded layout (MX leaves share their tensor's).
+def _weight_spec(name: str, s: MoESharding) -> P:
+    """The spec of w13 ``[E, S*I, H]`` (rows split) or w2 ``[E, H, I]`` (columns split)."""
+    e, t = s.expert_axis if s.ep > 1 else None, s.tensor_axis if s.tp > 1 else None
+    return P(e, t, None) if name == "w13" else P(e, None, t)
 
-    ``num_rows13``: w13's rows per shard (``S * I_local``), to tell per-channel from per-shard scales."""
+
+def _weight_specs(name: str, weight: QArray, s: MoESharding) -> QArray:
+    """``weight``'s leaves' specs, as a QArray of specs: MX scales follow their codes; 8-bit scales by their
+    granularity (per channel: w13's split rows; per tensor / shard: one per expert)."""
+    spec = _weight_spec(name, s)
+    e, rows = spec[0], spec[1]
+    if weight.scales is None or weight.kind == "mx":
+        scales = None if weight.scales is None else spec
+    elif weight.qtype.granularity == "channel":
+        scales = P(e, rows)
+    elif weight.qtype.granularity == "shard":
+        scales = P(e, None)
+    else:
+        scales = P(e)
+    return dataclasses.replace(weight, values=spec, scales=scales, extra=None if weight.extra is None else spec)
+
+
+def param_specs(params: dict[str, Any], sharding: MoESharding) -> dict[str, Any]:
+    """The ``PartitionSpec`` of every parameter leaf in the sharded layout: a QArray of specs for w13 / w2
+    (:func:`_weight_specs`), a spec for the others."""
     specs = {}
     for name, value in params.items():
-        ndim = len(value.shape)
-        per_channel = name == "w13_weight_scale" and ndim == 2 and value.shape[1] % num_rows13 == 0
-        spec = _leaf_spec(name, ndim, per_channel, sharding)
-        specs[name] = jax.tree.map(lambda _, spec=spec: spec, value)
+        if name in ("w13", "w2"):
+            specs[name] = _weight_specs(name, value, sharding)
+        else:
+            specs[name] = _leaf_spec(name, len(value.shape), sharding)
     return specs
 
 
@@ -100,41 +117,53 @@ def shard_params(params: dict[str, Any], shape: MoEShape, sharding: MoESharding)
     :func:`~quarkmoe_jax.checkpoint.sharded_loading.load_sharded_experts` reads for it. Prefer that per-shard
     loader for models that do not fit one device.
     """
-    params = {k: as_mx_tensor(v) for k, v in params.items()}
+    params = {k: v.to_checkpoint_layout() if isinstance(v, QArray) else v for k, v in params.items()}
     w13, w2 = params["w13"], params["w2"]
     i_stored = w2.shape[2]
     shards = w13.shape[1] // i_stored
     i_local = sharding.intermediate_per_shard(i_stored)
     tp = sharding.tp
     order = sharding.slot_order(w13.shape[0])
-    mx_bits = w13.fmt.bits if isinstance(w13, MXTensor) else None
+
+    def rows13(a, fill):
+        return _rows_by_tensor_shard(a, shards, shape.interleaved, i_stored, i_local, tp, fill)
+
     out = {}
     for name, value in params.items():
-        if isinstance(value, MXTensor):
-            packed, scales = value.packed, value.scales
-            if name == "w13":
-                packed = _rows_by_tensor_shard(packed, shards, shape.interleaved, i_stored, i_local, tp, 0)
-                scales = _rows_by_tensor_shard(scales, shards, shape.interleaved, i_stored, i_local, tp, _NEUTRAL_E8M0)
-            else:
-                packed = _pad_axis(packed, 2, tp * i_local * mx_bits // 8, 0)
-                scales = _pad_axis(scales, 2, tp * i_local // MX_BLOCK_SIZE, _NEUTRAL_E8M0)
-            packed = _experts_by_shard(packed, order, 0)
-            scales = _experts_by_shard(scales, order, _NEUTRAL_E8M0)
-            out[name] = MXTensor(packed, scales, value.fmt)
+        if name in ("w13", "w2"):
+            out[name] = _shard_weight(name, value, rows13, tp * i_local, order)
             continue
         value = jnp.asarray(value)
         fill = 1 if "scale" in name else 0
-        if name == "w13" or (
-            name in ("w13_weight_scale", "w13_bias") and value.ndim == 2 and value.shape[1] == w13.shape[1]
-        ):
-            value = _rows_by_tensor_shard(value, shards, shape.interleaved, i_stored, i_local, tp, fill)
-        elif name == "w2":
-            value = _pad_axis(value, 2, tp * i_local, 0)
+        if name == "w13_bias":
+            value = rows13(value, fill)
         if value.ndim >= 1:
             value = _experts_by_shard(value, order, fill)
         out[name] = value
-    specs = param_specs(out, sharding, shards * i_local)
+    specs = param_specs(out, sharding)
     return jax.tree.map(lambda v, spec: jax.device_put(v, NamedSharding(sharding.mesh, spec)), out, specs)
+
+
+def _shard_weight(name: str, weight: QArray, rows13, i_total: int, order: np.ndarray) -> QArray:
+    """One expert weight in the sharded layout: w13's rows (and per-channel scales) tensor-shard-major, w2's
+    ``I`` padded to ``i_total`` (MX: its packed bytes and E8M0 blocks), experts shard-major. Padding: zero
+    codes, E8M0 code 127, scale 1."""
+    values, scales = weight.values, weight.scales
+    mx = weight.kind == "mx"
+    scale_fill = _NEUTRAL_E8M0 if mx else 1
+    if name == "w13":
+        values = rows13(values, 0)
+        if mx or weight.qtype.granularity == "channel":
+            scales = rows13(scales, scale_fill)
+    elif mx:
+        values = _pad_axis(values, 2, i_total * weight.fmt.bits // 8, 0)
+        scales = _pad_axis(scales, 2, i_total // MX_BLOCK_SIZE, _NEUTRAL_E8M0)
+    else:
+        values = _pad_axis(values, 2, i_total, 0)
+    values = _experts_by_shard(values, order, 0)
+    if scales is not None:
+        scales = _experts_by_shard(scales, order, scale_fill)
+    return dataclasses.replace(weight, values=values, scales=scales)
 
 
 def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> dict[str, Any]:
@@ -143,10 +172,10 @@ def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> di
     out = dict(params)
     for name in ("w13", "w2"):
         value = params[name]
-        if not isinstance(value, MXTensor):
+        if value.kind != "mx":
             continue
         local_k = value.shape[2] // (sharding.tp if name == "w2" else 1)
-        probe = MXTensor(
+        probe = QArray(
             jnp.zeros((1, local_k * value.fmt.bits // 8), jnp.uint8),
             jnp.zeros((1, local_k // MX_BLOCK_SIZE), jnp.uint8),
             value.fmt,
@@ -155,7 +184,7 @@ def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> di
             to_kernel_layout(probe)
         except ValueError:
             continue
-        spec = _leaf_spec(name, 3, False, sharding)
+        spec = _weight_spec(name, sharding)
         relay = jax.shard_map(to_kernel_layout, mesh=sharding.mesh, in_specs=(spec,), out_specs=spec)
         out[name] = jax.jit(relay)(value)
     return out

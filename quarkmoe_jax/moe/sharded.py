@@ -338,8 +338,7 @@ def _shard_mapped(x, topk_weights, topk_ids, valid, params, *, quant_config, sha
     """The forward on token counts that split evenly: every shard's experts inside ``shard_map``, with the
     all-gather or the all-to-all exchange (module docstring)."""
     s = sharding
-    num_rows13 = params["w13"].shape[1] // s.tp
-    specs = param_specs(params, s, num_rows13)
+    specs = param_specs(params, s)
     tokens = P(s.token_axes or None)
     local_shape = dataclasses.replace(shape, num_experts=params["w13"].shape[0] // s.ep)
     maps = s.expert_maps(shape.num_experts)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from quarkmoe_jax.errors import CheckpointError
+from quarkmoe_jax.formats import float_qarray
 from quarkmoe_jax.schemes.base import (
     ActivationQuant,
     MoEQuantConfig,
@@ -54,7 +54,7 @@ class UnquantizedScheme(MoEScheme):
             )
 
     def process_weights_after_loading(self, buffers: dict[str, np.ndarray]) -> dict[str, Any]:
-        params = {"w13": jnp.asarray(buffers["w13_weight"]), "w2": jnp.asarray(buffers["w2_weight"])}
+        params = {"w13": float_qarray(buffers["w13_weight"]), "w2": float_qarray(buffers["w2_weight"])}
         params.update(self._bias_and_input_scale_params(buffers))
         return params
 

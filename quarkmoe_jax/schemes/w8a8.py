@@ -2,7 +2,8 @@
 
 Weights ``w13_weight [E, S*I, H]`` and ``w2_weight [E, H, I]`` (int8 or float8_e4m3fn) with float32 scales,
 per output channel (``[E, S*I]``, ``[E, H]``) or per tensor (``[E, S]`` for w1/w3, ``[E]`` for w2). Static
-activation scales ``[E]``.
+activation scales ``[E]``. After loading each weight is one :class:`~quarkmoe_jax.formats.QArray` holding its
+scales with their granularity: "channel", "tensor", or "shard" (Quark semantics' per-tensor w1 / w3 scales).
 
 Post-load under ``semantics="vllm"`` (vLLM 0.33, in its order): zero points are dropped (symmetric kernels;
 an asymmetric activation config runs as symmetric, with a warning); static input scales collapse to the max
@@ -22,11 +23,11 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from quarkmoe_jax.errors import CheckpointError
+from quarkmoe_jax.formats import scaled_qarray
 from quarkmoe_jax.formats.quantizers import FP8_E4M3_MAX
 from quarkmoe_jax.schemes.base import (
     ActivationQuant,
@@ -150,11 +151,12 @@ class _W8A8Scheme(MoEScheme):
         w13, w13_scale = buffers["w13_weight"], buffers["w13_weight_scale"]
         if self.weight_granularity == "tensor" and self.semantics == "vllm":
             w13, w13_scale = self._requantize_shards_to_max(w13, w13_scale)
+        g13 = g2 = self.weight_granularity
+        if g13 == "tensor" and self.semantics == "quark":
+            g13 = "shard"  # Quark keeps a per-tensor scale per w1 / w3 shard: [E, S]
         params: dict[str, Any] = {
-            "w13": jnp.asarray(w13),
-            "w2": jnp.asarray(buffers["w2_weight"]),
-            "w13_weight_scale": jnp.asarray(w13_scale),
-            "w2_weight_scale": jnp.asarray(buffers["w2_weight_scale"]),
+            "w13": scaled_qarray(w13, w13_scale, g13),
+            "w2": scaled_qarray(buffers["w2_weight"], buffers["w2_weight_scale"], g2),
         }
         params.update(self._bias_and_input_scale_params(buffers))
         return params

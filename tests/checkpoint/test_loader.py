@@ -41,12 +41,12 @@ def test_loaded_params_equal_exported_bytes(make_checkpoint, scheme):
             for shard, rows in (("w1", slice(0, 64)), ("w3", slice(64, 128))):
                 name = f"{PREFIX}.{e}.{shard}"
                 w13 = params["w13"]
-                if isinstance(w13, qm.MXTensor):
-                    np.testing.assert_array_equal(np.asarray(w13.packed)[e, rows], r[f"{name}.weight"])
+                if w13.kind == "mx":
+                    np.testing.assert_array_equal(np.asarray(w13.packed)[e, rows], as_bytes(r[f"{name}.weight"]))
                     np.testing.assert_array_equal(np.asarray(w13.scales)[e, rows], r[f"{name}.weight_scale"])
                 else:
-                    np.testing.assert_array_equal(as_bytes(w13[e, rows]), as_bytes(r[f"{name}.weight"]))
-                    scale = np.asarray(params["w13_weight_scale"])[e]
+                    np.testing.assert_array_equal(as_bytes(w13.values[e, rows]), as_bytes(r[f"{name}.weight"]))
+                    scale = np.asarray(w13.scales)[e]
                     stored = r[f"{name}.weight_scale"]
                     expected = scale[rows] if scale.shape == (128,) else scale[0 if shard == "w1" else 1]
                     np.testing.assert_array_equal(expected, stored)
@@ -54,7 +54,7 @@ def test_loaded_params_equal_exported_bytes(make_checkpoint, scheme):
                     assert np.asarray(params["w13_input_scale"])[e] == r[f"{name}.input_scale"]
             w2 = params["w2"]
             stored = r[f"{PREFIX}.{e}.w2.weight"]
-            got = np.asarray(w2.packed)[e] if isinstance(w2, qm.MXTensor) else as_bytes(w2[e])
+            got = np.asarray(w2.packed)[e] if w2.kind == "mx" else as_bytes(w2.values[e])
             np.testing.assert_array_equal(
                 got, as_bytes(stored) if got.dtype == np.uint8 and stored.dtype != np.uint8 else stored
             )
@@ -190,23 +190,24 @@ def test_static_input_scales_collapse_under_vllm_and_stay_per_expert_under_quark
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_per_tensor_shards_requantized_to_max_under_vllm(make_checkpoint, kind):
     _, path = make_checkpoint("mixtral", f"w8a8_{kind}_tensor_dynamic_token")
-    quark = load(path, semantics="quark").experts.params
-    vllm = load(path, semantics="vllm").experts.params
-    s = np.asarray(quark["w13_weight_scale"])  # [E, 2] per shard
-    assert s.shape == (4, 2) and np.asarray(vllm["w13_weight_scale"]).shape == (4,)
-    np.testing.assert_array_equal(np.asarray(vllm["w13_weight_scale"]), s.max(1))
+    quark = load(path, semantics="quark").experts.params["w13"]
+    vllm = load(path, semantics="vllm").experts.params["w13"]
+    s = np.asarray(quark.scales)  # [E, 2] per shard
+    assert (quark.qtype.granularity, vllm.qtype.granularity) == ("shard", "tensor")
+    assert s.shape == (4, 2) and np.asarray(vllm.scales).shape == (4,)
+    np.testing.assert_array_equal(np.asarray(vllm.scales), s.max(1))
     for e in range(4):
         j = int(np.argmin(s[e]))
         rows = slice(64 * j, 64 * (j + 1))
-        q = np.asarray(quark["w13"][e, rows]).astype(np.float32)
+        q = np.asarray(quark.values[e, rows]).astype(np.float32)
         dq = (q * s[e, j]).astype(np.float16).astype(np.float32)  # vLLM dequantizes through float16
         if kind == "int8":
             want = np.clip(np.rint(dq / s[e].max()), -128, 127).astype(np.int8)
         else:
             want = np.clip(dq * (np.float32(1) / s[e].max()), -448, 448).astype(ml_dtypes.float8_e4m3fn)
-        np.testing.assert_array_equal(as_bytes(vllm["w13"][e, rows]), as_bytes(want))
+        np.testing.assert_array_equal(as_bytes(vllm.values[e, rows]), as_bytes(want))
         other = slice(64 * (1 - j), 64 * (2 - j))  # the max-scale shard is untouched
-        np.testing.assert_array_equal(as_bytes(vllm["w13"][e, other]), as_bytes(quark["w13"][e, other]))
+        np.testing.assert_array_equal(as_bytes(vllm.values[e, other]), as_bytes(quark.values[e, other]))
 
 
 def test_int8_per_tensor_with_dynamic_per_tensor_activation_is_w8a16_under_vllm(make_checkpoint):
@@ -221,7 +222,8 @@ def test_excluded_layer_loads_unquantized(make_checkpoint):
     block = QuarkMoEBlock.from_checkpoint(path, 1)
     assert block.experts.quant_config.scheme == "unquantized"
     with CheckpointReader(src) as r:
-        np.testing.assert_array_equal(as_bytes(block.experts.w2.get_value()[3]), as_bytes(r[f"{PREFIX}.3.w2.weight"]))
+        w2 = block.experts.w2.get_value().values
+        np.testing.assert_array_equal(as_bytes(w2[3]), as_bytes(r[f"{PREFIX}.3.w2.weight"]))
     assert QuarkMoEBlock.from_checkpoint(path, 0).experts.quant_config.scheme == "w_mxfp4"
 
 

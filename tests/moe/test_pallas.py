@@ -6,18 +6,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint
+from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
 from quarkmoe_jax.checkpoint.loader import linear_expert_map
 from quarkmoe_jax.formats import mx_format
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 from quarkmoe_jax.kernels.grouped_gemm import decode_mx_piece
 from quarkmoe_jax.moe import fused, pallas_backend
-from tests.moe.backend_suite import AMAX, BackendSuite, inputs, random_experts
+from tests.moe.backend_suite import AMAX, KERNEL_SCHEMES, BackendSuite, inputs, random_experts
 
 
 class TestPallas(BackendSuite):
     backend = "pallas"
-    schemes = EXPORT_SCHEMES  # every MX scheme and every INT8 / FP8 W8A8 scheme
+    schemes = KERNEL_SCHEMES  # every MXFP4 / MXFP6 scheme and every INT8 / FP8 W8A8 scheme
 
     def test_kernel_layout_weights_give_the_same_result(self, key):
         experts = random_experts(key, scheme="w_mxfp6_e3m2_a_mxfp4", bias=True)

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, scheme_layer_config
+from quarkmoe_jax.checkpoint.exporter import scheme_layer_config
 from quarkmoe_jax.kernels.triton_grouped_gemm import unavailable_reason
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.schemes import get_moe_scheme
-from tests.moe.backend_suite import BackendSuite, inputs, random_experts
+from tests.moe.backend_suite import KERNEL_SCHEMES, BackendSuite, inputs, random_experts
 
 needs_triton = pytest.mark.skipif(unavailable_reason() is not None, reason=f"triton backend: {unavailable_reason()}")
 
@@ -17,7 +17,7 @@ needs_triton = pytest.mark.skipif(unavailable_reason() is not None, reason=f"tri
 @needs_triton
 class TestTriton(BackendSuite):
     backend = "triton"
-    schemes = EXPORT_SCHEMES
+    schemes = KERNEL_SCHEMES
 
     @pytest.fixture(autouse=True)
     def _one_config(self, monkeypatch):
