@@ -95,6 +95,16 @@ class QType:
     def mx_format(self) -> MXFormat | None:
         return MX_FORMATS.get(self.element)
 
+    @property
+    def operand_exact_in_bfloat16(self) -> bool:
+        """Whether the GEMM operand of these weights is exact in bfloat16: MXFP4 / MXFP6 values (``codes x
+        2^e``: at most 4 significant bits, every scale in range), 8-bit codes (scales go to the epilogue),
+        bfloat16 data. Not MXFP8: e4m3 subnormals times the smallest scales fall below bfloat16's range."""
+        fmt = self.mx_format
+        if fmt is not None:
+            return fmt.bits < 8
+        return self.element in ("int8", "float8_e4m3fn", "bfloat16")
+
     def with_layout(self, layout: str, layout_params: tuple = ()) -> QType:
         return dataclasses.replace(self, layout=layout, layout_params=tuple(layout_params))
 

@@ -79,13 +79,13 @@ class Linear(nnx.Module):
         q = self.quant
         static = None if self.input_scale is None else self.input_scale.get_value()
         operand, a_scale = quantize_gemm_input(x2, q.activation, q.weight.kind, static, q.semantics)
-        bfloat16 = operand.dtype == jnp.bfloat16
-        if w.kind == "mx":  # MXFP8's smallest values can lie below bfloat16's range: float32 then
-            w_op = w.dequantize(jnp.bfloat16 if bfloat16 and w.fmt.bits < 8 else jnp.float32)
-        elif operand.dtype == jnp.int8 and w.values.dtype == jnp.int8:
+        dtype = jnp.bfloat16 if operand.dtype == jnp.bfloat16 and w.qtype.operand_exact_in_bfloat16 else jnp.float32
+        if w.kind == "mx":
+            w_op = w.dequantize(dtype)
+        elif operand.dtype == jnp.int8 and w.kind == "int8":
             w_op = w.values
         else:
-            w_op = w.values.astype(jnp.bfloat16 if bfloat16 else jnp.float32)
+            w_op = w.values.astype(dtype)
         if w_op.dtype == jnp.int8:
             acc = jnp.dot(operand, w_op.T, preferred_element_type=jnp.int32).astype(jnp.float32)
         else:

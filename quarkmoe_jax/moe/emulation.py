@@ -71,16 +71,12 @@ def _row_scale(weight: QArray, rows_expert):
 
 
 def _gemm_dtype(operand, weight: QArray):
-    """int8 for INT8 x INT8; bfloat16 when both sides are exact in it (MXFP4 / MXFP6 values, INT8 / FP8 codes,
-    bfloat16 data); float32 otherwise (MXFP8 too: e4m3 subnormals at the smallest scales are below
-    bfloat16's range)."""
-    if weight.kind == "mx":
-        weight_exact = weight.fmt.bits < 8
-    else:
-        if operand.dtype == jnp.int8 and weight.values.dtype == jnp.int8:
-            return jnp.int8
-        weight_exact = weight.values.dtype in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16)
-    return jnp.bfloat16 if operand.dtype == jnp.bfloat16 and weight_exact else jnp.float32
+    """int8 for INT8 x INT8; bfloat16 when both sides are exact in it
+    (:attr:`~quarkmoe_jax.formats.QType.operand_exact_in_bfloat16`); float32 otherwise."""
+    if operand.dtype == jnp.int8 and weight.kind == "int8":
+        return jnp.int8
+    exact = operand.dtype == jnp.bfloat16 and weight.qtype.operand_exact_in_bfloat16
+    return jnp.bfloat16 if exact else jnp.float32
 
 
 def _grouped_gemm(operand, weight, group_sizes, rows_expert, rows_valid, a_scale, w_scale, bias):
