@@ -223,11 +223,12 @@ to Pallas where it is not installed)."""
 
 
 def scheme_family(quant_config) -> str:
-    """The table key of a scheme: weight format and activation kind, e.g. ``"mxfp4/mx"``, ``"mxfp6/none"``,
-    ``"int8/int8"``, ``"int8/none"`` (W8A16), ``"fp8/fp8"``, ``"bf16/none"``."""
+    """The table key of a scheme: weight format (by element width: both MXFP6 formats share ``"mxfp6"``) and
+    activation kind, e.g. ``"mxfp4/mx"``, ``"mxfp6/none"``, ``"mxfp8/mx"``, ``"int8/int8"``, ``"int8/none"``
+    (W8A16), ``"fp8/fp8"``, ``"bf16/none"``."""
     weight = quant_config.weight
     if weight.kind == "mx":
-        name = "mxfp4" if weight.mx_format == "mxfp4" else "mxfp6"
+        name = weight.mx_format.split("_")[0]
     else:
         name = {"none": "bf16"}.get(weight.kind, weight.kind)
     return f"{name}/{quant_config.activation.kind}"

@@ -45,6 +45,7 @@ from quarkmoe_jax.checkpoint.architectures import (
 )
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, read_json_file
 from quarkmoe_jax.config import QuarkConfig
+from quarkmoe_jax.moe.sharded import placement_expert_map
 from quarkmoe_jax.schemes import HeaderCheckBuffer, MoEScheme, MoEShape, get_moe_scheme
 
 __all__ = [
@@ -118,20 +119,12 @@ def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
 
 def linear_expert_map(num_experts: int, ep_size: int, ep_rank: int) -> np.ndarray:
     """vLLM's linear placement: contiguous ranges, the first ``E % ep`` ranks get one extra expert."""
-    base, extra = divmod(num_experts, ep_size)
-    start = ep_rank * base + min(ep_rank, extra)
-    count = base + (1 if ep_rank < extra else 0)
-    expert_map = np.full(num_experts, -1, np.int32)
-    expert_map[start : start + count] = np.arange(count, dtype=np.int32)
-    return expert_map
+    return placement_expert_map("linear", num_experts, ep_size, ep_rank)
 
 
 def round_robin_expert_map(num_experts: int, ep_size: int, ep_rank: int) -> np.ndarray:
     """vLLM's round-robin placement: rank r holds experts r, r + ep, r + 2·ep, …"""
-    expert_map = np.full(num_experts, -1, np.int32)
-    local = np.arange(ep_rank, num_experts, ep_size)
-    expert_map[local] = np.arange(local.size, dtype=np.int32)
-    return expert_map
+    return placement_expert_map("round_robin", num_experts, ep_size, ep_rank)
 
 
 def check_expert_map(expert_map, num_experts: int) -> np.ndarray:
@@ -619,7 +612,8 @@ def load_moe_block(
 
     ``experts_loader(reader, prefix, scheme, shape, num_global_experts)`` and ``shared_loader(reader,
     prefix, scheme, shape)`` replace :func:`load_experts` for the routed and the shared experts (the sharded
-    loader of :mod:`quarkmoe_jax.sharding` passes its per-shard loads); ``shape`` then holds global sizes.
+    loader of :mod:`quarkmoe_jax.checkpoint.sharded_loading` passes its per-shard loads); ``shape`` then
+    holds global sizes.
     ``float_dtype``: the dtype of unquantized experts (default bfloat16).
     """
     hf_config = read_hf_config(path)

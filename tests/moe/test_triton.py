@@ -63,6 +63,8 @@ def test_auto_follows_the_measured_table(key, monkeypatch):
     w6 = random_experts(key, scheme="w_mxfp6_e2m3").quant_config
     assert configs.scheme_family(w6) == "mxfp6/none"
     assert configs.backend_order("GPU X", w6, 1) == configs.MX_BACKEND_ORDER
+    w8 = get_moe_scheme(scheme_layer_config("w_mxfp8_e4m3_a_mxfp8_e4m3")).quant_config()
+    assert configs.scheme_family(w8) == "mxfp8/mx"  # its own family, not MXFP6's
     int8 = get_moe_scheme(scheme_layer_config("w8a8_int8_channel_dynamic_token")).quant_config()
     assert configs.backend_order("GPU X", int8, 1) == configs.DEFAULT_BACKEND_ORDER
     if jax.default_backend() == "cpu":
