@@ -37,6 +37,16 @@ ACTIVATION_CASES = [  # (activation, swiglu limit): every activation, clamped wh
 ]
 
 
+def run_as_written(fn, *args):
+    """``fn(*args)``; on a GPU compiled without XLA's excess precision (on by default, it skips the bf16
+    roundings of fused elementwise chains, e.g. an activation then the intermediate's quantizer, in what XLA
+    runs: all of the oracle, and a backend's XLA-side epilogue or quantizer), so both sides round as written,
+    as on CPU."""
+    if jax.default_backend() != "gpu":
+        return fn(*args)
+    return jax.jit(fn).lower(*args).compile({"xla_allow_excess_precision": False})(*args)
+
+
 def assert_matches_oracle(got, want, activation_quantized: bool, rtol: float = 5e-3):
     """The issue's bar, relative RMS <= ``rtol`` (5e-3) against the float32 oracle, non-finite exactly where
     the oracle is. With activation quantization, a GEMM2 input element summed in another order (or, for
@@ -105,17 +115,7 @@ class BackendSuite:
         def oracle(x, weights, ids):
             return experts.apply(x, weights, ids, backend="emulation", **kwargs)
 
-        if jax.default_backend() == "gpu":
-            # XLA:GPU's excess precision (on by default) skips the bf16 roundings of fused elementwise chains
-            # (activation, then the intermediate's quantizer) in what XLA runs: all of the oracle, and a
-            # backend's XLA-side epilogue or quantizer. Both sides round as written here, as on CPU.
-            def run(fn):
-                compiled = jax.jit(fn).lower(x, weights, ids).compile({"xla_allow_excess_precision": False})
-                return compiled(x, weights, ids)
-
-            got, want = run(backend), run(oracle)
-        else:
-            got, want = backend(x, weights, ids), oracle(x, weights, ids)
+        got, want = run_as_written(backend, x, weights, ids), run_as_written(oracle, x, weights, ids)
         assert got.dtype == x.dtype
         try:
             assert_matches_oracle(got, want, quantizes_activations(experts))
@@ -210,8 +210,8 @@ class BackendSuite:
             through_fp16 = np.asarray(qz.fp8_quant_dequant(values, scale, dtype=jnp.float32), np.float32)
             assert np.abs(exact).max() < 2.0**-14 and np.count_nonzero(exact) > exact.size // 2
             assert np.sqrt(np.mean((through_fp16 - exact) ** 2) / np.mean(exact**2)) > 0.1  # the round trip shows
-        got = experts.apply(x, weights, ids, backend=self.backend)
-        want = experts.apply(x, weights, ids, backend="emulation")
+        got = run_as_written(lambda *a: experts.apply(*a, backend=self.backend), x, weights, ids)
+        want = run_as_written(lambda *a: experts.apply(*a, backend="emulation"), x, weights, ids)
         assert_matches_oracle(got, want, activation_quantized=True, rtol=1e-5)
         assert np.count_nonzero(np.asarray(want)) > want.size // 2
 
