@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.moe_bench import SHAPES, routing, timeit  # noqa: E402
 from quarkmoe_jax.formats import QArray  # noqa: E402
-from quarkmoe_jax.formats.fragment_layout import ROW_ALIGN, UNIT_K, fragment_qarray  # noqa: E402
+from quarkmoe_jax.formats.fragment_layout import ROW_ALIGN, UNIT_K, fragment_qarray, padded_shape  # noqa: E402
 from quarkmoe_jax.kernels import configs  # noqa: E402
 from quarkmoe_jax.kernels.grouped_gemm import TileConfig  # noqa: E402
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows  # noqa: E402
@@ -109,7 +109,7 @@ def sweep_case(
     for config in candidates(regime):
         if time.monotonic() > deadline:
             break
-        if weight.padded_shape[1] % config.block_n:
+        if padded_shape(weight)[1] % config.block_n:
             continue
         tiled = tile_rows(pairs, config.block_m)
         a = jax.random.normal(jax.random.key(4), (tiled.tile_expert.shape[0] * config.block_m, k), jnp.bfloat16)
@@ -124,7 +124,7 @@ def sweep_case(
             continue
         row = dict(
             format=fmt,
-            padded_n=weight.padded_shape[1],
+            padded_n=padded_shape(weight)[1],
             shape=shape,
             tokens=tokens,
             gemm=gemm,

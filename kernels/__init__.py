@@ -1,1 +1,2 @@
-"""GPU kernels (Pallas, jax-triton), installed as ``quarkmoe_jax.kernels``; empty until the fused-MoE issue."""
+"""GPU kernels (Pallas, jax-triton), seen and installed as ``quarkmoe_jax.kernels`` (``quarkmoe_jax/kernels`` is a
+relative link to this folder)."""

@@ -132,10 +132,13 @@ def test_every_placement_matches_one_device(checkpoints, key, scheme):
 @needs_8
 def test_shard_params_equals_per_shard_load(checkpoints):
     """shard() of a whole load and the per-shard loader build the same arrays, placed the same way."""
-    for scheme in ("w_mxfp6_e3m2", "w8a8_int8_tensor_static"):
+    cases = (("w_mxfp6_e3m2", "vllm"), ("w8a8_int8_tensor_static", "vllm"), ("w8a8_int8_tensor_static", "quark"))
+    for scheme, semantics in cases:
         sharding = sh.MoESharding(sh.moe_mesh(data=2, expert=2, tensor=2), placement="round_robin")
-        a = load(checkpoints[scheme]).shard(sharding).params()
-        b = load(checkpoints[scheme], sharding=sharding).params()
+        a = load(checkpoints[scheme], semantics).shard(sharding).params()
+        b = load(checkpoints[scheme], semantics, sharding).params()
+        if semantics == "quark" and scheme.startswith("w8a8"):  # per-shard scales follow their rows as per-row
+            assert a["w13"].qtype.granularity == b["w13"].qtype.granularity == "channel"
         assert jax.tree.structure(a) == jax.tree.structure(b)
         for leaf_a, leaf_b in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             assert leaf_a.sharding.is_equivalent_to(leaf_b.sharding, leaf_a.ndim)
@@ -245,6 +248,26 @@ def test_padding_rows_and_eager_calls(checkpoints, key):
     assert eager.shape == (t, H) and eager.sharding.device_set == set(sharding.mesh.devices.flat)
     jitted = jax.jit(lambda x, w, i: sharded.apply(x, w, i, backend="emulation"))(x32, weights, ids)
     assert_same(eager, jitted, exact=False)
+
+
+def test_per_shard_scales_become_per_row_under_tensor_parallelism(key):
+    """Quark's per-tensor w1 / w3 scales ("shard": each covers N / S consecutive rows) cannot describe w13's
+    tensor-shard-major rows; as per-row scales they can, with every product unchanged."""
+    from quarkmoe_jax.formats import scaled_qarray
+    from quarkmoe_jax.moe.shard_layout import scales_for_tensor_split
+
+    codes = jax.random.randint(key, (2, 8, 32), -127, 128).astype(jnp.int8)
+    q = scaled_qarray(codes, jnp.array([[0.5, 2.0], [1.0, 4.0]]), "shard")
+    assert scales_for_tensor_split(q, 1) is q
+    split = scales_for_tensor_split(q, 2)
+    assert split.qtype.granularity == "channel"
+    np.testing.assert_array_equal(np.asarray(split.row_scales()), np.asarray(q.row_scales()))
+    np.testing.assert_array_equal(np.asarray(split.dequantize(jnp.float32)), np.asarray(q.dequantize(jnp.float32)))
+    rows = np.array([0, 1, 4, 5, 2, 3, 6, 7])  # I = 4 over 2 tensor shards: [gate_0; up_0; gate_1; up_1]
+    moved = scaled_qarray(split.values[:, rows], split.scales[:, rows], "channel")
+    np.testing.assert_array_equal(
+        np.asarray(moved.dequantize(jnp.float32)), np.asarray(q.dequantize(jnp.float32))[:, rows]
+    )
 
 
 def test_placements_are_the_loaders_expert_maps():

@@ -73,7 +73,8 @@ _PROGRESS_BYTES = 256 * 1024 * 1024
 class LoadedExperts:
     """One set of experts after ``process_weights_after_loading``.
 
-    ``params`` holds device arrays / :class:`MXTensor` keyed ``w13``, ``w2``, ``w13_weight_scale``…;
+    ``params`` holds the expert weights ``w13`` / ``w2`` as :class:`~quarkmoe_jax.formats.QArray` s (their
+    scales inside), biases and static input scales as arrays;
     ``scheme`` is the scheme that made them (its ``quant_config()`` drives the forward).
     """
 
@@ -153,7 +154,7 @@ class IntermediateSlice:
 
     ``size`` is a multiple of 32 (whole MX scale blocks); channels at or past ``total`` (the checkpoint's
     ``I``) are padding: zero weights and biases, neutral scales (E8M0 127 = 1.0, float 1.0).
-    ``mx_bits``: element width of packed MX weights (4 or 6), None for INT8 / FP8 weights.
+    ``mx_bits``: element width of packed MX weights (4, 6 or 8), None for INT8 / FP8 weights.
     """
 
     start: int

@@ -36,7 +36,7 @@ from quarkmoe_jax.checkpoint.loader import (
 )
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
 from quarkmoe_jax.contracts import MoEShape
-from quarkmoe_jax.moe.shard_layout import param_specs
+from quarkmoe_jax.moe.shard_layout import param_specs, scales_for_tensor_split
 from quarkmoe_jax.moe.sharded import MoESharding
 from quarkmoe_jax.schemes import MoEScheme
 
@@ -99,7 +99,9 @@ def load_sharded_experts(
                 progress=progress,
                 intermediate_slice=intermediate_slice,
             )
-        per_shard[(ep_rank, tp_rank)] = loaded.params
+        params = dict(loaded.params)
+        params["w13"] = scales_for_tensor_split(params["w13"], sharding.tp)
+        per_shard[(ep_rank, tp_rank)] = params
     first = next(iter(per_shard.values()))
     if first.get("w13_input_scale") is not None and jnp.ndim(first["w13_input_scale"]) == 0 and sharding.ep > 1:
         maxima = _input_scale_maxima(reader, prefix, copy.deepcopy(scheme), shape, num_global_experts)

@@ -133,7 +133,7 @@ def register_layout(name: str, codec: LayoutCodec) -> None:
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class QArray:
     """A quantized (or plain float) array with its scales and static :class:`QType`.
 
@@ -261,9 +261,12 @@ class QArray:
         return jnp.repeat(scale, n // scale.shape[-1], axis=-1)  # "shard": [..., S], N / S rows each
 
     def __getitem__(self, index) -> QArray:
+        """Select leading axes: experts (and, for MX and float data, rows); 8-bit scales hold one value per
+        expert or per row, so their rows cannot be selected apart from the scales' granularity."""
         index = index if isinstance(index, tuple) else (index,)
-        if Ellipsis in index or len(index) >= self.ndim:
-            raise IndexError("QArray indexing selects leading axes only; the last axis cannot be indexed")
+        leading = self.ndim - (2 if self.kind in ("int8", "fp8") else 1)
+        if any(i is Ellipsis for i in index) or len(index) > leading:
+            raise IndexError(f"QArray indexing selects the {leading} leading axes only, got {len(index)} indices")
         if self.layout != "checkpoint":
             return _LAYOUTS[self.layout].take(self, index)
         scales = None if self.scales is None else self.scales[index]
@@ -277,7 +280,8 @@ class QArray:
 
 
 MXTensor = QArray
-"""MX data in Quark's layout: ``MXTensor(packed, scales, fmt)`` is a :class:`QArray`."""
+"""MX data in Quark's layout: ``MXTensor(packed, scales, fmt)`` is a :class:`QArray`. The same class: an
+``isinstance`` check is true for every QArray; ``q.kind == "mx"`` tells MX data."""
 
 
 def quantize(x, fmt: str | MXFormat, scale_mode: str = "even") -> QArray:

@@ -189,7 +189,8 @@ class _Tensors:
             found_dtype, found = self._info(f"{name}.{suffix}")
             if found_dtype not in dtypes or tuple(found) != shape:
                 raise CheckpointError(
-                    f"{name}.{suffix}: expected uint8 {shape} ({f.name}), found {found_dtype} {tuple(found)}"
+                    f"{name}.{suffix}: expected {' or '.join(str(np.dtype(d)) for d in dtypes)} {shape} ({f.name}), "
+                    f"found {found_dtype} {tuple(found)}"
                 )
         codes = np.asarray(self.reader[f"{name}.weight"]).view(np.uint8)
         return QArray.from_arrays(codes, self.reader[f"{name}.weight_scale"], f, name=f"{name}.weight")

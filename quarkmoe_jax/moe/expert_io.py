@@ -15,7 +15,7 @@ from jax import lax
 
 from quarkmoe_jax.activations import is_gated
 from quarkmoe_jax.contracts import ActivationQuant
-from quarkmoe_jax.formats import quant_dequant
+from quarkmoe_jax.formats import mx_format, quant_dequant
 from quarkmoe_jax.formats import quantizers as qz
 
 __all__ = [
@@ -61,8 +61,10 @@ def quantize_gemm_input(
     """
     if act.kind == "none":
         return _operand(values, values.dtype == jnp.bfloat16), None
-    if act.kind == "mx":  # MX values have at most 4 significant bits: exact in bfloat16
-        return _operand(quant_dequant(values, act.mx_format, act.scale_mode), True), None
+    if act.kind == "mx":  # MX values have at most 4 significant bits: exact in bfloat16, but MXFP8's
+        # subnormals times the smallest scales lie below bfloat16's range (float32 inputs keep them)
+        qdq = quant_dequant(values, act.mx_format, act.scale_mode)
+        return _operand(qdq, qdq.dtype != jnp.float32 or mx_format(act.mx_format).bits < 8), None
     if act.granularity == "channel":
         qdq = _fake_quant_per_expert_channel(values, act.kind, *static_scale, axis_name=axis_name)
         return _operand(qdq, False), None

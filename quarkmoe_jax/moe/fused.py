@@ -21,8 +21,9 @@ emulation oracle (:mod:`quarkmoe_jax.moe.emulation`), computed as:
 6. Combine: each token gathers its k rows and sums them in float32 (deterministic; no atomics).
 
 What it does not take (it raises ``NotImplementedError``, and ``backend="auto"`` moves on): Quark's
-per-channel dynamic activation scales (one scale per input channel over each expert's rows), and FP6
-weights whose K is not a multiple of 64, dense weights whose K is not a multiple of 16. The exact gelu
+per-channel dynamic activation scales (one scale per input channel over each expert's rows), MXFP8 weights
+(no kernel layout holds 8-bit MX codes yet), FP6 weights whose K is not a multiple of 64, dense weights whose
+K is not a multiple of 16. The exact gelu
 (erf) has no Pallas-Triton lowering: for it the GEMM1 kernel writes the pre-activation and XLA applies the
 activation.
 

@@ -20,14 +20,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from quarkmoe_jax.contracts import MoEShape
-from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.formats import QArray, scaled_qarray
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 
 if TYPE_CHECKING:
     from quarkmoe_jax.moe.sharded import MoESharding
 
-__all__ = ["param_specs", "shard_params", "kernel_layout_per_shard"]
+__all__ = ["param_specs", "shard_params", "kernel_layout_per_shard", "scales_for_tensor_split"]
 
 _NEUTRAL_E8M0 = 127
 
@@ -108,6 +108,16 @@ def _experts_by_shard(a, order: np.ndarray, fill):
     return jnp.take(padded, jnp.asarray(order), axis=0)
 
 
+def scales_for_tensor_split(weight: QArray, tp: int) -> QArray:
+    """Quark's per-shard w13 scales (granularity "shard": one per w1 / w3, each covering ``N / S`` consecutive
+    rows) as per-row ("channel") scales when tensor parallelism (``tp > 1``) re-orders w13's rows tensor-shard-
+    major: the same value on every row, so every product is unchanged, and a granularity that stays true for
+    the global array. Anything else is returned as it is."""
+    if tp == 1 or weight.kind not in ("int8", "fp8") or weight.qtype.granularity != "shard":
+        return weight
+    return scaled_qarray(weight.values, weight.row_scales(), "channel")
+
+
 def shard_params(params: dict[str, Any], shape: MoEShape, sharding: MoESharding) -> dict[str, Any]:
     """Single-device parameters (as loaded: ``w13 [E, S*I, H]``, ``w2 [E, H, I]``, scales, biases) -> the
     sharded layout, placed on the mesh.
@@ -125,13 +135,13 @@ def shard_params(params: dict[str, Any], shape: MoEShape, sharding: MoESharding)
     tp = sharding.tp
     order = sharding.slot_order(w13.shape[0])
 
-    def rows13(a, fill):
-        return _rows_by_tensor_shard(a, shards, shape.interleaved, i_stored, i_local, tp, fill)
+    def rows13(a, fill, stored=i_stored):
+        return _rows_by_tensor_shard(a, shards, shape.interleaved, stored, i_local, tp, fill)
 
     out = {}
     for name, value in params.items():
         if name in ("w13", "w2"):
-            out[name] = _shard_weight(name, value, rows13, tp * i_local, order)
+            out[name] = _shard_weight(name, value, rows13, tp * i_local, order, tp)
             continue
         value = jnp.asarray(value)
         fill = 1 if "scale" in name else 0
@@ -144,17 +154,22 @@ def shard_params(params: dict[str, Any], shape: MoEShape, sharding: MoESharding)
     return jax.tree.map(lambda v, spec: jax.device_put(v, NamedSharding(sharding.mesh, spec)), out, specs)
 
 
-def _shard_weight(name: str, weight: QArray, rows13, i_total: int, order: np.ndarray) -> QArray:
+def _shard_weight(name: str, weight: QArray, rows13, i_total: int, order: np.ndarray, tp: int) -> QArray:
     """One expert weight in the sharded layout: w13's rows (and per-channel scales) tensor-shard-major, w2's
     ``I`` padded to ``i_total`` (MX: its packed bytes and E8M0 blocks), experts shard-major. Padding: zero
-    codes, E8M0 code 127, scale 1."""
-    values, scales = weight.values, weight.scales
+    codes, E8M0 code 127, scale 1. Quark's per-shard w13 scales become per-row scales when ``tp > 1``, each
+    padded row carrying its shard's scale, as the per-shard loader builds them
+    (:func:`scales_for_tensor_split`)."""
+    values, scales, qtype = weight.values, weight.scales, weight.qtype
     mx = weight.kind == "mx"
     scale_fill = _NEUTRAL_E8M0 if mx else 1
     if name == "w13":
         values = rows13(values, 0)
-        if mx or weight.qtype.granularity == "channel":
+        if mx or qtype.granularity == "channel":
             scales = rows13(scales, scale_fill)
+        elif qtype.granularity == "shard" and tp > 1:  # [E, S] -> one per padded row, then split
+            scales = rows13(jnp.repeat(scales, i_total, axis=1), scale_fill, stored=i_total)
+            qtype = dataclasses.replace(qtype, granularity="channel")
     elif mx:
         values = _pad_axis(values, 2, i_total * weight.fmt.bits // 8, 0)
         scales = _pad_axis(scales, 2, i_total // MX_BLOCK_SIZE, _NEUTRAL_E8M0)
@@ -163,7 +178,7 @@ def _shard_weight(name: str, weight: QArray, rows13, i_total: int, order: np.nda
     values = _experts_by_shard(values, order, 0)
     if scales is not None:
         scales = _experts_by_shard(scales, order, scale_fill)
-    return dataclasses.replace(weight, values=values, scales=scales)
+    return dataclasses.replace(weight, values=values, scales=scales, qtype=qtype)
 
 
 def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> dict[str, Any]:

@@ -120,7 +120,8 @@ class MoEScheme(abc.ABC):
 
     @abc.abstractmethod
     def process_weights_after_loading(self, buffers: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Post-load transforms; returns the parameters the module keeps (JAX arrays / MXTensors)."""
+        """Post-load transforms; returns the parameters the module keeps: QArray weights holding their scales,
+        biases and input scales as arrays."""
 
     @abc.abstractmethod
     def quant_config(self) -> MoEQuantConfig:

@@ -50,7 +50,7 @@ def get_moe_scheme(
     raise SchemeError(
         f"unsupported MoE scheme{where}: weight.dtype {weight.dtype!r} with qscheme {weight.qscheme!r}, "
         f"input_tensors.dtype {act.dtype if act else None!r}; supported: fp8_e4m3 per_tensor/per_channel, "
-        f"{sorted(MX_WEIGHT_DTYPES)} per_group (group 32, e8m0), int8 per_tensor/per_channel"
+        f"{sorted(MX_WEIGHT_DTYPES)} and {MXFP8_DTYPE} (MXFP8) per_group (group 32, e8m0), int8 per_tensor/per_channel"
     )
 
 
@@ -95,6 +95,7 @@ def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme
         if act.is_dynamic and act.qscheme == "per_group":  # MXFP8 activations (vLLM's Mxfp8Dynamic key)
             scheme += "_a_mxfp8_e4m3"
             _require(act, "group_size", 32, scheme, " input_tensors" + where)
+            _require(act, "scale_format", "e8m0", scheme, " input_tensors" + where)
             mode = (act.scale_calculation_mode or "even") if semantics == "quark" else "even"
             activation = ActivationQuant("mx", "mxfp8_e4m3", dynamic=True, scale_mode=mode)
         elif act.is_dynamic:

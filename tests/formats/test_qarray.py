@@ -40,6 +40,10 @@ def test_8bit_scales_apply_by_their_granularity_not_their_shape(key, granularity
     np.testing.assert_array_equal(np.asarray(q.dequantize(jnp.float32)), want)
     one = q[1]  # an expert: its scales come along
     np.testing.assert_array_equal(np.asarray(one.dequantize(jnp.float32)), want[1])
+    picked = q[np.array([0, 2])]  # a numpy index array too
+    np.testing.assert_array_equal(np.asarray(picked.dequantize(jnp.float32)), want[[0, 2]])
+    with pytest.raises(IndexError, match="1 leading axes"):
+        q[1, 2]  # a row of an expert: its scale is not a row's alone
 
 
 def test_scale_shapes_that_do_not_fit_are_refused():
@@ -67,7 +71,8 @@ def test_float_weights_are_qarrays_too(key):
 def test_every_layout_is_the_same_values_and_passes_through_jit(key, fmt):
     w = jax.random.normal(key, (2, 128, 256)) * 0.1
     checkpoint = qm.quantize(w, fmt)
-    assert checkpoint == qm.MXTensor(checkpoint.packed, checkpoint.scales, fmt)  # the MX name of a QArray
+    again = qm.MXTensor(checkpoint.packed, checkpoint.scales, fmt)  # the MX name of a QArray
+    assert again.qtype == checkpoint.qtype and again.layout == "checkpoint"
     want = np.asarray(checkpoint.dequantize(jnp.float32))
     for q in (checkpoint, to_kernel_layout(checkpoint), to_fragment_layout(checkpoint)):
         assert q.shape == (2, 128, 256) and q.kind == "mx"
