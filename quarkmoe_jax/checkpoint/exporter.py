@@ -43,10 +43,10 @@ from quarkmoe_jax.schemes import get_moe_scheme
 
 __all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint", "calibrate_input_amax"]
 
-_MX = {"mxfp4": "fp4", "mxfp6_e3m2": "fp6_e3m2", "mxfp6_e2m3": "fp6_e2m3", "mxfp8_e4m3": "fp8_e4m3"}
+_MX = {name: fmt.quark_dtype for name, fmt in qm.MX_FORMATS.items()}  # our MX format name -> Quark's dtype
 _MX_ACTIVATIONS = [None, "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "fp8", "fp8_dynamic_token", "fp8_dynamic_tensor"]
 EXPORT_SCHEMES: tuple[str, ...] = tuple(
-    [f"w_{w}" + (f"_a_{a}" if a else "") for w in list(_MX)[:3] for a in _MX_ACTIVATIONS]
+    [f"w_{w}" + (f"_a_{a}" if a else "") for w in ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3") for a in _MX_ACTIVATIONS]
     # MXFP8 as vLLM's QuarkW8A8Mxfp8MoEMethod runs it (dynamic MXFP8 activations), and weight-only
     + ["w_mxfp8_e4m3", "w_mxfp8_e4m3_a_mxfp8_e4m3"]
     + [

@@ -11,6 +11,7 @@ Mirrors ``QuarkMoEMethod.get_moe_method`` (vLLM 0.33, semantics reference §1) w
 from __future__ import annotations
 
 from quarkmoe_jax.config import LayerQuantConfig, TensorSpec
+from quarkmoe_jax.formats import MX_FORMATS, MXFP8_E4M3, mx_format
 from quarkmoe_jax.schemes.base import ActivationQuant, MoEScheme, SchemeError
 from quarkmoe_jax.schemes.ocp_mx import OcpMxScheme
 from quarkmoe_jax.schemes.unquantized import UnquantizedScheme
@@ -18,8 +19,10 @@ from quarkmoe_jax.schemes.w8a8 import Fp8W8A8Scheme, Int8W8A8Scheme
 
 __all__ = ["get_moe_scheme", "MX_WEIGHT_DTYPES"]
 
-MX_WEIGHT_DTYPES = {"fp4": "mxfp4", "fp6_e3m2": "mxfp6_e3m2", "fp6_e2m3": "mxfp6_e2m3"}
-MXFP8_DTYPE = "fp8_e4m3"  # with qscheme per_group (group 32, e8m0 scales): MXFP8, not FP8 W8A8
+# Quark's dtype names of the MX formats (formats.mx); fp8_e4m3 is MXFP8 only with qscheme per_group (group 32,
+# e8m0 scales), otherwise FP8 W8A8
+MX_WEIGHT_DTYPES = {f.quark_dtype: f.name for f in MX_FORMATS.values() if f.bits < 8}
+MXFP8_DTYPE = MXFP8_E4M3.quark_dtype
 
 
 def get_moe_scheme(
@@ -41,7 +44,7 @@ def get_moe_scheme(
     weight, act = config.weight, config.input_tensors
     if weight.dtype == "fp8_e4m3" and weight.qscheme in ("per_tensor", "per_channel"):
         return _w8a8(Fp8W8A8Scheme, "fp8_e4m3", config, semantics, where)
-    if weight.dtype in MX_WEIGHT_DTYPES or (weight.dtype == "fp8_e4m3" and weight.qscheme == "per_group"):
+    if weight.dtype in MX_WEIGHT_DTYPES or (weight.dtype == MXFP8_DTYPE and weight.qscheme == "per_group"):
         return _ocp_mx(config, semantics, where)
     if weight.dtype == "int8":
         return _w8a8(Int8W8A8Scheme, "int8", config, semantics, where)
@@ -78,7 +81,7 @@ def _require(spec: TensorSpec, key: str, expected, scheme: str, where: str) -> N
 
 def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme:
     weight, act = config.weight, config.input_tensors
-    weight_format = "mxfp8_e4m3" if weight.dtype == MXFP8_DTYPE else MX_WEIGHT_DTYPES[weight.dtype]
+    weight_format = mx_format(weight.dtype).name
     scheme = f"w_{weight_format}"
     _require(weight, "qscheme", "per_group", scheme, " weight" + where)
     _require(weight, "group_size", 32, scheme, " weight" + where)
