@@ -56,13 +56,16 @@ def outputs(path: str) -> None:
                     print(f"{scheme:34} {backend:9} T={t:4}: not taken ({str(e)[:60]})")
                     continue
                 result[f"{scheme}/{backend}/{t}"] = np.asarray(y.astype(jnp.float32)).view(np.uint32)
-    np.savez(path, **result)
+        np.savez(path, **result)  # after every scheme, so a run cut short still leaves what it finished
+        print(f"{scheme}: {len(result)} outputs so far", flush=True)
     print(f"{len(result)} outputs -> {path}")
 
 
 def compare(a_path: str, b_path: str) -> int:
     a, b = np.load(a_path), np.load(b_path)
     keys = sorted(set(a) | set(b))
+    if "--common" in sys.argv:  # compare what both runs finished
+        keys = sorted(set(a) & set(b))
     bad = 0
     for key in keys:
         if key not in a or key not in b:

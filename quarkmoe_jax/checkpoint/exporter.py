@@ -38,7 +38,7 @@ from quarkmoe_jax.checkpoint.architectures import (
 )
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
 from quarkmoe_jax.config import LayerQuantConfig
-from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers
+from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers, round_up
 from quarkmoe_jax.schemes import get_moe_scheme
 
 __all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint", "calibrate_input_amax"]
@@ -132,7 +132,7 @@ def _quantize_weight(w: np.ndarray, scheme, scale_mode: str) -> dict[str, np.nda
     if cfg.weight.kind == "mx":
         fmt = qm.MX_FORMATS[cfg.weight.mx_format]
         k = w32.shape[-1]
-        padded = -(-k // MX_BLOCK_SIZE) * MX_BLOCK_SIZE
+        padded = round_up(k)
         if padded != k:  # Quark pads the last block with zeros and stores the unpadded length
             w32 = jnp.pad(w32, [(0, 0)] * (w32.ndim - 1) + [(0, padded - k)])
         t = qm.quantize(w32, fmt, scale_mode)

@@ -45,6 +45,7 @@ from quarkmoe_jax.checkpoint.architectures import (
 )
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, read_json_file
 from quarkmoe_jax.config import QuarkConfig
+from quarkmoe_jax.formats import E8M0_ONE
 from quarkmoe_jax.moe.sharded import placement_expert_map
 from quarkmoe_jax.schemes import HeaderCheckBuffer, MoEScheme, MoEShape, get_moe_scheme
 
@@ -170,7 +171,7 @@ class IntermediateSlice:
             return tensor
         fill = 0
         if suffix == "weight_scale":
-            fill = 127 if tensor.dtype == np.uint8 else 1
+            fill = E8M0_ONE if tensor.dtype == np.uint8 else 1
         if shard in ("w1", "w3", "w13"):
             rows = 2 if shard == "w13" else 1
             if tensor.shape[0] != rows * self.total:

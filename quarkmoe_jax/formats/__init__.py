@@ -10,6 +10,7 @@ from quarkmoe_jax.formats.elements import (
     E3M2,
     E4M3FN,
     E8M0_NAN,
+    E8M0_ONE,
     FLOAT16,
     FLOAT32,
     FloatFormat,
@@ -33,6 +34,7 @@ from quarkmoe_jax.formats.mx import (
     mx_format,
     pack_codes,
     quant_dequant,
+    round_up,
     unpack_codes,
 )
 from quarkmoe_jax.formats.qarray import (

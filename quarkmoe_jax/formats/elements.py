@@ -33,6 +33,7 @@ __all__ = [
     "FLOAT16",
     "ELEMENT_FORMATS",
     "E8M0_NAN",
+    "E8M0_ONE",
     "element_format",
     "target_format",
     "compose_bits",
@@ -100,6 +101,7 @@ _TARGETS = {jnp.dtype(jnp.float32): FLOAT32, jnp.dtype(jnp.bfloat16): BFLOAT16, 
 _UINT_FOR_BITS = {32: jnp.uint32, 16: jnp.uint16, 8: jnp.uint8}
 
 E8M0_NAN = 255
+E8M0_ONE = 127  # the code of 1.0: the neutral scale that pads blocks and fills unwritten parameters
 """The E8M0 code that the OCP MX spec reserves for NaN. Quark never writes it; we decode it as NaN."""
 
 

@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quarkmoe_jax.formats.mx import mx_format, pack_codes, unpack_codes
+from quarkmoe_jax.formats.elements import E8M0_ONE
+from quarkmoe_jax.formats.mx import mx_format, pack_codes, round_up, unpack_codes
 from quarkmoe_jax.formats.qarray import LayoutCodec, QArray, QType, register_layout
 
 __all__ = [
@@ -282,10 +283,6 @@ def fragment_qarray(words, scales, n: int, k: int, exact: bool = True, low_bits=
     return QArray(words, scales, QType(fmt, "block32", FRAGMENT_LAYOUT, (n, k, bool(exact))), low_bits)
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
 def to_fragment_layout(weights: QArray) -> QArray:
     """Re-lay MX weights ``[E, N, K]`` (MXFP4 or either MXFP6; ``K`` a multiple of 32) for the v2 kernels;
     exact. Returns a :class:`QArray` with layout ``"fragment"``: ``values`` the words ``[E, N_pad/16,
@@ -309,12 +306,12 @@ def to_fragment_layout(weights: QArray) -> QArray:
     if weights.ndim != 3:
         raise ValueError(f"the fragment layout takes expert weights [E, N, K], got shape {weights.shape}")
     e, n, k = weights.shape
-    n_pad, k_pad = _round_up(n, ROW_ALIGN), _round_up(k, UNIT_K)
+    n_pad, k_pad = round_up(n, ROW_ALIGN), round_up(k, UNIT_K)
 
     def one(packed_and_scales):
         packed, scales = packed_and_scales
         codes = jnp.pad(unpack_codes(packed, weights.fmt), ((0, n_pad - n), (0, k_pad - k)))
-        scales = _scales_to_units(jnp.pad(scales, ((0, n_pad - n), (0, (k_pad - k) // 32)), constant_values=127))
+        scales = _scales_to_units(jnp.pad(scales, ((0, n_pad - n), (0, (k_pad - k) // 32)), constant_values=E8M0_ONE))
         if name == "mxfp4":
             return _codes_to_units(codes), scales
         nibbles, low = _split_codes(codes, name)

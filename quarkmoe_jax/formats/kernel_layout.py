@@ -147,4 +147,3 @@ def to_kernel_layout(weights: QArray, chunk: int = DEFAULT_CHUNK) -> QArray:
     if weights.fmt.bits == 6:
         high = jnp.concatenate([_high_plane(ch >> 4, c) for ch, c in zip(chunks, sizes, strict=True)], axis=-1)
     return QArray(nibbles, weights.scales, weights.qtype.with_layout(CHUNK_LAYOUT, (chunk,)), high)
-

@@ -40,6 +40,7 @@ from quarkmoe_jax.formats import elements as el
 
 __all__ = [
     "MX_BLOCK_SIZE",
+    "round_up",
     "SCALE_MODES",
     "MXFormat",
     "MXFP4",
@@ -57,6 +58,13 @@ __all__ = [
 
 MX_BLOCK_SIZE = 32
 SCALE_MODES = ("even", "floor", "ceil")
+
+
+def round_up(n: int, multiple: int = MX_BLOCK_SIZE) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``n`` (a padded size)."""
+    return -(-n // multiple) * multiple
+
+
 _EPS_EXPONENT = -23  # torch.finfo(torch.float32).eps, Quark's replacement for a zero scale
 
 

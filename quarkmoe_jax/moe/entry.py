@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
+from quarkmoe_jax.formats.mx import round_up
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 
 __all__ = ["TOKEN_BUCKETS", "token_bucket", "host_rows", "validate_moe_inputs", "bucketed", "bucketed_backend"]
@@ -39,7 +40,7 @@ def token_bucket(num_tokens: int) -> int:
     for bucket in TOKEN_BUCKETS:
         if num_tokens <= bucket:
             return bucket
-    return -(-num_tokens // TOKEN_BUCKETS[-1]) * TOKEN_BUCKETS[-1]
+    return round_up(num_tokens, TOKEN_BUCKETS[-1])
 
 
 def validate_moe_inputs(x, topk_weights, topk_ids, hidden_size: int, num_experts: int, apply_on_input: bool) -> None:

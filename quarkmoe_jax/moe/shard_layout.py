@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from quarkmoe_jax.contracts import MoEShape
 from quarkmoe_jax.formats import QArray, scaled_qarray
+from quarkmoe_jax.formats.elements import E8M0_ONE
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
     from quarkmoe_jax.moe.sharded import MoESharding
 
 __all__ = ["param_specs", "shard_params", "kernel_layout_per_shard", "scales_for_tensor_split"]
-
-_NEUTRAL_E8M0 = 127
 
 
 def _leaf_spec(name: str, ndim: int, s: MoESharding) -> P:
@@ -162,7 +161,7 @@ def _shard_weight(name: str, weight: QArray, rows13, i_total: int, order: np.nda
     (:func:`scales_for_tensor_split`)."""
     values, scales, qtype = weight.values, weight.scales, weight.qtype
     mx = weight.kind == "mx"
-    scale_fill = _NEUTRAL_E8M0 if mx else 1
+    scale_fill = E8M0_ONE if mx else 1
     if name == "w13":
         values = rows13(values, 0)
         if mx or qtype.granularity == "channel":
@@ -172,7 +171,7 @@ def _shard_weight(name: str, weight: QArray, rows13, i_total: int, order: np.nda
             qtype = dataclasses.replace(qtype, granularity="channel")
     elif mx:
         values = _pad_axis(values, 2, i_total * weight.fmt.bits // 8, 0)
-        scales = _pad_axis(scales, 2, i_total // MX_BLOCK_SIZE, _NEUTRAL_E8M0)
+        scales = _pad_axis(scales, 2, i_total // MX_BLOCK_SIZE, E8M0_ONE)
     else:
         values = _pad_axis(values, 2, i_total, 0)
     values = _experts_by_shard(values, order, 0)

@@ -50,7 +50,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
-from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
+from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, round_up
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.entry import bucketed
 from quarkmoe_jax.moe.shard_axes import ShardAxes
@@ -214,8 +214,7 @@ class MoESharding:
         """Channels of ``I`` per tensor shard: ``ceil(I / tp)`` rounded up to 32 (one shard: ``I``)."""
         if self.tp == 1:
             return intermediate_size
-        per_shard = -(-intermediate_size // self.tp)
-        return -(-per_shard // TP_ALIGN) * TP_ALIGN
+        return round_up(-(-intermediate_size // self.tp), TP_ALIGN)
 
     def local_shape(self, shape: MoEShape) -> MoEShape:
         """One shard's experts: ``E_local`` slots and ``I`` per shard (a scheme's own padding of ``I`` to
@@ -302,7 +301,7 @@ def _sharded_core(x, topk_weights, topk_ids, valid_tokens, params, *, sharding: 
     :func:`_shard_mapped`, and drops the padding again."""
     t = x.shape[0]
     multiple = sharding.token_shards * sharding.tp
-    pad = -(-t // multiple) * multiple - t
+    pad = round_up(t, multiple) - t
 
     def rows(a):
         return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from quarkmoe_jax.errors import CheckpointError
-from quarkmoe_jax.formats import E8M0_NAN, MX_BLOCK_SIZE, QArray, mx_format
+from quarkmoe_jax.formats import E8M0_NAN, E8M0_ONE, MX_BLOCK_SIZE, QArray, mx_format, round_up
 from quarkmoe_jax.schemes.base import (
     ActivationQuant,
     MoEQuantConfig,
@@ -35,13 +35,7 @@ from quarkmoe_jax.schemes.base import (
     _copy_into,
 )
 
-__all__ = ["OcpMxScheme", "round_up"]
-
-_NEUTRAL_SCALE = 127  # E8M0 code of 1.0
-
-
-def round_up(n: int, multiple: int = MX_BLOCK_SIZE) -> int:
-    return -(-n // multiple) * multiple
+__all__ = ["OcpMxScheme"]
 
 
 class OcpMxScheme(MoEScheme):
@@ -74,8 +68,8 @@ class OcpMxScheme(MoEScheme):
         specs = {
             "w13_weight": ParamSpec((e, s * i, fmt.packed_length(h)), u8),
             "w2_weight": ParamSpec((e, h, fmt.packed_length(i)), u8),
-            "w13_weight_scale": ParamSpec((e, s * i, h // MX_BLOCK_SIZE), u8, _NEUTRAL_SCALE),
-            "w2_weight_scale": ParamSpec((e, h, i // MX_BLOCK_SIZE), u8, _NEUTRAL_SCALE),
+            "w13_weight_scale": ParamSpec((e, s * i, h // MX_BLOCK_SIZE), u8, E8M0_ONE),
+            "w2_weight_scale": ParamSpec((e, h, i // MX_BLOCK_SIZE), u8, E8M0_ONE),
         }
         if self.static_input_scales:
             specs["w13_input_scale"] = ParamSpec((e,), np.dtype(np.float32), 1.0)
