@@ -37,6 +37,7 @@ from quarkmoe_jax.moe.dispatch import sort_pairs
 from quarkmoe_jax.moe.entry import bucketed_backend
 from quarkmoe_jax.moe.expert_io import (
     combine_pairs,
+    expert_weights,
     prepare_expert_input,
     quantize_gemm_input,
     static_input_scale,
@@ -139,9 +140,7 @@ def moe_experts_unpadded(
     axes = shard_axes or ShardAxes()
     t, k = topk_ids.shape
     params = {name: v.to_checkpoint_layout() if isinstance(v, QArray) else v for name, v in params.items()}
-    if not all(isinstance(params[name], QArray) for name in ("w13", "w2")):
-        raise TypeError("w13 and w2 must be QArrays (quarkmoe_jax.formats: quantize, scaled_qarray, float_qarray)")
-    w13, w2 = params["w13"], params["w2"]
+    w13, w2 = expert_weights(params)
     num_local = w13.shape[0]
     h_pad, i_pad = w13.shape[2], w2.shape[2]
     hidden = x.shape[1]

@@ -15,15 +15,34 @@ from jax import lax
 
 from quarkmoe_jax.activations import is_gated
 from quarkmoe_jax.contracts import ActivationQuant
-from quarkmoe_jax.formats import mx_format, quant_dequant
+from quarkmoe_jax.formats import QArray, mx_format, quant_dequant
 from quarkmoe_jax.formats import quantizers as qz
 
 __all__ = [
+    "expert_weights",
     "prepare_expert_input",
     "quantize_gemm_input",
     "static_input_scale",
     "combine_pairs",
 ]
+
+
+def expert_weights(params) -> tuple[QArray, QArray]:
+    """``params["w13"]``, ``params["w2"]``, refusing anything but :class:`QArray` (a bare array's format and
+    scale granularity would be a guess)."""
+    w13, w2 = params["w13"], params["w2"]
+    if not (isinstance(w13, QArray) and isinstance(w2, QArray)):
+        raise TypeError(
+            "w13 and w2 must be QArrays (quarkmoe_jax.formats: quantize, scaled_qarray, float_qarray), found "
+            f"{_describe(w13)} and {_describe(w2)}"
+        )
+    return w13, w2
+
+
+def _describe(value) -> str:
+    if isinstance(value, QArray):
+        return "a QArray"
+    return f"a bare {getattr(value, 'dtype', type(value).__name__)} {list(getattr(value, 'shape', ()))}"
 
 
 def prepare_expert_input(

@@ -55,6 +55,7 @@ from quarkmoe_jax.kernels.grouped_gemm import (
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
 from quarkmoe_jax.moe.expert_io import (
     combine_pairs,
+    expert_weights,
     prepare_expert_input,
     quantize_gemm_input,
     static_input_scale,
@@ -221,10 +222,9 @@ def _fused_forward(
         raise NotImplementedError(
             f"{backend.name} backend: per-channel dynamic activation scales (Quark) are not supported"
         )
-    if not all(isinstance(params[name], QArray) for name in ("w13", "w2")):
-        raise TypeError("w13 and w2 must be QArrays (quarkmoe_jax.formats: quantize, scaled_qarray, float_qarray)")
-    w13 = kernel_weights(params["w13"], "w13", backend.name, backend.fragment_layout)
-    w2 = kernel_weights(params["w2"], "w2", backend.name, backend.fragment_layout)
+    w13, w2 = expert_weights(params)
+    w13 = kernel_weights(w13, "w13", backend.name, backend.fragment_layout)
+    w2 = kernel_weights(w2, "w2", backend.name, backend.fragment_layout)
 
     dtype = x.dtype
     t, k = topk_ids.shape

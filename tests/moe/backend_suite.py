@@ -16,6 +16,7 @@ import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint, scheme_layer_config
 from quarkmoe_jax.checkpoint.loader import linear_expert_map, round_robin_expert_map
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+from quarkmoe_jax.moe.op import moe_experts
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
 
@@ -163,6 +164,14 @@ class BackendSuite:
         x, weights, _ = inputs(key, t=t, dtype=jnp.bfloat16)
         ids = jnp.zeros((t, 2), jnp.int32).at[:, 1].set(3)
         self.check(experts, x, weights, ids)
+
+    def test_bare_array_weights_are_refused(self, key):
+        """A bare uint8 array's format and scales would be a guess: every backend names the two parameters."""
+        experts = random_experts(key)
+        params = {**experts.params(), "w13": experts.params()["w13"].values}
+        expected = r"w13 and w2 must be QArrays.*found a bare uint8 \[4, 128, 32\] and a QArray"
+        with pytest.raises(TypeError, match=expected):
+            moe_experts(*inputs(key), params, experts.quant_config, experts.shape, backend=self.backend)
 
     def test_zero_tokens(self, key):
         out = random_experts(key).apply(

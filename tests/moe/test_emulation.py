@@ -12,6 +12,7 @@ from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkp
 from quarkmoe_jax.checkpoint.loader import linear_expert_map, round_robin_expert_map
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
 from quarkmoe_jax.moe import emulation, entry
+from quarkmoe_jax.moe.op import moe_experts
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
 from tests.moe.backend_suite import ACTIVATION_CASES
@@ -223,6 +224,13 @@ def test_nan_and_inf_stay_in_their_token(key):
 def test_bad_inputs(key, args, error, match):
     with pytest.raises(error, match=match):
         random_mx_experts(key, "silu").apply(*args)
+
+
+def test_bare_array_weights_are_refused(key):
+    experts = random_mx_experts(key, "silu")
+    params = {**experts.params(), "w2": jnp.zeros((4, 64, 32), jnp.float32)}
+    with pytest.raises(TypeError, match=r"found a QArray and a bare float32 \[4, 64, 32\]"):
+        moe_experts(*inputs(key), params, experts.quant_config, experts.shape, backend="emulation")
 
 
 @pytest.mark.parametrize(
