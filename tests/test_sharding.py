@@ -215,10 +215,16 @@ def test_all_to_all_capacity_and_exact_fallback(checkpoints, key, skew):
 @needs_8
 @pytest.mark.parametrize("scheme", ["w_mxfp4_a_mxfp4", "w8a8_int8_channel_dynamic_token"])
 def test_pallas_on_every_shard(checkpoints, key, scheme):
-    """The Pallas kernels (interpreted on CPU) on each shard of an EP x TP mesh, kernel layout per shard."""
+    """The Pallas kernels (interpreted on CPU) on each shard of an EP x TP mesh, kernel layout per shard.
+    The re-laid global weights still dequantize to the checkpoint's values, though each shard's K (64: I = 80
+    over two tensor shards, padded to 32) is not a multiple of the layout's 128-element chunk."""
     single = load(checkpoints[scheme])
     sharding = sh.MoESharding(sh.moe_mesh(expert=2, tensor=2))
-    sharded = single.shard(sharding).prepare_for_kernels()
+    sharded = single.shard(sharding)
+    as_loaded = [np.asarray(w) for w in sharded.dequantized_weights()]
+    sharded.prepare_for_kernels()
+    for before, after in zip(as_loaded, sharded.dequantized_weights(), strict=True):
+        np.testing.assert_array_equal(np.asarray(after), before)
     x, weights, ids = routing(key)
     want = strict(lambda x, w, i: single.apply(x, w, i, backend="emulation"), x, weights, ids)
     got = strict(lambda x, w, i: sharded.apply(x, w, i, backend="pallas"), x, weights, ids)

@@ -5,7 +5,7 @@ the low / high nibble of byte ``j``; FP6 packs four codes into three bytes. A GP
 ``[N, chunk]`` weight tile wants each nibble plane to be a *contiguous* run of K, so that every decoded
 plane multiplies one contiguous slice of activations and no interleave is needed. the chunk layout
 stores exactly the same bits re-laid that way, chunk by chunk along K, as a :class:`QArray` with layout
-``"chunk"`` (``layout_params = (chunk,)``):
+``"chunk"`` (``layout_params = (chunk,)``, or ``(chunk, parts)`` for a tensor-parallel w2, below):
 
 * **FP4** (``values``: nibbles ``[..., N, K/2]``): in a chunk of ``c`` elements, byte ``j`` holds element ``j`` in its
   low nibble and element ``j + c/2`` in its high nibble.
@@ -19,6 +19,12 @@ Chunks are ``chunk`` elements long (a power of two, default 128); the last ``K m
 smaller power-of-two chunks (64, then 32), so any K that is a multiple of 32 is covered. The kernel's K
 loop walks the same chunks. :func:`to_kernel_layout` / :meth:`QArray.to_checkpoint_layout` convert both ways and
 round-trip bit for bit (tested), so a kernel-layout tensor holds exactly the checkpoint's values.
+
+A w2 split along K over ``tp`` tensor shards is laid out shard by shard: K is ``parts`` equal pieces, each
+chunked on its own (``layout_params = (chunk, parts)``), so the global array converts back correctly even
+where a shard's K is not a multiple of ``chunk``. A kernel reads one piece at a time: inside ``shard_map``,
+:func:`one_part` gives a shard's piece its own ``(chunk,)`` type; :func:`to_kernel_layout` re-lays a
+multi-part array whole.
 """
 
 from __future__ import annotations
@@ -30,7 +36,17 @@ import jax.numpy as jnp
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, mx_format, pack_codes, unpack_codes
 from quarkmoe_jax.formats.qarray import LayoutCodec, QArray, QType, register_layout
 
-__all__ = ["DEFAULT_CHUNK", "CHUNK_LAYOUT", "to_kernel_layout", "chunk_sizes", "chunk_of", "chunk_layout_qarray"]
+__all__ = [
+    "DEFAULT_CHUNK",
+    "CHUNK_LAYOUT",
+    "to_kernel_layout",
+    "chunk_sizes",
+    "chunk_of",
+    "k_parts",
+    "split_into_parts",
+    "one_part",
+    "chunk_layout_qarray",
+]
 
 DEFAULT_CHUNK = 128
 
@@ -78,12 +94,44 @@ def chunk_of(weights: QArray) -> int:
     return weights.qtype.layout_params[0]
 
 
+def k_parts(weights: QArray) -> int:
+    """How many equal pieces of K a chunk-layout :class:`QArray` is chunked in (1 but for a tensor-parallel
+    w2; module docstring)."""
+    params = weights.qtype.layout_params
+    return params[1] if len(params) > 1 else 1
+
+
+def split_into_parts(weights: QArray, parts: int) -> QArray:
+    """The type of a global chunk-layout array made of ``parts`` single-part pieces along K (each shard's
+    :func:`to_kernel_layout` of its own K)."""
+    if weights.layout != CHUNK_LAYOUT or k_parts(weights) != 1:
+        raise ValueError(f"split_into_parts takes single-part chunk-layout weights, got {weights.qtype}")
+    if parts == 1:
+        return weights
+    return dataclasses.replace(weights, qtype=weights.qtype.with_layout(CHUNK_LAYOUT, (chunk_of(weights), parts)))
+
+
+def one_part(weights):
+    """One shard's piece of a multi-part chunk-layout array, typed as the single-part array it is (inside
+    ``shard_map``, where each shard holds one piece); anything else is returned as it is."""
+    if isinstance(weights, QArray) and weights.layout == CHUNK_LAYOUT and k_parts(weights) != 1:
+        return dataclasses.replace(weights, qtype=weights.qtype.with_layout(CHUNK_LAYOUT, (chunk_of(weights),)))
+    return weights
+
+
 def _shape(weights: QArray) -> tuple[int, ...]:
     return tuple(weights.values.shape[:-1]) + (2 * weights.values.shape[-1],)
 
 
 def _codes(weights: QArray):
     """uint8 element codes ``[..., N, K]`` in element order."""
+    parts = k_parts(weights)
+    if parts > 1:
+        piece = one_part(weights)
+        nibbles = jnp.split(weights.values, parts, axis=-1)
+        high = [None] * parts if weights.extra is None else jnp.split(weights.extra, parts, axis=-1)
+        pieces = [dataclasses.replace(piece, values=v, extra=h) for v, h in zip(nibbles, high, strict=True)]
+        return jnp.concatenate([_codes(p) for p in pieces], axis=-1)
     sizes = chunk_sizes(_shape(weights)[-1], chunk_of(weights))
     nibble_chunks = _split_chunks(weights.values, [c // 2 for c in sizes])
     high_chunks = _split_chunks(weights.extra, [c // 4 for c in sizes]) if weights.extra is not None else None
@@ -129,7 +177,7 @@ def to_kernel_layout(weights: QArray, chunk: int = DEFAULT_CHUNK) -> QArray:
     """
     if not isinstance(weights, QArray) or weights.kind != "mx":
         raise TypeError(f"to_kernel_layout takes MX weights (a QArray), got {weights!r:.80}")
-    if weights.layout == CHUNK_LAYOUT and chunk_of(weights) == chunk:
+    if weights.layout == CHUNK_LAYOUT and chunk_of(weights) == chunk and k_parts(weights) == 1:
         return weights
     weights = weights.to_checkpoint_layout()
     if weights.fmt.bits not in (4, 6):

@@ -44,7 +44,7 @@ from quarkmoe_jax.activations import apply_activation
 from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats import quantizers as qz
 from quarkmoe_jax.formats.fragment_layout import FRAGMENT_LAYOUT, to_fragment_layout
-from quarkmoe_jax.formats.kernel_layout import CHUNK_LAYOUT, DEFAULT_CHUNK, to_kernel_layout
+from quarkmoe_jax.formats.kernel_layout import CHUNK_LAYOUT, DEFAULT_CHUNK, k_parts, to_kernel_layout
 from quarkmoe_jax.kernels.configs import dequant_min_rows, expected_load, fp8_tensor_cores, tile_configs
 from quarkmoe_jax.kernels.grouped_gemm import (
     DENSE_MIN_K,
@@ -101,7 +101,7 @@ def kernel_weights(weight: QArray, name: str, backend: str = "pallas", fragment_
     loading, ``QuarkMoE.prepare_for_kernels``)."""
     if isinstance(weight, QArray) and weight.kind == "mx":
         layout = FRAGMENT_LAYOUT if fragment_layout else CHUNK_LAYOUT
-        if weight.layout == layout:
+        if weight.layout == layout and (fragment_layout or k_parts(weight) == 1):
             return weight
         try:
             if fragment_layout:

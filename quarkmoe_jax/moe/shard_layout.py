@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from quarkmoe_jax.contracts import MoEShape
 from quarkmoe_jax.formats import QArray, scaled_qarray
 from quarkmoe_jax.formats.elements import E8M0_ONE
-from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
+from quarkmoe_jax.formats.kernel_layout import split_into_parts, to_kernel_layout
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
 
 if TYPE_CHECKING:
@@ -182,7 +182,8 @@ def _shard_weight(name: str, weight: QArray, rows13, i_total: int, order: np.nda
 
 def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> dict[str, Any]:
     """Re-lay sharded MX weights for the kernels, shard by shard (w2's K is split, so the layout's K chunks
-    must be each shard's own). FP6 tensors whose per-shard K the kernels cannot take stay as they are."""
+    must be each shard's own: w2 comes back as ``tp`` parts, ``kernel_layout.split_into_parts``). FP6
+    tensors whose per-shard K the kernels cannot take stay as they are."""
     out = dict(params)
     for name in ("w13", "w2"):
         value = params[name]
@@ -200,5 +201,5 @@ def kernel_layout_per_shard(params: dict[str, Any], sharding: MoESharding) -> di
             continue
         spec = _weight_spec(name, sharding)
         relay = jax.shard_map(to_kernel_layout, mesh=sharding.mesh, in_specs=(spec,), out_specs=spec)
-        out[name] = jax.jit(relay)(value)
+        out[name] = split_into_parts(jax.jit(relay)(value), sharding.tp if name == "w2" else 1)
     return out

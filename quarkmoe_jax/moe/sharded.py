@@ -50,6 +50,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
+from quarkmoe_jax.formats.kernel_layout import one_part
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, round_up
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.entry import bucketed
@@ -348,6 +349,7 @@ def _shard_mapped(x, topk_weights, topk_ids, valid, params, *, quant_config, sha
     def run_experts(x_l, w_l, ids_l, valid_l, params_l):
         """This shard's experts on the given rows: float32 partial outputs ``[rows, H]``."""
         ep_rank = lax.axis_index(s.expert_axis) if s.ep > 1 else 0
+        params_l = {name: one_part(value) for name, value in params_l.items()}  # a w2 chunked per shard
         if s.tp > 1 and params_l.get("w2_bias") is not None:
             keep = (lax.axis_index(s.tensor_axis) == 0).astype(jnp.float32)
             params_l = {**params_l, "w2_bias": params_l["w2_bias"] * keep}
