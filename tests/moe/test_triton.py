@@ -122,7 +122,7 @@ def test_v2_kernel_decodes_every_code_at_every_scale_exactly(fmt_name, max_scale
 
     fragment = to_fragment_layout(_every_code_and_scale(fmt_name, max_scale))
     assert exact_scales(fragment) == (max_scale > 128)
-    k = fragment.k
+    k = fragment.shape[-1]
     config = TileConfig(16, 64, 4, 3, split_k=1)
     identity = jnp.eye(k, dtype=jnp.bfloat16)
     tile_expert = jnp.zeros((k // config.block_m,), jnp.int32)
