@@ -101,8 +101,9 @@ _TARGETS = {jnp.dtype(jnp.float32): FLOAT32, jnp.dtype(jnp.bfloat16): BFLOAT16, 
 _UINT_FOR_BITS = {32: jnp.uint32, 16: jnp.uint16, 8: jnp.uint8}
 
 E8M0_NAN = 255
-E8M0_ONE = 127  # the code of 1.0: the neutral scale that pads blocks and fills unwritten parameters
 """The E8M0 code that the OCP MX spec reserves for NaN. Quark never writes it; we decode it as NaN."""
+E8M0_ONE = 127
+"""The E8M0 code of 1.0: the neutral scale that pads blocks and fills parameters a checkpoint does not write."""
 
 
 def element_format(name: str | FloatFormat) -> FloatFormat:
