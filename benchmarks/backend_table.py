@@ -4,11 +4,16 @@
     python benchmarks/backend_table.py results.json            # prints the table
     python benchmarks/backend_table.py results.json --write    # merges it into kernels/backend_table.json
 
-Per device kind, scheme family (:func:`quarkmoe_jax.kernels.configs.scheme_family`) and token count, the
+Per device kind, scheme family (:func:`quarkmoe_jax.kernels.registry.scheme_family`) and token count, the
 kernel backends (not the emulation) are ranked by the geometric mean of their times over the rows every one
 of them ran (shapes, schemes of the family, routings). Documents count in the order of their dates: a
 newer one's rows for a device, family and token count replace all older rows of them (a kernel that
 changed is ranked on its new times only). Entries of other device kinds are kept.
+
+Each row records the kernel generation of every backend it ranks (``moe_bench.py`` writes them in its
+``meta.kernel_generations``; a document without them is dated: a backend's current generation if the run is
+not older than the day it landed, the one before otherwise). ``auto`` ignores a row whose generation of some
+backend is older than that backend's current one (:mod:`quarkmoe_jax.kernels.registry`).
 """
 
 from __future__ import annotations
@@ -25,12 +30,32 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from moe_bench import scheme_config  # noqa: E402
 
-from quarkmoe_jax.kernels.configs import BACKEND_TABLE_PATH, scheme_family  # noqa: E402
+from quarkmoe_jax.kernels.registry import (  # noqa: E402
+    BACKEND_TABLE_PATH,
+    KERNEL_BACKENDS,
+    scheme_family,
+    weight_class_of_family,
+)
+
+
+def generations_of(doc: dict, weight_class: str) -> dict[str, int]:
+    """``{backend: kernel generation}`` a moe_bench document timed for ``weight_class`` ("mx" / "dense")."""
+    recorded = doc["meta"].get("kernel_generations")
+    if recorded is not None:
+        return {name: by_class[weight_class] for name, by_class in recorded.items()}
+    date = doc["meta"].get("date", "")[:10]
+    out = {}
+    for name, backend in KERNEL_BACKENDS.items():
+        current = backend.generations[weight_class]
+        out[name] = current.number if date >= current.since else current.number - 1
+    return out
 
 
 def rank_backends(results: list[dict]) -> dict:
-    """``{device: {family: {tokens: [backends, fastest first]}}}`` from moe_bench JSON documents."""
+    """``{device: {family: {tokens: {"backends": [fastest first], "generations": {backend: n}}}}}`` from
+    moe_bench JSON documents."""
     times = {}  # (device, family, tokens) -> {(shape, scheme, skewed): {backend: us}}
+    generations = {}  # (device, family, tokens) -> {backend: generation}
     for doc in sorted(results, key=lambda d: d["meta"].get("date", "")):
         device = doc["meta"]["device"]
         measured = collections.defaultdict(dict)
@@ -41,6 +66,8 @@ def rank_backends(results: list[dict]) -> dict:
             case = (row["shape"], row["scheme"], row["skewed"])
             measured[key].setdefault(case, {})[row["backend"]] = row["us"]
         times.update(measured)
+        for key in measured:
+            generations[key] = generations_of(doc, weight_class_of_family(key[1]))
     order: dict = {}
     for (device, family, tokens), cases in sorted(times.items()):
         backends = sorted({b for per_case in cases.values() for b in per_case})
@@ -52,7 +79,9 @@ def rank_backends(results: list[dict]) -> dict:
             for b in backends
         }
         ranked = sorted(backends, key=lambda b: score[b])
-        order.setdefault(device, {}).setdefault(family, {})[str(tokens)] = ranked
+        timed = generations[(device, family, tokens)]
+        row = {"backends": ranked, "generations": {b: timed[b] for b in ranked if b in timed}}
+        order.setdefault(device, {}).setdefault(family, {})[str(tokens)] = row
     return order
 
 
@@ -65,7 +94,8 @@ def main(argv=None) -> int:
     order = rank_backends(docs)
     for device, families in order.items():
         for family, by_tokens in families.items():
-            print(f"{device:<24} {family:<12} " + "  ".join(f"T={t}: {'>'.join(b)}" for t, b in by_tokens.items()))
+            ranked = (f"T={t}: {'>'.join(row['backends'])}" for t, row in by_tokens.items())
+            print(f"{device:<24} {family:<12} " + "  ".join(ranked))
     if args.write:
         table = json.loads(BACKEND_TABLE_PATH.read_text()) if BACKEND_TABLE_PATH.exists() else {"order": {}}
         table["order"].update(order)

@@ -44,7 +44,8 @@ from jax import lax
 import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import scheme_layer_config
 from quarkmoe_jax.formats import float_qarray, scaled_qarray
-from quarkmoe_jax.kernels import configs
+from quarkmoe_jax.kernels import base as kernel_base
+from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape, WeightQuant, get_moe_scheme
@@ -317,7 +318,7 @@ def expert_params(p: Problem, config: MoEQuantConfig, kernel_layout: str | None)
         if weight.kind == "mx":
             w = random_mx_weights(key, shape, weight.mx_format)
             if kernel_layout:  # re-laid once, as after loading (prepare_for_kernels)
-                w = kernel_weights(w, name, kernel_layout, fragment_layout=kernel_layout == "triton")
+                w = kernel_weights(w, name, KERNEL_BACKENDS[kernel_layout])
             params[name] = w
         elif weight.kind in ("int8", "fp8"):
             params[name] = random_w8a8_weights(key, shape, weight.kind, weight.granularity)
@@ -444,7 +445,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     on_gpu = device.platform == "gpu"
     if args.no_fp8_tensor_cores:
-        configs.FP8_TENSOR_CORES[device.device_kind] = False
+        kernel_base.FP8_TENSOR_CORES[device.device_kind] = False
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device.device_kind,
@@ -453,7 +454,12 @@ def main(argv=None) -> int:
         "quarkmoe_jax": qm.__version__,
         "timer": TIMER,
         "l2_flush_bytes": FLUSH_BYTES if on_gpu else 0,
-        "fp8_tensor_cores": configs.fp8_tensor_cores(device.device_kind),
+        "fp8_tensor_cores": kernel_base.fp8_tensor_cores(device.device_kind),
+        # what backend_table.py records per row: the kernel generation each backend ran (mx / dense weights)
+        "kernel_generations": {
+            name: {kind: g.number for kind, g in backend.generations.items()}
+            for name, backend in KERNEL_BACKENDS.items()
+        },
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
     try:

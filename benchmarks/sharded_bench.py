@@ -93,7 +93,7 @@ def main(argv=None) -> int:
             for tokens in args.tokens:
                 p = mb.make_problem(shape_name, tokens, skewed=False)
                 shape = MoEShape(e, h, i)
-                params = mb.expert_params(p, config, kernel_layout=False)
+                params = mb.expert_params(p, config, kernel_layout=None)
                 inputs = [(p.x, p.weights, p.ids)]
 
                 def single(x, w, ids, params, config=config, shape=shape):
@@ -102,7 +102,9 @@ def main(argv=None) -> int:
                 one = jax.jit(single)
                 base = {"shape": shape_name, "scheme": scheme, "tokens": tokens}
                 if not args.one_shard:
-                    kernel_params = mb.expert_params(p, config, kernel_layout=args.backend != "emulation")
+                    kernel_params = mb.expert_params(
+                        p, config, kernel_layout=None if args.backend == "emulation" else "pallas"
+                    )
                     us = wall_us(one, [(*a, kernel_params) for a in inputs], args.repeats)
                     rows.append({**base, "mesh": "1 device", "exchange": "-", "us": us, "speedup": 1.0})
                     print(_format(rows[-1]), flush=True)
@@ -138,7 +140,9 @@ def main(argv=None) -> int:
                             print(_format(rows[-1]), flush=True)
                 else:
                     # one device: the kernels' own time (CUPTI on a GPU), as moe_bench measures it
-                    kernel_params = mb.expert_params(p, config, kernel_layout=args.backend != "emulation")
+                    kernel_params = mb.expert_params(
+                        p, config, kernel_layout=None if args.backend == "emulation" else "pallas"
+                    )
                     us = mb.timeit(one, [(*a, kernel_params) for a in inputs], args.repeats)
                     rows.append({**base, "mesh": "1 device", "exchange": "-", "us": us, "speedup": 1.0})
                     print(_format(rows[-1]), flush=True)
@@ -186,7 +190,7 @@ def _one_shard_work(problem, config, ep: int, tp: int, inputs, backend: str):
     local_problem = dataclasses.replace(
         problem, experts=local_shape.num_experts, intermediate=local_shape.intermediate_size
     )
-    local_params = mb.expert_params(local_problem, config, kernel_layout=backend != "emulation")
+    local_params = mb.expert_params(local_problem, config, kernel_layout=None if backend == "emulation" else "pallas")
     expert_map = jnp.asarray(linear_expert_map(e, ep, 0)) if ep > 1 else None
 
     def shard_work(x, w, ids, params):

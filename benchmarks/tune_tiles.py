@@ -1,4 +1,4 @@
-"""Tile sweep for the Pallas grouped-GEMM kernels on one GPU: the numbers behind ``kernels/configs.py``.
+"""Tile sweep for the Pallas grouped-GEMM kernels on one GPU: the numbers behind ``kernels/tiles.json``'s Pallas rows.
 
     python benchmarks/tune_tiles.py --shapes mixtral gpt_oss --tokens 1 16 256 4096 --json out.json
 
@@ -24,9 +24,10 @@ from benchmarks.moe_bench import SHAPES, routing, timeit, weight_copies
 from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
 from quarkmoe_jax.formats.mx import mx_format
-from quarkmoe_jax.kernels import grouped_gemm as grouped_gemm_module
-from quarkmoe_jax.kernels.configs import regime
-from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, dequantize_to_bfloat16, grouped_gemm
+from quarkmoe_jax.kernels.base import Epilogue, TileConfig, regime
+from quarkmoe_jax.kernels.pallas import PALLAS
+from quarkmoe_jax.kernels.pallas import grouped_gemm as grouped_gemm_module
+from quarkmoe_jax.kernels.pallas.grouped_gemm import dequantize_to_bfloat16, grouped_gemm
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
 
 CANDIDATES = {
@@ -91,7 +92,9 @@ def main(argv=None) -> int:
                 rw = jax.random.uniform(jax.random.key(8), (m_pad,), jnp.float32)
                 epilogue = Epilogue("silu", gated=True) if gemm == "gemm1" else Epilogue(row_weights=True)
 
-                def fn(a, w, te, rw, config=config, epilogue=epilogue, n_out=n_out):
+                launch = PALLAS.fit_tile(config, n_out, ws[0], tiled.tile_expert.shape[0])  # split_k fitted
+
+                def fn(a, w, te, rw, config=launch, epilogue=epilogue, n_out=n_out):
                     return grouped_gemm(
                         a,
                         w,

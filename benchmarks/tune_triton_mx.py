@@ -1,4 +1,4 @@
-"""Check and tune the v2 MX kernels (kernels/triton_mx_gemm.py) on one GPU; write their tiles.
+"""Check and tune the v2 MX kernels (kernels/triton/mx_gemm.py) on one GPU; write their tiles.
 
     python benchmarks/tune_triton_mx.py --json out.json                 # check + sweep (GPU, jax-triton)
     python benchmarks/tune_triton_mx.py --formats mxfp6_e2m3 --json out6.json   # MXFP6 (check + sweep)
@@ -34,8 +34,10 @@ import numpy as np  # noqa: E402
 from benchmarks.moe_bench import SHAPES, routing, timeit  # noqa: E402
 from quarkmoe_jax.formats import QArray  # noqa: E402
 from quarkmoe_jax.formats.fragment_layout import ROW_ALIGN, UNIT_K, fragment_qarray, padded_shape  # noqa: E402
-from quarkmoe_jax.kernels import configs  # noqa: E402
-from quarkmoe_jax.kernels.grouped_gemm import TileConfig  # noqa: E402
+from quarkmoe_jax.kernels import tiles  # noqa: E402
+from quarkmoe_jax.kernels.base import REGIMES, TileConfig, architecture  # noqa: E402
+from quarkmoe_jax.kernels.base import regime as regime_of  # noqa: E402
+from quarkmoe_jax.kernels.triton import TRITON  # noqa: E402
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows  # noqa: E402
 
 
@@ -71,12 +73,13 @@ def random_fragment(
 
 def check(config: TileConfig, interleaved: bool = False, exact: bool = False, fmt: str = "mxfp4") -> float:
     """Relative error of one launch against dequantize + float32 matmul (unused tiles must be zero)."""
-    from quarkmoe_jax.kernels.triton_mx_gemm import mx_fragment_gemm
+    from quarkmoe_jax.kernels.triton.mx_gemm import mx_fragment_gemm
 
     experts, n, k = 3, 256, 640
     weight = random_fragment(jax.random.key(1), experts, n, k, exact, fmt)
     tile_expert = jnp.array([0, 2, -1, 2, 1], jnp.int32)
     a = jax.random.normal(jax.random.key(2), (tile_expert.shape[0] * config.block_m, k), jnp.bfloat16)
+    config = TRITON.fit_tile(config, n, weight, tile_expert.shape[0])  # the launch's split_k, as the backend
     got = jax.jit(lambda a, w, t: mx_fragment_gemm(a, w, t, config=config, interleaved=interleaved))(
         a, weight, tile_expert
     )
@@ -93,20 +96,20 @@ def check(config: TileConfig, interleaved: bool = False, exact: bool = False, fm
 def sweep_case(
     shape: str, tokens: int, gemm: str, repeats: int, deadline: float, fmt: str = "mxfp4", row_align: int = ROW_ALIGN
 ) -> list[dict]:
-    from quarkmoe_jax.kernels.triton_mx_gemm import mx_fragment_gemm
+    from quarkmoe_jax.kernels.triton.mx_gemm import mx_fragment_gemm
 
     e, top_k, h, i = SHAPES[shape]
     ids = routing(jax.random.key(tokens), tokens, e, top_k, False)
     pairs = sort_pairs(ids, jnp.ones((tokens,), bool), None, e)
     touched = int(np.unique(np.asarray(ids)).size)
     rows_per_expert = tokens * top_k / touched
-    regime = configs.regime(rows_per_expert)
+    reg = regime_of(rows_per_expert)
     n, k = (2 * i, h) if gemm == "gemm1" else (h, i)
     weight = random_fragment(jax.random.key(3), e, n, k, fmt=fmt, row_align=row_align)
     moved = touched * weight.nbytes / e
     flops = 2.0 * tokens * top_k * n * k
     rows = []
-    for config in candidates(regime):
+    for config in candidates(reg):
         if time.monotonic() > deadline:
             break
         if padded_shape(weight)[1] % config.block_n:
@@ -114,8 +117,10 @@ def sweep_case(
         tiled = tile_rows(pairs, config.block_m)
         a = jax.random.normal(jax.random.key(4), (tiled.tile_expert.shape[0] * config.block_m, k), jnp.bfloat16)
 
-        def fn(a, w, t, config=config):
-            return mx_fragment_gemm(a, w, t, config=config)
+        launch = TRITON.fit_tile(config, n, weight, tiled.tile_expert.shape[0])
+
+        def fn(a, w, t, launch=launch):
+            return mx_fragment_gemm(a, w, t, config=launch)
 
         try:
             us = timeit(fn, [(a, weight, tiled.tile_expert)], repeats=repeats)
@@ -128,7 +133,7 @@ def sweep_case(
             shape=shape,
             tokens=tokens,
             gemm=gemm,
-            regime=regime,
+            regime=reg,
             touched=touched,
             config=config.__dict__,
             us=us,
@@ -172,7 +177,7 @@ def write_from(paths: list[str]) -> int:
     # MXFP4's samples choose the tiles (MXFP6 runs the same tiles; its sweeps are for the record)
     samples = [row for doc in docs for row in doc["samples"] if row.get("format", "mxfp4") == "mxfp4"]
     best: dict[str, list] = {}
-    for regime in configs.REGIMES:
+    for regime in REGIMES:
         pair = []
         for gemm in ("gemm1", "gemm2"):
             rows = [r for r in samples if r["regime"] == regime and r["gemm"] == gemm]
@@ -191,15 +196,15 @@ def write_from(paths: list[str]) -> int:
     if not best:
         print("no samples to write")
         return 1
-    raw = json.loads(configs.TILES_PATH.read_text())
+    raw = json.loads(tiles.TILES_PATH.read_text())
     arch_entry = raw.setdefault("architectures", {}).setdefault(arch, {})
     device_entry = arch_entry.setdefault("devices", {}).setdefault(device, {})
     device_entry.setdefault("tiles", {})["triton_mx"] = best
     raw.setdefault("meta", {}).setdefault("sources", {})[f"{arch}.devices.{device}.triton_mx"] = (
         f"benchmarks/tune_triton_mx.py, {docs[0]['meta']['date']}, " + ", ".join(pathlib.Path(p).name for p in paths)
     )
-    configs.TILES_PATH.write_text(json.dumps(raw, indent=1) + "\n")
-    print(f"wrote {configs.TILES_PATH}: {device} triton_mx {json.dumps(best)}")
+    tiles.TILES_PATH.write_text(json.dumps(raw, indent=1) + "\n")
+    print(f"wrote {tiles.TILES_PATH}: {device} triton_mx {json.dumps(best)}")
     return 0
 
 
@@ -223,7 +228,7 @@ def main(argv=None) -> int:
     meta = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": device.device_kind,
-        "architecture": configs.architecture(device),
+        "architecture": architecture(device),
         "jax": jax.__version__,
     }
     try:
@@ -238,7 +243,7 @@ def main(argv=None) -> int:
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(doc, indent=1))
 
-    check_configs = set() if args.no_check else {c for regime in configs.REGIMES for c in candidates(regime)}
+    check_configs = set() if args.no_check else {c for regime in REGIMES for c in candidates(regime)}
     for fmt, config in itertools.product(args.formats, sorted(check_configs, key=str)):
         for interleaved, exact in ((False, False), (True, True)):
             try:

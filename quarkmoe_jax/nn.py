@@ -30,6 +30,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.checkpoint.sharded_loading import load_sharded_moe_block
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats import QArray, float_qarray
+from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS, load_backend
 from quarkmoe_jax.moe import op, routing
 from quarkmoe_jax.moe.entry import host_rows, token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
@@ -155,26 +156,35 @@ class QuarkMoE(nnx.Module):
                 out[key] = var.get_value()
         return out
 
-    def prepare_for_kernels(self, backend: str | None = None) -> QuarkMoE:
+    def prepare_for_kernels(self, backend: str | None = "auto") -> QuarkMoE:
         """Re-lay MX weights once for a kernel backend (``process_weights_after_loading``'s kernel step);
         ``from_checkpoint`` does it on a GPU. Returns ``self``.
 
-        ``backend``: ``"triton"`` (the fragment layout of the v2 kernels), ``"pallas"`` (the chunk layout),
-        or None: the kernel backend ``auto`` runs MX weights on here (``triton`` where jax-triton is
-        installed on a GPU, else ``pallas``). Exact, the same bytes (plus K and N padding to 128
-        in the fragment layout); every backend accepts every layout, but one in another
-        layout re-lays the weights on each call. Sharded experts take the chunk layout, shard by shard.
+        ``backend``: the backend the module will be called with: a kernel backend's name (``"triton"``: the
+        fragment layout of the v2 kernels; ``"pallas"``: the chunk layout); ``"auto"`` or None: the kernel
+        backend ``auto`` runs this layer's scheme on here (:func:`quarkmoe_jax.kernels.registry.load_backend`,
+        the same measured order ``auto`` follows, so ``auto`` reads the weights as laid out); another backend
+        of ``moe.op.BACKENDS`` (the emulation): nothing to do. Exact, the same bytes (plus K and N padding to
+        128 in the fragment layout); every backend accepts every layout, but one in another layout re-lays
+        the weights on each call. Sharded experts take the chunk layout, shard by shard.
         """
+        if backend not in (None, "auto") and backend not in op.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {sorted(op.BACKENDS)}")
         if self.sharding is not None:  # the chunk layout, shard by shard
             for name, value in kernel_layout_per_shard(self.params(), self.sharding).items():
                 getattr(self, name).set_value(value)
             return self
-        backend = backend or default_kernel_backend()
+        if backend in (None, "auto"):
+            kernels = load_backend(self.quant_config)
+        else:
+            kernels = KERNEL_BACKENDS.get(backend)
+        if kernels is None:
+            return self
         for name, var in (("w13", self.w13), ("w2", self.w2)):
             value = var.get_value()
             if value.kind == "mx":
                 try:
-                    var.set_value(kernel_weights(value, name, backend, backend == "triton"))
+                    var.set_value(kernel_weights(value, name, kernels))
                 except NotImplementedError:  # e.g. FP6 with K % 64 != 0: the kernels do not take it; keep it
                     pass
         return self
@@ -229,14 +239,6 @@ class QuarkMoE(nnx.Module):
             f"QuarkMoE({self.quant_config.scheme}, semantics={self.quant_config.semantics}, experts={s.num_experts}, "
             f"hidden={s.hidden_size}, intermediate={s.intermediate_size}, activation={self.activation})"
         )
-
-
-def default_kernel_backend() -> str:
-    """The kernel backend ``auto`` runs MX weights on here: ``triton`` where jax-triton can run (a GPU with
-    the optional extra), else ``pallas``."""
-    from quarkmoe_jax.kernels.triton_grouped_gemm import unavailable_reason
-
-    return "triton" if unavailable_reason() is None else "pallas"
 
 
 def _as_weight(value, name: str) -> QArray:
@@ -304,10 +306,14 @@ class QuarkMoEBlock(nnx.Module):
         progress: bool | None = None,
         sharding: MoESharding | None = None,
         float_dtype=None,
+        backend: str = "auto",
     ) -> QuarkMoEBlock:
         """Load MoE block ``layer`` from a Quark checkpoint folder (config.json + safetensors).
 
         ``float_dtype``: the dtype unquantized experts are held in (default bfloat16; a model passes its own).
+
+        ``backend``: the backend the block will be called with; on a GPU its MX weights are laid out for it
+        once here (:meth:`QuarkMoE.prepare_for_kernels`).
 
         ``sharding``: split the experts over a mesh (:class:`~quarkmoe_jax.moe.sharded.MoESharding`), each
         shard reading only its experts and its slice of the intermediate dimension
@@ -332,7 +338,7 @@ class QuarkMoEBlock(nnx.Module):
         if jax.default_backend() == "gpu":  # the kernels' layout now, not in every call
             for module in (experts, shared):
                 if module is not None:
-                    module.prepare_for_kernels()
+                    module.prepare_for_kernels(backend)
         return cls(
             experts,
             loaded.router_weight,

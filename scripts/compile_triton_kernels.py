@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from quarkmoe_jax.kernels import triton_mx_gemm as mx
+from quarkmoe_jax.kernels.triton import mx_gemm as mx
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CONFIGS = [  # (block_m, block_n, num_warps, num_stages, prefetch_l2, exact, format)

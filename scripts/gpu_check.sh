@@ -1,21 +1,39 @@
 #!/bin/bash
 # One device call (tool `run`, carry [".whl"] and, for a comparison, [".old"]) that checks the GPU paths:
-#   * with .old/ (an older tree: `git archive <rev> quarkmoe_jax kernels | tar -x -C .old` plus the link
-#     .old/quarkmoe_jax/kernels -> ../kernels), every backend's outputs under both trees, compared bit for bit
+#   * with .old/ (an older tree: `git archive <rev> quarkmoe_jax kernels | tar -x -C .old`, plus the link
+#     .old/quarkmoe_jax/kernels -> ../kernels where that tree had none), every backend's outputs under both
+#     trees, compared bit for bit
 #     (scripts/backend_outputs.py), in the background;
 #   * the Triton tests, the layout tests and the Pallas tests named by PYTEST_K (default: all of them).
-# Writes logs and .npz files under $OUT. T: seconds for each part (default 250).
+#   * with BENCH=1 first (alone on the GPU): the module path (QuarkMoEBlock, backend auto, laid out as the
+#     load lays it) at Mixtral T=1, w_mxfp4 and w_mxfp4_a_mxfp4, under .old (if present) and this tree
+#     (benchmarks/moe_bench.py --module, CUPTI), with the pallas and triton rows beside it.
+# Writes logs, JSON and .npz files under $OUT. T: seconds for each part (default 250).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+# A source tree run without installing: kernels/ is the subpackage quarkmoe_jax.kernels through pyproject's
+# package mapping, which only an install applies; the device copy of the tree gets the link instead.
+[ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
 python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax, flax, triton, numpy; print('jax', jax.__version__, 'flax', flax.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 T=${T:-250}
+if [ "${BENCH:-0}" = 1 ]; then
+  bench="--shapes mixtral --tokens 1 --schemes w_mxfp4 w_mxfp4_a_mxfp4 --backends pallas triton --module --no-baselines --repeats 50"
+  for tree in old new; do
+    root=$PWD; [ $tree = old ] && root=$PWD/.old
+    [ -d "$root" ] || continue
+    PYTHONPATH=/tmp/site:$root timeout 200 python3 $root/benchmarks/moe_bench.py $bench --json $OUT/module_$tree.json \
+      > $OUT/module_$tree.log 2>&1
+    echo "module timing ($tree tree) rc=$?"; tail -8 $OUT/module_$tree.log
+  done
+fi
 if [ -d .old ]; then
-  (PYTHONPATH=/tmp/site:$PWD/.old timeout $((T + 10)) python3 scripts/backend_outputs.py $OUT/old.npz > $OUT/old.log 2>&1) &
+  old_script=scripts/backend_outputs.py; [ -f .old/scripts/backend_outputs.py ] && old_script=.old/scripts/backend_outputs.py
+  (PYTHONPATH=/tmp/site:$PWD/.old timeout $((T + 10)) python3 $old_script $OUT/old.npz > $OUT/old.log 2>&1) &
   (PYTHONPATH=/tmp/site:$PWD timeout $((T + 10)) python3 scripts/backend_outputs.py $OUT/new.npz > $OUT/new.log 2>&1) &
 fi
 PYTHONPATH=/tmp/site:$PWD timeout -s INT $T python3 -m pytest -q -n ${N:-6} -p no:cacheprovider -rfE \
-  tests/moe/test_triton.py tests/formats/test_kernel_layout.py tests/formats/test_fragment_layout.py \
+  tests/moe/test_triton.py tests/moe/test_backend_selection.py tests/formats/test_kernel_layout.py tests/formats/test_fragment_layout.py \
   tests/moe/test_pallas.py ${PYTEST_K:+-k "$PYTEST_K"} > $OUT/pytest.log 2>&1
 echo "pytest rc=$?"; tail -20 $OUT/pytest.log
 wait

@@ -32,24 +32,36 @@ def test_public_names_at_top_level():
 
 
 def test_kernels_folder_is_the_package_kernels_and_never_top_level():
-    """kernels/ is seen as quarkmoe_jax/kernels through a relative link (static tools resolve the imports);
+    """kernels/ is installed as quarkmoe_jax.kernels through pyproject's package mapping (no link in the tree);
     a wheel ships it under quarkmoe_jax only."""
-    link = ROOT / "quarkmoe_jax" / "kernels"
-    assert link.is_symlink() and str(link.readlink()) == "../kernels"
+    assert not (ROOT / "quarkmoe_jax" / "kernels").exists()
     spec = importlib.util.find_spec("quarkmoe_jax.kernels")
     assert spec is not None and pathlib.Path(spec.origin).resolve().parent == ROOT / "kernels"
+    pallas = importlib.util.find_spec("quarkmoe_jax.kernels.pallas.backend")
+    assert pallas is not None and pathlib.Path(pallas.origin).resolve() == ROOT / "kernels" / "pallas" / "backend.py"
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "package-dir" not in config and "quarkmoe_jax.kernels" in config["packages"]
-    assert "kernels" not in config["packages"]
+    assert config["package-dir"] == {"quarkmoe_jax.kernels": "kernels"}
+    assert "quarkmoe_jax.kernels" in config["packages"] and "kernels" not in config["packages"]
+
+
+def _package_folder(package: str) -> pathlib.Path:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for prefix, folder in config.get("package-dir", {}).items():
+        if package == prefix or package.startswith(prefix + "."):
+            return ROOT / folder / pathlib.Path(*package[len(prefix) :].split(".")[1:])
+    return ROOT / pathlib.Path(*package.split("."))
 
 
 def test_every_subpackage_is_listed_for_a_wheel():
     """An editable install finds any subpackage; a wheel (``pip install .``) ships only the listed ones."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    inits = [*(ROOT / "quarkmoe_jax").rglob("__init__.py"), ROOT / "quarkmoe_jax" / "kernels" / "__init__.py"]
-    on_disk = {".".join(init.parent.relative_to(ROOT).parts) for init in inits}
     listed = set(config["packages"])
+    on_disk = {".".join(i.parent.relative_to(ROOT).parts) for i in (ROOT / "quarkmoe_jax").rglob("__init__.py")}
+    on_disk |= {
+        ".".join(("quarkmoe_jax",) + i.parent.relative_to(ROOT).parts) for i in (ROOT / "kernels").rglob("__init__.py")
+    }
     assert listed == on_disk, f"pyproject packages {sorted(listed)} != subpackages on disk {sorted(on_disk)}"
+    assert all((_package_folder(p) / "__init__.py").is_file() for p in listed)
 
 
 def test_demo_generation_runs_a_whole_quantized_model_next_to_its_float_original(tmp_path):

@@ -18,10 +18,12 @@ ABOVE_CORE = ("config", "files", "schemes", "checkpoint", "nn", "cli", "models")
 
 
 def _modules() -> dict[str, pathlib.Path]:
+    """``{module name: file}`` of the library; ``kernels/`` is installed as ``quarkmoe_jax.kernels``."""
     found = {}
-    for path in [*(ROOT / "quarkmoe_jax").rglob("*.py"), *(ROOT / "quarkmoe_jax" / "kernels").glob("*.py")]:
-        parts = path.relative_to(ROOT).with_suffix("").parts
-        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for root, package in ((ROOT / "quarkmoe_jax", ("quarkmoe_jax",)), (ROOT / "kernels", ("quarkmoe_jax", "kernels"))):
+        for path in root.rglob("*.py"):
+            parts = package + path.relative_to(root).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 
 
@@ -76,4 +78,53 @@ def test_the_graph_reader_sees_the_known_edges():
     assert {"checkpoint", "moe", "contracts"} <= graph["nn"]
     assert "kernels" in graph["moe"] and "formats" in graph["kernels"]
     assert "moe" in graph["checkpoint"]  # the per-shard loader lays parameters out as the sharded op says
-    assert "quarkmoe_jax.kernels.grouped_gemm" in _modules()
+    assert {"quarkmoe_jax.kernels.pallas.grouped_gemm", "quarkmoe_jax.kernels.triton.backend"} <= set(_modules())
+
+
+BACKEND_NAMES = {"pallas", "triton", "emulation"}
+LAYOUT_NAMES = {"chunk", "fragment"}
+TILE_FAMILIES = {"pallas", "triton_mx"}
+NAMES_ALLOWED_IN = {
+    # a backend object names itself; the registry names the default orders through the objects
+    "quarkmoe_jax.kernels.pallas.backend",
+    "quarkmoe_jax.kernels.triton.backend",
+    # the tile table's families (keys of kernels/tiles.json)
+    "quarkmoe_jax.kernels.tiles",
+    # the layouts' own modules register their names
+    "quarkmoe_jax.formats.kernel_layout",
+    "quarkmoe_jax.formats.fragment_layout",
+    # the op adds the oracle to the kernel backends
+    "quarkmoe_jax.moe.op",
+}
+
+
+def _string_constants(path: pathlib.Path) -> set[str]:
+    """String literals of a module other than docstrings."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
+
+
+def test_backends_and_layouts_are_named_only_by_their_own_objects():
+    """A backend, its layout and its tile family are one object each (kernels/*/backend.py): no other module
+    names them in code (choices go through ``KERNEL_BACKENDS``, ``KernelBackend.layout`` and the layout
+    constants), so a new backend or layout touches its own files only."""
+    names = BACKEND_NAMES | LAYOUT_NAMES | TILE_FAMILIES
+    found = {
+        module: sorted(_string_constants(path) & names)
+        for module, path in _modules().items()
+        if module not in NAMES_ALLOWED_IN and _string_constants(path) & names
+    }
+    assert not found, found
+    assert _string_constants(_modules()["quarkmoe_jax.kernels.pallas.backend"]) & names  # the reader reads

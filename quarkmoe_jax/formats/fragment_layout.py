@@ -3,7 +3,7 @@
 Hopper's ``wgmma`` takes its A operand from registers in a fixed fragment: in a 64-row slice each warp owns
 16 rows; lane ``l`` (``g = l // 4``, ``tig = l % 4``) holds rows ``g`` and ``g + 8`` and, per 16-wide K step,
 the element pairs ``2*tig + {0, 1}`` and ``2*tig + 8 + {0, 1}``. The v2 kernels feed the decoded weights
-there straight from the load (:mod:`quarkmoe_jax.kernels.triton_mx_gemm`), so the bytes are stored in that
+there straight from the load (:mod:`quarkmoe_jax.kernels.triton.mx_gemm`), so the bytes are stored in that
 order and bit-arranged for a short decode:
 
 * **Units.** The ``[N, K]`` weight of one expert is cut into units of 16 rows x 128 K (1 KiB of FP4),

@@ -87,9 +87,9 @@ def from_pretrained(
     decoder_layers = []
     for i, (norm1, attn, norm2, mlp) in enumerate(layers):
         if mlp is None:
-            mlp = QuarkMoEBlock.from_checkpoint(path, i, semantics=semantics, float_dtype=dtype)
+            mlp = QuarkMoEBlock.from_checkpoint(path, i, semantics=semantics, float_dtype=dtype, backend=backend)
         elif jax.default_backend() == "gpu":
-            mlp.prepare_for_kernels()
+            mlp.prepare_for_kernels(backend)
         decoder_layers.append(DecoderLayer(norm1, attn, norm2, mlp))
     return QuarkMoEForCausalLM(config, embed, decoder_layers, norm, lm_head, dtype=dtype, backend=backend)
 

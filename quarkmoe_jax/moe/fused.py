@@ -1,8 +1,8 @@
-"""The MoE experts forward on fused grouped-GEMM kernels, shared by the ``pallas`` and ``triton`` backends.
+"""The MoE experts forward on fused grouped-GEMM kernels, shared by every kernel backend.
 
-A :class:`KernelBackend` names the grouped GEMM (:func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm` or
-its jax-triton twin); :func:`fused_core` builds the forward around it. Same signature and result as the
-emulation oracle (:mod:`quarkmoe_jax.moe.emulation`), computed as:
+A :class:`~quarkmoe_jax.kernels.base.KernelBackend` (``kernels/pallas/``, ``kernels/triton/``) brings its
+grouped GEMM, its MX weight layout and its tile rules; :func:`fused_core` builds the forward around it.
+Same signature and result as the emulation oracle (:mod:`quarkmoe_jax.moe.emulation`), computed as:
 
 1. Sort the (token, k) pairs by local expert and pad each expert's group to the kernel's row tile
    (:mod:`quarkmoe_jax.moe.dispatch`); all static shapes, no host sync.
@@ -12,10 +12,10 @@ emulation oracle (:mod:`quarkmoe_jax.moe.emulation`), computed as:
 3. GEMM1 kernel: MX weights decoded in the kernel, or INT8 / FP8 / bfloat16 weights (int8 x int8 and
    e4m3 x e4m3 on the 8-bit tensor cores, W8A16 as bfloat16); activation and weight scales, bias and the
    gated activation in the epilogue, intermediate written in the activation dtype.
-   Pallas only: with many rows per expert (prefill) the MX weights are instead dequantized to bfloat16 a
-   bounded chunk of experts at a time (:data:`PREFILL_DEQUANT_CAP_BYTES`) and multiplied by the same kernel
-   with dense tiles: on an H100 that is faster than decoding each weight tile once per row tile
-   (docs/performance.md).
+   Backends that say so (Pallas): with many rows per expert (prefill) the MX weights are instead
+   dequantized to bfloat16 a bounded chunk of experts at a time (:data:`PREFILL_DEQUANT_CAP_BYTES`) and
+   multiplied by the same kernel with dense tiles: on an H100 that is faster than decoding each weight
+   tile once per row tile (docs/performance.md).
 4. The intermediate's quantization (MX / FP8 schemes) with the oracle's quantizer.
 5. GEMM2 kernel: bias and router weight in the epilogue.
 6. Combine: each token gathers its k rows and sums them in float32 (deterministic; no atomics).
@@ -27,14 +27,13 @@ K is not a multiple of 16. The exact gelu
 (erf) has no Pallas-Triton lowering: for it the GEMM1 kernel writes the pre-activation and XLA applies the
 activation.
 
-MX weights are read in a kernel layout (:mod:`quarkmoe_jax.formats.kernel_layout`,
-:mod:`quarkmoe_jax.formats.fragment_layout`); MX weights in Quark's layout are re-laid on every call, which
-costs a pass over the weights: re-lay them once after loading (``QuarkMoE.prepare_for_kernels()``).
+MX weights are read in the backend's layout (:attr:`KernelBackend.layout`); MX weights in another layout are
+re-laid on every call, which costs a pass over the weights: the load lays them out once for the backend
+``auto`` prefers (``QuarkMoE.prepare_for_kernels()``, :func:`quarkmoe_jax.kernels.registry.load_backend`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -43,15 +42,8 @@ import jax.numpy as jnp
 from quarkmoe_jax.activations import apply_activation
 from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats import quantizers as qz
-from quarkmoe_jax.formats.fragment_layout import FRAGMENT_LAYOUT, to_fragment_layout
-from quarkmoe_jax.formats.kernel_layout import CHUNK_LAYOUT, DEFAULT_CHUNK, k_parts, to_kernel_layout
-from quarkmoe_jax.kernels.configs import dequant_min_rows, expected_load, fp8_tensor_cores, tile_configs
-from quarkmoe_jax.kernels.grouped_gemm import (
-    DENSE_MIN_K,
-    Epilogue,
-    TileConfig,
-    dequantize_to_bfloat16,
-)
+from quarkmoe_jax.kernels.base import DENSE_MIN_K, Epilogue, KernelBackend, expected_load, fp8_tensor_cores
+from quarkmoe_jax.kernels.pallas.grouped_gemm import dequantize_to_bfloat16
 from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
 from quarkmoe_jax.moe.expert_io import (
     combine_pairs,
@@ -62,7 +54,7 @@ from quarkmoe_jax.moe.expert_io import (
 )
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 
-__all__ = ["KernelBackend", "fused_core", "kernel_weights", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
+__all__ = ["fused_core", "kernel_weights", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
 
 PREFILL_DEQUANT_CAP_BYTES = 1 << 30
 """Prefill dequantizes at most this many bytes of bfloat16 weights per chunk of experts (XLA may overlap
@@ -72,59 +64,25 @@ UNFUSED_ACTIVATIONS = ("gelu", "gelu_no_mul")
 """Activations applied by XLA after GEMM1 (the Triton dialect has no erf)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelBackend:
-    """A grouped-GEMM implementation the fused forward runs on.
-
-    Attributes:
-      name: the backend's name (in error messages).
-      gemm: a function with :func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm`'s signature.
-      prefill_dequant: whether prefill may dequantize MX weights to bfloat16 in bounded chunks and run the
-        dense kernel (needs ``gemm`` to take an ``out`` buffer).
-      unavailable: returns why the backend cannot run on this machine (``None`` when it can).
-      fragment_layout: MX weights run in the fragment layout (the v2 kernels,
-        :mod:`quarkmoe_jax.formats.fragment_layout`); otherwise in the chunk layout.
-    """
-
-    name: str
-    gemm: Callable
-    prefill_dequant: bool
-    unavailable: Callable[[], str | None] = lambda: None
-    fragment_layout: bool = False
-
-
-def kernel_weights(weight: QArray, name: str, backend: str = "pallas", fragment_layout: bool = False):
-    """``weight`` as the kernels read it: MX weights as a :class:`QArray` in the fragment layout (with
-    ``fragment_layout``) or the chunk layout (without); 8-bit or float weights as their ``[E, N, K]`` values
-    (8-bit scales go to the epilogue).
+def kernel_weights(weight: QArray, name: str, backend: KernelBackend):
+    """``weight`` as ``backend``'s kernels read it: MX weights as a :class:`QArray` in its layout; 8-bit or
+    float weights as their ``[E, N, K]`` values (8-bit scales go to the epilogue).
     MX weights in another layout are re-laid (a pass over them on every call: lay them out once after
     loading, ``QuarkMoE.prepare_for_kernels``)."""
     if isinstance(weight, QArray) and weight.kind == "mx":
-        layout = FRAGMENT_LAYOUT if fragment_layout else CHUNK_LAYOUT
-        if weight.layout == layout and (fragment_layout or k_parts(weight) == 1):
+        if backend.in_layout(weight):
             return weight
         try:
-            if fragment_layout:
-                return to_fragment_layout(weight)
-            return to_kernel_layout(weight, DEFAULT_CHUNK)
+            return backend.to_layout(weight)
         except ValueError as e:
-            raise NotImplementedError(f"{backend} backend: {name}: {e}") from None
+            raise NotImplementedError(f"{backend.name} backend: {name}: {e}") from None
     weight = weight.values
     if jnp.issubdtype(weight.dtype, jnp.floating) or weight.dtype == jnp.int8:
         if weight.shape[2] % DENSE_MIN_K:
             k = weight.shape[2]
-            raise NotImplementedError(f"{backend} backend: {name} has K = {k}, not a multiple of {DENSE_MIN_K}")
+            raise NotImplementedError(f"{backend.name} backend: {name} has K = {k}, not a multiple of {DENSE_MIN_K}")
         return weight
-    raise NotImplementedError(f"{backend} backend: {name} of dtype {weight.dtype} is not supported")
-
-
-def _fit_block_n(config: TileConfig, n: int) -> TileConfig:
-    block_n = config.block_n
-    while n % block_n:
-        block_n //= 2
-    if block_n < 16:
-        raise NotImplementedError(f"pallas backend: N = {n} has no power-of-two tile >= 16")
-    return dataclasses.replace(config, block_n=block_n)
+    raise NotImplementedError(f"{backend.name} backend: {name} of dtype {weight.dtype} is not supported")
 
 
 def _padded(values, row_sorted, fill=0):
@@ -165,12 +123,16 @@ def _padded_scale(scale, rows):
     return None if scale is None else _padded(scale, rows, fill=0)
 
 
-def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, gemm, dtype, dequant, **kwargs):
-    """One GEMM: the fused kernel ``gemm``, or (``dequant``, prefill) bounded expert chunks dequantized to
-    bfloat16 and multiplied by the same kernel with dense tiles, all chunks writing into one output buffer."""
-    kwargs["out_dtype"] = dtype
-    if not (dequant and isinstance(weight, QArray) and weight.layout == CHUNK_LAYOUT):
-        return gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales=col_scales, **kwargs)
+def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, backend, config, dequant, **kwargs):
+    """One GEMM on ``backend``: its fused kernel on ``config`` fitted to the launch, or (``dequant``, prefill)
+    bounded expert chunks dequantized to bfloat16 and multiplied by the same kernel with dense tiles, all
+    chunks writing into one output buffer."""
+    n_out, num_tiles = kwargs["n_out"], tile_expert.shape[0]
+    if not (dequant and isinstance(weight, QArray) and weight.kind == "mx"):
+        tile = backend.fit_tile(config, n_out, weight, num_tiles)
+        return backend.gemm(
+            a, weight, tile_expert, bias, row_weights, row_scales, col_scales=col_scales, config=tile, **kwargs
+        )
     num_experts, n, k = weight.shape
     per_chunk = max(1, PREFILL_DEQUANT_CAP_BYTES // (2 * n * k))
     out = None
@@ -179,8 +141,17 @@ def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, 
         dense = dequantize_to_bfloat16(weight[first:last], interpret=kwargs["interpret"])
         in_chunk = (tile_expert >= first) & (tile_expert < last)
         chunk_bias = None if bias is None else bias[first:last]
-        out = gemm(
-            a, dense, jnp.where(in_chunk, tile_expert - first, -1), chunk_bias, row_weights, row_scales, out, **kwargs
+        tile = backend.fit_tile(config, n_out, dense, num_tiles)
+        out = backend.gemm(
+            a,
+            dense,
+            jnp.where(in_chunk, tile_expert - first, -1),
+            chunk_bias,
+            row_weights,
+            row_scales,
+            out,
+            config=tile,
+            **kwargs,
         )
     return out
 
@@ -223,8 +194,8 @@ def _fused_forward(
             f"{backend.name} backend: per-channel dynamic activation scales (Quark) are not supported"
         )
     w13, w2 = expert_weights(params)
-    w13 = kernel_weights(w13, "w13", backend.name, backend.fragment_layout)
-    w2 = kernel_weights(w2, "w2", backend.name, backend.fragment_layout)
+    w13 = kernel_weights(w13, "w13", backend)
+    w2 = kernel_weights(w2, "w2", backend)
 
     dtype = x.dtype
     t, k = topk_ids.shape
@@ -239,12 +210,10 @@ def _fused_forward(
     num_pairs = t * k
     device_kind = jax.devices()[0].device_kind
     num_global = num_local if expert_map is None else expert_map.shape[0]
-    touched, rows_per_expert = expected_load(num_pairs, num_local, num_global)
-    fragment = all(isinstance(w, QArray) and w.layout == FRAGMENT_LAYOUT for w in (w13, w2))
-    config1, config2 = tile_configs(
-        device_kind, rows_per_expert, touched, "triton_mx" if fragment else "pallas", contractions=(h_pad, i_pad)
-    )
-    dequant = backend.prefill_dequant and rows_per_expert >= dequant_min_rows(device_kind)
+    load = expected_load(num_pairs, num_local, num_global)
+    mx = isinstance(w13, QArray) and w13.kind == "mx"
+    config1, config2 = backend.tiles(device_kind, load, (h_pad, i_pad), mx)
+    dequant = backend.prefill_dequantizes and backend.prefill_dequant(device_kind, load)
     if config1.block_m != config2.block_m:
         raise ValueError("GEMM1 and GEMM2 tile configs must share block_m (they share the row layout)")
     interpret = jax.default_backend() == "cpu"
@@ -287,10 +256,10 @@ def _fused_forward(
         scale1,
         col_scales.get("w13"),
         n_out=i_pad if fused else n13,
-        config=config1 if fragment else _fit_block_n(config1, i_pad if fused else n13),
+        config=config1,
         epilogue=epilogue1,
-        gemm=backend.gemm,
-        dtype=dtype,
+        backend=backend,
+        out_dtype=dtype,
         interpret=interpret,
         dequant=dequant,
     )
@@ -320,15 +289,15 @@ def _fused_forward(
         scale2,
         col_scales.get("w2"),
         n_out=h_pad,
-        config=config2 if fragment else _fit_block_n(config2, h_pad),
+        config=config2,
         epilogue=Epilogue(
             has_bias=params.get("w2_bias") is not None,
             row_weights=row_weights is not None,
             row_scales=scale2 is not None,
             col_scales="w2" in col_scales,
         ),
-        gemm=backend.gemm,
-        dtype=pair_dtype or dtype,
+        backend=backend,
+        out_dtype=pair_dtype or dtype,
         interpret=interpret,
         dequant=dequant,
     )

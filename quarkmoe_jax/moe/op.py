@@ -1,8 +1,9 @@
-"""One MoE-experts op, several backends: ``emulation`` (the jnp oracle), ``pallas`` (fused Pallas kernels),
-``triton`` (fused jax-triton kernels, optional extra).
+"""One MoE-experts op, several backends: ``emulation`` (the jnp oracle) and every kernel backend of
+:data:`quarkmoe_jax.kernels.registry.KERNEL_BACKENDS` (``pallas``: fused Pallas kernels; ``triton``: fused
+jax-triton kernels, optional extra), each run by the shared fused forward (:mod:`quarkmoe_jax.moe.fused`).
 
-``backend="auto"`` tries the kernel backends fastest first, as measured on this device kind for the
-scheme's family and token count (:func:`quarkmoe_jax.kernels.configs.backend_order`, a shipped table), then
+``backend="auto"`` tries the kernel backends in :func:`quarkmoe_jax.kernels.registry.backend_order` (fastest
+first, as measured on this device kind for the scheme's family and token count, from a shipped table), then
 the emulation; a backend raises ``NotImplementedError`` for what it cannot do (a scheme, a device, a missing
 optional package) and the next one runs. On CPU ``auto`` runs the emulation (the kernels would run in the
 Pallas interpreter: for tests only). The emulation backend supports everything.
@@ -14,20 +15,30 @@ from collections.abc import Callable
 
 import jax
 
-from quarkmoe_jax.kernels.configs import backend_order
-from quarkmoe_jax.moe import emulation, pallas_backend, triton_backend
+from quarkmoe_jax.kernels.base import KernelBackend
+from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS, backend_order
+from quarkmoe_jax.moe import emulation
+from quarkmoe_jax.moe.entry import bucketed_backend
+from quarkmoe_jax.moe.fused import fused_core
 
-__all__ = ["BACKENDS", "register_backend", "auto_order", "moe_experts"]
+__all__ = ["BACKENDS", "register_backend", "kernel_backend_op", "auto_order", "moe_experts"]
 
-BACKENDS: dict[str, Callable] = {
-    "emulation": emulation.moe_experts,
-    "pallas": pallas_backend.moe_experts,
-    "triton": triton_backend.moe_experts,
+
+def kernel_backend_op(backend: KernelBackend) -> Callable:
+    """The op of a kernel backend: the fused forward on its kernels, bucketed like every backend."""
+    return bucketed_backend(fused_core(backend))
+
+
+BACKENDS: dict[str, Callable] = {"emulation": emulation.moe_experts} | {
+    name: kernel_backend_op(backend) for name, backend in KERNEL_BACKENDS.items()
 }
+"""Every backend's op by name, with :func:`emulation.moe_experts`'s signature."""
 
 
 def register_backend(name: str, fn: Callable) -> None:
-    """Add a backend with :func:`emulation.moe_experts`'s signature."""
+    """Add a backend with :func:`emulation.moe_experts`'s signature (a kernel backend: register its
+    :class:`KernelBackend` with :func:`quarkmoe_jax.kernels.registry.register_kernel_backend` and add
+    :func:`kernel_backend_op` of it here)."""
     BACKENDS[name] = fn
 
 

@@ -16,6 +16,7 @@ from quarkmoe_jax.formats.kernel_layout import (
     split_into_parts,
     to_kernel_layout,
 )
+from quarkmoe_jax.kernels.pallas import PALLAS
 from quarkmoe_jax.moe.fused import kernel_weights
 
 
@@ -81,7 +82,7 @@ def test_parts_laid_out_shard_by_shard(key, fmt):
     assert not np.array_equal(np.asarray(glued.dequantize()), np.asarray(t.dequantize()))  # the trap
     np.testing.assert_array_equal(np.asarray(whole.to_checkpoint_layout().values), np.asarray(t.values))
     np.testing.assert_array_equal(np.asarray(whole.dequantize()), np.asarray(t.dequantize()))
-    relaid = kernel_weights(whole, "w2")
+    relaid = kernel_weights(whole, "w2", PALLAS)
     assert k_parts(relaid) == 1
     np.testing.assert_array_equal(np.asarray(relaid.values), np.asarray(to_kernel_layout(t).values))
     piece = one_part(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from quarkmoe_jax.kernels.configs import expected_load, regime
+from quarkmoe_jax.kernels.base import Load, expected_load
 from quarkmoe_jax.moe.dispatch import max_row_tiles, sort_pairs, tile_rows
 
 
@@ -40,9 +40,9 @@ def test_tiles_hold_each_experts_pairs_in_order(key, tokens, top_k, experts, blo
 def test_an_expert_parallel_shard_picks_tiles_for_its_share_of_the_pairs():
     """A one-expert shard of Mixtral on EP 8 at 16 tokens sees 32 pairs but expects 4 for its expert: decode
     tiles, as the whole layer uses (it once took the 32-row "mid" tiles: 2.4x slower on an H100, MXFP4)."""
-    assert expected_load(num_pairs=32, num_local=8, num_global=8) == (8, 4.0)  # the whole layer
-    assert expected_load(num_pairs=32, num_local=1, num_global=8) == (1, 4.0)  # one EP 8 shard
-    assert regime(expected_load(32, 1, 8)[1]) == regime(expected_load(32, 8, 8)[1]) == "decode"
-    assert expected_load(num_pairs=8192, num_local=1, num_global=8) == (1, 1024.0)  # prefill stays prefill
-    assert expected_load(num_pairs=128, num_local=32, num_global=256) == (16, 1.0)  # DeepSeek-V3 EP 8, T = 16
-    assert expected_load(num_pairs=0, num_local=4, num_global=4) == (1, 0.0)  # no tokens
+    assert expected_load(num_pairs=32, num_local=8, num_global=8) == Load(8, 4.0)  # the whole layer
+    assert expected_load(num_pairs=32, num_local=1, num_global=8) == Load(1, 4.0)  # one EP 8 shard
+    assert expected_load(32, 1, 8).regime == expected_load(32, 8, 8).regime == "decode"
+    assert expected_load(num_pairs=8192, num_local=1, num_global=8) == Load(1, 1024.0)  # prefill stays prefill
+    assert expected_load(num_pairs=128, num_local=32, num_global=256) == Load(16, 1.0)  # DeepSeek-V3 EP 8, T = 16
+    assert expected_load(num_pairs=0, num_local=4, num_global=4) == Load(1, 0.0)  # no tokens

@@ -10,8 +10,8 @@ from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
 from quarkmoe_jax.checkpoint.loader import linear_expert_map
 from quarkmoe_jax.formats import mx_format
 from quarkmoe_jax.formats.kernel_layout import to_kernel_layout
-from quarkmoe_jax.kernels.grouped_gemm import decode_mx_piece
-from quarkmoe_jax.moe import fused, pallas_backend
+from quarkmoe_jax.kernels.pallas.grouped_gemm import decode_mx_piece
+from quarkmoe_jax.moe import fused, op
 from tests.moe.backend_suite import AMAX, KERNEL_SCHEMES, BackendSuite, inputs, random_experts
 
 
@@ -25,16 +25,16 @@ class TestPallas(BackendSuite):
         quark_layout = experts.apply(x, weights, ids, backend="pallas")
         params = dict(experts.params())
         params["w13"], params["w2"] = to_kernel_layout(params["w13"]), to_kernel_layout(params["w2"])
-        out = pallas_backend.moe_experts(
+        out = op.BACKENDS["pallas"](
             x, weights, ids, params, experts.quant_config, experts.shape, activation=experts.activation
         )
         np.testing.assert_array_equal(np.asarray(out), np.asarray(quark_layout))
 
     def test_fp8_w8a8_with_codes_in_bfloat16(self, float_checkpoint, tmp_path, key, monkeypatch):
         """FP8 W8A8 on a device without fp8 tensor cores: the e4m3 codes go in as bfloat16 (exact)."""
-        from quarkmoe_jax.kernels import configs
+        from quarkmoe_jax.kernels import base
 
-        monkeypatch.setitem(configs.FP8_TENSOR_CORES, jax.devices()[0].device_kind, False)
+        monkeypatch.setitem(base.FP8_TENSOR_CORES, jax.devices()[0].device_kind, False)
         jax.clear_caches()
         for scheme in ("w8a8_fp8_channel_dynamic_token", "w8a8_fp8_tensor_static"):
             path = export_quark_checkpoint(float_checkpoint, tmp_path / scheme, scheme, input_amax=AMAX)
@@ -68,7 +68,8 @@ def test_tile_options_do_not_change_the_result(fmt, key):
     """k_unroll and swap_ab reorganise the K loop, never the summation order: bit-identical output
     (gated epilogue, K = 5 full chunks + a 64 tail so the unrolled loop leaves a remainder, an empty tile)."""
     from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
-    from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
+    from quarkmoe_jax.kernels.base import Epilogue, TileConfig
+    from quarkmoe_jax.kernels.pallas.grouped_gemm import grouped_gemm
 
     f = mx_format(fmt)
     k_dim, n_rows = 704, 128
@@ -109,7 +110,8 @@ def test_split_k_matches_one_pass(key):
     epilogued by XLA (row scales, bias, router weights; a gated activation on [gate; up] and on interleaved
     rows); equal to one pass up to summation order."""
     from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
-    from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
+    from quarkmoe_jax.kernels.base import Epilogue, TileConfig
+    from quarkmoe_jax.kernels.pallas.grouped_gemm import grouped_gemm
 
     f = mx_format("mxfp4")
     k_dim, n_rows = 576, 64
@@ -161,10 +163,10 @@ def test_backend_with_split_k_decode_tiles(key, monkeypatch):
     partial sums reduced and epilogued by XLA, interleaved swigluoai with bias, against the oracle."""
     import dataclasses
 
-    from quarkmoe_jax.kernels import configs
+    from quarkmoe_jax.kernels import tiles
 
-    decode = tuple(tuple((k, dataclasses.replace(c, split_k=2)) for k, c in o) for o in configs.DEFAULT["decode"])
-    monkeypatch.setitem(configs.DEFAULT, "decode", decode)
+    decode = tuple(tuple((k, dataclasses.replace(c, split_k=2)) for k, c in o) for o in tiles.DEFAULT["decode"])
+    monkeypatch.setitem(tiles.DEFAULT, "decode", decode)
     jax.clear_caches()
     experts = random_experts(key, activation="swigluoai", h=256, i=256, bias=True, limit=7.0)
     x, weights, ids = inputs(key, t=2, h=256)
@@ -179,7 +181,7 @@ def test_compiled_decode_is_bit_exact_including_subnormals(decoder, monkeypatch)
     n..n+3, byte j of row n is (n + j) mod 256) against an exact numpy decode, subnormal bfloat16 results and
     overflow to inf included; code 255 gives NaN. "asm" is the packed PTX decode the fused kernels use."""
     from quarkmoe_jax.formats.kernel_layout import chunk_layout_qarray
-    from quarkmoe_jax.kernels import grouped_gemm as kernel_module
+    from quarkmoe_jax.kernels.pallas import grouped_gemm as kernel_module
 
     monkeypatch.setattr(kernel_module, "DECODE", decoder)
     jax.clear_caches()
@@ -203,10 +205,10 @@ def test_compiled_decode_is_bit_exact_including_subnormals(decoder, monkeypatch)
 def test_prefill_dequantize_path_in_bounded_chunks(key, monkeypatch):
     """The prefill path (experts dequantized to bfloat16 a chunk at a time, then dense tiles) matches the
     oracle; forced on CPU with one expert per chunk, so several chunks fill one output."""
-    from quarkmoe_jax.kernels import configs
-    from quarkmoe_jax.kernels.grouped_gemm import dequantize_to_bfloat16
+    from quarkmoe_jax.kernels import tiles
+    from quarkmoe_jax.kernels.pallas.grouped_gemm import dequantize_to_bfloat16
 
-    monkeypatch.setitem(configs.DEQUANT_MIN_ROWS, "cpu", 0)
+    monkeypatch.setitem(tiles.DEQUANT_MIN_ROWS, "cpu", 0)
     monkeypatch.setattr(fused, "PREFILL_DEQUANT_CAP_BYTES", 1)
     jax.clear_caches()
     for scheme in ("w_mxfp4_a_mxfp4", "w_mxfp6_e3m2"):
@@ -239,7 +241,8 @@ def test_8bit_tensor_core_gemm_is_exact(dtype, key):
     codes (-128 / 127, +-448), an all-zero block, K = 1168 so int8 sums pass 2^24 (the int32 accumulator is
     exact, its float32 conversion is the oracle's) and end in a 16-wide tail (below the 8-bit MMA's K: run in
     bfloat16); one pass, split-K (int32 / float32 partials) and swapped tiles; row and column scales."""
-    from quarkmoe_jax.kernels.grouped_gemm import Epilogue, TileConfig, grouped_gemm
+    from quarkmoe_jax.kernels.base import Epilogue, TileConfig
+    from quarkmoe_jax.kernels.pallas.grouped_gemm import grouped_gemm
 
     k_dim, n_rows = 1168, 64
     k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -301,7 +304,7 @@ def test_an_expert_parallel_call_sizes_its_tiles_for_the_local_share(key, monkey
     x, weights, ids = inputs(key, t=16, k=2, e=8)
     expert_map = linear_expert_map(8, 4, 1)
     with pytest.raises(Traced):
-        pallas_backend.moe_experts(
+        op.BACKENDS["pallas"](
             x,
             weights,
             ids,
@@ -326,7 +329,7 @@ def test_fragment_layout_weights_run_on_every_backend(key, scheme):
     params = dict(experts.params())
     relaid = {**params, "w13": to_fragment_layout(params["w13"]), "w2": to_fragment_layout(params["w2"])}
     args = (experts.quant_config, experts.shape)
-    for backend in (emulation, pallas_backend):
-        want = backend.moe_experts(x, weights, ids, params, *args, activation=experts.activation)
-        got = backend.moe_experts(x, weights, ids, relaid, *args, activation=experts.activation)
+    for moe_experts in (emulation.moe_experts, op.BACKENDS["pallas"]):
+        want = moe_experts(x, weights, ids, params, *args, activation=experts.activation)
+        got = moe_experts(x, weights, ids, relaid, *args, activation=experts.activation)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -1,43 +1,42 @@
-"""jax-triton grouped GEMM over experts (the ``triton`` backend): Triton kernels called with
+"""jax-triton grouped GEMM over experts (the ``triton`` backend's GEMM): Triton kernels called with
 ``jax_triton.triton_call``.
 
-The same contract as :func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm` (row tiles of ``block_m`` rows,
-``tile_expert`` per tile, MX weights or dense int8 / e4m3 / bfloat16 weights, same operand dtypes and
+The contract of :func:`quarkmoe_jax.kernels.pallas.grouped_gemm.grouped_gemm` (row tiles of ``block_m``
+rows, ``tile_expert`` per tile, MX weights or dense int8 / e4m3 / bfloat16 weights, same operand dtypes and
 tensor-core math), written in the Triton language instead of Pallas:
 
-- MX weights (MXFP4, MXFP6) run the v2 kernel (:mod:`quarkmoe_jax.kernels.triton_mx_gemm`) in the fragment
-  layout (weights in another layout are re-laid on each call: lay them out once after loading); its tiles
-  come from the tile table (kernel ``triton_mx``).
+- MX weights (MXFP4, MXFP6) run the v2 kernel (:mod:`quarkmoe_jax.kernels.triton.mx_gemm`) in the fragment
+  layout, on the tile :meth:`TritonBackend.fit_tile <quarkmoe_jax.kernels.triton.backend.TritonBackend>`
+  made from the ``triton_mx`` tile table.
 - Dense weights run :func:`_dense_gemm_kernel`.
 - The kernels write their float32 (int32 for int8 x int8) accumulators, shard-major; the epilogue (scales,
-  bias, activation, router weight) is the Pallas kernels' own :func:`grouped_gemm.apply_epilogue`, run by
-  XLA (:func:`grouped_gemm.epilogue_of_accumulators`). That costs a float32 round trip of the GEMM output
-  (small in decode; ~10% of a Mixtral prefill GEMM1) and keeps one epilogue for every backend.
-- ``block_m`` comes from the caller's tile table (the dispatch pads expert groups to it); the dense
-  kernel's ``block_n``, ``num_warps`` and ``num_stages`` are autotuned by Triton on the first call of every
-  compiled shape.
+  bias, activation, router weight) is the shared :func:`quarkmoe_jax.kernels.base.apply_epilogue`, run by
+  XLA (:func:`quarkmoe_jax.kernels.base.epilogue_of_accumulators`). That costs a float32 round trip of the
+  GEMM output (small in decode; ~10% of a Mixtral prefill GEMM1) and keeps one epilogue for every backend.
+- ``block_m`` comes from the caller's tile (the dispatch pads expert groups to it); the dense kernel's
+  ``block_n``, ``num_warps`` and ``num_stages`` are autotuned by Triton on the first call of every compiled
+  shape.
 
 Needs the optional extra ``quarkmoe-jax[triton]`` (``jax-triton==0.3.1``, ``triton==3.6.0``) and a CUDA GPU:
 there is no CPU or interpreter path, so :func:`unavailable_reason` says why it cannot run and the backend
-raises ``NotImplementedError`` (``backend="auto"`` moves on).
-"""
+raises ``NotImplementedError`` (``backend="auto"`` moves on)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from quarkmoe_jax.formats import QArray
-from quarkmoe_jax.formats.fragment_layout import to_fragment_layout
-from quarkmoe_jax.kernels.grouped_gemm import (
+from quarkmoe_jax.formats.fragment_layout import FRAGMENT_LAYOUT
+from quarkmoe_jax.kernels.base import (
     DENSE_BLOCK_BYTES,
     DENSE_MIN_K,
+    DENSE_WEIGHT_DTYPES,
     Epilogue,
     TileConfig,
-    _accumulator_dtype,
+    accumulator_dtype,
     dot_dtype,
     epilogue_of_accumulators,
 )
@@ -166,7 +165,7 @@ def triton_grouped_gemm(
     out_dtype,
     interpret: bool = False,
 ):
-    """:func:`quarkmoe_jax.kernels.grouped_gemm.grouped_gemm` on the Triton kernels (same arguments; MX
+    """:func:`quarkmoe_jax.kernels.pallas.grouped_gemm.grouped_gemm` on the Triton kernels (same arguments; MX
     weights run ``config``'s tile, dense ones only its ``block_m``, the rest autotuned; no ``out`` buffer,
     no interpreter).
 
@@ -206,17 +205,13 @@ def triton_grouped_gemm(
 
 
 def _fragment_accumulators(a, weight, tile_expert, config, epilogue):
-    """The v2 MX kernel's float32 accumulators (block_n halved down to 64 until it tiles the rows)."""
-    from quarkmoe_jax.kernels import triton_mx_gemm
+    """The v2 MX kernel's float32 accumulators."""
+    from quarkmoe_jax.kernels.triton import mx_gemm
 
-    weight = to_fragment_layout(weight)
-
-    block_n = config.block_n
-    while block_n > 64 and not triton_mx_gemm.fits(weight, block_n):
-        block_n //= 2
-    tile = dataclasses.replace(config, block_n=block_n)
+    if weight.layout != FRAGMENT_LAYOUT:
+        raise TypeError(f"the v2 MX kernels read MX weights in the fragment layout, got {weight!r}")
     interleaved = bool(epilogue.gated and epilogue.interleaved)
-    return triton_mx_gemm.mx_fragment_gemm(a, weight, tile_expert, config=tile, interleaved=interleaved)
+    return mx_gemm.mx_fragment_gemm(a, weight, tile_expert, config=config, interleaved=interleaved)
 
 
 def _dense_accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue):
@@ -235,7 +230,7 @@ def _dense_accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue):
     grid = lambda meta: (num_tiles, n_total // meta["BLOCK_N"])  # noqa: E731
     if k_total % DENSE_MIN_K:
         raise NotImplementedError(f"triton backend: K = {k_total} is not a multiple of {DENSE_MIN_K}")
-    if weight.dtype not in (jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16):
+    if weight.dtype not in DENSE_WEIGHT_DTYPES:
         weight = weight.astype(jnp.bfloat16)
     operand = dot_dtype(a.dtype, weight.dtype)
     native = operand.itemsize == 1
@@ -246,7 +241,7 @@ def _dense_accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue):
         a,
         weight,
         kernel=_autotuned_dense(n_total, bm, AUTOTUNE),
-        out_shape=jax.ShapeDtypeStruct((m_pad, n_total), _accumulator_dtype(operand)),
+        out_shape=jax.ShapeDtypeStruct((m_pad, n_total), accumulator_dtype(operand)),
         grid=grid,
         NATIVE_8BIT=native,
         INTEGER=operand == jnp.int8,

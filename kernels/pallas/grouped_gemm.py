@@ -27,7 +27,6 @@ tile from L2. On CPU the same kernel runs with ``interpret=True`` (the tests com
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -36,73 +35,36 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from quarkmoe_jax.activations import gated_activation, unary_activation
 from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats.kernel_layout import CHUNK_LAYOUT, chunk_of, chunk_sizes
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
+from quarkmoe_jax.kernels.base import (
+    DENSE_BLOCK_BYTES,
+    DENSE_MIN_K,
+    DENSE_WEIGHT_DTYPES,
+    Epilogue,
+    TileConfig,
+    accumulator_dtype,
+    apply_epilogue,
+    dot_dtype,
+    epilogue_of_accumulators,
+)
 
 __all__ = [
-    "TileConfig",
-    "Epilogue",
     "grouped_gemm",
+    "k_iterations",
     "dequantize_to_bfloat16",
     "decode_mx_piece",
     "decode_fp4_pairs_asm",
-    "DENSE_BLOCK_BYTES",
-    "DENSE_MIN_K",
-    "dot_dtype",
-    "epilogue_of_accumulators",
+    "EIGHT_BIT_MMA_K",
 ]
 
-DENSE_BLOCK_BYTES = 128
-"""K extent of one dense-weight chunk in bytes: 64 bfloat16 or 128 int8 / e4m3 elements."""
-DENSE_MIN_K = 16
-"""Dense weights need K to be a multiple of this (the smallest K of a bfloat16 tensor-core dot)."""
 EIGHT_BIT_MMA_K = 32
 """The smallest K of an int8 / e4m3 tensor-core dot (a 16-wide K tail of 8-bit operands runs in bfloat16)."""
+
 DECODE = "asm"
 """How compiled GPU kernels decode MXFP4 tiles: "asm" (packed PTX, :func:`decode_fp4_pairs_asm`) or "jnp"
 (:func:`decode_mx_piece`, one element per lane). The interpreter always runs "jnp"; FP6 always runs "jnp"."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-    """Static tiling of one kernel launch (``block_m``, ``block_n`` powers of two >= 16; ``k_unroll`` K chunks
-    per loop iteration, so each software-pipelined iteration has more bytes in flight; ``swap_ab`` computes
-    the transposed product ``W_tile @ a_tile^T`` so the decoded weights are the MMA's M operand, for decode
-    tiles with few rows; ``split_k`` splits the K loop over a third grid axis (more programs when the grid is
-    smaller than the GPU; the largest divisor of the loop's iteration count up to it is used): float32
-    partial sums, reduced and epilogued by XLA; not with ``out``)."""
-
-    block_m: int = 16
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-    k_unroll: int = 1
-    swap_ab: bool = False
-    split_k: int = 1
-    prefetch_l2: int = 0  # the v2 MXFP4 kernels (triton_mx_gemm): > 0 = direct loads + L2 prefetch that far ahead
-
-
-@dataclasses.dataclass(frozen=True)
-class Epilogue:
-    """What the kernel does after the K loop (static).
-
-    ``activation``: None (write ``acc + bias``), a gated name (GEMM1 with two accumulators) or a non-gated
-    one. ``row_scales``: multiply the accumulator by a per-row float32 scale first (FP8 / INT8 activation
-    scales); ``col_scales``: then by a per-output-column float32 scale of the expert (W8A8 weight scales).
-    ``row_weights``: multiply by a per-row float32 weight last (GEMM2's router weight).
-    """
-
-    activation: str | None = None
-    gated: bool = False
-    interleaved: bool = False
-    swiglu_limit: float | None = None
-    activation_dtype: str = "bfloat16"
-    has_bias: bool = False
-    row_weights: bool = False
-    row_scales: bool = False
-    col_scales: bool = False
 
 
 def decode_mx_piece(codes, scales, fmt, repeat: int):
@@ -224,37 +186,6 @@ def decode_fp4_pairs_asm(packed, factors, piece: str):
     return out
 
 
-def apply_epilogue(
-    accs, epilogue: Epilogue, out_dtype, row_scales=None, biases=None, row_weights=None, col_scales=None
-):
-    """The epilogue on the accumulators (in the kernel, or in XLA after a split-K reduction).
-
-    Args:
-      accs: one float32 or int32 ``[rows, cols]`` accumulator per weight shard (two for a gated activation).
-      row_scales, row_weights: ``[rows, 1]`` float32 (as ``epilogue`` says); biases, col_scales: one per
-        shard, broadcastable to ``[rows, cols]``.
-    """
-    accs = tuple(acc.astype(jnp.float32) for acc in accs)
-    if epilogue.row_scales:
-        accs = tuple(acc * row_scales for acc in accs)
-    if epilogue.col_scales:
-        accs = tuple(acc * scale for acc, scale in zip(accs, col_scales, strict=True))
-    if epilogue.has_bias:
-        accs = tuple(acc + bias for acc, bias in zip(accs, biases, strict=True))
-    act_dtype = jnp.dtype(epilogue.activation_dtype)
-    if epilogue.gated:
-        out = gated_activation(
-            accs[0].astype(act_dtype), accs[1].astype(act_dtype), epilogue.activation, limit=epilogue.swiglu_limit
-        )
-    elif epilogue.activation is not None:
-        out = unary_activation(accs[0].astype(act_dtype), epilogue.activation)
-    else:
-        out = accs[0]
-    if epilogue.row_weights:
-        out = out.astype(jnp.float32) * row_weights
-    return out.astype(out_dtype)
-
-
 def _mx_pieces(c: int, bits: int):
     """The pieces a chunk of ``c`` elements decodes into: (element offset, width, nibble byte offset,
     nibble shift, high-plane shift or None)."""
@@ -325,7 +256,7 @@ def _kernel(
         groups = max(w // MX_BLOCK_SIZE, 1)
         return scale_ref[expert, weight_rows(shard), pl.ds(e0_abs // MX_BLOCK_SIZE, groups)]
 
-    acc_dtype = _accumulator_dtype(dot_dtype)
+    acc_dtype = accumulator_dtype(dot_dtype)
 
     def dot(a, w, result_dtype=acc_dtype):
         lhs, rhs = (w, a) if config.swap_ab else (a, w)
@@ -438,6 +369,24 @@ def _kernel(
         )
 
 
+def _weight_chunks(weight, k_total: int) -> tuple[int, ...]:
+    """The K chunks the kernel loops over: the chunk layout's for MX weights, 128 bytes for dense ones."""
+    if isinstance(weight, QArray):
+        return chunk_sizes(k_total, chunk_of(weight))
+    itemsize = weight.dtype.itemsize if weight.dtype in DENSE_WEIGHT_DTYPES else 2
+    return chunk_sizes(k_total, DENSE_BLOCK_BYTES // itemsize, granule=DENSE_MIN_K)
+
+
+def _iterations(chunks: tuple[int, ...], k_unroll: int) -> int:
+    return sum(1 for c in chunks if c == chunks[0]) // k_unroll
+
+
+def k_iterations(weight, k_unroll: int = 1) -> int:
+    """Iterations of the kernel's K loop over ``weight`` (MX chunk layout ``[E, N, K]`` or a dense
+    ``[E, N, K]`` array): ``split_k`` must divide it."""
+    return _iterations(_weight_chunks(weight, weight.shape[-1]), k_unroll)
+
+
 @functools.partial(jax.jit, static_argnames=("n_out", "config", "epilogue", "out_dtype", "interpret"))
 def grouped_gemm(
     a,
@@ -488,18 +437,17 @@ def grouped_gemm(
         if weight.layout != CHUNK_LAYOUT:
             raise TypeError(f"grouped_gemm reads MX weights in the chunk layout, got {weight!r}")
         weight_kind, fmt = "mx", weight.fmt
-        chunks = chunk_sizes(k_total, chunk_of(weight))
         weight_arrays = [weight.values] + ([weight.extra] if fmt.bits == 6 else []) + [weight.scales]
     else:
         weight_kind, fmt = "dense", None
-        if weight.dtype not in _DENSE_WEIGHT_DTYPES:
+        if weight.dtype not in DENSE_WEIGHT_DTYPES:
             weight = weight.astype(jnp.bfloat16)
-        chunks = chunk_sizes(k_total, DENSE_BLOCK_BYTES // weight.dtype.itemsize, granule=DENSE_MIN_K)
         weight_arrays = [weight]
+    chunks = _weight_chunks(weight, k_total)
     operand_dtype = dot_dtype(a.dtype, weight_arrays[0].dtype if weight_kind == "dense" else None)
-    iterations = sum(1 for c in chunks if c == chunks[0]) // config.k_unroll
-    splits = max((d for d in range(1, config.split_k + 1) if iterations % d == 0), default=1)
-    config = dataclasses.replace(config, split_k=splits)
+    splits, iterations = config.split_k, _iterations(chunks, config.k_unroll)
+    if iterations % splits:  # PallasBackend.fit_tile picks a divisor
+        raise ValueError(f"split_k {splits} does not divide the K loop's {iterations} iterations")
     if splits > 1 and out is not None:
         raise ValueError("split_k > 1 writes a new output: no out buffer")
     args = [tile_expert, a, *weight_arrays]
@@ -533,7 +481,7 @@ def grouped_gemm(
     kernel_out = (splits, m_pad, shards * n_out) if splits > 1 else (m_pad, n_out)
     result = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(kernel_out, _accumulator_dtype(operand_dtype) if splits > 1 else out_dtype),
+        out_shape=jax.ShapeDtypeStruct(kernel_out, accumulator_dtype(operand_dtype) if splits > 1 else out_dtype),
         grid=(num_tiles, n_out // bn, splits),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         input_output_aliases=aliases,
@@ -553,57 +501,6 @@ def grouped_gemm(
         row_scales=row_scales,
         col_scales=col_scales,
     )
-
-
-def epilogue_of_accumulators(
-    acc, tile_expert, block_m: int, *, n_out, epilogue, out_dtype, bias, row_weights, row_scales, col_scales
-):
-    """The kernel's epilogue in XLA, for kernels that write their accumulators (split-K partial sums, the
-    jax-triton kernels).
-
-    Args:
-      acc: float32 / int32 ``[M_pad, S*N]``, shard-major (``S = 2`` for a gated epilogue: gate columns
-        ``[0, N)``, up columns ``[N, 2N)``, whatever the weight's row order).
-      tile_expert, block_m: the row layout (rows of tile ``t`` belong to expert ``tile_expert[t]``).
-      The rest: as :func:`grouped_gemm`.
-    """
-    shards = 2 if epilogue.gated else 1
-    accs = (acc,) if shards == 1 else (acc[:, :n_out], acc[:, n_out:])
-
-    def per_row(values):
-        """``[E, S*N]`` expert values -> one ``[M_pad, N]`` array per shard, each row its tile's expert's."""
-        rows = jnp.asarray(values, jnp.float32)[jnp.maximum(jnp.repeat(tile_expert, block_m), 0)]
-        if shards == 1:
-            return [rows]
-        if epilogue.interleaved:
-            return [rows[:, 0::2], rows[:, 1::2]]
-        return [rows[:, :n_out], rows[:, n_out:]]
-
-    return apply_epilogue(
-        accs,
-        epilogue,
-        out_dtype,
-        row_scales=jnp.asarray(row_scales, jnp.float32)[:, None] if epilogue.row_scales else None,
-        biases=per_row(bias) if epilogue.has_bias else None,
-        row_weights=jnp.asarray(row_weights, jnp.float32)[:, None] if epilogue.row_weights else None,
-        col_scales=per_row(col_scales) if epilogue.col_scales else None,
-    )
-
-
-_DENSE_WEIGHT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-
-
-def dot_dtype(operand_dtype, weight_dtype=None):
-    """The dtype both MMA operands are cast to: int8 or float8_e4m3fn when operand and (dense) weights are
-    both that dtype, else bfloat16 (MX weights: ``weight_dtype`` None)."""
-    operand_dtype = jnp.dtype(operand_dtype)
-    if weight_dtype is not None and operand_dtype == jnp.dtype(weight_dtype) and operand_dtype.itemsize == 1:
-        return operand_dtype
-    return jnp.dtype(jnp.bfloat16)
-
-
-def _accumulator_dtype(operand_dtype):
-    return jnp.dtype(jnp.int32) if jnp.dtype(operand_dtype) == jnp.dtype(jnp.int8) else jnp.dtype(jnp.float32)
 
 
 def _packed_decode(fmt, interpret: bool) -> bool:

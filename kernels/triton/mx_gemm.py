@@ -27,8 +27,6 @@ No CPU path (jax-triton has none): :func:`unavailable_reason` says why a call ca
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -292,36 +290,18 @@ if triton is not None:
         tl.store(out_ptr + out_rows.to(tl.int64)[None, :] * N_OUT + cols[:, None], acc)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
-
-
-@functools.cache
-def _sm_count() -> int:
-    return getattr(jax.devices()[0], "core_count", 132) or 132
-
-
-def split_k_for(num_tiles: int, n_tiles: int, k_units: int, limit: int) -> int:
-    """The K split that fills the GPU: the smallest power of two (up to ``limit``, dividing the K loop) that
-    gives at least two programs per SM."""
-    split = 1
-    while split < limit and num_tiles * n_tiles * split < 2 * _sm_count() and k_units % (2 * split) == 0:
-        split *= 2
-    return split
-
-
 def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: bool = False):
     """``a [M_pad, K]`` (bfloat16, rows in the dispatch's tile layout) times MX ``weight`` (MXFP4 or MXFP6,
     fragment layout, ``[E, N, K]``) of each row tile's expert -> float32 ``[M_pad, N]`` accumulators.
 
-    ``config``: :class:`~quarkmoe_jax.kernels.grouped_gemm.TileConfig` (``block_m``, ``block_n``,
-    ``num_warps``, ``num_stages``, ``prefetch_l2``, ``split_k``: the most splits allowed; fewer when the
-    grid fills the GPU; MXFP6 ignores ``prefetch_l2``). ``interleaved``: the weight's rows alternate two
+    ``config``: :class:`~quarkmoe_jax.kernels.base.TileConfig` (``block_m``, ``block_n``, ``num_warps``,
+    ``num_stages``, ``prefetch_l2``, ``split_k``; as :meth:`TritonBackend.fit_tile
+    <quarkmoe_jax.kernels.triton.backend.TritonBackend.fit_tile>` fits a table's tile to the launch; MXFP6
+    ignores ``prefetch_l2``). ``interleaved``: the weight's rows alternate two
     shards (gpt-oss's gate / up); the output is shard-major.
 
     Raises:
-      NotImplementedError: ``block_n`` does not tile the weight's rows, or an interleaved weight has padded
-        rows.
+      NotImplementedError: ``block_n`` does not tile the weight's rows.
     """
     import jax_triton as jt
 
@@ -338,7 +318,9 @@ def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: boo
         a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
     k_units = k_pad // UNIT_K
     n_tiles = n_pad // config.block_n
-    split = split_k_for(num_tiles, n_tiles, k_units, config.split_k)
+    split = config.split_k
+    if k_units % split:
+        raise ValueError(f"split_k {split} does not divide the K loop's {k_units} units")
     fp6 = weight.extra is not None
     prefetch = 0 if fp6 else config.prefetch_l2
     stages = config.num_stages if prefetch == 0 else 1
