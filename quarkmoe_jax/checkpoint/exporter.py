@@ -36,6 +36,7 @@ from quarkmoe_jax.checkpoint.architectures import (
     split_tensor_name,
     tensor_name,
 )
+from quarkmoe_jax.checkpoint.loader import check_checkpoint_headers
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
 from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers, round_up
@@ -201,6 +202,10 @@ def export_quark_checkpoint(
     """
     out_dir = pathlib.Path(out_dir)
     source_dir = pathlib.Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if source_dir is not None and (source_dir / "config.json").is_file():
+        # the float input's tensors against its config.json, from the headers, before anything is written
+        # (what ``quarkmoe inspect`` checks; a wrong shape would otherwise only be refused by the loader)
+        check_checkpoint_headers(source_dir)
     with new_checkpoint_folder(out_dir, overwrite=overwrite, inputs=(source_dir,) if source_dir else ()) as tmp:
         _export(source, tmp, scheme, scale_mode, input_amax, exclude_layers, quantize_linears)
         if source_dir is not None and source_dir.is_dir():
