@@ -146,8 +146,11 @@ class DecoderConfig:
                 raise CheckpointError(f"config.json: {key} = {value!r} must be positive")
             return value
 
-        num_layers = get("num_hidden_layers")
-        hidden = get("hidden_size")
+        # read once, by the family's reader (both transformers spellings); the decoder adds that they be positive
+        num_layers, hidden = moe.num_layers, moe.hidden_size
+        for key, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden)):
+            if value <= 0:
+                raise CheckpointError(f"config.json: {key} = {value!r} must be positive")
         heads = get("num_attention_heads")
         mla_model = family.attention == "mla"  # latent attention: num_key_value_heads unused
         kv_heads = heads if mla_model else get("num_key_value_heads", heads)
