@@ -190,7 +190,7 @@ def parse_projection_tensor(name: str, prefix: str, indexed: bool = True) -> Pro
 
 @dataclasses.dataclass(frozen=True)
 class TensorNames:
-    """Where one architecture's MoE tensors are in a checkpoint (:data:`TENSOR_NAMES` has one per model type).
+    """Where one architecture's MoE tensors are in a checkpoint (each :class:`ModelFamily` has one).
 
     Attributes:
       block_names: the MoE block's name inside a decoder layer, in lookup order; writers use the first.
