@@ -136,3 +136,27 @@ def test_w8a8_create_weights(name, w13_scale, w2_scale):
     assert specs["w13_weight"].shape == (4, 64, 16) and specs["w2_weight"].shape == (4, 16, 32)
     assert specs["w13_weight_scale"].shape == w13_scale and specs["w2_weight_scale"].shape == w2_scale
     assert ("w13_input_scale" in specs) == name.endswith("static")
+
+
+def test_a_linear_weight_loads_through_its_scheme_as_one_expert():
+    """LinearMethod: an MX weight [N, K] with N not a multiple of 32 comes back exactly [N, K] (the scheme's
+    row padding dropped), the gate/up half holds nothing, and K that MX would pad is refused."""
+    from quarkmoe_jax.errors import CheckpointError
+    from quarkmoe_jax.schemes.linear import LinearMethod
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 64
+    method = LinearMethod(get_moe_scheme(scheme_layer_config("w_mxfp4")), n, k)
+    specs = method.create_weights()
+    assert all(0 in spec.shape for key, spec in specs.items() if key.startswith("w13_weight"))
+    buffers = {key: spec.allocate() for key, spec in specs.items()}
+    codes = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+    scales = rng.integers(100, 140, (n, k // 32), dtype=np.uint8)
+    method.load_weights(buffers, "weight", codes, "q_proj.weight")
+    method.load_weights(buffers, "weight_scale", scales, "q_proj.weight_scale")
+    weight = method.process_weights_after_loading(buffers)["weight"]
+    assert weight.shape == (n, k)
+    np.testing.assert_array_equal(np.asarray(weight.values), codes)
+    np.testing.assert_array_equal(np.asarray(weight.scales), scales)
+    with pytest.raises(CheckpointError, match="in_features 48"):
+        LinearMethod(get_moe_scheme(scheme_layer_config("w_mxfp4")), n, 48).create_weights()

@@ -128,3 +128,59 @@ def test_backends_and_layouts_are_named_only_by_their_own_objects():
     }
     assert not found, found
     assert _string_constants(_modules()["quarkmoe_jax.kernels.pallas.backend"]) & names  # the reader reads
+
+
+#: The one registry of model families (``FAMILIES``): the only module that may branch on a ``model_type``.
+FAMILY_REGISTRY = "quarkmoe_jax.checkpoint.architectures"
+#: Other modules that name a model family, and why: a default value, never a branch.
+NAMES_A_FAMILY = {
+    "quarkmoe_jax.checkpoint.synthetic": "the default model_type argument of synthetic_moe / write_float_checkpoint",
+    "quarkmoe_jax.cli": "the demo's model and `quarkmoe synthetic --model-type`'s default",
+}
+
+
+def _family_names(tree: ast.AST, families: set[str]) -> list[ast.Constant]:
+    return [
+        n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in families
+    ]
+
+
+def test_only_the_family_registry_branches_on_a_model_type():
+    """A model family is one entry of ``checkpoint.architectures.FAMILIES``: no other module compares a
+    ``model_type`` (or anything) with a family's name, keys a table by it, or names it at all outside the
+    short list of defaults above."""
+    from quarkmoe_jax.checkpoint.architectures import FAMILIES
+
+    families = set(FAMILIES)
+    assert families >= {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "gpt_oss"}
+    branches, named = [], []
+    for module, path in _modules().items():
+        if module == FAMILY_REGISTRY:
+            continue
+        tree = ast.parse(path.read_text())
+        constants = {id(c) for c in _family_names(tree, families)}
+        for node in ast.walk(tree):
+            operands = []
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+            elif isinstance(node, ast.Dict):
+                operands = [k for k in node.keys if k is not None]
+            elif isinstance(node, ast.match_case):
+                operands = [node.pattern]
+            for operand in operands:
+                if any(id(c) in constants for c in ast.walk(operand)):
+                    branches.append(f"{module}:{node.lineno if hasattr(node, 'lineno') else '?'}")
+        if constants and module not in NAMES_A_FAMILY:
+            named.append(f"{module}: {sorted({c.value for c in _family_names(tree, families)})}")
+    assert not branches, f"a model_type branch outside {FAMILY_REGISTRY}: {branches} (ask the ModelFamily instead)"
+    assert not named, f"family names outside {FAMILY_REGISTRY} and NAMES_A_FAMILY: {named}"
+
+
+def test_the_family_check_sees_the_registry():
+    """The test above cannot pass by reading nothing: the registry's own branches are found."""
+    from quarkmoe_jax.checkpoint.architectures import FAMILIES
+
+    tree = ast.parse(_modules()[FAMILY_REGISTRY].read_text())
+    compares = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)]
+    found = {c.value for c in _family_names(tree, set(FAMILIES))}
+    assert found == set(FAMILIES) and any(c.value in FAMILIES for n in compares for c in _family_names(n, found))

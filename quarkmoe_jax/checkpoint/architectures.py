@@ -1,7 +1,10 @@
-"""MoE architectures read from a Hugging Face ``config.json``: sizes, routing, and checkpoint tensor names.
+"""Model families read from a Hugging Face ``config.json``: sizes, routing, attention kind, checkpoint tensor
+names.
 
 Supported ``model_type`` values: ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``deepseek_v2``, ``deepseek_v3``,
-``gpt_oss``.
+``gpt_oss``. Each is one :class:`ModelFamily` in :data:`FAMILIES` (config reading with both transformers
+spellings, the decoder's defaults, tensor names, routing, attention kind, the synthetic model's config); no
+other module branches on a ``model_type``.
 
 This module is the one place that knows how MoE tensors are named in a checkpoint; the loader, the exporter
 and the synthetic checkpoints make and read every expert, router and shared-expert name through it. The
@@ -26,17 +29,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.moe.routing import RoutingConfig
 
 __all__ = [
+    "ModelFamily",
+    "FAMILIES",
+    "NO_SLIDING",
+    "family_of",
     "MoEArchitecture",
     "SUPPORTED_MODEL_TYPES",
-    "CONFIG_ALIASES",
     "TensorNames",
-    "TENSOR_NAMES",
     "ProjectionTensor",
     "PROJECTIONS",
     "HF_PROJECTIONS",
@@ -184,7 +190,7 @@ def parse_projection_tensor(name: str, prefix: str, indexed: bool = True) -> Pro
 
 @dataclasses.dataclass(frozen=True)
 class TensorNames:
-    """Where one architecture's MoE tensors are in a checkpoint (:data:`TENSOR_NAMES` has one per model type).
+    """Where one architecture's MoE tensors are in a checkpoint (each :class:`ModelFamily` has one).
 
     Attributes:
       block_names: the MoE block's name inside a decoder layer, in lookup order; writers use the first.
@@ -272,17 +278,6 @@ def _alternatives(words) -> str:
     return "|".join(re.escape(w) for w in words)
 
 
-#: The tensor names of each supported architecture.
-TENSOR_NAMES: dict[str, TensorNames] = {
-    "mixtral": TensorNames(block_names=("block_sparse_moe", _MLP), expert_projections=("w1", "w3", "w2")),
-    "qwen2_moe": TensorNames(shared="shared_expert", shared_gate="shared_expert_gate"),
-    "qwen3_moe": TensorNames(),
-    "deepseek_v2": TensorNames(shared="shared_experts"),
-    "deepseek_v3": TensorNames(shared="shared_experts"),
-    "gpt_oss": TensorNames(router="router"),
-}
-
-
 # --------------------------------------------------------------------------------------------- architectures
 
 
@@ -329,9 +324,14 @@ class MoEArchitecture:
     routed_scaling_factor = _routing_field("routed_scaling_factor")
 
     @property
+    def family(self) -> ModelFamily:
+        """The model family (:data:`FAMILIES`) this architecture belongs to."""
+        return FAMILIES[self.model_type]
+
+    @property
     def names(self) -> TensorNames:
         """The architecture's checkpoint tensor names."""
-        return TENSOR_NAMES[self.model_type]
+        return self.family.names
 
     def check_moe_layer(self, layer: int) -> None:
         if layer not in self.moe_layers:
@@ -342,37 +342,16 @@ class MoEArchitecture:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> MoEArchitecture:
-        model_type = config.get("model_type")
-        builder = _BUILDERS.get(model_type) if isinstance(model_type, str) else None
-        if builder is None:
-            raise CheckpointError(
-                f"config.json: model_type {model_type!r} is not a supported MoE architecture; "
-                f"expected one of {SUPPORTED_MODEL_TYPES}"
-            )
-        return builder(_Config(config))
-
-
-#: Other spellings of a config field, per model type: ``{canonical: aliases}``. transformers 5.x saves the
-#: canonical name (its config class's attribute) and reads every alias of the class's ``attribute_map``;
-#: transformers 4.x wrote the older spellings. A config may use any of them; two that disagree are refused.
-CONFIG_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "mixtral": {"num_local_experts": ("num_experts",)},
-    "qwen2_moe": {},
-    "qwen3_moe": {"num_local_experts": ("num_experts",)},  # 4.x: num_experts; 5.x: num_local_experts
-    "deepseek_v2": {"n_routed_experts": ("num_experts",)},
-    "deepseek_v3": {"n_routed_experts": ("num_local_experts",)},
-    # gpt-oss: OpenAI's own config names the top-k ``experts_per_token`` (not an HF alias; accepted too).
-    "gpt_oss": {"num_local_experts": ("num_experts",), "num_experts_per_tok": ("experts_per_token",)},
-}
+        return family_of(config).moe_architecture(config)
 
 
 class _Config:
     """config.json access as the model's Hugging Face config class reads it (aliases included), with errors
     that name the missing or conflicting key."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], aliases: Mapping[str, tuple[str, ...]]):
         self.config = config
-        self.aliases = CONFIG_ALIASES.get(str(config.get("model_type")), {})
+        self.aliases = aliases
 
     def _lookup(self, key: str) -> tuple[str, Any] | None:
         """``(spelling found, value)`` of field ``key`` under any of its spellings, or None."""
@@ -506,15 +485,241 @@ def _gpt_oss(c: _Config) -> MoEArchitecture:
     )
 
 
-_BUILDERS = {
-    "mixtral": _mixtral,
-    "qwen2_moe": _qwen_moe,
-    "qwen3_moe": _qwen_moe,
-    "deepseek_v2": _deepseek,
-    "deepseek_v3": _deepseek,
-    "gpt_oss": _gpt_oss,
+# ------------------------------------------------------------------------------------------- model families
+
+#: :attr:`ModelFamily.layer_types` for a family without sliding-window attention: every layer attends fully.
+NO_SLIDING = type("NoSliding", (), {"__repr__": lambda self: "NO_SLIDING"})()
+
+
+def _configured_layer_types(config: Mapping[str, Any], num_layers: int):
+    return config.get("layer_types")
+
+
+def _gpt_oss_layer_types(config: Mapping[str, Any], num_layers: int):
+    layer_types = config.get("layer_types")
+    if layer_types is None:  # GptOssConfig's default: sliding and full attention alternate
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+    return layer_types
+
+
+def _qwen_layer_types(max_window_layers: bool):
+    def layer_types(config: Mapping[str, Any], num_layers: int):
+        if not config.get("use_sliding_window", False):
+            return NO_SLIDING
+        layer_types = config.get("layer_types")
+        if max_window_layers and layer_types is None and config.get("sliding_window"):
+            max_window = config.get("max_window_layers", 28)
+            layer_types = [
+                "sliding_attention" if (i + 1) % 2 and i < max_window else "full_attention" for i in range(num_layers)
+            ]
+        return layer_types
+
+    return layer_types
+
+
+def _no_sliding(config: Mapping[str, Any], num_layers: int):
+    return NO_SLIDING
+
+
+def _synthetic_mixtral(common: dict, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
+    return {
+        **common,
+        "architectures": ["MixtralForCausalLM"],
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "intermediate_size": intermediate,
+    }
+
+
+def _synthetic_qwen(v3: bool):
+    def config(common: dict, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
+        extra = {} if v3 else {"shared_expert_intermediate_size": 2 * intermediate}
+        return {
+            **common,
+            "architectures": ["Qwen3MoeForCausalLM" if v3 else "Qwen2MoeForCausalLM"],
+            "num_experts": experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": intermediate,
+            "intermediate_size": 4 * intermediate,
+            "norm_topk_prob": v3,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            **extra,
+        }
+
+    return config
+
+
+def _synthetic_deepseek(v3: bool):
+    def config(common: dict, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
+        return {
+            **common,
+            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+            "n_routed_experts": experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": intermediate,
+            "intermediate_size": 4 * intermediate,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "moe_layer_freq": 1,
+            "scoring_func": "sigmoid" if v3 else "softmax",
+            "topk_method": "noaux_tc" if v3 else "group_limited_greedy",
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5 if v3 else 1.0,
+            "norm_topk_prob": v3,
+            "q_lora_rank": hidden // 2 if v3 else None,
+            "kv_lora_rank": hidden // 2,
+            "qk_nope_head_dim": hidden // 4,
+            "qk_rope_head_dim": hidden // 8,
+            "v_head_dim": hidden // 4,
+            "rope_interleave": True,
+        }
+
+    return config
+
+
+def _synthetic_gpt_oss(common: dict, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
+    return {
+        **common,
+        "architectures": ["GptOssForCausalLM"],
+        "num_local_experts": experts,
+        "num_experts_per_tok": top_k,
+        "experts_per_token": top_k,
+        "intermediate_size": intermediate,
+        "swiglu_limit": 7.0,
+        "sliding_window": 8,
+        "attention_bias": True,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """Everything quarkmoe-jax knows of one Hugging Face ``model_type``; :data:`FAMILIES` has one per type, and
+    no other module branches on a ``model_type`` (``tests/test_structure.py`` holds that).
+
+    Config reading: ``read_moe`` builds the :class:`MoEArchitecture` from config.json through a reader that
+    accepts every spelling in ``aliases`` (``{canonical: other spellings}``: transformers 5.x saves the
+    canonical name, its config class's attribute, and reads every alias of the class's ``attribute_map``;
+    4.x wrote older spellings; two that disagree are refused). The decoder's defaults when config.json has
+    none: ``rope_theta``, ``rms_norm_eps``, ``default_rope`` (rope parameters). Tensor names: ``names``.
+    Attention: ``attention`` ("gqa", or "mla": DeepSeek's latent attention, ``num_key_value_heads`` unused),
+    ``qk_norm`` (Qwen3's per-head RMSNorm of queries and keys), ``sinks`` (gpt-oss), ``attention_bias`` (the
+    projections with a bias), ``rope_pairs(config)`` (rotate interleaved channel pairs, DeepSeek),
+    ``layer_types(config, num_layers)`` (the per-layer attention kinds as the config class reads them, None
+    for one ``sliding_window`` on every layer, or :data:`NO_SLIDING`). ``synthetic_config(common, hidden,
+    intermediate, experts, top_k)``: the config.json of a small synthetic model
+    (:mod:`~quarkmoe_jax.checkpoint.synthetic`).
+    """
+
+    model_type: str
+    names: TensorNames
+    read_moe: Callable[[_Config], MoEArchitecture]
+    synthetic_config: Callable[[dict, int, int, int, int], dict]
+    aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    rope_theta: float = 1e4
+    rms_norm_eps: float = 1e-6
+    default_rope: Mapping[str, Any] | None = None
+    attention: str = "gqa"
+    qk_norm: bool = False
+    sinks: bool = False
+    attention_bias: tuple[str, ...] = ()
+    rope_pairs: Callable[[Mapping[str, Any]], bool] = lambda config: False
+    layer_types: Callable[[Mapping[str, Any], int], Any] = _configured_layer_types
+
+    def moe_architecture(self, config: Mapping[str, Any]) -> MoEArchitecture:
+        """The MoE part of ``config`` (a config.json dict of this family)."""
+        return self.read_moe(_Config(config, self.aliases))
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+#: The supported model families, one entry per ``model_type``.
+FAMILIES: dict[str, ModelFamily] = {
+    family.model_type: family
+    for family in (
+        ModelFamily(
+            "mixtral",
+            TensorNames(block_names=("block_sparse_moe", _MLP), expert_projections=("w1", "w3", "w2")),
+            _mixtral,
+            _synthetic_mixtral,
+            aliases={"num_local_experts": ("num_experts",)},
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+        ),
+        ModelFamily(
+            "qwen2_moe",
+            TensorNames(shared="shared_expert", shared_gate="shared_expert_gate"),
+            _qwen_moe,
+            _synthetic_qwen(v3=False),
+            attention_bias=_QKV,
+            layer_types=_qwen_layer_types(max_window_layers=True),
+        ),
+        ModelFamily(
+            "qwen3_moe",
+            TensorNames(),
+            _qwen_moe,
+            _synthetic_qwen(v3=True),
+            aliases={"num_local_experts": ("num_experts",)},  # 4.x: num_experts; 5.x: num_local_experts
+            qk_norm=True,
+            layer_types=_qwen_layer_types(max_window_layers=False),
+        ),
+        ModelFamily(
+            "deepseek_v2",
+            TensorNames(shared="shared_experts"),
+            _deepseek,
+            _synthetic_deepseek(v3=False),
+            aliases={"n_routed_experts": ("num_experts",)},
+            attention="mla",
+            rope_pairs=lambda config: True,
+            layer_types=_no_sliding,
+        ),
+        ModelFamily(
+            "deepseek_v3",
+            TensorNames(shared="shared_experts"),
+            _deepseek,
+            _synthetic_deepseek(v3=True),
+            aliases={"n_routed_experts": ("num_local_experts",)},
+            attention="mla",
+            rope_pairs=lambda config: config.get("rope_interleave", True),
+            layer_types=_no_sliding,
+        ),
+        ModelFamily(
+            "gpt_oss",
+            TensorNames(router="router"),
+            _gpt_oss,
+            _synthetic_gpt_oss,
+            # OpenAI's own config names the top-k ``experts_per_token`` (not an HF alias; accepted too)
+            aliases={"num_local_experts": ("num_experts",), "num_experts_per_tok": ("experts_per_token",)},
+            rope_theta=150000.0,
+            rms_norm_eps=1e-5,
+            default_rope={
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 4096,
+            },
+            sinks=True,
+            attention_bias=(*_QKV, "o_proj"),
+            layer_types=_gpt_oss_layer_types,
+        ),
+    )
 }
-SUPPORTED_MODEL_TYPES = tuple(_BUILDERS)
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def family_of(config: Mapping[str, Any]) -> ModelFamily:
+    """The family of a config.json dict (its ``model_type``); an unsupported one raises :class:`CheckpointError`."""
+    model_type = config.get("model_type")
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise CheckpointError(
+            f"config.json: model_type {model_type!r} is not a supported MoE architecture; "
+            f"expected one of {SUPPORTED_MODEL_TYPES}"
+        )
+    return family
 
 
 def _ranges(values: tuple[int, ...]) -> str:

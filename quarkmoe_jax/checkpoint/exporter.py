@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -36,6 +37,7 @@ from quarkmoe_jax.checkpoint.architectures import (
     split_tensor_name,
     tensor_name,
 )
+from quarkmoe_jax.checkpoint.loader import check_checkpoint_headers
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
 from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers, round_up
@@ -201,6 +203,10 @@ def export_quark_checkpoint(
     """
     out_dir = pathlib.Path(out_dir)
     source_dir = pathlib.Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if source_dir is not None and (source_dir / "config.json").is_file():
+        # the float input's tensors against its config.json, from the headers, before anything is written
+        # (what ``quarkmoe inspect`` checks; a wrong shape would otherwise only be refused by the loader)
+        check_checkpoint_headers(source_dir)
     with new_checkpoint_folder(out_dir, overwrite=overwrite, inputs=(source_dir,) if source_dir else ()) as tmp:
         _export(source, tmp, scheme, scale_mode, input_amax, exclude_layers, quantize_linears)
         if source_dir is not None and source_dir.is_dir():
@@ -353,6 +359,7 @@ def calibrate_input_amax(float_checkpoint, x, layers=None) -> dict[int, dict[str
     from quarkmoe_jax.activations import apply_activation
     from quarkmoe_jax.checkpoint.loader import load_moe_block
     from quarkmoe_jax.moe import routing
+    from quarkmoe_jax.moe.emulation import dense_gemm
 
     hf_config = json.loads((pathlib.Path(float_checkpoint) / "config.json").read_text())
     arch = MoEArchitecture.from_hf_config(hf_config)
@@ -365,9 +372,10 @@ def calibrate_input_amax(float_checkpoint, x, layers=None) -> dict[int, dict[str
             raise ValueError(f"calibrate_input_amax needs a float checkpoint; layer {layer} is {experts.scheme.name}")
         logits = routing.router_logits(x, block.router_weight, block.router_bias)
         _, ids = routing.route(logits, routing.RoutingConfig.from_architecture(arch), block.correction_bias)
-        w13 = experts.params["w13"].dequantize(jnp.float32)
+        # every expert's GEMM1 on every token, as the oracle computes one (moe.emulation.dense_gemm)
+        h = jnp.swapaxes(jax.vmap(lambda w: dense_gemm(x, w))(experts.params["w13"]), 0, 1)
         bias = experts.params.get("w13_bias")
-        h = jnp.einsum("th,enh->ten", x, w13) + (0 if bias is None else bias[None])
+        h = h + (0 if bias is None else bias[None])
         a2 = apply_activation(h, arch.activation, limit=arch.swiglu_limit)
         routed = (ids[:, :, None] == jnp.arange(arch.num_experts)).any(1)  # [T, E]
         x_amax = jnp.where(routed, jnp.abs(x).max(-1, keepdims=True), 0).max(0)

@@ -58,6 +58,7 @@ __all__ = [
     "plan_experts",
     "check_expert_headers",
     "read_hf_config",
+    "check_checkpoint_headers",
     "inspect_checkpoint",
     "linear_expert_map",
     "round_robin_expert_map",
@@ -597,6 +598,16 @@ def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> 
                 entry["refused"] = str(e)
             report["layers"][layer] = entry
     return report
+
+
+def check_checkpoint_headers(path: str | pathlib.Path, *, semantics: str = "vllm") -> None:
+    """Raise the first refusal :func:`inspect_checkpoint` finds (a tensor's name, dtype or shape that disagrees
+    with config.json), as a :class:`CheckpointError` naming the layer; headers only, no tensor data read.
+    ``quarkmoe quantize`` runs it on its float input before it writes anything."""
+    report = inspect_checkpoint(path, semantics=semantics)
+    for layer, entry in report["layers"].items():
+        if "refused" in entry:
+            raise CheckpointError(f"{path}: MoE layer {layer}: {entry['refused']}")
 
 
 def load_moe_block(

@@ -15,8 +15,9 @@ import numpy as np
 
 from quarkmoe_jax.checkpoint.architectures import (
     CORRECTION_BIAS,
+    FAMILIES,
     SUPPORTED_MODEL_TYPES,
-    TENSOR_NAMES,
+    ModelFamily,
     decoder_layer,
     dense_mlp,
     dense_tensor,
@@ -26,9 +27,9 @@ from quarkmoe_jax.checkpoint.safetensors_io import save_file
 __all__ = ["synthetic_moe", "write_float_checkpoint"]
 
 
-def _hf_config(model_type: str, layers: int, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
+def _hf_config(family: ModelFamily, layers: int, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
     common = {
-        "model_type": model_type,
+        "model_type": family.model_type,
         "num_hidden_layers": layers,
         "hidden_size": hidden,
         "vocab_size": 128,
@@ -38,66 +39,7 @@ def _hf_config(model_type: str, layers: int, hidden: int, intermediate: int, exp
         "max_position_embeddings": 4096,
         "torch_dtype": "bfloat16",
     }
-    if model_type == "mixtral":
-        return {
-            **common,
-            "architectures": ["MixtralForCausalLM"],
-            "num_local_experts": experts,
-            "num_experts_per_tok": top_k,
-            "intermediate_size": intermediate,
-        }
-    if model_type in ("qwen2_moe", "qwen3_moe"):
-        extra = {"shared_expert_intermediate_size": 2 * intermediate} if model_type == "qwen2_moe" else {}
-        return {
-            **common,
-            "architectures": ["Qwen2MoeForCausalLM" if model_type == "qwen2_moe" else "Qwen3MoeForCausalLM"],
-            "num_experts": experts,
-            "num_experts_per_tok": top_k,
-            "moe_intermediate_size": intermediate,
-            "intermediate_size": 4 * intermediate,
-            "norm_topk_prob": model_type == "qwen3_moe",
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            **extra,
-        }
-    if model_type in ("deepseek_v2", "deepseek_v3"):
-        v3 = model_type == "deepseek_v3"
-        return {
-            **common,
-            "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-            "n_routed_experts": experts,
-            "num_experts_per_tok": top_k,
-            "moe_intermediate_size": intermediate,
-            "intermediate_size": 4 * intermediate,
-            "n_shared_experts": 1,
-            "first_k_dense_replace": 1,
-            "moe_layer_freq": 1,
-            "scoring_func": "sigmoid" if v3 else "softmax",
-            "topk_method": "noaux_tc" if v3 else "group_limited_greedy",
-            "n_group": 2,
-            "topk_group": 1,
-            "routed_scaling_factor": 2.5 if v3 else 1.0,
-            "norm_topk_prob": v3,
-            "q_lora_rank": hidden // 2 if v3 else None,
-            "kv_lora_rank": hidden // 2,
-            "qk_nope_head_dim": hidden // 4,
-            "qk_rope_head_dim": hidden // 8,
-            "v_head_dim": hidden // 4,
-            "rope_interleave": True,
-        }
-    if model_type == "gpt_oss":
-        return {
-            **common,
-            "architectures": ["GptOssForCausalLM"],
-            "num_local_experts": experts,
-            "num_experts_per_tok": top_k,
-            "experts_per_token": top_k,
-            "intermediate_size": intermediate,
-            "swiglu_limit": 7.0,
-            "sliding_window": 8,
-            "attention_bias": True,
-        }
-    raise ValueError(f"unknown model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+    return family.synthetic_config(common, hidden, intermediate, experts, top_k)
 
 
 def synthetic_moe(
@@ -120,8 +62,12 @@ def synthetic_moe(
     ``fused_experts`` stores each layer's experts as all-expert ``gate_up_proj`` / ``down_proj`` tensors
     instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``).
     """
-    config = _hf_config(model_type, num_layers, hidden_size, intermediate_size, num_experts, top_k)
-    names = TENSOR_NAMES[model_type]
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+    config = _hf_config(family, num_layers, hidden_size, intermediate_size, num_experts, top_k)
+    arch = family.moe_architecture(config)
+    names = family.names
     rng = np.random.default_rng(seed)
     bf16 = ml_dtypes.bfloat16
     h, i, e = hidden_size, intermediate_size, num_experts
@@ -143,31 +89,29 @@ def synthetic_moe(
         return (aux.standard_normal(shape) * 0.02).astype(bf16)
 
     tensors["model.norm.weight"] = norm(h)
-    first_dense = config.get("first_k_dense_replace", 0)
     for layer in range(num_layers):
         p = decoder_layer(layer)
         tensors[f"{p}.input_layernorm.weight"] = np.ones(h, bf16)
         tensors[f"{p}.post_attention_layernorm.weight"] = norm(h)
-        if model_type in ("deepseek_v2", "deepseek_v3"):
+        if family.attention == "mla":
             tensors.update(_latent_attention(f"{p}.self_attn", config, small, norm))
         else:
             for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
                 tensors[f"{p}.self_attn.{proj}.weight"] = weight(rows, h)
-        if model_type == "qwen3_moe":
+        if family.qk_norm:
             tensors[f"{p}.self_attn.q_norm.weight"] = norm(h // 4)
             tensors[f"{p}.self_attn.k_norm.weight"] = norm(h // 4)
-        if model_type in ("qwen2_moe", "gpt_oss"):  # q/k/v biases (gpt-oss: o_proj too)
-            for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
-                if proj != "o_proj" or model_type == "gpt_oss":
-                    tensors[f"{p}.self_attn.{proj}.bias"] = small(rows)
-        if model_type == "gpt_oss":
+        for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
+            if proj in family.attention_bias:
+                tensors[f"{p}.self_attn.{proj}.bias"] = small(rows)
+        if family.sinks:
             tensors[f"{p}.self_attn.sinks"] = (aux.standard_normal(4) * 0.5).astype(np.float32)
-        if layer < first_dense:
+        if layer not in arch.moe_layers:
             for shard, shape in (("w1", (4 * i, h)), ("w3", (4 * i, h)), ("w2", (h, 4 * i))):
                 tensors[dense_tensor(dense_mlp(layer), shard)] = weight(*shape)
             continue
         moe = names.block(layer)
-        if model_type == "gpt_oss":
+        if arch.interleaved:  # gpt-oss: per-expert fused, interleaved gate_up_proj, with biases
             tensors[names.router_tensor(moe)] = weight(e, h)
             tensors[names.router_tensor(moe, "bias")] = (rng.standard_normal(e) * 0.1).astype(np.float32)
             for x in range(e):
@@ -187,11 +131,9 @@ def synthetic_moe(
                 tensors[names.expert_tensor(moe, x, "w1")] = weight(i, h)
                 tensors[names.expert_tensor(moe, x, "w3")] = weight(i, h)
                 tensors[names.expert_tensor(moe, x, "w2")] = weight(h, i)
-        if model_type == "deepseek_v3":
+        if arch.has_correction_bias:
             tensors[names.router_tensor(moe, CORRECTION_BIAS)] = (rng.standard_normal(e) * 0.01).astype(np.float32)
-        shared = config.get("shared_expert_intermediate_size") or (
-            config.get("n_shared_experts", 0) * config.get("moe_intermediate_size", 0)
-        )
+        shared = arch.shared_intermediate_size
         if shared:
             sp = names.shared_experts(moe)
             tensors[dense_tensor(sp, "w1")] = weight(shared, h)

@@ -2,8 +2,10 @@
 
 Both spellings are accepted: transformers 5.x writes ``rope_parameters`` (with ``rope_theta`` inside) and
 ``dtype``; 4.x wrote ``rope_theta`` / ``rope_scaling`` and ``torch_dtype``. Where a key is absent, the value
-is the config class's default for that ``model_type`` (e.g. gpt-oss's YaRN rope). The MoE part (experts,
-routing, which layers are MoE) is :class:`~quarkmoe_jax.checkpoint.architectures.MoEArchitecture`.
+is the config class's default for that ``model_type`` (e.g. gpt-oss's YaRN rope). Everything that differs
+between model types (defaults, attention kind, sliding layers, rope pairing) is asked of the family
+(:class:`~quarkmoe_jax.checkpoint.architectures.ModelFamily`); the MoE part (experts, routing, which layers are
+MoE) is its :class:`~quarkmoe_jax.checkpoint.architectures.MoEArchitecture`, read by the same family.
 """
 
 from __future__ import annotations
@@ -14,31 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
+from quarkmoe_jax.checkpoint.architectures import NO_SLIDING, ModelFamily, MoEArchitecture, family_of
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 
 __all__ = ["DecoderConfig", "RopeConfig", "MLAConfig"]
-
-#: per model type: rope theta, RMSNorm epsilon and rope parameters of the config class when config.json has none
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mixtral": {"rope_theta": 1e6, "rms_norm_eps": 1e-5},
-    "qwen2_moe": {"rope_theta": 1e4, "rms_norm_eps": 1e-6},
-    "qwen3_moe": {"rope_theta": 1e4, "rms_norm_eps": 1e-6},
-    "deepseek_v2": {"rope_theta": 1e4, "rms_norm_eps": 1e-6},
-    "deepseek_v3": {"rope_theta": 1e4, "rms_norm_eps": 1e-6},
-    "gpt_oss": {
-        "rope_theta": 150000.0,
-        "rms_norm_eps": 1e-5,
-        "rope": {
-            "rope_type": "yarn",
-            "factor": 32.0,
-            "beta_fast": 32.0,
-            "beta_slow": 1.0,
-            "truncate": False,
-            "original_max_position_embeddings": 4096,
-        },
-    },
-}
 
 #: config.json's dtype spellings -> the model dtypes (MODEL_DTYPES)
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32", "bf16": "bfloat16"}
@@ -145,9 +126,9 @@ class DecoderConfig:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> DecoderConfig:
         """Parse ``config.json``; a missing or malformed key raises :class:`CheckpointError` naming it."""
-        moe = MoEArchitecture.from_hf_config(config)  # names an unsupported model_type
-        model_type = moe.model_type
-        defaults = _DEFAULTS[model_type]
+        family = family_of(config)  # names an unsupported model_type
+        moe = family.moe_architecture(config)
+        model_type = family.model_type
 
         def get(key, default=..., kind=int):
             value = config.get(key)
@@ -165,10 +146,13 @@ class DecoderConfig:
                 raise CheckpointError(f"config.json: {key} = {value!r} must be positive")
             return value
 
-        num_layers = get("num_hidden_layers")
-        hidden = get("hidden_size")
+        # read once, by the family's reader (both transformers spellings); the decoder adds that they be positive
+        num_layers, hidden = moe.num_layers, moe.hidden_size
+        for key, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden)):
+            if value <= 0:
+                raise CheckpointError(f"config.json: {key} = {value!r} must be positive")
         heads = get("num_attention_heads")
-        mla_model = model_type in ("deepseek_v2", "deepseek_v3")  # latent attention: num_key_value_heads unused
+        mla_model = family.attention == "mla"  # latent attention: num_key_value_heads unused
         kv_heads = heads if mla_model else get("num_key_value_heads", heads)
         if heads % kv_heads:
             raise CheckpointError(
@@ -185,14 +169,14 @@ class DecoderConfig:
                 v_head_dim=get("v_head_dim"),
             )
             head_dim = mla.qk_head_dim
-        rope = _rope_config(config, model_type, mla.qk_rope_head_dim if mla else head_dim, defaults, get)
+        rope = _rope_config(config, family, mla.qk_rope_head_dim if mla else head_dim)
         scale = head_dim**-0.5
         if mla is not None and rope.kind != "default":
-            mscale_all_dim = _rope_parameters(config, defaults).get("mscale_all_dim") or 0
+            mscale_all_dim = _rope_parameters(config, family).get("mscale_all_dim") or 0
             if mscale_all_dim:
                 m = _yarn_mscale(rope.factor, float(mscale_all_dim))
                 scale = scale * m * m
-        windows = _sliding_windows(config, model_type, num_layers, get)
+        windows = _sliding_windows(config, family, num_layers, get)
         dense = config.get("intermediate_size") if moe.moe_layers != tuple(range(num_layers)) else None
         if dense is not None:
             dense = get("intermediate_size")
@@ -216,15 +200,15 @@ class DecoderConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=get("rms_norm_eps", defaults["rms_norm_eps"], float),
+            rms_norm_eps=get("rms_norm_eps", family.rms_norm_eps, float),
             rope=rope,
             attention_scale=scale,
             sliding_windows=windows,
             dense_intermediate_size=dense,
             moe=moe,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qk_norm=model_type == "qwen3_moe",
-            sinks=model_type == "gpt_oss",
+            qk_norm=family.qk_norm,
+            sinks=family.sinks,
             mla=mla,
             dtype=_DTYPES[dtype_name.removeprefix("torch.")],
             eos_token_ids=eos_ids,
@@ -232,8 +216,8 @@ class DecoderConfig:
         )
 
 
-def _rope_parameters(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or defaults.get("rope") or {}
+def _rope_parameters(config: dict[str, Any], family: ModelFamily) -> dict[str, Any]:
+    params = config.get("rope_parameters") or config.get("rope_scaling") or family.default_rope or {}
     if not isinstance(params, dict):
         raise CheckpointError(f"config.json: rope_parameters = {params!r} is not an object")
     if any(isinstance(v, dict) for v in params.values()):
@@ -245,21 +229,21 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _rope_config(config, model_type: str, dim: int, defaults, get) -> RopeConfig:
-    params = _rope_parameters(config, defaults)
-    theta = params.get("rope_theta", config.get("rope_theta", defaults["rope_theta"]))
+def _rope_config(config, family: ModelFamily, dim: int) -> RopeConfig:
+    params = _rope_parameters(config, family)
+    theta = params.get("rope_theta", config.get("rope_theta", family.rope_theta))
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 1:
         raise CheckpointError(f"config.json: rope_theta = {theta!r} must be a number > 1")
     kind = params.get("rope_type", params.get("type", "default"))
     partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (1, 1.0):
         raise CheckpointError(f"config.json: partial_rotary_factor = {partial!r} is not supported (1.0 only)")
-    pairs = model_type == "deepseek_v2" or (model_type == "deepseek_v3" and config.get("rope_interleave", True))
+    pairs = family.rope_pairs(config)
     if kind == "default":
         return RopeConfig(dim=dim, theta=float(theta), pairs=bool(pairs))
     if kind != "yarn":
         raise CheckpointError(
-            f"config.json: rope type {kind!r} is not supported for {model_type} (supported: default, yarn)"
+            f"config.json: rope type {kind!r} is not supported for {family.model_type} (supported: default, yarn)"
         )
     max_positions = config.get("max_position_embeddings")
     original = params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
@@ -294,19 +278,10 @@ def _rope_config(config, model_type: str, dim: int, defaults, get) -> RopeConfig
     )
 
 
-def _sliding_windows(config, model_type: str, num_layers: int, get) -> tuple[int | None, ...]:
+def _sliding_windows(config, family: ModelFamily, num_layers: int, get) -> tuple[int | None, ...]:
     window = config.get("sliding_window")
-    layer_types = config.get("layer_types")
-    if model_type == "gpt_oss" and layer_types is None:
-        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
-    if model_type in ("qwen2_moe", "qwen3_moe") and not config.get("use_sliding_window", False):
-        return (None,) * num_layers
-    if model_type == "qwen2_moe" and layer_types is None and window:
-        max_window = config.get("max_window_layers", 28)
-        layer_types = [
-            "sliding_attention" if (i + 1) % 2 and i < max_window else "full_attention" for i in range(num_layers)
-        ]
-    if model_type in ("deepseek_v2", "deepseek_v3"):
+    layer_types = family.layer_types(config, num_layers)
+    if layer_types is NO_SLIDING:
         return (None,) * num_layers
     if layer_types is None:
         return ((get("sliding_window") if window else None),) * num_layers

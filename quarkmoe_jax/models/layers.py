@@ -14,6 +14,7 @@ from jax import lax
 
 from quarkmoe_jax.contracts import MoEQuantConfig
 from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.moe.emulation import dense_gemm
 from quarkmoe_jax.moe.expert_io import quantize_gemm_input
 
 __all__ = ["RMSNorm", "Linear", "rope_tables", "apply_rope", "attention"]
@@ -41,8 +42,9 @@ class Linear(nnx.Module):
     :class:`~quarkmoe_jax.formats.QArray` (OCP MX codes + E8M0 scales; int8 / float8_e4m3fn codes ``[N, K]``
     with float32 scales per channel ``[N]`` or per tensor ``[]``). ``quant``: how the weight and the input
     are quantized (None: float); ``input_scale`` float32 ``[]`` for static activation scales; ``bias [N]``.
-    The input is quantized exactly as the MoE layers quantize theirs (``moe.expert_io.quantize_gemm_input``),
-    so a quantized linear computes what vLLM's Quark linear methods compute. ``valid`` (bool, broadcastable
+    The input is quantized exactly as the MoE layers quantize theirs (``moe.expert_io.quantize_gemm_input``)
+    and the GEMM is the oracle's (``moe.emulation.dense_gemm``), so a quantized linear computes what vLLM's
+    Quark linear methods compute. ``valid`` (bool, broadcastable
     to ``x.shape[:-1]``): False for padding rows, which are zeroed before a quantized input's dynamic scale
     is taken (a padded prompt bucket gives what its unpadded prompt gives).
     """
@@ -79,22 +81,7 @@ class Linear(nnx.Module):
         q = self.quant
         static = None if self.input_scale is None else self.input_scale.get_value()
         operand, a_scale = quantize_gemm_input(x2, q.activation, q.weight.kind, static, q.semantics)
-        dtype = jnp.bfloat16 if operand.dtype == jnp.bfloat16 and w.qtype.operand_exact_in_bfloat16 else jnp.float32
-        if w.kind == "mx":
-            w_op = w.dequantize(dtype)
-        elif operand.dtype == jnp.int8 and w.kind == "int8":
-            w_op = w.values
-        else:
-            w_op = w.values.astype(dtype)
-        if w_op.dtype == jnp.int8:
-            acc = jnp.dot(operand, w_op.T, preferred_element_type=jnp.int32).astype(jnp.float32)
-        else:
-            acc = jnp.dot(operand.astype(w_op.dtype), w_op.T, **_HIGHEST)
-        if a_scale is not None:
-            acc = acc * jnp.asarray(a_scale, jnp.float32)
-        if w.kind != "mx":
-            acc = acc * w.row_scales()
-        return acc
+        return dense_gemm(operand, w, a_scale)  # the oracle's GEMM dtype rule and epilogue
 
 
 def rope_tables(inverse_frequencies: np.ndarray, positions, attention_factor: float):

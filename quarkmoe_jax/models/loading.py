@@ -3,7 +3,8 @@
 Float tensors (embeddings, norms, routers, attention unless quantized) are read with their headers checked
 (dtype, shape) before any data; MoE layers load through :meth:`QuarkMoEBlock.from_checkpoint`, dense MLPs as
 one-expert :class:`QuarkMoE` through the same schemes; Linear layers that the Quark config quantizes
-(attention projections in many exports) load as quantized :class:`Linear`. Any tensor the model needs and the
+(attention projections in many exports) load as quantized :class:`Linear` through their scheme's lifecycle
+(:class:`~quarkmoe_jax.schemes.linear.LinearMethod`: the checks the experts get). Any tensor the model needs and the
 checkpoint lacks raises :class:`CheckpointError` naming it; nothing is returned half-built.
 """
 
@@ -15,17 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quarkmoe_jax.checkpoint.architectures import SUFFIXES
 from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
 from quarkmoe_jax.config import QuarkConfig
 from quarkmoe_jax.contracts import check_semantics
-from quarkmoe_jax.formats import MX_BLOCK_SIZE, QArray, mx_format, scaled_qarray
 from quarkmoe_jax.models.config import MODEL_DTYPES, DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
 from quarkmoe_jax.moe.op import BACKENDS
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
-from quarkmoe_jax.schemes import get_moe_scheme
+from quarkmoe_jax.schemes import HeaderCheckBuffer, get_moe_scheme
+from quarkmoe_jax.schemes.linear import LinearMethod
 
 __all__ = ["from_pretrained"]
 
@@ -162,61 +164,31 @@ class _Tensors:
         if layer_config is None or layer_config.weight is None:
             weight = jnp.asarray(self.float(f"{name}.weight", (out_features, in_features)), self.dtype)
             return Linear(weight, bias=bias)
-        quant = get_moe_scheme(layer_config, self.semantics, layer=name).quant_config()
+        method = LinearMethod(get_moe_scheme(layer_config, self.semantics, layer=name), out_features, in_features)
+        quant = method.quant_config()
         if quant.activation.kind in ("fp8", "int8") and quant.activation.granularity == "channel":
             raise CheckpointError(
                 f"{name}: dynamic per-channel (ch_axis 1) input quantization of a Linear layer is not supported"
             )
-        wq = quant.weight
-        if wq.kind == "mx":
-            weight = self._mx_weight(name, wq.mx_format, out_features, in_features)
-        else:
-            weight = self._w8a8_weight(name, wq.kind, out_features, in_features)
-        input_scale = None
-        if quant.activation.kind in ("fp8", "int8") and not quant.activation.dynamic:
-            input_scale = self._scalar(f"{name}.input_scale")
-        return Linear(weight, bias=bias, input_scale=input_scale, quant=quant)
+        params = self._through_scheme(name, method)
+        return Linear(params["weight"], bias=bias, input_scale=params["input_scale"], quant=quant)
 
-    def _mx_weight(self, name: str, fmt: str, n: int, k: int) -> QArray:
-        if k % MX_BLOCK_SIZE:
-            raise CheckpointError(f"{name}: in_features {k} is not a multiple of {MX_BLOCK_SIZE} (MX blocks)")
-        f = mx_format(fmt)
-        packed_shape, scale_shape = (n, f.packed_length(k)), (n, k // MX_BLOCK_SIZE)
-        # MXFP8 codes may be stored as float8_e4m3fn values (Quark does): read as their bit pattern
-        code_dtypes = (np.uint8, np.dtype(jnp.float8_e4m3fn)) if f.bits == 8 else (np.uint8,)
-        expected = (("weight", packed_shape, code_dtypes), ("weight_scale", scale_shape, (np.uint8,)))
-        for suffix, shape, dtypes in expected:
-            found_dtype, found = self._info(f"{name}.{suffix}")
-            if found_dtype not in dtypes or tuple(found) != shape:
-                raise CheckpointError(
-                    f"{name}.{suffix}: expected {' or '.join(str(np.dtype(d)) for d in dtypes)} {shape} ({f.name}), "
-                    f"found {found_dtype} {tuple(found)}"
-                )
-        codes = np.asarray(self.reader[f"{name}.weight"]).view(np.uint8)
-        return QArray.from_arrays(codes, self.reader[f"{name}.weight_scale"], f, name=f"{name}.weight")
-
-    def _w8a8_weight(self, name: str, kind: str, n: int, k: int):
-        expected = np.int8 if kind == "int8" else np.dtype(jnp.float8_e4m3fn)
-        found_dtype, found = self._info(f"{name}.weight")
-        if found_dtype != expected or tuple(found) != (n, k):
-            raise CheckpointError(f"{name}.weight: expected {np.dtype(expected)} {(n, k)}, found {found_dtype} {found}")
-        scale_dtype, scale_shape = self._info(f"{name}.weight_scale")
-        if scale_dtype.kind != "f" or tuple(scale_shape) not in ((), (1,), (n,), (n, 1)):
-            raise CheckpointError(
-                f"{name}.weight_scale: expected float [], [1], [{n}] or [{n}, 1], found {scale_dtype} {scale_shape}"
-            )
-        scale = self.reader[f"{name}.weight_scale"].astype(np.float32)
-        per_channel = scale.size == n and n > 1
-        scale = scale.reshape(-1) if per_channel else scale.reshape(())
-        if not (np.isfinite(scale).all() and (scale > 0).all()):
-            raise CheckpointError(f"{name}.weight_scale: scales must be finite and positive")
-        return scaled_qarray(self.reader[f"{name}.weight"], scale, "channel" if per_channel else "tensor")
-
-    def _scalar(self, name: str) -> np.ndarray:
-        found_dtype, found = self._info(name)
-        if found_dtype.kind != "f" or int(np.prod(found)) != 1:
-            raise CheckpointError(f"{name}: expected one float scale, found {found_dtype} {tuple(found)}")
-        value = self.reader[name].astype(np.float32).reshape(())
-        if not (np.isfinite(value) and value > 0):
-            raise CheckpointError(f"{name}: the scale must be finite and positive, found {value}")
-        return value
+    def _through_scheme(self, name: str, method: LinearMethod) -> dict:
+        """The Linear's quantized tensors through its scheme's lifecycle (the experts' checks: dtypes, shapes,
+        NaN E8M0 and non-positive scales, zero points): every header first, then the data."""
+        buffers = {key: spec.allocate() for key, spec in method.create_weights().items()}
+        for suffix in method.required_suffixes():
+            self._info(f"{name}.{suffix}")  # a missing tensor is named
+        present = [s for s in SUFFIXES if s != "bias" and f"{name}.{s}" in self.reader]
+        stand_ins = {key: HeaderCheckBuffer() for key in buffers}
+        method.scheme.values_checked = False
+        try:
+            for suffix in present:
+                dtype, shape = self.reader.info(f"{name}.{suffix}")
+                stand_in = np.broadcast_to(np.zeros((), dtype), shape)
+                method.load_weights(stand_ins, suffix, stand_in, f"{name}.{suffix}")
+        finally:
+            method.scheme.values_checked = True
+        for suffix in present:
+            method.load_weights(buffers, suffix, self.reader[f"{name}.{suffix}"], f"{name}.{suffix}")
+        return method.process_weights_after_loading(buffers)

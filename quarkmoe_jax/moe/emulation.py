@@ -209,3 +209,24 @@ def _emulation_core(x, topk_weights, topk_ids, valid_tokens, params, *, expert_m
 
 
 moe_experts = bucketed_backend(_emulation_core)
+
+
+def dense_gemm(operand, weight: QArray, a_scale=None):
+    """One dense GEMM ``operand [T, K] x weight [N, K]^T`` as the oracle's expert GEMMs compute it: the GEMM
+    dtype rule, the stored weight as its operand, float32 accumulation and the epilogue ``acc * a_scale *
+    w_scale``; float32 ``[T, N]``. The quantized Linear layers of whole models (``models.layers.Linear``) run
+    it, so a Linear and an expert quantized alike compute alike."""
+    gemm_dtype = _gemm_dtype(operand, weight)
+    w = _weights_for_gemm(weight, gemm_dtype)
+    if gemm_dtype == jnp.int8:
+        acc = jnp.dot(operand, w.T, preferred_element_type=jnp.int32).astype(jnp.float32)
+    else:
+        acc = jnp.dot(
+            operand.astype(gemm_dtype), w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+        )
+    if a_scale is not None:
+        acc = acc * jnp.asarray(a_scale, jnp.float32)
+    w_scale = _row_scale(weight, ...)
+    if w_scale is not None:
+        acc = acc * w_scale
+    return acc

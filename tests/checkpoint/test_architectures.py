@@ -13,13 +13,12 @@ import pytest
 
 from quarkmoe_jax.checkpoint import architectures
 from quarkmoe_jax.checkpoint.architectures import (
-    CONFIG_ALIASES,
     CORRECTION_BIAS,
+    FAMILIES,
     HF_PROJECTIONS,
     PROJECTIONS,
     SUFFIXES,
     SUPPORTED_MODEL_TYPES,
-    TENSOR_NAMES,
     MoEArchitecture,
     decoder_layer,
     dense_mlp,
@@ -68,7 +67,13 @@ def test_qwen3_moe_spellings_differ_between_versions():
 
 @pytest.mark.parametrize(
     "model_type, canonical, alias",
-    [(m, c, a) for m, fields in CONFIG_ALIASES.items() for c, aliases in fields.items() for a in aliases],
+    [
+        (m, c, a)
+        for m, family in FAMILIES.items()
+        for fields in [family.aliases]
+        for c, aliases in fields.items()
+        for a in aliases
+    ],
 )
 def test_every_alias_reads_like_its_canonical_name_and_conflicts_are_refused(model_type, canonical, alias):
     config = _saved(5, model_type)
@@ -121,7 +126,7 @@ def test_a_transformers_5_qwen3_checkpoint_inspects_and_runs(tmp_path):
 def test_tensor_names_format_and_parse_back(model_type):
     """Every name an architecture makes parses back to what made it: routed experts (per expert and all in one
     tensor, under every block the loader looks in), shared experts; routers are told apart."""
-    names = TENSOR_NAMES[model_type]
+    names = FAMILIES[model_type].names
     for layer in (0, 7, 61):
         for block in names.blocks(layer):
             for expert in (None, 0, 5, 255):
@@ -150,7 +155,7 @@ def test_tensor_names_format_and_parse_back(model_type):
 
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
 def test_every_accepted_spelling_and_transformers_own_layout_parse(model_type):
-    names = TENSOR_NAMES[model_type]
+    names = FAMILIES[model_type].names
     experts = names.experts(names.block(3))
     for spelling, shard in PROJECTIONS.items():
         parsed = names.parse(tensor_name(linear_name(experts, spelling, 2)))

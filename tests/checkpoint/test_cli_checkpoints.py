@@ -51,3 +51,23 @@ def test_static_scheme_without_calibration(tmp_path, capsys):
     cli.main(["synthetic", str(tmp_path / "f")])
     assert cli.main(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--scheme", "w_mxfp4_a_fp8"]) == 2
     assert "input_amax" in capsys.readouterr().err
+
+
+def test_quantize_refuses_a_float_expert_weight_of_the_wrong_shape_before_writing(tmp_path, capsys):
+    """An expert weight of half its width: ``quantize`` names it, with expected and found shapes, and writes
+    nothing (it used to quantize it, and only the loader refused the result)."""
+    from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader, save_file
+
+    f, q = tmp_path / "float", tmp_path / "quark"
+    assert cli.main(["synthetic", str(f), "--hidden", "64", "--intermediate", "64"]) == 0
+    bad = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    with CheckpointReader(f) as reader:
+        tensors = {name: reader[name] for name in reader}
+    tensors[bad] = tensors[bad][:, :32].copy()
+    save_file(tensors, f / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli.main(["quantize", str(f), str(q), "--scheme", "w_mxfp4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert bad in err and "(64, 32)" in err and "(64, 64)" in err
+    assert not q.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -250,6 +251,26 @@ def _copy_with(tmp_path, arch, *, drop=(), replace=None, config_changes=None):
 def test_a_checkpoint_we_cannot_run_gets_one_clear_error(tmp_path, arch, change, message):
     with pytest.raises(CheckpointError, match=message):
         from_pretrained(_copy_with(tmp_path, arch, **change))
+
+
+@pytest.mark.parametrize(
+    "scheme, suffix, corrupt, message",
+    [
+        ("w_mxfp4", "weight_scale", lambda s: s.reshape(-1).__setitem__(3, 255), r"E8M0 code 255 \(NaN\)"),
+        ("w8a8_int8_channel_dynamic_token", "weight_scale", lambda s: s.reshape(-1).__setitem__(1, -1.0), "positive"),
+    ],
+)
+def test_a_quantized_attention_projection_gets_the_experts_value_checks(tmp_path, scheme, suffix, corrupt, message):
+    """Quantized Linear layers load through their scheme's lifecycle: a NaN E8M0 scale (or a negative INT8
+    scale) in an attention projection is refused naming the tensor, as in an expert."""
+    path = export_quark_checkpoint(GOLDEN / "mixtral", tmp_path / "q", scheme, quantize_linears=True)
+    name = f"model.layers.1.self_attn.k_proj.{suffix}"
+    with CheckpointReader(path) as reader:
+        tensors = {n: np.array(reader[n]) for n in reader}
+    corrupt(tensors[name])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=re.escape(name) + ".*" + message):
+        from_pretrained(path, backend=BACKEND)
 
 
 def test_bad_arguments_and_inputs():
