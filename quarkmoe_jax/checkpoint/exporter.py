@@ -24,7 +24,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 import quarkmoe_jax as qm
@@ -138,8 +137,7 @@ def _quantize_weight(w: np.ndarray, scheme, scale_mode: str) -> dict[str, np.nda
         t = qm.quantize(w32, fmt, scale_mode)
         packed = np.asarray(t.packed)[..., : fmt.packed_length(k)]
         return {
-            # Quark stores MXFP8 codes as float8_e4m3fn tensors (the same bytes)
-            "weight": packed.view(ml_dtypes.float8_e4m3fn) if fmt.bits == 8 else packed,
+            "weight": packed.view(fmt.stored_dtype),  # MXFP8: float8_e4m3fn, as Quark stores it
             "weight_scale": np.asarray(t.scales)[..., : -(-k // MX_BLOCK_SIZE)],
         }
     granularity = "token" if cfg.weight.granularity == "channel" else "tensor"

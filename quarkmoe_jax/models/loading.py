@@ -183,7 +183,7 @@ class _Tensors:
         f = mx_format(fmt)
         packed_shape, scale_shape = (n, f.packed_length(k)), (n, k // MX_BLOCK_SIZE)
         # MXFP8 codes may be stored as float8_e4m3fn values (Quark does): read as their bit pattern
-        code_dtypes = (np.uint8, np.dtype(jnp.float8_e4m3fn)) if f.bits == 8 else (np.uint8,)
+        code_dtypes = f.code_dtypes
         expected = (("weight", packed_shape, code_dtypes), ("weight_scale", scale_shape, (np.uint8,)))
         for suffix, shape, dtypes in expected:
             found_dtype, found = self._info(f"{name}.{suffix}")

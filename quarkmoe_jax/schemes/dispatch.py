@@ -11,6 +11,7 @@ Mirrors ``QuarkMoEMethod.get_moe_method`` (vLLM 0.33, semantics reference §1) w
 from __future__ import annotations
 
 from quarkmoe_jax.config import LayerQuantConfig, TensorSpec
+from quarkmoe_jax.contracts import Numerics
 from quarkmoe_jax.formats import MX_FORMATS, MXFP8_E4M3, mx_format
 from quarkmoe_jax.schemes.base import ActivationQuant, MoEScheme, SchemeError
 from quarkmoe_jax.schemes.ocp_mx import OcpMxScheme
@@ -63,13 +64,19 @@ def _dynamic_granularity(act: TensorSpec, semantics: str) -> str:
     vLLM reads ``per_channel`` as per token whatever ``ch_axis`` says. Quark's observer keeps one scale per
     ``ch_axis`` slice of the 2-D ``[tokens, H]`` expert input: ``ch_axis`` 0 is per token, 1 / -1 is per
     hidden channel over the tokens routed to the expert (its recipes write 1 or -1 meaning per token for
-    3-D dense-layer inputs). ``semantics="quark"`` reproduces what Quark computes.
+    3-D dense-layer inputs). ``Numerics.channel_scales_by_ch_axis`` (Quark's semantics) reproduces what Quark
+    computes.
     """
     if act.qscheme != "per_channel":
         return "tensor"
-    if semantics == "quark" and act.ch_axis in (1, -1):
+    if Numerics.of(semantics).channel_scales_by_ch_axis and act.ch_axis in (1, -1):
         return "channel"
     return "token"
+
+
+def _mx_scale_mode(act: TensorSpec, semantics: str) -> str:
+    """MX activations' scale rounding: the config's mode under Quark's numerics, else ``"even"`` (vLLM)."""
+    return (act.scale_calculation_mode or "even") if Numerics.of(semantics).mx_scale_mode_from_config else "even"
 
 
 def _require(spec: TensorSpec, key: str, expected, scheme: str, where: str) -> None:
@@ -99,7 +106,7 @@ def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme
             scheme += "_a_mxfp8_e4m3"
             _require(act, "group_size", 32, scheme, " input_tensors" + where)
             _require(act, "scale_format", "e8m0", scheme, " input_tensors" + where)
-            mode = (act.scale_calculation_mode or "even") if semantics == "quark" else "even"
+            mode = _mx_scale_mode(act, semantics)
             activation = ActivationQuant("mx", "mxfp8_e4m3", dynamic=True, scale_mode=mode)
         elif act.is_dynamic:
             granularity = "token" if act.qscheme == "per_channel" else "tensor"
@@ -118,7 +125,7 @@ def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme
             raise SchemeError(f"{scheme} input_tensors{where}: MX activations must be dynamic, found is_dynamic False")
         _require(act, "qscheme", "per_group", scheme, " input_tensors" + where)
         _require(act, "group_size", 32, scheme, " input_tensors" + where)
-        mode = (act.scale_calculation_mode or "even") if semantics == "quark" else "even"
+        mode = _mx_scale_mode(act, semantics)
         activation = ActivationQuant("mx", act_format, dynamic=True, scale_mode=mode)
     else:
         raise SchemeError(
@@ -152,7 +159,7 @@ def _w8a8(cls, dtype: str, config: LayerQuantConfig, semantics: str, where: str)
         _require(act, "qscheme", "per_tensor", scheme, " input_tensors" + where)
         activation = ActivationQuant(kind, dynamic=False, granularity="tensor")
         scheme += f"_{granularity}_static"
-    if kind == "int8" and act.symmetric is not True and semantics == "quark":
+    if kind == "int8" and act.symmetric is not True and Numerics.of(semantics).asymmetric_int8_refused:
         raise SchemeError(
             f"{scheme} input_tensors{where}: asymmetric INT8 activations (symmetric {act.symmetric!r}) are only "
             "supported with semantics='vllm', which runs them as symmetric like vLLM"
