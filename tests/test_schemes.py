@@ -136,3 +136,17 @@ def test_w8a8_create_weights(name, w13_scale, w2_scale):
     assert specs["w13_weight"].shape == (4, 64, 16) and specs["w2_weight"].shape == (4, 16, 32)
     assert specs["w13_weight_scale"].shape == w13_scale and specs["w2_weight_scale"].shape == w2_scale
     assert ("w13_input_scale" in specs) == name.endswith("static")
+
+
+def test_scheme_name_grammar_round_trips():
+    from quarkmoe_jax.schemes.names import SchemeName
+
+    for name in EXPORT_SCHEMES:
+        parsed = SchemeName.parse(name)
+        assert str(parsed) == name
+        assert parsed.w8a8 == name.startswith("w8a8_")
+    assert SchemeName.parse("w_mxfp6_e2m3_a_fp8") == SchemeName("mxfp6_e2m3", "fp8")
+    assert SchemeName.parse("w8a8_int8_channel_dynamic_token") == SchemeName("int8", "dynamic_token", "channel")
+    for bad in ("w8a8_int4_channel_static", "w8a8_int8_row_static", "mxfp4", "w_fp4"):
+        with pytest.raises(ValueError, match="is not a scheme name"):
+            SchemeName.parse(bad)
