@@ -235,7 +235,7 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
         if moe_scheme.name != scheme:
             raise AssertionError(f"scheme preset {scheme} dispatches to {moe_scheme.name}")  # internal invariant
         cfg = moe_scheme.quant_config()
-        static = cfg.activation.kind in ("fp8", "int8") and not cfg.activation.dynamic
+        static = cfg.activation.static_scaled
         if static and input_amax is None:
             raise ValueError(f"scheme {scheme} has static input scales: pass input_amax (calibration)")
         if static and quantize_linears and not isinstance(input_amax, (int, float)):

@@ -68,7 +68,7 @@ def _weights_for_gemm(weight: QArray, operand_dtype, rows_expert=None):
 
 def _row_scale(weight: QArray, rows_expert):
     """8-bit weights: each row's weight scale per output column ``[P, N]``; None for MX and float weights."""
-    return weight.row_scales()[rows_expert] if weight.kind in ("int8", "fp8") else None
+    return weight.row_scales()[rows_expert] if weight.qtype.has_row_scales else None
 
 
 def _gemm_dtype(operand, weight: QArray):
