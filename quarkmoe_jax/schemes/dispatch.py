@@ -155,7 +155,7 @@ def _w8a8(cls, dtype: str, config: LayerQuantConfig, semantics: str, where: str)
         _require(act, "qscheme", ("per_channel", "per_tensor"), scheme, " input_tensors" + where)
         act_granularity = "token" if act.qscheme == "per_channel" else "tensor"
         activation = ActivationQuant(kind, dynamic=True, granularity=_dynamic_granularity(act, semantics))
-        scheme = str(SchemeName(kind, f"dynamic_{act_granularity}", granularity))
+        scheme = str(SchemeName(kind, SchemeName.w8a8_dynamic(act_granularity), granularity))
     else:
         _require(act, "qscheme", "per_tensor", scheme, " input_tensors" + where)
         activation = ActivationQuant(kind, dynamic=False, granularity="tensor")

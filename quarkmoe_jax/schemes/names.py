@@ -50,6 +50,11 @@ class SchemeName:
         return f"fp8_dynamic_{granularity}"
 
     @staticmethod
+    def w8a8_dynamic(granularity: str) -> str:
+        """W8A8's name of dynamic activations of ``granularity`` ``"token"`` / ``"tensor"``."""
+        return f"dynamic_{granularity}"
+
+    @staticmethod
     def w8a8_prefix(kind: str) -> str:
         """``w8a8_<kind>``: how a W8A8 scheme is named before its granularities are known (in refusals)."""
         return f"w8a8_{kind}"
