@@ -32,7 +32,7 @@ from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats import QArray, float_qarray
 from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS, load_backend
 from quarkmoe_jax.moe import op, routing
-from quarkmoe_jax.moe.entry import host_rows, token_bucket
+from quarkmoe_jax.moe.entry import check_weights, host_rows, token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.moe.shard_layout import kernel_layout_per_shard, shard_params
@@ -90,6 +90,7 @@ class QuarkMoE(nnx.Module):
             raise ValueError("a sharded QuarkMoE places its experts itself; pass expert_map or sharding, not both")
         e = shape.num_experts if sharding is None else sharding.expert_slots(shape.num_experts)
         w13, w2 = _as_weight(params["w13"], "w13"), _as_weight(params["w2"], "w2")
+        check_weights({"w13": w13, "w2": w2}, quant_config)
         if w13.shape[0] != e or w2.shape[0] != e or w13.shape[2] != w2.shape[1] or w13.shape[1] % shape.num_shards:
             raise ValueError(
                 f"QuarkMoE params: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit {e} experts "

@@ -160,3 +160,17 @@ def test_a_linear_weight_loads_through_its_scheme_as_one_expert():
     np.testing.assert_array_equal(np.asarray(weight.scales), scales)
     with pytest.raises(CheckpointError, match="in_features 48"):
         LinearMethod(get_moe_scheme(scheme_layer_config("w_mxfp4")), n, 48).create_weights()
+
+
+def test_scheme_name_grammar_round_trips():
+    from quarkmoe_jax.schemes.names import SchemeName
+
+    for name in EXPORT_SCHEMES:
+        parsed = SchemeName.parse(name)
+        assert str(parsed) == name
+        assert parsed.w8a8 == name.startswith("w8a8_")
+    assert SchemeName.parse("w_mxfp6_e2m3_a_fp8") == SchemeName("mxfp6_e2m3", "fp8")
+    assert SchemeName.parse("w8a8_int8_channel_dynamic_token") == SchemeName("int8", "dynamic_token", "channel")
+    for bad in ("w8a8_int4_channel_static", "w8a8_int8_row_static", "mxfp4", "w_fp4"):
+        with pytest.raises(ValueError, match="is not a scheme name"):
+            SchemeName.parse(bad)

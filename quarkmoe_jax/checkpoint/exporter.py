@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 import quarkmoe_jax as qm
@@ -42,20 +40,29 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointRe
 from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers, round_up
 from quarkmoe_jax.schemes import get_moe_scheme
+from quarkmoe_jax.schemes.names import (
+    FP8_ACTIVATIONS,
+    W8A8_ACTIVATIONS,
+    W8A8_KINDS,
+    W8A8_WEIGHT_GRANULARITIES,
+    SchemeName,
+)
 
 __all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint", "calibrate_input_amax"]
 
 _MX = {name: fmt.quark_dtype for name, fmt in qm.MX_FORMATS.items()}  # our MX format name -> Quark's dtype
-_MX_ACTIVATIONS = [None, "mxfp4", "mxfp6_e3m2", "mxfp6_e2m3", "fp8", "fp8_dynamic_token", "fp8_dynamic_tensor"]
+_MX_BELOW_8 = ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3")
+_MX_ACTIVATIONS = [None, *_MX_BELOW_8, *FP8_ACTIVATIONS]
 EXPORT_SCHEMES: tuple[str, ...] = tuple(
-    [f"w_{w}" + (f"_a_{a}" if a else "") for w in ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3") for a in _MX_ACTIVATIONS]
+    str(name)  # the grammar: schemes/names.py
+    for name in [SchemeName(w, a) for w in _MX_BELOW_8 for a in _MX_ACTIVATIONS]
     # MXFP8 as vLLM's QuarkW8A8Mxfp8MoEMethod runs it (dynamic MXFP8 activations), and weight-only
-    + ["w_mxfp8_e4m3", "w_mxfp8_e4m3_a_mxfp8_e4m3"]
+    + [SchemeName("mxfp8_e4m3"), SchemeName("mxfp8_e4m3", "mxfp8_e4m3")]
     + [
-        f"w8a8_{kind}_{wg}_{ag}"
-        for kind in ("int8", "fp8")
-        for wg in ("channel", "tensor")
-        for ag in ("static", "dynamic_token", "dynamic_tensor")
+        SchemeName(kind, activation, granularity)
+        for kind in W8A8_KINDS
+        for granularity in W8A8_WEIGHT_GRANULARITIES
+        for activation in W8A8_ACTIVATIONS
     ]
 )
 
@@ -98,8 +105,9 @@ def scheme_layer_config(scheme: str, scale_mode: str = "even") -> LayerQuantConf
     """The Quark layer config (weight / input_tensors specs) of a named scheme."""
     if scheme not in EXPORT_SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; expected one of {list(EXPORT_SCHEMES)}")
-    if scheme.startswith("w8a8_"):
-        _, kind, wg, ag = scheme.split("_", 3)
+    name = SchemeName.parse(scheme)
+    if name.w8a8:
+        kind, wg, ag = name.weight, name.weight_granularity, name.activation
         dtype = "int8" if kind == "int8" else "fp8_e4m3"
         weight = _linear_spec(
             dtype, "per_channel" if wg == "channel" else "per_tensor", False, 0 if wg == "channel" else None
@@ -110,9 +118,8 @@ def scheme_layer_config(scheme: str, scale_mode: str = "even") -> LayerQuantConf
             token = ag == "dynamic_token"
             act = _linear_spec(dtype, "per_channel" if token else "per_tensor", True, 0 if token else None)
     else:
-        match = re.fullmatch(r"w_(mxfp\w+?)(?:_a_(.+))?", scheme)
-        weight = _mx_spec(_MX[match[1]], False, scale_mode)
-        a = match[2]
+        weight = _mx_spec(_MX[name.weight], False, scale_mode)
+        a = name.activation
         if a is None:
             act = None
         elif a in _MX:
@@ -140,8 +147,7 @@ def _quantize_weight(w: np.ndarray, scheme, scale_mode: str) -> dict[str, np.nda
         t = qm.quantize(w32, fmt, scale_mode)
         packed = np.asarray(t.packed)[..., : fmt.packed_length(k)]
         return {
-            # Quark stores MXFP8 codes as float8_e4m3fn tensors (the same bytes)
-            "weight": packed.view(ml_dtypes.float8_e4m3fn) if fmt.bits == 8 else packed,
+            "weight": packed.view(fmt.stored_dtype),  # MXFP8: float8_e4m3fn, as Quark stores it
             "weight_scale": np.asarray(t.scales)[..., : -(-k // MX_BLOCK_SIZE)],
         }
     granularity = "token" if cfg.weight.granularity == "channel" else "tensor"
@@ -235,7 +241,7 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
         if moe_scheme.name != scheme:
             raise AssertionError(f"scheme preset {scheme} dispatches to {moe_scheme.name}")  # internal invariant
         cfg = moe_scheme.quant_config()
-        static = cfg.activation.kind in ("fp8", "int8") and not cfg.activation.dynamic
+        static = cfg.activation.static_scaled
         if static and input_amax is None:
             raise ValueError(f"scheme {scheme} has static input scales: pass input_amax (calibration)")
         if static and quantize_linears and not isinstance(input_amax, (int, float)):

@@ -70,11 +70,18 @@ _EPS_EXPONENT = -23  # torch.finfo(torch.float32).eps, Quark's replacement for a
 
 @dataclasses.dataclass(frozen=True)
 class MXFormat:
-    """An OCP MX format: element codec, bits per element and Quark's dtype name."""
+    """An OCP MX format: element codec, bits per element, Quark's dtype name and the dtype Quark stores the
+    packed codes as (``stored_dtype``: uint8, or float8_e4m3fn for MXFP8, the same bytes)."""
 
     name: str
     element: el.FloatFormat
     quark_dtype: str
+    stored_dtype: np.dtype = np.dtype(np.uint8)
+
+    @property
+    def code_dtypes(self) -> tuple[np.dtype, ...]:
+        """The dtypes a reader accepts for the packed codes (read as their bytes): uint8 and the stored one."""
+        return tuple(dict.fromkeys((np.dtype(np.uint8), self.stored_dtype)))
 
     @property
     def bits(self) -> int:
@@ -100,7 +107,7 @@ class MXFormat:
 MXFP4 = MXFormat("mxfp4", el.E2M1, "fp4")
 MXFP6_E3M2 = MXFormat("mxfp6_e3m2", el.E3M2, "fp6_e3m2")
 MXFP6_E2M3 = MXFormat("mxfp6_e2m3", el.E2M3, "fp6_e2m3")
-MXFP8_E4M3 = MXFormat("mxfp8_e4m3", el.E4M3FN, "fp8_e4m3")
+MXFP8_E4M3 = MXFormat("mxfp8_e4m3", el.E4M3FN, "fp8_e4m3", np.dtype(ml_dtypes.float8_e4m3fn))
 """MXFP8: e4m3fn elements (one uint8 code each, the float8_e4m3fn bit pattern) with E8M0 block scales
 (vLLM's ``QuarkW8A8Mxfp8MoEMethod``; Quark's ``fp8_e4m3`` with ``per_group`` 32 and ``e8m0`` scales)."""
 MX_FORMATS = {f.name: f for f in (MXFP4, MXFP6_E3M2, MXFP6_E2M3, MXFP8_E4M3)}

@@ -96,6 +96,12 @@ class QType:
         return MX_FORMATS.get(self.element)
 
     @property
+    def has_row_scales(self) -> bool:
+        """8-bit codes (INT8, FP8) with float32 scales, one per output row once expanded
+        (:meth:`QArray.row_scales`); MX scales are E8M0 per block, float data has none."""
+        return self.element in _EIGHT_BIT
+
+    @property
     def operand_exact_in_bfloat16(self) -> bool:
         """Whether the GEMM operand of these weights is exact in bfloat16: MXFP4 / MXFP6 values (``codes x
         2^e``: at most 4 significant bits, every scale in range), 8-bit codes (scales go to the epilogue),
@@ -249,7 +255,7 @@ class QArray:
     def row_scales(self, num_rows: int | None = None):
         """8-bit weights: the scale of every output row, float32 ``[..., N]`` (``N`` = ``num_rows`` or the
         weight's own), from the explicit granularity, never from shapes."""
-        if self.kind not in ("int8", "fp8"):
+        if not self.qtype.has_row_scales:
             raise ValueError(f"row_scales: a {self.qtype.element} QArray has no per-row float scales")
         n = self.shape[-2] if num_rows is None else num_rows
         scale = jnp.asarray(self.scales, jnp.float32)
@@ -264,7 +270,7 @@ class QArray:
         """Select leading axes: experts (and, for MX and float data, rows); 8-bit scales hold one value per
         expert or per row, so their rows cannot be selected apart from the scales' granularity."""
         index = index if isinstance(index, tuple) else (index,)
-        leading = self.ndim - (2 if self.kind in ("int8", "fp8") else 1)
+        leading = self.ndim - (2 if self.qtype.has_row_scales else 1)
         if any(i is Ellipsis for i in index) or len(index) > leading:
             raise IndexError(f"QArray indexing selects the {leading} leading axes only, got {len(index)} indices")
         if self.layout != "checkpoint":

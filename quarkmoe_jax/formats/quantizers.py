@@ -1,6 +1,7 @@
 """FP8 (e4m3fn) and INT8 activation quantizers with vLLM's and Quark's numerics.
 
-Two numeric semantics (chosen per call; the checkpoint loader picks one per model):
+Two numeric semantics (chosen per call; the checkpoint loader picks one per model). ``semantics`` is a name
+or a :class:`~quarkmoe_jax.contracts.Numerics`; these functions read its ``quark_quantizers`` flag:
 
 ``semantics="vllm"`` (vLLM 0.33's runtime):
   * FP8 static: ``q = e4m3(RNE(clamp(fp32(x) * (1/s), ±448)))``; dequant ``fp16(q) * s`` (stays float16 for
@@ -36,7 +37,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from quarkmoe_jax.contracts import SEMANTICS, check_semantics
+from quarkmoe_jax.contracts import SEMANTICS, Numerics
 from quarkmoe_jax.formats import elements as el
 
 __all__ = [
@@ -59,10 +60,12 @@ GRANULARITIES = ("tensor", "token")
 _F32_EPS = float(jnp.finfo(jnp.float32).eps)
 
 
-def _check(semantics: str, granularity: str) -> None:
-    check_semantics(semantics)
+def _check(semantics: str | Numerics, granularity: str) -> Numerics:
+    """The numerics of ``semantics`` (a name or a :class:`Numerics`), after checking ``granularity``."""
+    numerics = Numerics.of(semantics)
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    return numerics
 
 
 def _amax(x, granularity: str, axis_name=None):
@@ -99,44 +102,44 @@ def _e4m3_to_float32(q):
     return el.decode(lax.bitcast_convert_type(q, jnp.uint8), el.E4M3FN, jnp.float32)
 
 
-def fp8_quantize(x, scale=None, *, granularity: str = "tensor", semantics: str = "vllm", axis_name=None):
+def fp8_quantize(x, scale=None, *, granularity: str = "tensor", semantics: str | Numerics = "vllm", axis_name=None):
     """Quantize activations to FP8 e4m3fn.
 
     Args:
       x: ``[..., H]`` float array.
       scale: static per-tensor scale (scalar float32), or None for dynamic quantization.
       granularity: for dynamic quantization, ``"tensor"`` (one scale) or ``"token"`` (one per row).
-      semantics: ``"vllm"`` or ``"quark"`` (module docstring).
+      semantics: ``"vllm"`` or ``"quark"``, or their :class:`Numerics` (module docstring).
       axis_name: mesh axes a dynamic amax is reduced over (module docstring), or None.
 
     Returns:
       ``(q, scale)``: ``q`` float8_e4m3fn ``[..., H]``; ``scale`` float32, 0-d or ``[..., 1]``.
     """
-    _check(semantics, granularity)
+    quark = _check(semantics, granularity).quark_quantizers
     x32 = jnp.asarray(x).astype(jnp.float32)
     if scale is None:
         amax = _amax(x32, granularity, axis_name)
-        if semantics == "vllm":
-            scale = jnp.maximum(el.exact_divide(amax, FP8_E4M3_MAX), FP8_MIN_SCALING_FACTOR)
-        else:
+        if quark:
             scale = jnp.where(amax == 0, _F32_EPS, el.exact_divide(amax, FP8_E4M3_MAX))
+        else:
+            scale = jnp.maximum(el.exact_divide(amax, FP8_E4M3_MAX), FP8_MIN_SCALING_FACTOR)
     else:
         scale = _static_scale(scale, "FP8")
-    scaled = x32 * (1.0 / scale) if semantics == "vllm" else el.exact_divide(x32, scale)
+    scaled = el.exact_divide(x32, scale) if quark else x32 * (1.0 / scale)
     return _e4m3_from_float32(scaled), scale
 
 
-def fp8_dequantize(q, scale, dtype=jnp.bfloat16, *, semantics: str = "vllm"):
+def fp8_dequantize(q, scale, dtype=jnp.bfloat16, *, semantics: str | Numerics = "vllm"):
     """FP8 values times their scale, in ``dtype``. vLLM rounds through float16 first (its ``fp16(q) * s``)."""
-    _check(semantics, "tensor")
+    quark = _check(semantics, "tensor").quark_quantizers
     values = _e4m3_to_float32(q) * jnp.asarray(scale, jnp.float32)
-    if semantics == "vllm":
+    if not quark:
         values = el.round_float32_to(values, jnp.float16).astype(jnp.float32)
     return el.round_float32_to(values, dtype)
 
 
 def fp8_quant_dequant(
-    x, scale=None, *, granularity: str = "tensor", semantics: str = "vllm", dtype=None, axis_name=None
+    x, scale=None, *, granularity: str = "tensor", semantics: str | Numerics = "vllm", dtype=None, axis_name=None
 ):
     """FP8 fake quantization: :func:`fp8_quantize` then :func:`fp8_dequantize`, in ``x``'s dtype by default."""
     q, s = fp8_quantize(x, scale, granularity=granularity, semantics=semantics, axis_name=axis_name)
@@ -147,22 +150,22 @@ def _round_half_away(v):
     return jnp.sign(v) * jnp.floor(jnp.abs(v) + 0.5)
 
 
-def int8_quantize(x, scale=None, *, granularity: str = "token", semantics: str = "vllm", axis_name=None):
+def int8_quantize(x, scale=None, *, granularity: str = "token", semantics: str | Numerics = "vllm", axis_name=None):
     """Quantize activations to symmetric INT8.
 
     Args:
       x: ``[..., H]`` float array.
       scale: static per-tensor scale (scalar float32), or None for dynamic quantization.
       granularity: dynamic only: ``"token"`` (per row) or ``"tensor"``.
-      semantics: ``"vllm"`` or ``"quark"`` (module docstring).
+      semantics: ``"vllm"`` or ``"quark"``, or their :class:`Numerics` (module docstring).
       axis_name: mesh axes a dynamic amax is reduced over (module docstring), or None.
 
     Returns:
       ``(q, scale)``: int8 ``[..., H]`` and the float32 scale (0-d or ``[..., 1]``).
     """
-    _check(semantics, granularity)
+    quark = _check(semantics, granularity).quark_quantizers
     x32 = jnp.asarray(x).astype(jnp.float32)
-    if semantics == "quark":
+    if quark:
         if scale is None:
             amax = _amax(x32, granularity, axis_name)
             scale = jnp.where(amax == 0, _F32_EPS, el.exact_divide(amax, 127.5))
@@ -187,7 +190,7 @@ def int8_dequantize(q, scale, dtype=jnp.bfloat16):
     return el.round_float32_to(jnp.asarray(q).astype(jnp.float32) * jnp.asarray(scale, jnp.float32), dtype)
 
 
-def int8_quant_dequant(x, scale=None, *, granularity: str = "token", semantics: str = "vllm", dtype=None):
+def int8_quant_dequant(x, scale=None, *, granularity: str = "token", semantics: str | Numerics = "vllm", dtype=None):
     """INT8 fake quantization: :func:`int8_quantize` then :func:`int8_dequantize`, in ``x``'s dtype by default."""
     q, s = int8_quantize(x, scale, granularity=granularity, semantics=semantics)
     return int8_dequantize(q, s, jnp.asarray(x).dtype if dtype is None else dtype)

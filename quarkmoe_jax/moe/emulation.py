@@ -68,7 +68,7 @@ def _weights_for_gemm(weight: QArray, operand_dtype, rows_expert=None):
 
 def _row_scale(weight: QArray, rows_expert):
     """8-bit weights: each row's weight scale per output column ``[P, N]``; None for MX and float weights."""
-    return weight.row_scales()[rows_expert] if weight.kind in ("int8", "fp8") else None
+    return weight.row_scales()[rows_expert] if weight.qtype.has_row_scales else None
 
 
 def _gemm_dtype(operand, weight: QArray):
@@ -140,7 +140,7 @@ def moe_experts_unpadded(
     axes = shard_axes or ShardAxes()
     t, k = topk_ids.shape
     params = {name: v.to_checkpoint_layout() if isinstance(v, QArray) else v for name, v in params.items()}
-    w13, w2 = expert_weights(params)
+    w13, w2 = expert_weights(params, quant_config.weight)
     num_local = w13.shape[0]
     h_pad, i_pad = w13.shape[2], w2.shape[2]
     hidden = x.shape[1]
@@ -154,7 +154,7 @@ def moe_experts_unpadded(
 
     act = quant_config.activation
     weight_kind = quant_config.weight.kind
-    semantics = quant_config.semantics
+    semantics = quant_config.numerics
     static13 = static_input_scale(params, "w13_input_scale", rows_expert)
     axes1, axes2 = axes.amax_axes(1, act.granularity), axes.amax_axes(2, act.granularity)
     if act.granularity == "channel":  # scales over each expert's rows: quantize the gathered pairs

@@ -21,7 +21,15 @@ from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats.mx import round_up
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 
-__all__ = ["TOKEN_BUCKETS", "token_bucket", "host_rows", "validate_moe_inputs", "bucketed", "bucketed_backend"]
+__all__ = [
+    "TOKEN_BUCKETS",
+    "token_bucket",
+    "host_rows",
+    "validate_moe_inputs",
+    "check_weights",
+    "bucketed",
+    "bucketed_backend",
+]
 
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 """Token counts the jitted forward compiles for; larger counts round up to a multiple of 8192."""
@@ -61,6 +69,15 @@ def validate_moe_inputs(x, topk_weights, topk_ids, hidden_size: int, num_experts
         ids = np.asarray(topk_ids)
         if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
             raise ValueError(f"topk_ids must be in [0, {num_experts}), found values in [{ids.min()}, {ids.max()}]")
+
+
+def check_weights(params, quant_config: MoEQuantConfig) -> None:
+    """Refuse expert weights whose :class:`~quarkmoe_jax.formats.QType` disagrees with ``quant_config.weight``
+    (:meth:`~quarkmoe_jax.contracts.WeightQuant.check_data`); other values are left to the backend's checks."""
+    for name in ("w13", "w2"):
+        qtype = getattr(params.get(name), "qtype", None)
+        if qtype is not None:
+            quant_config.weight.check_data(qtype, name)
 
 
 def bucketed(core: Callable, static_argnames: tuple[str, ...], trim: Callable = host_rows) -> Callable:
@@ -152,6 +169,7 @@ def bucketed_backend(core: Callable) -> Callable:
         pair_dtype=None,
         out_dtype=None,
     ):
+        check_weights(params, quant_config)
         if expert_map is not None and not isinstance(expert_map, jax.core.Tracer):
             expert_map = jax.device_put(np.asarray(expert_map, np.int32))
         return call(

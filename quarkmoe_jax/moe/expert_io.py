@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from quarkmoe_jax.activations import is_gated
-from quarkmoe_jax.contracts import ActivationQuant
+from quarkmoe_jax.contracts import ActivationQuant, Numerics, WeightQuant
 from quarkmoe_jax.formats import QArray, mx_format, quant_dequant
 from quarkmoe_jax.formats import quantizers as qz
 
@@ -27,15 +27,19 @@ __all__ = [
 ]
 
 
-def expert_weights(params) -> tuple[QArray, QArray]:
+def expert_weights(params, weight: WeightQuant | None = None) -> tuple[QArray, QArray]:
     """``params["w13"]``, ``params["w2"]``, refusing anything but :class:`QArray` (a bare array's format and
-    scale granularity would be a guess)."""
+    scale granularity would be a guess) and, given the config's ``weight``, QArrays whose type says otherwise
+    (:meth:`WeightQuant.check_data`)."""
     w13, w2 = params["w13"], params["w2"]
     if not (isinstance(w13, QArray) and isinstance(w2, QArray)):
         raise TypeError(
             "w13 and w2 must be QArrays (quarkmoe_jax.formats: quantize, scaled_qarray, float_qarray), found "
             f"{_describe(w13)} and {_describe(w2)}"
         )
+    if weight is not None:
+        weight.check_data(w13.qtype, "w13")
+        weight.check_data(w2.qtype, "w2")
     return w13, w2
 
 
@@ -68,9 +72,16 @@ def prepare_expert_input(
 
 
 def quantize_gemm_input(
-    values, act: ActivationQuant, weight_kind: str, static_scale, semantics: str, axis_name: tuple[str, ...] = ()
+    values,
+    act: ActivationQuant,
+    weight_kind: str,
+    static_scale,
+    semantics: str | Numerics,
+    axis_name: tuple[str, ...] = (),
 ):
     """Quantize a GEMM input ``[P, K]`` (rows = tokens or pairs) as the scheme says.
+
+    ``semantics``: the layer's :class:`Numerics` (or its name).
 
     ``axis_name``: mesh axes a dynamic amax is reduced over when the input is split across devices
     (:meth:`quarkmoe_jax.moe.shard_axes.ShardAxes.amax_axes`); empty on one device.
@@ -87,10 +98,11 @@ def quantize_gemm_input(
     if act.granularity == "channel":
         qdq = _fake_quant_per_expert_channel(values, act.kind, *static_scale, axis_name=axis_name)
         return _operand(qdq, False), None
+    numerics = Numerics.of(semantics)
     scale = None if act.dynamic else static_scale
-    kwargs = dict(granularity=act.granularity or "tensor", semantics=semantics, axis_name=axis_name or None)
+    kwargs = dict(granularity=act.granularity or "tensor", semantics=numerics, axis_name=axis_name or None)
     if act.kind == "fp8":
-        if weight_kind == "mx" and semantics == "quark":  # Quark's fake-quant: q * s in float32, then the GEMM
+        if numerics.fp8_input_fake_quant(act, weight_kind):  # Quark's fake-quant: q * s in float32, then the GEMM
             qdq = qz.fp8_quant_dequant(values, scale, **kwargs)
             return _operand(qdq, qdq.dtype == jnp.bfloat16), None
         # vLLM semantics (and W8A8): the e4m3 codes enter the GEMM, s multiplies the float32 accumulator

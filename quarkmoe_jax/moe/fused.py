@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from quarkmoe_jax.activations import apply_activation
+from quarkmoe_jax.contracts import Numerics
 from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats import quantizers as qz
 from quarkmoe_jax.kernels.base import DENSE_MIN_K, Epilogue, KernelBackend, expected_load, fp8_tensor_cores
@@ -105,7 +106,7 @@ def _gemm_operand(values, act, weight_kind, static_scale, semantics, fp8_dot: bo
     activations of MX weights, ``q * s`` in float32, which bfloat16 cannot hold; for float32 activations the
     codes go in and ``s`` multiplies the float32 accumulator (a difference at float32 rounding, ~1e-7).
     """
-    if act.kind == "fp8" and weight_kind == "mx" and semantics == "quark" and values.dtype != jnp.bfloat16:
+    if Numerics.of(semantics).fp8_input_fake_quant(act, weight_kind) and values.dtype != jnp.bfloat16:
         granularity = act.granularity or "tensor"
         scale = None if act.dynamic else static_scale
         kwargs = dict(granularity=granularity, semantics=semantics, axis_name=axis_name or None)

@@ -32,8 +32,8 @@ from quarkmoe_jax.contracts import (
     ActivationQuant,
     MoEQuantConfig,
     MoEShape,
+    Numerics,
     WeightQuant,
-    check_semantics,
 )
 from quarkmoe_jax.errors import CheckpointError, SchemeError
 
@@ -83,9 +83,9 @@ class MoEScheme(abc.ABC):
     vllm_method: str = ""
 
     def __init__(self, config: LayerQuantConfig | None, semantics: str = "vllm", name: str = ""):
-        check_semantics(semantics)
+        self.numerics = Numerics.of(semantics)  # what the semantics changes, read as flags
         self.config = config
-        self.semantics = semantics
+        self.semantics = self.numerics.semantics
         self.name = name
         self.shape: MoEShape | None = None
         self._loaded_input_scales: dict[tuple[str, int], float] = {}  # (param, expert) -> value, w1/w3 share
@@ -188,7 +188,7 @@ class MoEScheme(abc.ABC):
             if key not in buffers:
                 continue
             scales = buffers[key]
-            if self.semantics == "vllm":
+            if not self.numerics.static_input_scales_per_expert:
                 if not np.allclose(scales, scales.max()):
                     warnings.warn(
                         f"{key}: static input scales differ across experts (min {scales.min():g}, max "

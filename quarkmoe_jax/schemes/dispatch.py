@@ -11,8 +11,10 @@ Mirrors ``QuarkMoEMethod.get_moe_method`` (vLLM 0.33, semantics reference §1) w
 from __future__ import annotations
 
 from quarkmoe_jax.config import LayerQuantConfig, TensorSpec
+from quarkmoe_jax.contracts import Numerics
 from quarkmoe_jax.formats import MX_FORMATS, MXFP8_E4M3, mx_format
 from quarkmoe_jax.schemes.base import ActivationQuant, MoEScheme, SchemeError
+from quarkmoe_jax.schemes.names import SchemeName
 from quarkmoe_jax.schemes.ocp_mx import OcpMxScheme
 from quarkmoe_jax.schemes.unquantized import UnquantizedScheme
 from quarkmoe_jax.schemes.w8a8 import Fp8W8A8Scheme, Int8W8A8Scheme
@@ -63,13 +65,19 @@ def _dynamic_granularity(act: TensorSpec, semantics: str) -> str:
     vLLM reads ``per_channel`` as per token whatever ``ch_axis`` says. Quark's observer keeps one scale per
     ``ch_axis`` slice of the 2-D ``[tokens, H]`` expert input: ``ch_axis`` 0 is per token, 1 / -1 is per
     hidden channel over the tokens routed to the expert (its recipes write 1 or -1 meaning per token for
-    3-D dense-layer inputs). ``semantics="quark"`` reproduces what Quark computes.
+    3-D dense-layer inputs). ``Numerics.channel_scales_by_ch_axis`` (Quark's semantics) reproduces what Quark
+    computes.
     """
     if act.qscheme != "per_channel":
         return "tensor"
-    if semantics == "quark" and act.ch_axis in (1, -1):
+    if Numerics.of(semantics).channel_scales_by_ch_axis and act.ch_axis in (1, -1):
         return "channel"
     return "token"
+
+
+def _mx_scale_mode(act: TensorSpec, semantics: str) -> str:
+    """MX activations' scale rounding: the config's mode under Quark's numerics, else ``"even"`` (vLLM)."""
+    return (act.scale_calculation_mode or "even") if Numerics.of(semantics).mx_scale_mode_from_config else "even"
 
 
 def _require(spec: TensorSpec, key: str, expected, scheme: str, where: str) -> None:
@@ -82,7 +90,7 @@ def _require(spec: TensorSpec, key: str, expected, scheme: str, where: str) -> N
 def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme:
     weight, act = config.weight, config.input_tensors
     weight_format = mx_format(weight.dtype).name
-    scheme = f"w_{weight_format}"
+    scheme = str(SchemeName(weight_format))
     _require(weight, "qscheme", "per_group", scheme, " weight" + where)
     _require(weight, "group_size", 32, scheme, " weight" + where)
     _require(weight, "scale_format", "e8m0", scheme, " weight" + where)
@@ -96,29 +104,29 @@ def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme
         activation = ActivationQuant("none")
     elif act.dtype == "fp8_e4m3":
         if act.is_dynamic and act.qscheme == "per_group":  # MXFP8 activations (vLLM's Mxfp8Dynamic key)
-            scheme += "_a_mxfp8_e4m3"
+            scheme = str(SchemeName(weight_format, MXFP8_E4M3.name))
             _require(act, "group_size", 32, scheme, " input_tensors" + where)
             _require(act, "scale_format", "e8m0", scheme, " input_tensors" + where)
-            mode = (act.scale_calculation_mode or "even") if semantics == "quark" else "even"
+            mode = _mx_scale_mode(act, semantics)
             activation = ActivationQuant("mx", "mxfp8_e4m3", dynamic=True, scale_mode=mode)
         elif act.is_dynamic:
             granularity = "token" if act.qscheme == "per_channel" else "tensor"
-            scheme += f"_a_fp8_dynamic_{granularity}"
+            scheme = str(SchemeName(weight_format, SchemeName.fp8_dynamic(granularity)))
             activation = ActivationQuant("fp8", dynamic=True, granularity=_dynamic_granularity(act, semantics))
         else:
-            _require(act, "qscheme", "per_tensor", scheme + "_a_fp8", " input_tensors" + where)
+            scheme = str(SchemeName(weight_format, "fp8"))
+            _require(act, "qscheme", "per_tensor", scheme, " input_tensors" + where)
             if act.symmetric is False:
-                raise SchemeError(f"{scheme}_a_fp8 input_tensors{where}: symmetric must be true, found False")
+                raise SchemeError(f"{scheme} input_tensors{where}: symmetric must be true, found False")
             activation = ActivationQuant("fp8", dynamic=False, granularity="tensor")
-            scheme += "_a_fp8"
     elif act.dtype in MX_WEIGHT_DTYPES:
         act_format = MX_WEIGHT_DTYPES[act.dtype]
-        scheme += f"_a_{act_format}"
+        scheme = str(SchemeName(weight_format, act_format))
         if not act.is_dynamic:
             raise SchemeError(f"{scheme} input_tensors{where}: MX activations must be dynamic, found is_dynamic False")
         _require(act, "qscheme", "per_group", scheme, " input_tensors" + where)
         _require(act, "group_size", 32, scheme, " input_tensors" + where)
-        mode = (act.scale_calculation_mode or "even") if semantics == "quark" else "even"
+        mode = _mx_scale_mode(act, semantics)
         activation = ActivationQuant("mx", act_format, dynamic=True, scale_mode=mode)
     else:
         raise SchemeError(
@@ -131,7 +139,7 @@ def _ocp_mx(config: LayerQuantConfig, semantics: str, where: str) -> OcpMxScheme
 def _w8a8(cls, dtype: str, config: LayerQuantConfig, semantics: str, where: str):
     weight, act = config.weight, config.input_tensors
     kind = "int8" if dtype == "int8" else "fp8"
-    scheme = f"w8a8_{kind}"
+    scheme = SchemeName.w8a8_prefix(kind)
     _require(weight, "qscheme", ("per_tensor", "per_channel"), scheme, " weight" + where)
     if kind == "int8" and weight.symmetric is not True:
         raise SchemeError(
@@ -147,12 +155,12 @@ def _w8a8(cls, dtype: str, config: LayerQuantConfig, semantics: str, where: str)
         _require(act, "qscheme", ("per_channel", "per_tensor"), scheme, " input_tensors" + where)
         act_granularity = "token" if act.qscheme == "per_channel" else "tensor"
         activation = ActivationQuant(kind, dynamic=True, granularity=_dynamic_granularity(act, semantics))
-        scheme += f"_{granularity}_dynamic_{act_granularity}"
+        scheme = str(SchemeName(kind, SchemeName.w8a8_dynamic(act_granularity), granularity))
     else:
         _require(act, "qscheme", "per_tensor", scheme, " input_tensors" + where)
         activation = ActivationQuant(kind, dynamic=False, granularity="tensor")
-        scheme += f"_{granularity}_static"
-    if kind == "int8" and act.symmetric is not True and semantics == "quark":
+        scheme = str(SchemeName(kind, "static", granularity))
+    if kind == "int8" and act.symmetric is not True and Numerics.of(semantics).asymmetric_int8_refused:
         raise SchemeError(
             f"{scheme} input_tensors{where}: asymmetric INT8 activations (symmetric {act.symmetric!r}) are only "
             "supported with semantics='vllm', which runs them as symmetric like vLLM"

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from quarkmoe_jax.errors import CheckpointError
@@ -50,7 +49,7 @@ class OcpMxScheme(MoEScheme):
 
     @property
     def static_input_scales(self) -> bool:
-        return self.activation.kind == "fp8" and not self.activation.dynamic
+        return self.activation.static_scaled
 
     @property
     def padded_intermediate(self) -> int:
@@ -92,10 +91,10 @@ class OcpMxScheme(MoEScheme):
 
     def _load_weight(self, buffers, tensor, expert, shard, name):
         fmt = self.weight_format
-        if fmt.bits == 8 and tensor.dtype == ml_dtypes.float8_e4m3fn:  # MXFP8 codes stored as e4m3 values
+        if tensor.dtype in fmt.code_dtypes:  # MXFP8 codes may be stored as e4m3 values: read their bytes
             tensor = tensor.view(np.uint8)
         if tensor.dtype != np.uint8:
-            stored = "uint8 codes" + (" or float8_e4m3fn" if fmt.bits == 8 else "")
+            stored = " or ".join(["uint8 codes", *(str(d) for d in fmt.code_dtypes[1:])])
             raise CheckpointError(f"{name}: packed {fmt.name} weights must be {stored}, found dtype {tensor.dtype}")
         k = self._logical_k(shard)
         if (k * fmt.bits) % 8:

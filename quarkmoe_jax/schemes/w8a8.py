@@ -60,7 +60,7 @@ class _W8A8Scheme(MoEScheme):
 
     @property
     def static_input_scales(self) -> bool:
-        return self.activation.kind != "none" and not self.activation.dynamic
+        return self.activation.static_scaled
 
     def create_weights(self, shape: MoEShape) -> dict[str, ParamSpec]:
         self.shape = shape
@@ -132,7 +132,7 @@ class _W8A8Scheme(MoEScheme):
         if tensor.dtype.kind not in "iu":
             raise CheckpointError(f"{name}: zero points must be integers, found dtype {tensor.dtype}")
         if self.values_checked and np.any(tensor != 0):
-            if self.semantics == "quark":
+            if self.numerics.asymmetric_int8_refused:
                 index = tuple(int(i) for i in np.argwhere(tensor != 0)[0])
                 raise CheckpointError(
                     f"{name}: expected zero points of 0, found {tensor[index]} at index {index}; nonzero zero "
@@ -149,10 +149,11 @@ class _W8A8Scheme(MoEScheme):
                 stacklevel=2,
             )
         w13, w13_scale = buffers["w13_weight"], buffers["w13_weight_scale"]
-        if self.weight_granularity == "tensor" and self.semantics == "vllm":
+        per_shard = self.numerics.tensor_weight_scales_per_shard
+        if self.weight_granularity == "tensor" and not per_shard:
             w13, w13_scale = self._requantize_shards_to_max(w13, w13_scale)
         g13 = g2 = self.weight_granularity
-        if g13 == "tensor" and self.semantics == "quark":
+        if g13 == "tensor" and per_shard:
             g13 = "shard"  # Quark keeps a per-tensor scale per w1 / w3 shard: [E, S]
         params: dict[str, Any] = {
             "w13": scaled_qarray(w13, w13_scale, g13),
@@ -177,12 +178,12 @@ class _W8A8Scheme(MoEScheme):
 
     def quant_config(self) -> MoEQuantConfig:
         granularity = self.weight_granularity
-        if granularity == "tensor" and self.semantics == "quark":
+        if granularity == "tensor" and self.numerics.tensor_weight_scales_per_shard:
             granularity = "shard"
         activation = self.activation
         if (
             self.kind == "int8"
-            and self.semantics == "vllm"
+            and self.numerics.int8_w8a16_for_dynamic_tensor
             and self.weight_granularity == "tensor"
             and activation.dynamic
             and activation.granularity == "tensor"
