@@ -4,7 +4,7 @@
     python benchmarks/backend_table.py results.json            # prints the table
     python benchmarks/backend_table.py results.json --write    # merges it into kernels/backend_table.json
 
-Per device kind, scheme family (:func:`quarkmoe_jax.kernels.registry.scheme_family`) and token count, the
+Per device kind, scheme family (:attr:`quarkmoe_jax.contracts.MoEQuantConfig.family`) and token count, the
 kernel backends (not the emulation) are ranked by the geometric mean of their times over the rows every one
 of them ran (shapes, schemes of the family, routings). Documents count in the order of their dates: a
 newer one's rows for a device, family and token count replace all older rows of them (a kernel that
@@ -33,7 +33,6 @@ from moe_bench import scheme_config  # noqa: E402
 from quarkmoe_jax.kernels.registry import (  # noqa: E402
     BACKEND_TABLE_PATH,
     KERNEL_BACKENDS,
-    scheme_family,
     weight_class_of_family,
 )
 
@@ -62,7 +61,7 @@ def rank_backends(results: list[dict]) -> dict:
         for row in doc["rows"]:
             if row["backend"] in ("emulation", "module"):  # the oracle, and the module path (auto itself)
                 continue
-            key = (device, scheme_family(scheme_config(row["scheme"])), row["tokens"])
+            key = (device, scheme_config(row["scheme"]).family, row["tokens"])
             case = (row["shape"], row["scheme"], row["skewed"])
             measured[key].setdefault(case, {})[row["backend"]] = row["us"]
         times.update(measured)

@@ -2,9 +2,10 @@
 layout the load lays MX weights out in both come from :func:`backend_order` / :func:`preferred_backend`.
 
 The order is measured: ``kernels/backend_table.json`` holds, per device kind, scheme family
-(:func:`scheme_family`) and token count, the kernel backends fastest first and the kernel generation each
-was timed at (``{"order": {device: {family: {tokens: {"backends": [...], "generations": {backend: n}}}}}}``,
-written by ``benchmarks/backend_table.py`` from ``benchmarks/moe_bench.py`` results). A row whose generation
+(:attr:`quarkmoe_jax.contracts.MoEQuantConfig.family`) and token count, the kernel backends fastest first and
+the kernel generation each was timed at
+(``{"order": {device: {family: {tokens: {"backends": [...], "generations": {backend: n}}}}}}``, written by
+``benchmarks/backend_table.py`` from ``benchmarks/moe_bench.py`` results). A row whose generation
 of some backend is older than that backend's current one (:attr:`KernelBackend.generations`) ranks kernels
 that no longer exist: it is ignored, with one warning per device and family, and the default order applies
 there. Where the table has nothing, the default order: MX weights on the v2 kernels first
@@ -31,7 +32,6 @@ __all__ = [
     "BACKEND_TABLE_PATH",
     "DEFAULT_ORDER",
     "MX_DEFAULT_ORDER",
-    "scheme_family",
     "weight_class_of_family",
     "backend_order",
     "preferred_backend",
@@ -54,18 +54,6 @@ DEFAULT_ORDER = (PALLAS.name, TRITON.name)
 MX_DEFAULT_ORDER = (TRITON.name, PALLAS.name)
 """MX weights (MXFP4, MXFP6) without a valid row: the v2 kernels first (``auto`` falls back to Pallas where
 jax-triton cannot run)."""
-
-
-def scheme_family(quant_config) -> str:
-    """The table key of a scheme: weight format (by element width: both MXFP6 formats share ``"mxfp6"``) and
-    activation kind, e.g. ``"mxfp4/mx"``, ``"mxfp6/none"``, ``"mxfp8/mx"``, ``"int8/int8"``, ``"int8/none"``
-    (W8A16), ``"fp8/fp8"``, ``"bf16/none"``."""
-    weight = quant_config.weight
-    if weight.kind == "mx":
-        name = weight.mx_format.split("_")[0]
-    else:
-        name = {"none": "bf16"}.get(weight.kind, weight.kind)
-    return f"{name}/{quant_config.activation.kind}"
 
 
 def weight_class_of_family(family: str) -> str:
@@ -126,7 +114,7 @@ def backend_order(device_kind: str, quant_config, num_tokens: int | None) -> tup
     ``num_tokens`` None: the order for the load's layout, which must serve every token count: the backend
     first at the most measured token counts (ties: the fewer tokens) leads.
     """
-    family = scheme_family(quant_config)
+    family = quant_config.family
     default = _default_order(family)
     measured = _measured_rows(device_kind, family)
     if not measured:

@@ -54,15 +54,15 @@ def test_auto_follows_the_measured_table(key, table):
     ``auto_order`` puts the emulation last and only the emulation on CPU."""
     table["GPU X"] = {"mxfp4/mx": {"1": _row(["triton", "pallas"], triton=2), "4096": _row(["pallas"])}}
     config = random_experts(key, scheme="w_mxfp4_a_mxfp4").quant_config
-    assert registry.scheme_family(config) == "mxfp4/mx"
+    assert config.family == "mxfp4/mx"
     assert registry.backend_order("GPU X", config, 1) == ("triton", "pallas")
     assert registry.backend_order("GPU X", config, 2) == ("triton", "pallas")
     assert registry.backend_order("GPU X", config, 8192) == ("pallas", "triton")
     assert registry.backend_order("GPU Y", config, 1) == registry.MX_DEFAULT_ORDER  # MX: the v2 kernels first
     w6 = random_experts(key, scheme="w_mxfp6_e2m3").quant_config
-    assert registry.scheme_family(w6) == "mxfp6/none"
+    assert w6.family == "mxfp6/none"
     assert registry.backend_order("GPU X", w6, 1) == registry.MX_DEFAULT_ORDER
-    assert registry.scheme_family(_config("w_mxfp8_e4m3_a_mxfp8_e4m3")) == "mxfp8/mx"  # not MXFP6's family
+    assert _config("w_mxfp8_e4m3_a_mxfp8_e4m3").family == "mxfp8/mx"  # not MXFP6's family
     int8 = _config("w8a8_int8_channel_dynamic_token")
     assert registry.backend_order("GPU X", int8, 1) == registry.DEFAULT_ORDER
     if jax.default_backend() == "cpu":
@@ -121,7 +121,7 @@ def test_the_load_lays_weights_out_for_the_backend_auto_runs(device_kind, availa
     else:
         monkeypatch.setattr(TritonBackend, "unavailable", lambda self: "no jax-triton")
     mx_schemes = [s for s in EXPORT_SCHEMES if _config(s).weight.kind == "mx"]
-    assert len({registry.scheme_family(_config(s)) for s in mx_schemes}) >= 5
+    assert len({_config(s).family for s in mx_schemes}) >= 5
     for scheme in mx_schemes:
         config = _config(scheme)
         with warnings.catch_warnings():
