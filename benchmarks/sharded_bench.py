@@ -8,7 +8,7 @@ Same shapes and schemes as ``moe_bench.py``. On a host with N GPUs (NVLink multi
 
 Per (shape, scheme, tokens) it times, in one process: the layer on one GPU (``backend``), then each mesh
 with both exchanges; it reports wall time per layer (median of ``--repeats`` after warm-up; inputs rotated),
-the scaling against one GPU, and the bytes each device sends (:func:`quarkmoe_jax.moe.sharded.exchange_bytes`).
+the scaling against one GPU, and the bytes each device sends (:func:`quarkmoe_jax.moe.sharding.exchange_bytes`).
 
 ``--one-shard ep,tp [ep,tp ...]`` (one GPU; CUPTI kernel time, as ``moe_bench.py``): times the work one
 shard of each ``ep x tp`` mesh does under the all-gather exchange (its ``E / ep`` experts and ``I / tp``
@@ -80,8 +80,9 @@ def main(argv=None) -> int:
     import moe_bench as mb
 
     from quarkmoe_jax.moe import op
-    from quarkmoe_jax.moe import sharded as sh
+    from quarkmoe_jax.moe import sharding as sh
     from quarkmoe_jax.moe.shard_layout import kernel_layout_per_shard, shard_params
+    from quarkmoe_jax.moe.sharded import sharded_moe_experts
     from quarkmoe_jax.schemes import MoEShape
 
     devices = jax.devices()
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
                                 sharded = kernel_layout_per_shard(sharded, sharding)
 
                             def layer(x, w, ids, params, sharding=sharding, config=config, shape=shape):
-                                return sh.sharded_moe_experts(
+                                return sharded_moe_experts(
                                     x, w, ids, params, config, shape, sharding, backend=args.backend
                                 )
 

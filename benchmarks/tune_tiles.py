@@ -28,7 +28,7 @@ from quarkmoe_jax.kernels.base import Epilogue, TileConfig, regime
 from quarkmoe_jax.kernels.pallas import PALLAS
 from quarkmoe_jax.kernels.pallas import grouped_gemm as grouped_gemm_module
 from quarkmoe_jax.kernels.pallas.grouped_gemm import dequantize_to_bfloat16, grouped_gemm
-from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
+from quarkmoe_jax.moe.pair_sort import sort_pairs, tile_rows
 
 CANDIDATES = {
     "decode": [

@@ -38,7 +38,7 @@ from quarkmoe_jax.kernels import tiles  # noqa: E402
 from quarkmoe_jax.kernels.base import REGIMES, TileConfig, architecture  # noqa: E402
 from quarkmoe_jax.kernels.base import regime as regime_of  # noqa: E402
 from quarkmoe_jax.kernels.triton import TRITON  # noqa: E402
-from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows  # noqa: E402
+from quarkmoe_jax.moe.pair_sort import sort_pairs, tile_rows  # noqa: E402
 
 
 def candidates(regime: str) -> list[TileConfig]:

@@ -2,7 +2,7 @@
 and :class:`KernelBackend`, the one object a backend is.
 
 A grouped GEMM of any backend computes ``out[r] = epilogue(a[r] @ W[tile_expert[r // block_m]]^T)`` over the
-dispatch's row tiles (:mod:`quarkmoe_jax.moe.dispatch`: pairs sorted by expert, each expert's group padded to
+dispatch's row tiles (:mod:`quarkmoe_jax.moe.pair_sort`: pairs sorted by expert, each expert's group padded to
 ``block_m`` rows, ``tile_expert`` -1 for unused tiles) with the signature of
 :func:`quarkmoe_jax.kernels.pallas.grouped_gemm.grouped_gemm`; :class:`TileConfig` and :class:`Epilogue` are
 its static parameters, :func:`apply_epilogue` the epilogue's maths (in a kernel, or in XLA after a kernel that
@@ -279,24 +279,11 @@ class KernelBackend(abc.ABC):
     prefill_dequantizes: bool = False
 
     @abc.abstractmethod
-    def gemm(
-        self,
-        a,
-        weight,
-        tile_expert,
-        bias=None,
-        row_weights=None,
-        row_scales=None,
-        out=None,
-        col_scales=None,
-        *,
-        n_out: int,
-        config: TileConfig,
-        epilogue: Epilogue,
-        out_dtype,
-        interpret: bool = False,
-    ):
-        """The grouped GEMM (:func:`quarkmoe_jax.kernels.pallas.grouped_gemm.grouped_gemm`'s contract)."""
+    def gemm(self, a, weight, tile_expert, *args, **kwargs):
+        """The grouped GEMM, with the arguments and result of
+        :func:`quarkmoe_jax.kernels.pallas.grouped_gemm.grouped_gemm` (the contract every backend's GEMM keeps:
+        ``bias, row_weights, row_scales, out, col_scales`` and keyword-only ``n_out, config, epilogue,
+        out_dtype, interpret``)."""
 
     def unavailable(self) -> str | None:
         """Why the backend cannot run on this machine (``None`` when it can)."""

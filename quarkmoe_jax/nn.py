@@ -32,11 +32,12 @@ from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats import QArray, float_qarray
 from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS, load_backend
 from quarkmoe_jax.moe import op, routing
-from quarkmoe_jax.moe.entry import check_weights, host_rows, token_bucket
+from quarkmoe_jax.moe.buckets import check_weights, host_rows, token_bucket
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.moe.routing import RoutingConfig
 from quarkmoe_jax.moe.shard_layout import kernel_layout_per_shard, shard_params
-from quarkmoe_jax.moe.sharded import MoESharding, sharded_moe_experts
+from quarkmoe_jax.moe.sharded import sharded_moe_experts
+from quarkmoe_jax.moe.sharding import MoESharding
 
 __all__ = ["RoutingConfig", "QuarkMoE", "QuarkMoEBlock", "ExpertMap"]
 
@@ -60,7 +61,7 @@ class QuarkMoE(nnx.Module):
     layer is wrapped), and where the scheme has them ``w13_input_scale``, ``w2_input_scale``,
     ``w13_bias [E, S*I_pad]``, ``w2_bias [E, H_pad]``.
     Static: ``quant_config``, ``shape`` (logical sizes before padding), ``activation``, ``sharding``
-    (:class:`~quarkmoe_jax.moe.sharded.MoESharding` or None; when set the parameters are global arrays in the
+    (:class:`~quarkmoe_jax.moe.sharding.MoESharding` or None; when set the parameters are global arrays in the
     sharded layout: experts shard-major, ``I`` split per tensor shard, see
     :mod:`~quarkmoe_jax.moe.shard_layout`).
     """
@@ -316,7 +317,7 @@ class QuarkMoEBlock(nnx.Module):
         ``backend``: the backend the block will be called with; on a GPU its MX weights are laid out for it
         once here (:meth:`QuarkMoE.prepare_for_kernels`).
 
-        ``sharding``: split the experts over a mesh (:class:`~quarkmoe_jax.moe.sharded.MoESharding`), each
+        ``sharding``: split the experts over a mesh (:class:`~quarkmoe_jax.moe.sharding.MoESharding`), each
         shard reading only its experts and its slice of the intermediate dimension
         (:func:`~quarkmoe_jax.checkpoint.sharded_loading.load_sharded_moe_block`, docs/distributed.md).
         """

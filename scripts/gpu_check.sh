@@ -4,7 +4,7 @@
 #     .old/quarkmoe_jax/kernels -> ../kernels where that tree had none), every backend's outputs under both
 #     trees, compared bit for bit
 #     (scripts/backend_outputs.py), in the background;
-#   * the Triton tests, the layout tests and the Pallas tests named by PYTEST_K (default: all of them).
+#   * the Triton, backend-selection, layout, Pallas and whole-model GPU tests named by PYTEST_K (default: all).
 #   * with BENCH=1 first (alone on the GPU): the module path (QuarkMoEBlock, backend auto, laid out as the
 #     load lays it) at Mixtral T=1, w_mxfp4 and w_mxfp4_a_mxfp4, under .old (if present) and this tree
 #     (benchmarks/moe_bench.py --module, CUPTI), with the pallas and triton rows beside it.
@@ -34,7 +34,7 @@ if [ -d .old ]; then
 fi
 PYTHONPATH=/tmp/site:$PWD timeout -s INT $T python3 -m pytest -q -n ${N:-6} -p no:cacheprovider -rfE \
   tests/moe/test_triton.py tests/moe/test_backend_selection.py tests/formats/test_kernel_layout.py tests/formats/test_fragment_layout.py \
-  tests/moe/test_pallas.py ${PYTEST_K:+-k "$PYTEST_K"} > $OUT/pytest.log 2>&1
+  tests/moe/test_pallas.py tests/models/test_models_gpu.py ${PYTEST_K:+-k "$PYTEST_K"} > $OUT/pytest.log 2>&1
 echo "pytest rc=$?"; tail -20 $OUT/pytest.log
 wait
 if [ -d .old ]; then

@@ -42,7 +42,9 @@ def test_benchmark_runs_on_a_tiny_shape(tmp_path, monkeypatch):
     result["rows"] = [r for r in result["rows"] if r["backend"] != "module"]
     # the auto table from these rows: kernel backends only, per scheme family and token count
     order = runpy.run_path("benchmarks/backend_table.py")["rank_backends"]([result])
-    assert order == {"cpu": {f: {"3": ["pallas"]} for f in ("mxfp4/none", "int8/int8", "bf16/none")}}
+    assert result["meta"]["kernel_generations"]["triton"] == {"mx": 2, "dense": 1}  # what the run timed
+    row = {"backends": ["pallas"], "generations": {"pallas": 1}}
+    assert order == {"cpu": {f: {"3": row} for f in ("mxfp4/none", "int8/int8", "bf16/none")}}
 
 
 def test_backend_table_ranks_a_family_on_its_newest_measurement_only():
@@ -57,10 +59,16 @@ def test_backend_table_ranks_a_family_on_its_newest_measurement_only():
     old = doc("2026-12-02", [("w_mxfp6_e3m2", 16, "triton", 9.0), ("w_mxfp6_e3m2", 16, "pallas", 5.0)])
     old["rows"] += doc("2026-12-02", [("w_mxfp4", 16, "pallas", 2.0), ("w_mxfp4", 16, "triton", 1.0)])["rows"]
     new = doc("2026-12-03", [("w_mxfp6_e2m3", 16, "triton", 3.0), ("w_mxfp6_e2m3", 16, "pallas", 4.0)])
+    both = {"backends": ["triton", "pallas"], "generations": {"triton": 2, "pallas": 1}}
     for docs in ([old, new], [new, old]):
-        assert rank(docs) == {
-            "GPU": {"mxfp6/none": {"16": ["triton", "pallas"]}, "mxfp4/none": {"16": ["triton", "pallas"]}}
-        }
+        assert rank(docs) == {"GPU": {"mxfp6/none": {"16": both}, "mxfp4/none": {"16": both}}}
+    # a run that does not record its generations is dated: before the v2 MX kernels landed, triton's MX rows
+    # timed generation 1 (auto ignores them); its dense rows are still generation 1, current
+    older = doc("2026-11-24", [("w_mxfp4", 1, "pallas", 2.0), ("w_mxfp4", 1, "triton", 3.0)])
+    older["rows"] += doc("2026-11-24", [("w8a8_int8_tensor_static", 1, "triton", 1.0)])["rows"]
+    ranked = rank([older])["GPU"]
+    assert ranked["mxfp4/none"]["1"] == {"backends": ["pallas", "triton"], "generations": {"pallas": 1, "triton": 1}}
+    assert ranked["int8/int8"]["1"]["generations"] == {"triton": 1}
 
 
 def test_roofline_plot_from_the_recorded_h100_results(tmp_path):

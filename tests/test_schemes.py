@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, scheme_layer_config
-from quarkmoe_jax.config import LayerQuantConfig
+from quarkmoe_jax.quark_config import LayerQuantConfig
 from quarkmoe_jax.schemes import MoEShape, OcpMxScheme, SchemeError, get_moe_scheme
 from quarkmoe_jax.schemes.w8a8 import Fp8W8A8Scheme, Int8W8A8Scheme
 

@@ -22,7 +22,7 @@ from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
 from quarkmoe_jax.checkpoint.loader import IntermediateSlice, linear_expert_map, round_robin_expert_map
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
-from quarkmoe_jax.moe import sharded as sh
+from quarkmoe_jax.moe import sharding as sh
 from quarkmoe_jax.nn import QuarkMoEBlock
 from tests.conftest import RUN_SEED
 

@@ -1,6 +1,6 @@
 """The library's import graph flows one way (read statically from the source, function-level imports included).
 
-Parts: the top-level modules (``contracts``, ``errors``, ``files``, ``activations``, ``config``, ``nn``, ``cli``)
+Parts: the top-level modules (``contracts``, ``errors``, ``files``, ``activations``, ``quark_config``, ``nn``, ``cli``)
 and the subpackages (``formats``, ``schemes``, ``checkpoint``, ``moe``, ``kernels``, ``models``). No two parts
 import each other, directly or through others, and the compute core (``formats``, ``moe``, ``kernels``,
 ``activations``) never reaches the config parser, the schemes, checkpoint I/O, the modules or the CLI: it
@@ -14,7 +14,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ("formats", "moe", "kernels", "activations")
-ABOVE_CORE = ("config", "files", "schemes", "checkpoint", "nn", "cli", "models")
+ABOVE_CORE = ("quark_config", "files", "schemes", "checkpoint", "nn", "cli", "models")
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -1,7 +1,7 @@
 """Pallas (Triton dialect) grouped GEMM over experts, MX weights dequantized in the kernel.
 
 ``out[r] = epilogue(a[r] @ W[tile_expert[r // block_m]]^T)`` for rows ``r`` of a tile-padded operand: the
-dispatch (``quarkmoe_jax.moe.dispatch``) sorts the (token, expert) pairs by expert and pads every expert's
+dispatch (``quarkmoe_jax.moe.pair_sort``) sorts the (token, expert) pairs by expert and pads every expert's
 group to a multiple of ``block_m`` rows, so each row tile belongs to one expert (``tile_expert``, -1 for the
 unused tiles at the end, which the kernel skips).
 

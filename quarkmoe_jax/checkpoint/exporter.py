@@ -37,8 +37,8 @@ from quarkmoe_jax.checkpoint.architectures import (
 )
 from quarkmoe_jax.checkpoint.loader import check_checkpoint_headers
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
-from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers, round_up
+from quarkmoe_jax.quark_config import LayerQuantConfig
 from quarkmoe_jax.schemes import get_moe_scheme
 from quarkmoe_jax.schemes.names import (
     FP8_ACTIVATIONS,
@@ -51,7 +51,7 @@ from quarkmoe_jax.schemes.names import (
 __all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint", "calibrate_input_amax"]
 
 _MX = {name: fmt.quark_dtype for name, fmt in qm.MX_FORMATS.items()}  # our MX format name -> Quark's dtype
-_MX_BELOW_8 = ("mxfp4", "mxfp6_e3m2", "mxfp6_e2m3")
+_MX_BELOW_8 = tuple(name for name, fmt in qm.MX_FORMATS.items() if fmt.bits < 8)  # with every activation
 _MX_ACTIVATIONS = [None, *_MX_BELOW_8, *FP8_ACTIVATIONS]
 EXPORT_SCHEMES: tuple[str, ...] = tuple(
     str(name)  # the grammar: schemes/names.py

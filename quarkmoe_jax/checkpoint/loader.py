@@ -44,9 +44,9 @@ from quarkmoe_jax.checkpoint.architectures import (
     tensor_name,
 )
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, read_json_file
-from quarkmoe_jax.config import QuarkConfig
 from quarkmoe_jax.formats import E8M0_ONE
-from quarkmoe_jax.moe.sharded import placement_expert_map
+from quarkmoe_jax.moe.sharding import placement_expert_map
+from quarkmoe_jax.quark_config import QuarkConfig
 from quarkmoe_jax.schemes import HeaderCheckBuffer, MoEScheme, MoEShape, get_moe_scheme
 
 __all__ = [

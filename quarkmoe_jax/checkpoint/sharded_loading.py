@@ -1,4 +1,4 @@
-"""Load a MoE layer straight into the sharded layout of a :class:`~quarkmoe_jax.moe.sharded.MoESharding`.
+"""Load a MoE layer straight into the sharded layout of a :class:`~quarkmoe_jax.moe.sharding.MoESharding`.
 
 Each distinct ``(expert rank, tensor rank)`` of the mesh runs the scheme's lifecycle on its own buffers
 (:func:`~quarkmoe_jax.checkpoint.loader.load_experts` with the shard's expert map and
@@ -37,7 +37,7 @@ from quarkmoe_jax.checkpoint.loader import (
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
 from quarkmoe_jax.contracts import MoEShape
 from quarkmoe_jax.moe.shard_layout import param_specs, scales_for_tensor_split
-from quarkmoe_jax.moe.sharded import MoESharding
+from quarkmoe_jax.moe.sharding import MoESharding
 from quarkmoe_jax.schemes import MoEScheme
 
 __all__ = ["load_sharded_experts", "load_sharded_moe_block"]

@@ -4,7 +4,7 @@
 ``model.generate(input_ids, max_new_tokens)`` with a KV cache. See docs/models.md.
 """
 
-from quarkmoe_jax.models.config import DecoderConfig, MLAConfig, RopeConfig
+from quarkmoe_jax.models.decoder_config import DecoderConfig, MLAConfig, RopeConfig
 from quarkmoe_jax.models.loading import from_pretrained
 from quarkmoe_jax.models.model import QuarkMoEForCausalLM, sample_tokens
 

@@ -15,7 +15,7 @@ from jax import lax
 from quarkmoe_jax.contracts import MoEQuantConfig
 from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.moe.emulation import dense_gemm
-from quarkmoe_jax.moe.expert_io import quantize_gemm_input
+from quarkmoe_jax.moe.gemm_io import quantize_gemm_input
 
 __all__ = ["RMSNorm", "Linear", "rope_tables", "apply_rope", "attention"]
 
@@ -42,7 +42,7 @@ class Linear(nnx.Module):
     :class:`~quarkmoe_jax.formats.QArray` (OCP MX codes + E8M0 scales; int8 / float8_e4m3fn codes ``[N, K]``
     with float32 scales per channel ``[N]`` or per tensor ``[]``). ``quant``: how the weight and the input
     are quantized (None: float); ``input_scale`` float32 ``[]`` for static activation scales; ``bias [N]``.
-    The input is quantized exactly as the MoE layers quantize theirs (``moe.expert_io.quantize_gemm_input``)
+    The input is quantized exactly as the MoE layers quantize theirs (``moe.gemm_io.quantize_gemm_input``)
     and the GEMM is the oracle's (``moe.emulation.dense_gemm``), so a quantized linear computes what vLLM's
     Quark linear methods compute. ``valid`` (bool, broadcastable
     to ``x.shape[:-1]``): False for padding rows, which are zeroed before a quantized input's dynamic scale

@@ -19,13 +19,13 @@ import numpy as np
 from quarkmoe_jax.checkpoint.architectures import SUFFIXES
 from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
-from quarkmoe_jax.config import QuarkConfig
 from quarkmoe_jax.contracts import check_semantics
-from quarkmoe_jax.models.config import MODEL_DTYPES, DecoderConfig
+from quarkmoe_jax.models.decoder_config import MODEL_DTYPES, DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
 from quarkmoe_jax.moe.op import BACKENDS
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
+from quarkmoe_jax.quark_config import QuarkConfig
 from quarkmoe_jax.schemes import HeaderCheckBuffer, get_moe_scheme
 from quarkmoe_jax.schemes.linear import LinearMethod
 

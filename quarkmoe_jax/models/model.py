@@ -1,7 +1,7 @@
 """A whole decoder-only MoE model in Flax NNX: embeddings, attention, dense MLPs, Quark MoE blocks, LM head.
 
 One class covers Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 / V3 and gpt-oss; the differences are the
-:class:`~quarkmoe_jax.models.config.DecoderConfig` fields (rope kind and layout, Qwen3's q/k norm, gpt-oss's
+:class:`~quarkmoe_jax.models.decoder_config.DecoderConfig` fields (rope kind and layout, Qwen3's q/k norm, gpt-oss's
 sinks, biases and sliding layers, DeepSeek's latent attention, which layers are MoE). Build it with
 :func:`quarkmoe_jax.models.from_pretrained`.
 
@@ -20,9 +20,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from quarkmoe_jax.models.config import DecoderConfig
+from quarkmoe_jax.models.decoder_config import DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm, apply_rope, attention, rope_tables
-from quarkmoe_jax.moe.entry import token_bucket
+from quarkmoe_jax.moe.buckets import token_bucket
 from quarkmoe_jax.nn import QuarkMoEBlock
 
 __all__ = ["Attention", "LatentAttention", "DecoderLayer", "QuarkMoEForCausalLM", "sample_tokens"]

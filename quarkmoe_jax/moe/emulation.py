@@ -16,7 +16,7 @@ Efficient rather than naive: the (token, k) pairs are sorted by local expert and
 (``jax.lax.ragged_dot``) on the dequantized local experts; pairs whose expert is not local (``expert_map``
 -1) or that belong to bucket padding fall outside every group and contribute exactly zero. With fewer pairs
 than local experts (decode) only the experts the pairs touch are gathered and dequantized. The jitted entry
-point pads the token count to a bucket (:data:`quarkmoe_jax.moe.entry.TOKEN_BUCKETS`), so it compiles once per bucket.
+point pads the token count to a bucket (:data:`quarkmoe_jax.moe.buckets.TOKEN_BUCKETS`), so it compiles once per bucket.
 
 Non-finite inputs stay local: a NaN / Inf in a token's hidden state makes that token's output non-finite
 and nothing else. Dynamic per-tensor scales are taken over the finite values (vLLM's float ``atomicMax``
@@ -33,15 +33,15 @@ from jax import lax
 from quarkmoe_jax.activations import apply_activation
 from quarkmoe_jax.contracts import MoEQuantConfig, MoEShape
 from quarkmoe_jax.formats import QArray
-from quarkmoe_jax.moe.dispatch import sort_pairs
-from quarkmoe_jax.moe.entry import bucketed_backend
-from quarkmoe_jax.moe.expert_io import (
+from quarkmoe_jax.moe.buckets import bucketed_backend
+from quarkmoe_jax.moe.gemm_io import (
     combine_pairs,
     expert_weights,
     prepare_expert_input,
     quantize_gemm_input,
     static_input_scale,
 )
+from quarkmoe_jax.moe.pair_sort import sort_pairs
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 
 __all__ = ["moe_experts", "moe_experts_unpadded"]

@@ -5,7 +5,7 @@ grouped GEMM, its MX weight layout and its tile rules; :func:`fused_core` builds
 Same signature and result as the emulation oracle (:mod:`quarkmoe_jax.moe.emulation`), computed as:
 
 1. Sort the (token, k) pairs by local expert and pad each expert's group to the kernel's row tile
-   (:mod:`quarkmoe_jax.moe.dispatch`); all static shapes, no host sync.
+   (:mod:`quarkmoe_jax.moe.pair_sort`); all static shapes, no host sync.
 2. Quantize the GEMM1 input with the oracle's own quantizer (once per token, fused by XLA with the gather
    into the padded row layout), so the operand is the oracle's bit for bit: MX / bfloat16 values, INT8 codes
    or FP8 e4m3 codes, the latter two with their per-row scale for the epilogue.
@@ -45,14 +45,14 @@ from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats import quantizers as qz
 from quarkmoe_jax.kernels.base import DENSE_MIN_K, Epilogue, KernelBackend, expected_load, fp8_tensor_cores
 from quarkmoe_jax.kernels.pallas.grouped_gemm import dequantize_to_bfloat16
-from quarkmoe_jax.moe.dispatch import sort_pairs, tile_rows
-from quarkmoe_jax.moe.expert_io import (
+from quarkmoe_jax.moe.gemm_io import (
     combine_pairs,
     expert_weights,
     prepare_expert_input,
     quantize_gemm_input,
     static_input_scale,
 )
+from quarkmoe_jax.moe.pair_sort import sort_pairs, tile_rows
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 
 __all__ = ["fused_core", "kernel_weights", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
@@ -158,7 +158,7 @@ def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, 
 
 
 def fused_core(backend: KernelBackend) -> Callable:
-    """The forward core of ``backend`` (:func:`quarkmoe_jax.moe.entry.bucketed_backend` makes it an op)."""
+    """The forward core of ``backend`` (:func:`quarkmoe_jax.moe.buckets.bucketed_backend` makes it an op)."""
 
     def core(x, topk_weights, topk_ids, valid_tokens, params, *, expert_map, **kwargs):
         reason = backend.unavailable()

@@ -18,7 +18,7 @@ import jax
 from quarkmoe_jax.kernels.base import KernelBackend
 from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS, backend_order
 from quarkmoe_jax.moe import emulation
-from quarkmoe_jax.moe.entry import bucketed_backend
+from quarkmoe_jax.moe.buckets import bucketed_backend
 from quarkmoe_jax.moe.fused import fused_core
 
 __all__ = ["BACKENDS", "register_backend", "kernel_backend_op", "auto_order", "moe_experts"]

@@ -1,7 +1,7 @@
-"""The parameter layout of a sharded MoE layer (:class:`~quarkmoe_jax.moe.sharded.MoESharding`).
+"""The parameter layout of a sharded MoE layer (:class:`~quarkmoe_jax.moe.sharding.MoESharding`).
 
 The sharded parameters are ordinary global ``jax.Array`` s: experts shard-major (each EP shard's
-``ceil(E / ep)`` slots, :meth:`~quarkmoe_jax.moe.sharded.MoESharding.slot_order`), w13's rows tensor-shard-major
+``ceil(E / ep)`` slots, :meth:`~quarkmoe_jax.moe.sharding.MoESharding.slot_order`), w13's rows tensor-shard-major
 (each tensor shard's ``[gate; up]`` rows contiguous; gpt-oss's interleaved rows already are), ``I`` padded
 with zero channels to ``tp`` 32-aligned slices, w2's columns (packed bytes and E8M0 blocks) split the same
 way. :func:`param_specs` gives every leaf's ``PartitionSpec``; :func:`shard_params` builds the layout from a
@@ -11,7 +11,7 @@ single-device load; :func:`kernel_layout_per_shard` re-lays MX weights for the k
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +24,7 @@ from quarkmoe_jax.formats import QArray, scaled_qarray
 from quarkmoe_jax.formats.elements import E8M0_ONE
 from quarkmoe_jax.formats.kernel_layout import split_into_parts, to_kernel_layout
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE
-
-if TYPE_CHECKING:
-    from quarkmoe_jax.moe.sharded import MoESharding
+from quarkmoe_jax.moe.sharding import MoESharding
 
 __all__ = ["param_specs", "shard_params", "kernel_layout_per_shard", "scales_for_tensor_split"]
 

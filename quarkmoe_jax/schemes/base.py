@@ -26,7 +26,6 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from quarkmoe_jax.config import LayerQuantConfig
 from quarkmoe_jax.contracts import (
     SEMANTICS,
     ActivationQuant,
@@ -36,6 +35,7 @@ from quarkmoe_jax.contracts import (
     WeightQuant,
 )
 from quarkmoe_jax.errors import CheckpointError, SchemeError
+from quarkmoe_jax.quark_config import LayerQuantConfig
 
 __all__ = [
     "SEMANTICS",

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, save_file
-from quarkmoe_jax.config import QuarkConfigError
 from quarkmoe_jax.nn import QuarkMoEBlock
+from quarkmoe_jax.quark_config import QuarkConfigError
 from quarkmoe_jax.schemes import SchemeError
 
 BLOCK = "model.layers.1.block_sparse_moe"

@@ -24,7 +24,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import (
     SafetensorsFile,
     save_file,
 )
-from quarkmoe_jax.config import QuarkConfigError
+from quarkmoe_jax.quark_config import QuarkConfigError
 from quarkmoe_jax.schemes import SchemeError
 from quarkmoe_jax.schemes.base import ParamSpec
 from tests.checkpoint.test_bad_checkpoints import edited_copy, refuse

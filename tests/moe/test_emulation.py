@@ -11,7 +11,7 @@ import quarkmoe_jax as qm
 from quarkmoe_jax.checkpoint.exporter import EXPORT_SCHEMES, export_quark_checkpoint, scheme_layer_config
 from quarkmoe_jax.checkpoint.loader import linear_expert_map, round_robin_expert_map
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
-from quarkmoe_jax.moe import emulation, entry
+from quarkmoe_jax.moe import buckets, emulation
 from quarkmoe_jax.moe.op import moe_experts
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 from quarkmoe_jax.schemes import MoEShape, get_moe_scheme
@@ -171,7 +171,7 @@ def test_zero_tokens_and_experts_without_tokens(key):
 
 
 def test_token_buckets_compile_once_per_bucket(key):
-    assert [entry.token_bucket(t) for t in (1, 3, 8, 9, 100, 8192, 8193)] == [1, 4, 8, 16, 128, 8192, 16384]
+    assert [buckets.token_bucket(t) for t in (1, 3, 8, 9, 100, 8192, 8193)] == [1, 4, 8, 16, 128, 8192, 16384]
     experts = random_mx_experts(key, "gelu_tanh")
     sizes = []
     for t in (33, 40, 64):  # all in the 64-token bucket
@@ -282,7 +282,7 @@ MXFP8_SPEC = {"dtype": "fp8_e4m3", "qscheme": "per_group", "group_size": 32, "ch
 def test_mxfp8_weights_match_the_float64_loop_and_the_kernels_fall_through(activation_spec, key):
     """MXFP8 (e4m3 elements, E8M0 scales): the oracle against the float64 loop; the kernel backends have no MXFP8
     path yet and say so with NotImplementedError, so ``auto`` runs the oracle."""
-    from quarkmoe_jax.config import LayerQuantConfig
+    from quarkmoe_jax.quark_config import LayerQuantConfig
 
     config = LayerQuantConfig.from_dict(
         {"weight": {**MXFP8_SPEC, "is_dynamic": False}, "input_tensors": activation_spec}, "test"

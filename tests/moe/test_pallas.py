@@ -289,7 +289,7 @@ def test_8bit_tensor_core_gemm_is_exact(dtype, key):
 
 def test_an_expert_parallel_call_sizes_its_tiles_for_the_local_share(key, monkeypatch):
     """The fused forward passes the expert map's global expert count to ``expected_load`` (the formula itself
-    is tested in test_dispatch.py): 2 of 8 experts here, 16 tokens x top-2."""
+    is tested in test_pair_sort.py): 2 of 8 experts here, 16 tokens x top-2."""
     seen = []
 
     class Traced(Exception):

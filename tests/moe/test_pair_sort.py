@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from quarkmoe_jax.kernels.base import Load, expected_load
-from quarkmoe_jax.moe.dispatch import max_row_tiles, sort_pairs, tile_rows
+from quarkmoe_jax.moe.pair_sort import max_row_tiles, sort_pairs, tile_rows
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests for quarkmoe_jax.config: parsing Quark's quantization_config as amd-quark writes it, vLLM's lookup rules."""
+"""Tests for quarkmoe_jax.quark_config: parsing Quark's quantization_config as amd-quark writes it, vLLM's rules."""
 
 import copy
 import json
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from quarkmoe_jax.config import KNOWN_DTYPES, LayerQuantConfig, QuarkConfig, QuarkConfigError, TensorSpec
+from quarkmoe_jax.quark_config import KNOWN_DTYPES, LayerQuantConfig, QuarkConfig, QuarkConfigError, TensorSpec
 
 # --- Specs exactly as amd-quark 0.13's QTensorConfig.to_dict() writes them -------------------------------------
 

@@ -10,9 +10,9 @@ Mirrors ``QuarkMoEMethod.get_moe_method`` (vLLM 0.33, semantics reference §1) w
 
 from __future__ import annotations
 
-from quarkmoe_jax.config import LayerQuantConfig, TensorSpec
 from quarkmoe_jax.contracts import Numerics
 from quarkmoe_jax.formats import MX_FORMATS, MXFP8_E4M3, mx_format
+from quarkmoe_jax.quark_config import LayerQuantConfig, TensorSpec
 from quarkmoe_jax.schemes.base import ActivationQuant, MoEScheme, SchemeError
 from quarkmoe_jax.schemes.names import SchemeName
 from quarkmoe_jax.schemes.ocp_mx import OcpMxScheme
