@@ -6,7 +6,7 @@
 #     (scripts/backend_outputs.py), in the background;
 #   * the Triton, backend-selection, layout, Pallas and whole-model GPU tests named by PYTEST_K (default: all).
 #   * with BENCH=1 first (alone on the GPU): the module path (QuarkMoEBlock, backend auto, laid out as the
-#     load lays it) at Mixtral T=1, w_mxfp4 and w_mxfp4_a_mxfp4, under .old (if present) and this tree
+#     load lays it) at Mixtral T=1 (BENCH_SCHEMES, default w_mxfp4), under .old (if present) and this tree
 #     (benchmarks/moe_bench.py --module, CUPTI), with the pallas and triton rows beside it.
 # Writes logs, JSON and .npz files under $OUT. T: seconds for each part (default 250).
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import jax, flax, triton, numpy; print('jax', jax.__version__, 'flax', flax.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"
 T=${T:-250}
 if [ "${BENCH:-0}" = 1 ]; then
-  bench="--shapes mixtral --tokens 1 --schemes w_mxfp4 w_mxfp4_a_mxfp4 --backends pallas triton --module --no-baselines --repeats 50"
+  bench="--shapes mixtral --tokens 1 --schemes ${BENCH_SCHEMES:-w_mxfp4} --backends pallas triton --module --no-baselines --repeats 50"
   for tree in old new; do
     root=$PWD; [ $tree = old ] && root=$PWD/.old
     [ -d "$root" ] || continue

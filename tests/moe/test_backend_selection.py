@@ -158,3 +158,29 @@ def test_prepare_for_kernels_refuses_an_unknown_backend(key):
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         experts.prepare_for_kernels("cuda")
     assert experts.prepare_for_kernels("emulation").w13.get_value().layout == "checkpoint"  # nothing to lay out
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "mxfp6_e2m3"])
+def test_the_v2_launch_tile_fits_the_padded_rows_and_fills_the_gpu(key, fmt):
+    """``TritonBackend.fit_tile`` (CPU-checkable: the layout is jnp): block_n halves (not below 64) until it
+    tiles the fragment layout's padded rows; split_k is the smallest power of two, at most the table's and
+    dividing the K loop, that gives two programs per SM (132 where the device does not say)."""
+    from quarkmoe_jax.formats.fragment_layout import UNIT_K, padded_shape, to_fragment_layout
+    from quarkmoe_jax.kernels.base import TileConfig
+    from quarkmoe_jax.kernels.triton.backend import MIN_MX_BLOCK_N, _sm_count
+
+    experts = random_experts(key, scheme=f"w_{fmt}", e=2, h=640, i=96)  # padded N: 2I = 192 -> 256, H 640
+    w13 = to_fragment_layout(experts.w13.get_value())
+    _, n_pad, k_pad = padded_shape(w13)
+    k_units = k_pad // UNIT_K
+    for block_n, split_limit, num_tiles in [(256, 1, 2), (256, 8, 2), (128, 8, 64), (512, 4, 1)]:
+        tile = TRITON.fit_tile(TileConfig(16, block_n, split_k=split_limit), 96, w13, num_tiles)
+        assert n_pad % tile.block_n == 0 and (tile.block_n >= MIN_MX_BLOCK_N)
+        assert tile.block_n == block_n or n_pad % (2 * tile.block_n)  # halved only as far as needed
+        split = tile.split_k
+        assert split <= max(split_limit, 1) and k_units % split == 0 and split & (split - 1) == 0
+        programs = num_tiles * (n_pad // tile.block_n)
+        if split < split_limit and k_units % (2 * split) == 0:
+            assert programs * split >= 2 * _sm_count()  # stopped because the grid is full
+    dense = TRITON.fit_tile(TileConfig(16, 64, split_k=4), 96, experts.w13.get_value().values, 4)
+    assert dense == TileConfig(16, 64, split_k=4)  # dense kernels autotune the rest
