@@ -13,8 +13,11 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -588,12 +591,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """While a command runs, SIGTERM ends it as SIGINT does: by an exception in the main thread, so the atomic
+    writers remove their temporary folders (Python's default SIGTERM action kills the process with them left
+    behind). The previous handler is restored afterwards (``main`` may run inside another program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     from quarkmoe_jax.errors import QuarkMoEError
 
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with _exit_on_sigterm():
+            return args.func(args)
     except (QuarkMoEError, ValueError, TypeError, NotImplementedError) as e:  # bad input: one line
         message = " ".join(str(e).split())
         print(f"quarkmoe {args.command}: error: {message}", file=sys.stderr)

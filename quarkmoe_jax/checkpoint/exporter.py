@@ -37,6 +37,7 @@ from quarkmoe_jax.checkpoint.architectures import (
 )
 from quarkmoe_jax.checkpoint.loader import check_checkpoint_headers
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
+from quarkmoe_jax.errors import QuarkMoEError
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers, round_up
 from quarkmoe_jax.quark_config import LayerQuantConfig
 from quarkmoe_jax.schemes import get_moe_scheme
@@ -166,8 +167,13 @@ def _quantize_weight(w: np.ndarray, scheme, scale_mode: str) -> dict[str, np.nda
     return out
 
 
-def _input_scale(cfg, amax) -> np.ndarray:
+def _input_scale(cfg, amax, what: str = "input_amax") -> np.ndarray:
     amax = np.asarray(amax, np.float32)
+    if not (np.isfinite(amax).all() and (amax > 0).all()):
+        bad = amax.reshape(-1)[~(np.isfinite(amax.reshape(-1)) & (amax.reshape(-1) > 0))][0]
+        raise QuarkMoEError(
+            f"{what}: calibration amax must be finite and positive (a static scale of it), found {float(bad)}"
+        )
     if cfg.activation.kind == "fp8":
         return amax / np.float32(quantizers.FP8_E4M3_MAX)
     return amax / np.float32(127.5)
@@ -246,6 +252,8 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
             raise ValueError(f"scheme {scheme} has static input scales: pass input_amax (calibration)")
         if static and quantize_linears and not isinstance(input_amax, (int, float)):
             raise ValueError("quantize_linears with a static scheme needs input_amax as one float for every layer")
+        if static and isinstance(input_amax, (int, float)):
+            _input_scale(cfg, input_amax)  # refused before any work: NaN, infinite, zero or negative
         out: dict[str, np.ndarray] = {}
         exclude: list[str] = []
         for name, tensor in _checkpoint_layout(tensors, arch.names):
@@ -337,7 +345,7 @@ def _static_scale(cfg, input_amax, expert_weight: ProjectionTensor) -> np.ndarra
             amax = per_expert
         else:
             amax = per_expert.max()
-    return _input_scale(cfg, amax).astype(np.float32)
+    return _input_scale(cfg, amax, f"input_amax[{layer}][{which!r}] ({expert_weight.name})").astype(np.float32)
 
 
 def _open_source(source):

@@ -379,6 +379,13 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metada
             f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: Python has no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def new_checkpoint_folder(
     out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()
@@ -412,6 +419,7 @@ def new_checkpoint_folder(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private (0700); the output follows the umask
     old = None
     if out_dir.is_dir() and not out_dir.is_symlink():
         old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))

@@ -71,3 +71,65 @@ def test_quantize_refuses_a_float_expert_weight_of_the_wrong_shape_before_writin
     assert err.count("\n") == 1 and "Traceback" not in err
     assert bad in err and "(64, 32)" in err and "(64, 64)" in err
     assert not q.exists()
+
+
+@pytest.mark.parametrize("amax", ["nan", "inf", "0", "-1.5"])
+def test_quantize_refuses_a_calibration_amax_that_cannot_make_a_scale(tmp_path, capsys, amax):
+    """A static scale from a NaN, infinite, zero or negative amax cannot be right: one line naming the value,
+    nothing written (it used to write the checkpoint)."""
+    f, q = tmp_path / "float", tmp_path / "quark"
+    assert cli.main(["synthetic", str(f)]) == 0
+    capsys.readouterr()
+    argv = ["quantize", str(f), str(q), "--scheme", "w_mxfp4_a_fp8", "--input-amax", amax]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "input_amax" in err and "finite and positive" in err
+    assert not q.exists() and not list(tmp_path.glob(".quark*"))
+
+
+def test_per_layer_calibration_with_a_nan_entry_is_refused_naming_it(tmp_path):
+    import numpy as np
+
+    from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
+    from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+    from quarkmoe_jax.errors import QuarkMoEError
+
+    src = write_float_checkpoint(tmp_path / "float", "mixtral")
+    amax = {layer: {"w13": np.array([3.0, 3.5, np.nan, 3.2]), "w2": np.ones(4)} for layer in (0, 1)}
+    with pytest.raises(QuarkMoEError, match=r"input_amax\[\d\]\['w13'\].*found nan"):
+        export_quark_checkpoint(src, tmp_path / "q", "w_mxfp4_a_fp8", input_amax=amax)
+    assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q*"))
+
+
+def test_the_output_folder_follows_the_umask(tmp_path):
+    """The checkpoint is written in a private temporary folder (mkdtemp: 0700) and renamed: it then takes the
+    umask's mode, as a folder the user made would."""
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        assert cli.main(["synthetic", str(tmp_path / "f")]) == 0
+        assert cli.main(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--scheme", "w_mxfp4"]) == 0
+    finally:
+        os.umask(old)
+    for folder in ("f", "q"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o750, folder
+
+
+def test_sigterm_during_a_write_removes_the_temporary_folder(tmp_path):
+    """SIGTERM while a command writes ends it as SIGINT does: the writer's temporary folder goes (Python's
+    default SIGTERM action left ``.<name>.*.partial`` behind); the previous handler comes back afterwards."""
+    import os
+    import signal
+
+    from quarkmoe_jax.checkpoint.safetensors_io import new_checkpoint_folder
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, cli._exit_on_sigterm():
+        with new_checkpoint_folder(tmp_path / "out") as tmp:
+            (tmp / "config.json").write_text("{}")
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert not list(tmp_path.iterdir())  # neither the output nor the partial folder
+    assert signal.getsignal(signal.SIGTERM) is before
