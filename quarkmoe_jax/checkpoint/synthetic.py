@@ -23,6 +23,7 @@ from quarkmoe_jax.checkpoint.architectures import (
     dense_tensor,
 )
 from quarkmoe_jax.checkpoint.safetensors_io import save_file
+from quarkmoe_jax.errors import QuarkMoEError
 
 __all__ = ["synthetic_moe", "write_float_checkpoint"]
 
@@ -40,6 +41,28 @@ def _hf_config(family: ModelFamily, layers: int, hidden: int, intermediate: int,
         "torch_dtype": "bfloat16",
     }
     return family.synthetic_config(common, hidden, intermediate, experts, top_k)
+
+
+MAX_SYNTHETIC_BYTES = 8 << 30
+"""The largest synthetic model made (float32 expert weights, the dominant part, estimated before anything is
+allocated): it is a test and demo model, not a stand-in for a real checkpoint."""
+
+
+def _check_sizes(**sizes: int) -> None:
+    """Every size a positive int, ``top_k`` at most the expert count, and the experts' float32 bytes within
+    :data:`MAX_SYNTHETIC_BYTES`: refused before any allocation (:class:`QuarkMoEError` naming the value)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise QuarkMoEError(f"synthetic model: {name} must be a positive integer, found {value!r}")
+    if sizes["top_k"] > sizes["num_experts"]:
+        raise QuarkMoEError(f"synthetic model: top_k {sizes['top_k']} exceeds num_experts {sizes['num_experts']}")
+    expert_bytes = 4 * 3 * sizes["num_layers"] * (sizes["num_experts"] + 1) * sizes["hidden_size"]
+    expert_bytes *= sizes["intermediate_size"]
+    if expert_bytes > MAX_SYNTHETIC_BYTES:
+        raise QuarkMoEError(
+            f"synthetic model: {sizes} needs about {expert_bytes / 2**30:.3g} GiB of expert weights, more than the "
+            f"{MAX_SYNTHETIC_BYTES / 2**30:g} GiB a synthetic model may take"
+        )
 
 
 def synthetic_moe(
@@ -65,6 +88,13 @@ def synthetic_moe(
     family = FAMILIES.get(model_type)
     if family is None:
         raise ValueError(f"unknown model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+    _check_sizes(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_experts=num_experts,
+        top_k=top_k,
+    )
     config = _hf_config(family, num_layers, hidden_size, intermediate_size, num_experts, top_k)
     arch = family.moe_architecture(config)
     names = family.names

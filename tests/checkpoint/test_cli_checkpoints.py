@@ -133,3 +133,19 @@ def test_sigterm_during_a_write_removes_the_temporary_folder(tmp_path):
     assert stopped.value.code == 128 + signal.SIGTERM
     assert not list(tmp_path.iterdir())  # neither the output nor the partial folder
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--hidden", "1000000", "--intermediate", "1000000"], "GiB of expert weights"),
+        (["--layers", "0"], "num_layers must be a positive integer"),
+        (["--experts", "2", "--top-k", "3"], "top_k 3 exceeds num_experts 2"),
+    ],
+)
+def test_synthetic_refuses_absurd_sizes_before_allocating(tmp_path, capsys, flags, message):
+    """It used to allocate until a MemoryError traceback; now one line, before any allocation, nothing written."""
+    assert cli.main(["synthetic", str(tmp_path / "f"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
