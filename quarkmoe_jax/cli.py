@@ -299,15 +299,25 @@ def parse_prompt_ids(text: str) -> np.ndarray:
     return np.asarray([ids], np.int32)
 
 
+MAX_TOKENIZER_BYTES = 64 << 20
+"""The largest ``tokenizer.json`` read (real ones take up to a few tens of megabytes)."""
+
+
 def load_tokenizer(checkpoint: str, needed: bool):
     """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library; None when it has none (an
-    error when ``needed``: a text prompt)."""
-    import pathlib
+    error when ``needed``: a text prompt). Read under the shards' rules (inside the folder, a regular file, at
+    most :data:`MAX_TOKENIZER_BYTES`); a file the library cannot read is one :class:`CheckpointError`."""
+    import os
 
-    path = pathlib.Path(checkpoint) / "tokenizer.json"
-    if not path.is_file():
+    from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, folder_file
+    from quarkmoe_jax.files import open_regular_file
+
+    path = folder_file(checkpoint, "tokenizer.json")
+    if path is None:
         if needed:
-            raise ValueError(f"--prompt needs {path} (a tokenizer); this checkpoint has none: pass --prompt-ids")
+            raise ValueError(
+                f"--prompt needs {checkpoint}/tokenizer.json (a tokenizer); this checkpoint has none: pass --prompt-ids"
+            )
         return None
     try:
         import tokenizers
@@ -315,7 +325,16 @@ def load_tokenizer(checkpoint: str, needed: bool):
         if needed:
             raise ValueError("--prompt needs the tokenizers library: pip install 'quarkmoe-jax[text]'") from None
         return None
-    return tokenizers.Tokenizer.from_file(str(path))
+    with open_regular_file(path, "tokenizer.json") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{path}: {size} bytes, expected a tokenizer.json of at most {MAX_TOKENIZER_BYTES}")
+        raw = f.read()
+    try:
+        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - the library raises its own exception types for a bad file
+        message = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: not a tokenizer.json the tokenizers library reads ({message})") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from quarkmoe_jax.checkpoint.architectures import (
     split_tensor_name,
     tensor_name,
 )
-from quarkmoe_jax.checkpoint.loader import check_checkpoint_headers
+from quarkmoe_jax.checkpoint.loader import check_checkpoint_headers, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, new_checkpoint_folder, save_file
 from quarkmoe_jax.errors import QuarkMoEError
 from quarkmoe_jax.formats import MX_BLOCK_SIZE, quantizers, round_up
@@ -354,9 +354,7 @@ def _open_source(source):
         return dict(hf_config), tensors, None
     path = pathlib.Path(source)
     config_path = path / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{config_path}: missing (a Hugging Face checkpoint needs config.json)")
-    hf_config = json.loads(config_path.read_text())
+    hf_config = read_hf_config(path)  # the shards' path rules, size-capped
     if "quantization_config" in hf_config:
         raise CheckpointError(f"{config_path}: already has a quantization_config; export needs float weights")
     reader = CheckpointReader(path)

@@ -43,7 +43,7 @@ from quarkmoe_jax.checkpoint.architectures import (
     split_tensor_name,
     tensor_name,
 )
-from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, read_json_file
+from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, folder_file, read_json_file
 from quarkmoe_jax.formats import E8M0_ONE
 from quarkmoe_jax.moe.sharding import placement_expert_map
 from quarkmoe_jax.quark_config import QuarkConfig
@@ -108,9 +108,10 @@ def read_hf_config(path: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{config_path}: missing (a Hugging Face checkpoint needs config.json)")
+    folder = path if path.is_dir() else path.parent
+    config_path = folder_file(folder, "config.json")  # inside the folder, as the shards must be
+    if config_path is None:
+        raise CheckpointError(f"{folder / 'config.json'}: missing (a Hugging Face checkpoint needs config.json)")
     config = read_json_file(config_path, "config.json")
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path}: expected a JSON object of settings, found {type(config).__name__}")

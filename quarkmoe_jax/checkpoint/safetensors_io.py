@@ -30,6 +30,7 @@ from quarkmoe_jax.errors import CheckpointError
 from quarkmoe_jax.files import MAX_JSON_BYTES, open_regular_file, read_json_file
 
 __all__ = [
+    "folder_file",
     "CheckpointError",
     "SafetensorsFile",
     "CheckpointReader",
@@ -252,10 +253,7 @@ def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if not path.is_dir():
         return [path]  # SafetensorsFile checks that it is a regular file
-    folder = path.resolve()
-    roots = [folder]
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        roots.append((folder.parent.parent / "blobs").resolve())
+    roots = _roots(path)
     index = path / "model.safetensors.index.json"
     if index.exists() or index.is_symlink():
         content = read_json_file(_inside(roots, index, index.name), "safetensors index")
@@ -272,6 +270,27 @@ def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
     if not files:
         raise CheckpointError(f"{path}: no .safetensors files found")
     return files
+
+
+def _roots(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Where a checkpoint folder's files may resolve: the folder, and the Hugging Face cache's ``blobs`` when
+    the folder is a ``<repo>/snapshots/<revision>/``."""
+    folder = folder.resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        roots.append((folder.parent.parent / "blobs").resolve())
+    return roots
+
+
+def folder_file(folder: str | os.PathLike, name: str) -> pathlib.Path | None:
+    """The checkpoint folder's file ``name`` (``config.json``, ``tokenizer.json``, ...) resolved under the
+    shards' rules (inside the folder or the cache's blobs, no symlink leading out); None when there is none.
+    The caller opens it with :func:`quarkmoe_jax.files.open_regular_file` (a regular file, size-capped)."""
+    folder = pathlib.Path(folder)
+    path = folder / name
+    if not (path.exists() or path.is_symlink()):
+        return None
+    return _inside(_roots(folder), path, name)
 
 
 def _inside(roots: list[pathlib.Path], path: pathlib.Path, what: str) -> pathlib.Path:

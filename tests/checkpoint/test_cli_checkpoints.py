@@ -38,7 +38,7 @@ def test_inspect_reports_refused_layers_and_exits_nonzero(tmp_path, capsys):
     "argv, message",
     [
         (["inspect", "/nonexistent/ckpt"], "does not exist"),
-        (["quantize", "/nonexistent/ckpt", "/tmp/x", "--scheme", "w_mxfp4"], "config.json"),
+        (["quantize", "/nonexistent/ckpt", "/tmp/x", "--scheme", "w_mxfp4"], "/nonexistent/ckpt does not exist"),
     ],
 )
 def test_bad_paths_print_one_line_and_exit_2(argv, message, capsys):

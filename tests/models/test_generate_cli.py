@@ -74,3 +74,57 @@ def test_a_text_prompt_needs_a_tokenizer(tmp_path, capsys):
     folder = write_float_checkpoint(tmp_path / "f", "mixtral", num_layers=1)
     code, _, err = run(capsys, folder, "--prompt", "hello", "--max-new-tokens", 2)
     assert code == 2 and "tokenizer.json" in err and "--prompt-ids" in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{not json", "not a tokenizer.json the tokenizers library reads"),
+        (b'{"version": "1.0", "model": 3}', "not a tokenizer.json the tokenizers library reads"),
+        (b"\xff\xfe\x00binary", "not a tokenizer.json the tokenizers library reads"),
+        (b"", "not a tokenizer.json the tokenizers library reads"),
+    ],
+)
+def test_an_unreadable_tokenizer_is_one_error_line(tmp_path, capsys, content, message):
+    """Bad JSON, the wrong schema, binary or empty: one line naming the file, exit 2, no traceback."""
+    folder = write_float_checkpoint(tmp_path / "f", "mixtral", num_layers=1)
+    (folder / "tokenizer.json").write_bytes(content)
+    code, _, err = run(capsys, folder, "--prompt", "hello", "--max-new-tokens", 2)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+def test_config_and_tokenizer_that_lead_out_of_the_folder_are_refused(tmp_path, capsys, checkpoint):
+    """config.json and tokenizer.json are held to the shards' path rules: a symlink out of the checkpoint
+    folder is refused (they used to be followed); a FIFO is refused without blocking; a tokenizer over the
+    size cap is refused before it is read."""
+    import os
+    import shutil
+
+    from quarkmoe_jax.checkpoint.loader import read_hf_config
+    from quarkmoe_jax.errors import CheckpointError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    shutil.move(folder / "config.json", outside / "config.json")
+    (folder / "config.json").symlink_to(outside / "config.json")
+    with pytest.raises(CheckpointError, match="config.json resolves to .*outside the checkpoint folder"):
+        read_hf_config(folder)
+    (folder / "config.json").unlink()
+    shutil.copy(outside / "config.json", folder / "config.json")
+    assert read_hf_config(folder)["model_type"] == "qwen3_moe"
+
+    shutil.move(folder / "tokenizer.json", outside / "tokenizer.json")
+    (folder / "tokenizer.json").symlink_to(outside / "tokenizer.json")
+    code, _, err = run(capsys, folder, "--prompt", "w1 w2", "--max-new-tokens", 1)
+    assert code == 2 and "outside the checkpoint folder" in err
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer.json")
+    code, _, err = run(capsys, folder, "--prompt", "w1 w2", "--max-new-tokens", 1)
+    assert code == 2 and "expected a regular tokenizer.json" in err
+    (folder / "tokenizer.json").unlink()
+    with open(folder / "tokenizer.json", "wb") as f:
+        f.truncate(cli.MAX_TOKENIZER_BYTES + 1)  # sparse: no 64 MiB written
+    code, _, err = run(capsys, folder, "--prompt", "w1 w2", "--max-new-tokens", 1)
+    assert code == 2 and f"expected a tokenizer.json of at most {cli.MAX_TOKENIZER_BYTES}" in err
