@@ -98,7 +98,10 @@ def assert_same(got, want, exact: bool):
     if exact:
         np.testing.assert_array_equal(got, want)
     else:
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+        # TP sums the shards' float32 partial outputs in another order than one device: the error is float32's
+        # eps times the summands, which can exceed the output where they cancel (QUARKMOE_TEST_SEED=1360718631:
+        # 1.76e-7 at an output of -1.04e-3, max |y| 0.015, w_mxfp4_a_fp8 quark TP 4; the same before issue 28)
+        np.testing.assert_allclose(got, want, rtol=0, atol=4e-5 * np.abs(want).max())
 
 
 @needs_8
