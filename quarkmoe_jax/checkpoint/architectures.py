@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
@@ -40,6 +41,10 @@ __all__ = [
     "FAMILIES",
     "NO_SLIDING",
     "family_of",
+    "ConfigReader",
+    "MAX_LAYERS",
+    "MAX_INT32",
+    "MAX_ACTIVATION_SCALE",
     "MoEArchitecture",
     "SUPPORTED_MODEL_TYPES",
     "TensorNames",
@@ -51,6 +56,7 @@ __all__ = [
     "CORRECTION_BIAS",
     "decoder_layer",
     "layer_of",
+    "check_layers_present",
     "dense_mlp",
     "linear_name",
     "tensor_name",
@@ -101,6 +107,19 @@ def layer_of(name: str) -> int | None:
     """The decoder layer a tensor name belongs to (``model.layers.<layer>.…``), or None (embeddings, head)."""
     match = _LAYER_OF.match(name)
     return int(match["layer"]) if match else None
+
+
+def check_layers_present(names: Iterable[str], num_layers: int) -> None:
+    """Raise :class:`CheckpointError` unless every decoder layer ``0 .. num_layers - 1`` has a tensor among
+    ``names`` (a config.json that claims more layers than the checkpoint holds is refused before any data is
+    read; layers beyond the count, such as DeepSeek-V3's multi-token-prediction layer, are ignored)."""
+    present = {layer_of(name) for name in names}
+    missing = tuple(i for i in range(num_layers) if i not in present)
+    if missing:
+        raise CheckpointError(
+            f"config.json: num_hidden_layers = {num_layers}, but the checkpoint holds no tensors of layer(s) "
+            f"{_ranges(missing)}"
+        )
 
 
 def dense_mlp(layer: int) -> str:
@@ -345,13 +364,32 @@ class MoEArchitecture:
         return family_of(config).moe_architecture(config)
 
 
-class _Config:
-    """config.json access as the model's Hugging Face config class reads it (aliases included), with errors
-    that name the missing or conflicting key."""
+#: The most decoder layers a config.json may claim. Supported checkpoints have fewer than 100; work that grows with
+#: the claimed count (per-layer tuples, the loader's per-layer checks) happens before any tensor is read, so the
+#: count is bounded first and then checked against the tensors present (``models.loading``).
+MAX_LAYERS = 1024
+#: The largest size, count, position or token id a config.json may claim: ids and positions are int32 on device.
+MAX_INT32 = 2**31 - 1
+#: The normal float32 range: config values feed float32 maths.
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+#: The largest multiplier of activations a config.json may set (YaRN's ``attention_factor`` and ``mscale``,
+#: DeepSeek's ``routed_scaling_factor``; real checkpoints use 1 to 16): a larger one overflows the logits.
+MAX_ACTIVATION_SCALE = 1000.0
 
-    def __init__(self, config: dict[str, Any], aliases: Mapping[str, tuple[str, ...]]):
-        self.config = config
-        self.aliases = aliases
+
+class ConfigReader:
+    """Typed, range-checked access to the fields of a config.json dict, as the model's Hugging Face config class
+    reads them (``aliases``: ``{canonical: other spellings}``; two spellings that disagree are refused).
+
+    Every refusal is one :class:`CheckpointError` naming the key as spelled in the file, the value found and
+    what is allowed. A value the file does not hold is the caller's ``default`` (not checked: defaults are ours).
+    ``prefix`` names a nested object in messages (``"rope_parameters."``).
+    """
+
+    def __init__(self, config: Mapping[str, Any], aliases: Mapping[str, tuple[str, ...]] | None = None, prefix=""):
+        if not isinstance(config, Mapping):
+            raise CheckpointError(f"config.json: {prefix.rstrip('.') or 'the file'} must be a JSON object")
+        self.config, self.aliases, self.prefix = config, aliases or {}, prefix
 
     def _lookup(self, key: str) -> tuple[str, Any] | None:
         """``(spelling found, value)`` of field ``key`` under any of its spellings, or None."""
@@ -364,29 +402,115 @@ class _Config:
         for name, value in found[1:]:
             if value != first_value:
                 raise CheckpointError(
-                    f"config.json: {first_name} = {first_value!r} and {name} = {value!r} disagree; both spell the "
-                    f"same field of model_type {self.config.get('model_type')!r} (keep one)"
+                    f"config.json: {self.prefix}{first_name} = {first_value!r} and {name} = {value!r} disagree; both "
+                    f"spell the same field of model_type {self.config.get('model_type')!r} (keep one)"
                 )
         return found[0]
 
-    def __call__(self, key: str, default: Any = ..., cast=int):
+    def _fail(self, name: str, value: Any, requirement: str) -> CheckpointError:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return CheckpointError(f"config.json: {self.prefix}{name} = {shown} must be {requirement}")
+
+    def _found(self, key: str, default: Any):
         found = self._lookup(key)
+        if found is None and default is ...:
+            spellings = " or ".join(repr(self.prefix + k) for k in (key, *self.aliases.get(key, ())))
+            raise CheckpointError(
+                f"config.json: missing key {spellings} for model_type {self.config.get('model_type')!r}"
+            )
+        return found
+
+    def has(self, key: str) -> bool:
+        """Whether the file holds ``key`` (any spelling) with a value other than null."""
+        return self._lookup(key) is not None
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        """The value under any spelling, unchecked (for objects the caller checks), else ``default``."""
+        found = self._lookup(key)
+        return default if found is None else found[1]
+
+    def integer(self, key: str, default: Any = ..., *, minimum: int = 1, maximum: int = MAX_INT32) -> int:
+        """An integer (a float with an integral value is accepted, as JSON writers produce; not a bool) in
+        ``[minimum, maximum]``."""
+        found = self._found(key, default)
         if found is None:
-            if default is ...:
-                spellings = " or ".join(repr(k) for k in (key, *self.aliases.get(key, ())))
-                raise CheckpointError(
-                    f"config.json: missing key {spellings} for model_type {self.config.get('model_type')!r}"
-                )
             return default
         name, value = found
-        if cast is int and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if cast is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise CheckpointError(f"config.json: {name} = {value!r} is not an integer")
-        try:
-            return cast(value) if cast is not None else value
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"config.json: {name} = {value!r} is not a valid {cast.__name__}") from e
+        number = value
+        if isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if isinstance(number, bool) or not isinstance(number, int) or not minimum <= number <= maximum:
+            raise self._fail(name, value, f"an integer in [{minimum}, {maximum}]")
+        return number
+
+    def number(
+        self,
+        key: str,
+        default: Any = ...,
+        *,
+        above: float | None = 0.0,
+        minimum: float | None = None,
+        maximum: float = FLOAT32_MAX,
+    ) -> float:
+        """A finite number (not a bool) ``> above`` (or ``>= minimum``) and ``<= maximum``, as a float; a
+        non-zero value must be a normal float32 (the model computes in float32: a value that rounds to 0 or
+        overflows there is refused here rather than turned into NaN logits)."""
+        found = self._found(key, default)
+        if found is None:
+            return default
+        name, value = found
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (above is None or value > above) and (minimum is None or value >= minimum) and value <= maximum
+        ok = ok and (value == 0 or FLOAT32_TINY <= abs(value) <= FLOAT32_MAX)
+        if not ok:
+            low = f"> {above}" if above is not None else (f">= {minimum}" if minimum is not None else "")
+            high = f" and <= {maximum:g}" if maximum < FLOAT32_MAX else ""
+            raise self._fail(name, value, f"a finite float32 number {low}{high}".rstrip())
+        return float(value)
+
+    def flag(self, key: str, default: Any = ...) -> bool:
+        """A JSON boolean (``"false"``, a string, is refused rather than read as true)."""
+        found = self._found(key, default)
+        if found is None:
+            return default
+        name, value = found
+        if not isinstance(value, bool):
+            raise self._fail(name, value, "true or false")
+        return value
+
+    def choice(self, key: str, default: Any, choices: tuple[str, ...]) -> str:
+        """One of the strings ``choices``."""
+        found = self._found(key, default)
+        if found is None:
+            return default
+        name, value = found
+        if not isinstance(value, str) or value not in choices:
+            raise self._fail(name, value, f"one of {list(choices)}")
+        return value
+
+    def integers(self, key: str, default: Any = ..., *, minimum: int = 0, maximum: int = MAX_INT32) -> list[int]:
+        """A list of integers, each in ``[minimum, maximum]``."""
+        found = self._found(key, default)
+        if found is None:
+            return default
+        name, value = found
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and minimum <= v <= maximum for v in value
+        ):
+            raise self._fail(name, value, f"a list of integers in [{minimum}, {maximum}]")
+        return value
+
+    def nested(self, key: str, default: Any = None) -> ConfigReader | None:
+        """A reader of the JSON object under ``key`` (None if absent and no default object)."""
+        found = self._lookup(key)
+        value = default if found is None else found[1]
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise self._fail(found[0] if found else key, value, "a JSON object")
+        return ConfigReader(value, prefix=f"{self.prefix}{found[0] if found else key}.")
 
 
 def _routing(**fields) -> RoutingConfig:
@@ -396,28 +520,37 @@ def _routing(**fields) -> RoutingConfig:
         raise CheckpointError(f"config.json: {e}") from e
 
 
-def _mixtral(c: _Config) -> MoEArchitecture:
-    n = c("num_hidden_layers")
+def _layer_count(c: ConfigReader) -> int:
+    return c.integer("num_hidden_layers", maximum=MAX_LAYERS)
+
+
+def _top_k(c: ConfigReader, num_experts: int) -> int:
+    return c.integer("num_experts_per_tok", minimum=1, maximum=max(num_experts, 1))
+
+
+def _mixtral(c: ConfigReader) -> MoEArchitecture:
+    n = _layer_count(c)
+    num_experts = c.integer("num_local_experts")
     return MoEArchitecture(
         model_type="mixtral",
         num_layers=n,
         moe_layers=tuple(range(n)),
-        hidden_size=c("hidden_size"),
-        num_experts=c("num_local_experts"),
-        routing=_routing(top_k=c("num_experts_per_tok")),
-        intermediate_size=c("intermediate_size"),
+        hidden_size=c.integer("hidden_size"),
+        num_experts=num_experts,
+        routing=_routing(top_k=_top_k(c, num_experts)),
+        intermediate_size=c.integer("intermediate_size"),
     )
 
 
-def _qwen_moe(c: _Config) -> MoEArchitecture:
-    n = c("num_hidden_layers")
-    step = c("decoder_sparse_step", 1)
-    mlp_only = set(c("mlp_only_layers", [], cast=list))
-    num_experts = c("num_local_experts" if c.config["model_type"] == "qwen3_moe" else "num_experts")
-    moe_layers = tuple(i for i in range(n) if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
-    shared = c("shared_expert_intermediate_size", 0)
+def _qwen_moe(c: ConfigReader) -> MoEArchitecture:
+    n = _layer_count(c)
+    step = c.integer("decoder_sparse_step", 1)
+    mlp_only = set(c.integers("mlp_only_layers", [], maximum=n - 1))
     model_type = c.config["model_type"]
-    hidden, top_k, intermediate = c("hidden_size"), c("num_experts_per_tok"), c("moe_intermediate_size")
+    num_experts = c.integer("num_local_experts" if model_type == "qwen3_moe" else "num_experts", minimum=0)
+    moe_layers = tuple(i for i in range(n) if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
+    shared = c.integer("shared_expert_intermediate_size", 0, minimum=0)
+    hidden, intermediate = c.integer("hidden_size"), c.integer("moe_intermediate_size")
     return MoEArchitecture(
         model_type=model_type,
         num_layers=n,
@@ -425,37 +558,58 @@ def _qwen_moe(c: _Config) -> MoEArchitecture:
         hidden_size=hidden,
         num_experts=num_experts,
         intermediate_size=intermediate,
-        routing=_routing(top_k=top_k, renormalize=c("norm_topk_prob", False, cast=bool)),
+        routing=_routing(top_k=_top_k(c, num_experts), renormalize=c.flag("norm_topk_prob", False)),
         shared_intermediate_size=shared if model_type == "qwen2_moe" else 0,
         has_shared_experts=model_type == "qwen2_moe" and bool(shared),
         has_shared_expert_gate=model_type == "qwen2_moe" and shared > 0,
     )
 
 
-def _deepseek(c: _Config) -> MoEArchitecture:
-    n = c("num_hidden_layers")
-    first_dense = c("first_k_dense_replace", 0)
-    freq = c("moe_layer_freq", 1)
+#: DeepSeek's ``topk_method`` values and whether each routes within expert groups.
+_DEEPSEEK_TOPK_METHODS = {"greedy": False, "group_limited_greedy": True, "noaux_tc": True}
+
+
+def _deepseek(c: ConfigReader) -> MoEArchitecture:
+    n = _layer_count(c)
+    first_dense = c.integer("first_k_dense_replace", 0, minimum=0, maximum=n)
+    freq = c.integer("moe_layer_freq", 1, maximum=n)
     moe_layers = tuple(i for i in range(n) if i >= first_dense and i % freq == 0)
     model_type = c.config["model_type"]
-    topk_method = c("topk_method", "noaux_tc" if model_type == "deepseek_v3" else "greedy", cast=str)
-    grouped = topk_method in ("group_limited_greedy", "noaux_tc")
-    shared = c("n_shared_experts", 0)
-    moe_intermediate = c("moe_intermediate_size")
+    default_method = "noaux_tc" if model_type == "deepseek_v3" else "greedy"
+    topk_method = c.choice("topk_method", default_method, tuple(_DEEPSEEK_TOPK_METHODS))
+    num_experts = c.integer("n_routed_experts")
+    top_k = _top_k(c, num_experts)
+    groups = group_choice = None
+    if _DEEPSEEK_TOPK_METHODS[topk_method]:
+        groups = c.integer("n_group", 1, maximum=num_experts)
+        if num_experts % groups:
+            raise CheckpointError(
+                f"config.json: n_routed_experts = {num_experts} must be a multiple of n_group = {groups}"
+            )
+        group_choice = c.integer("topk_group", 1, maximum=groups)
+        if top_k > group_choice * (num_experts // groups):
+            raise CheckpointError(
+                f"config.json: num_experts_per_tok = {top_k} exceeds the experts of topk_group = {group_choice} "
+                f"groups ({group_choice * (num_experts // groups)})"
+            )
+    shared = c.integer("n_shared_experts", 0, minimum=0)
+    moe_intermediate = c.integer("moe_intermediate_size")
     return MoEArchitecture(
         model_type=model_type,
         num_layers=n,
         moe_layers=moe_layers,
-        hidden_size=c("hidden_size"),
-        num_experts=c("n_routed_experts"),
+        hidden_size=c.integer("hidden_size"),
+        num_experts=num_experts,
         intermediate_size=moe_intermediate,
         routing=_routing(
-            top_k=c("num_experts_per_tok"),
-            scoring=c("scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax", cast=str),
-            renormalize=c("norm_topk_prob", model_type == "deepseek_v3", cast=bool),
-            num_expert_group=c("n_group", 1) if grouped else None,
-            topk_group=c("topk_group", 1) if grouped else None,
-            routed_scaling_factor=c("routed_scaling_factor", 1.0, cast=float),
+            top_k=top_k,
+            scoring=c.choice(
+                "scoring_func", "sigmoid" if model_type == "deepseek_v3" else "softmax", ("softmax", "sigmoid")
+            ),
+            renormalize=c.flag("norm_topk_prob", model_type == "deepseek_v3"),
+            num_expert_group=groups,
+            topk_group=group_choice,
+            routed_scaling_factor=c.number("routed_scaling_factor", 1.0, maximum=MAX_ACTIVATION_SCALE),
         ),
         has_correction_bias=topk_method == "noaux_tc",
         shared_intermediate_size=moe_intermediate * shared,
@@ -463,25 +617,26 @@ def _deepseek(c: _Config) -> MoEArchitecture:
     )
 
 
-def _gpt_oss(c: _Config) -> MoEArchitecture:
-    n = c("num_hidden_layers")
-    alpha = c("swiglu_alpha", 1.702, cast=float)
+def _gpt_oss(c: ConfigReader) -> MoEArchitecture:
+    n = _layer_count(c)
+    alpha = c.number("swiglu_alpha", 1.702)
     if alpha != 1.702:
         raise CheckpointError(
             f"config.json: swiglu_alpha = {alpha}: only gpt-oss's 1.702 is supported (vLLM hard-codes it too)"
         )
+    num_experts = c.integer("num_local_experts")
     return MoEArchitecture(
         model_type="gpt_oss",
         num_layers=n,
         moe_layers=tuple(range(n)),
-        hidden_size=c("hidden_size"),
-        num_experts=c("num_local_experts"),
-        routing=_routing(top_k=c("num_experts_per_tok"), softmax_after_topk=True, renormalize=False),
-        intermediate_size=c("intermediate_size"),
+        hidden_size=c.integer("hidden_size"),
+        num_experts=num_experts,
+        routing=_routing(top_k=_top_k(c, num_experts), softmax_after_topk=True, renormalize=False),
+        intermediate_size=c.integer("intermediate_size"),
         activation="swigluoai",
         interleaved=True,
         has_bias=True,
-        swiglu_limit=c("swiglu_limit", 7.0, cast=float),
+        swiglu_limit=c.number("swiglu_limit", 7.0),
     )
 
 
@@ -491,24 +646,24 @@ def _gpt_oss(c: _Config) -> MoEArchitecture:
 NO_SLIDING = type("NoSliding", (), {"__repr__": lambda self: "NO_SLIDING"})()
 
 
-def _configured_layer_types(config: Mapping[str, Any], num_layers: int):
-    return config.get("layer_types")
+def _configured_layer_types(c: ConfigReader, num_layers: int):
+    return c.raw("layer_types")
 
 
-def _gpt_oss_layer_types(config: Mapping[str, Any], num_layers: int):
-    layer_types = config.get("layer_types")
+def _gpt_oss_layer_types(c: ConfigReader, num_layers: int):
+    layer_types = c.raw("layer_types")
     if layer_types is None:  # GptOssConfig's default: sliding and full attention alternate
         layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
     return layer_types
 
 
 def _qwen_layer_types(max_window_layers: bool):
-    def layer_types(config: Mapping[str, Any], num_layers: int):
-        if not config.get("use_sliding_window", False):
+    def layer_types(c: ConfigReader, num_layers: int):
+        if not c.flag("use_sliding_window", False):
             return NO_SLIDING
-        layer_types = config.get("layer_types")
-        if max_window_layers and layer_types is None and config.get("sliding_window"):
-            max_window = config.get("max_window_layers", 28)
+        layer_types = c.raw("layer_types")
+        if max_window_layers and layer_types is None and c.has("sliding_window"):
+            max_window = c.integer("max_window_layers", 28, minimum=0)
             layer_types = [
                 "sliding_attention" if (i + 1) % 2 and i < max_window else "full_attention" for i in range(num_layers)
             ]
@@ -517,7 +672,7 @@ def _qwen_layer_types(max_window_layers: bool):
     return layer_types
 
 
-def _no_sliding(config: Mapping[str, Any], num_layers: int):
+def _no_sliding(c: ConfigReader, num_layers: int):
     return NO_SLIDING
 
 
@@ -605,8 +760,8 @@ class ModelFamily:
     none: ``rope_theta``, ``rms_norm_eps``, ``default_rope`` (rope parameters). Tensor names: ``names``.
     Attention: ``attention`` ("gqa", or "mla": DeepSeek's latent attention, ``num_key_value_heads`` unused),
     ``qk_norm`` (Qwen3's per-head RMSNorm of queries and keys), ``sinks`` (gpt-oss), ``attention_bias`` (the
-    projections with a bias), ``rope_pairs(config)`` (rotate interleaved channel pairs, DeepSeek),
-    ``layer_types(config, num_layers)`` (the per-layer attention kinds as the config class reads them, None
+    projections with a bias), ``rope_pairs(reader)`` (rotate interleaved channel pairs, DeepSeek),
+    ``layer_types(reader, num_layers)`` (the per-layer attention kinds as the config class reads them, None
     for one ``sliding_window`` on every layer, or :data:`NO_SLIDING`). ``synthetic_config(common, hidden,
     intermediate, experts, top_k)``: the config.json of a small synthetic model
     (:mod:`~quarkmoe_jax.checkpoint.synthetic`).
@@ -614,7 +769,7 @@ class ModelFamily:
 
     model_type: str
     names: TensorNames
-    read_moe: Callable[[_Config], MoEArchitecture]
+    read_moe: Callable[[ConfigReader], MoEArchitecture]
     synthetic_config: Callable[[dict, int, int, int, int], dict]
     aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     rope_theta: float = 1e4
@@ -624,12 +779,16 @@ class ModelFamily:
     qk_norm: bool = False
     sinks: bool = False
     attention_bias: tuple[str, ...] = ()
-    rope_pairs: Callable[[Mapping[str, Any]], bool] = lambda config: False
-    layer_types: Callable[[Mapping[str, Any], int], Any] = _configured_layer_types
+    rope_pairs: Callable[[ConfigReader], bool] = lambda c: False
+    layer_types: Callable[[ConfigReader, int], Any] = _configured_layer_types
+
+    def reader(self, config: Mapping[str, Any]) -> ConfigReader:
+        """Typed access to ``config`` (a config.json dict of this family), every spelling in :attr:`aliases`."""
+        return ConfigReader(config, self.aliases)
 
     def moe_architecture(self, config: Mapping[str, Any]) -> MoEArchitecture:
         """The MoE part of ``config`` (a config.json dict of this family)."""
-        return self.read_moe(_Config(config, self.aliases))
+        return self.read_moe(self.reader(config))
 
 
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -671,7 +830,7 @@ FAMILIES: dict[str, ModelFamily] = {
             _synthetic_deepseek(v3=False),
             aliases={"n_routed_experts": ("num_experts",)},
             attention="mla",
-            rope_pairs=lambda config: True,
+            rope_pairs=lambda c: True,
             layer_types=_no_sliding,
         ),
         ModelFamily(
@@ -681,7 +840,7 @@ FAMILIES: dict[str, ModelFamily] = {
             _synthetic_deepseek(v3=True),
             aliases={"n_routed_experts": ("num_local_experts",)},
             attention="mla",
-            rope_pairs=lambda config: config.get("rope_interleave", True),
+            rope_pairs=lambda c: c.flag("rope_interleave", True),
             layer_types=_no_sliding,
         ),
         ModelFamily(

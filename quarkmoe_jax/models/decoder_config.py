@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from quarkmoe_jax.checkpoint.architectures import NO_SLIDING, ModelFamily, MoEArchitecture, family_of
+from quarkmoe_jax.checkpoint.architectures import (
+    MAX_ACTIVATION_SCALE,
+    NO_SLIDING,
+    ConfigReader,
+    ModelFamily,
+    MoEArchitecture,
+    family_of,
+)
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 
 __all__ = ["DecoderConfig", "RopeConfig", "MLAConfig"]
@@ -125,102 +132,94 @@ class DecoderConfig:
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> DecoderConfig:
-        """Parse ``config.json``; a missing or malformed key raises :class:`CheckpointError` naming it."""
+        """Parse ``config.json``; a missing, mistyped, non-finite, out-of-range or inconsistent field raises one
+        :class:`CheckpointError` naming the key, the value and what is allowed (limits: docs/models.md)."""
         family = family_of(config)  # names an unsupported model_type
-        moe = family.moe_architecture(config)
+        moe = family.moe_architecture(config)  # the layer count, sizes and routing, checked there
         model_type = family.model_type
-
-        def get(key, default=..., kind=int):
-            value = config.get(key)
-            if value is None:
-                if default is ...:
-                    raise CheckpointError(f"config.json: missing key {key!r} for model_type {model_type!r}")
-                return default
-            if kind is int and isinstance(value, float) and value.is_integer():
-                value = int(value)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise CheckpointError(f"config.json: {key} = {value!r} is not a valid {kind.__name__}")
-            if kind in (int, float) and value <= 0 and key not in ("eos_token_id",):
-                raise CheckpointError(f"config.json: {key} = {value!r} must be positive")
-            return value
-
-        # read once, by the family's reader (both transformers spellings); the decoder adds that they be positive
+        c = family.reader(config)
         num_layers, hidden = moe.num_layers, moe.hidden_size
-        for key, value in (("num_hidden_layers", num_layers), ("hidden_size", hidden)):
-            if value <= 0:
-                raise CheckpointError(f"config.json: {key} = {value!r} must be positive")
-        heads = get("num_attention_heads")
+        vocab = c.integer("vocab_size")
+        heads = c.integer("num_attention_heads")
         mla_model = family.attention == "mla"  # latent attention: num_key_value_heads unused
-        kv_heads = heads if mla_model else get("num_key_value_heads", heads)
+        kv_heads = heads if mla_model else c.integer("num_key_value_heads", heads, maximum=heads)
         if heads % kv_heads:
             raise CheckpointError(
                 f"config.json: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}"
             )
-        head_dim = get("head_dim", hidden // heads)
+        head_dim = c.integer("head_dim", hidden // heads)
+        if head_dim < 1:
+            raise CheckpointError(
+                f"config.json: hidden_size = {hidden} over num_attention_heads = {heads} leaves no head_dim "
+                "(set head_dim)"
+            )
         mla = None
         if mla_model:
             mla = MLAConfig(
-                q_lora_rank=get("q_lora_rank", None),
-                kv_lora_rank=get("kv_lora_rank"),
-                qk_nope_head_dim=get("qk_nope_head_dim"),
-                qk_rope_head_dim=get("qk_rope_head_dim"),
-                v_head_dim=get("v_head_dim"),
+                q_lora_rank=c.integer("q_lora_rank", None),
+                kv_lora_rank=c.integer("kv_lora_rank"),
+                qk_nope_head_dim=c.integer("qk_nope_head_dim"),
+                qk_rope_head_dim=c.integer("qk_rope_head_dim"),
+                v_head_dim=c.integer("v_head_dim"),
             )
             head_dim = mla.qk_head_dim
-        rope = _rope_config(config, family, mla.qk_rope_head_dim if mla else head_dim)
+        max_positions = c.integer("max_position_embeddings", None)
+        rope = _rope_config(c, family, mla.qk_rope_head_dim if mla else head_dim, max_positions)
         scale = head_dim**-0.5
         if mla is not None and rope.kind != "default":
-            mscale_all_dim = _rope_parameters(config, family).get("mscale_all_dim") or 0
-            if mscale_all_dim:
-                m = _yarn_mscale(rope.factor, float(mscale_all_dim))
-                scale = scale * m * m
-        windows = _sliding_windows(config, family, num_layers, get)
-        dense = config.get("intermediate_size") if moe.moe_layers != tuple(range(num_layers)) else None
-        if dense is not None:
-            dense = get("intermediate_size")
-        elif moe.moe_layers != tuple(range(num_layers)):
-            raise CheckpointError(
-                f"config.json: missing key 'intermediate_size' (the dense MLP of layers "
-                f"{[i for i in range(num_layers) if i not in moe.moe_layers]})"
+            mscale_all_dim = _rope_reader(c, family).number(
+                "mscale_all_dim", 0.0, above=None, minimum=0.0, maximum=MAX_ACTIVATION_SCALE
             )
+            if mscale_all_dim:
+                m = _yarn_mscale(rope.factor, mscale_all_dim)
+                scale = scale * m * m
+        windows = _sliding_windows(c, family, num_layers)
+        dense = None
+        if moe.moe_layers != tuple(range(num_layers)):
+            if not c.has("intermediate_size"):
+                raise CheckpointError(
+                    f"config.json: missing key 'intermediate_size' (the dense MLP of layers "
+                    f"{[i for i in range(num_layers) if i not in moe.moe_layers]})"
+                )
+            dense = c.integer("intermediate_size")
         dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
         if not isinstance(dtype_name, str) or dtype_name.removeprefix("torch.") not in _DTYPES:
             raise CheckpointError(f"config.json: dtype {dtype_name!r} is not one of {list(MODEL_DTYPES)}")
-        eos = config.get("eos_token_id")
+        eos = c.raw("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
-            raise CheckpointError(f"config.json: eos_token_id = {eos!r} is not an integer or a list of integers")
+        if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab for e in eos_ids):
+            raise CheckpointError(
+                f"config.json: eos_token_id = {eos!r} must be a token id in [0, {vocab}) or a list of them"
+            )
         return cls(
             model_type=model_type,
-            vocab_size=get("vocab_size"),
+            vocab_size=vocab,
             hidden_size=hidden,
             num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=get("rms_norm_eps", family.rms_norm_eps, float),
+            rms_norm_eps=c.number("rms_norm_eps", family.rms_norm_eps, maximum=1.0),
             rope=rope,
             attention_scale=scale,
             sliding_windows=windows,
             dense_intermediate_size=dense,
             moe=moe,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=c.flag("tie_word_embeddings", False),
             qk_norm=family.qk_norm,
             sinks=family.sinks,
             mla=mla,
             dtype=_DTYPES[dtype_name.removeprefix("torch.")],
             eos_token_ids=eos_ids,
-            max_position_embeddings=config.get("max_position_embeddings"),
+            max_position_embeddings=max_positions,
         )
 
 
-def _rope_parameters(config: dict[str, Any], family: ModelFamily) -> dict[str, Any]:
-    params = config.get("rope_parameters") or config.get("rope_scaling") or family.default_rope or {}
-    if not isinstance(params, dict):
-        raise CheckpointError(f"config.json: rope_parameters = {params!r} is not an object")
-    if any(isinstance(v, dict) for v in params.values()):
+def _rope_reader(c: ConfigReader, family: ModelFamily) -> ConfigReader:
+    """The rope parameters (``rope_parameters``, 4.x ``rope_scaling``, else the family's default)."""
+    key = "rope_parameters" if c.has("rope_parameters") else "rope_scaling"
+    params = c.nested(key) or ConfigReader(family.default_rope or {}, prefix="rope_parameters.")
+    if any(isinstance(v, dict) for v in params.config.values()):
         raise CheckpointError("config.json: rope_parameters per layer type are not supported (one set for all layers)")
     return params
 
@@ -229,67 +228,81 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _rope_config(config, family: ModelFamily, dim: int) -> RopeConfig:
-    params = _rope_parameters(config, family)
-    theta = params.get("rope_theta", config.get("rope_theta", family.rope_theta))
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 1:
-        raise CheckpointError(f"config.json: rope_theta = {theta!r} must be a number > 1")
-    kind = params.get("rope_type", params.get("type", "default"))
-    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial not in (1, 1.0):
-        raise CheckpointError(f"config.json: partial_rotary_factor = {partial!r} is not supported (1.0 only)")
-    pairs = family.rope_pairs(config)
-    if kind == "default":
-        return RopeConfig(dim=dim, theta=float(theta), pairs=bool(pairs))
-    if kind != "yarn":
+def _rope_config(c: ConfigReader, family: ModelFamily, dim: int, max_positions: int | None) -> RopeConfig:
+    if dim % 2:
+        raise CheckpointError(f"config.json: the rotary dimension {dim} (the head's rope channels) must be even")
+    params = _rope_reader(c, family)
+    if params.has("rope_theta"):
+        theta = params.number("rope_theta", above=1.0)
+    else:
+        theta = c.number("rope_theta", family.rope_theta, above=1.0)
+    kind = params.raw("rope_type", params.raw("type", "default"))
+    if kind not in ("default", "yarn"):
         raise CheckpointError(
             f"config.json: rope type {kind!r} is not supported for {family.model_type} (supported: default, yarn)"
         )
-    max_positions = config.get("max_position_embeddings")
-    original = params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
-    original = original or max_positions
-    if not isinstance(original, int) or original <= 0:
+    reader = params if params.has("partial_rotary_factor") else c
+    partial = reader.number("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise CheckpointError(f"config.json: partial_rotary_factor = {partial!r} is not supported (1.0 only)")
+    pairs = family.rope_pairs(c)
+    if kind == "default":
+        return RopeConfig(dim=dim, theta=theta, pairs=pairs)
+    original_key = "original_max_position_embeddings"
+    if params.has(original_key):
+        original = params.integer(original_key)
+    else:
+        original = c.integer(original_key, max_positions)
+    if original is None:
         raise CheckpointError("config.json: yarn rope needs original_max_position_embeddings (a positive integer)")
-    factor = params.get("factor")
-    if factor is None:
-        if not isinstance(max_positions, int):
-            raise CheckpointError("config.json: yarn rope without 'factor' needs max_position_embeddings")
+    if params.has("factor"):
+        factor = params.number("factor", above=None, minimum=1.0)  # transformers: >= 1 (0 < factor < 1 would
+        # raise the interpolated frequencies above 1 rad/token and overflow position * frequency in float32)
+    elif max_positions is None:
+        raise CheckpointError("config.json: yarn rope without 'factor' needs max_position_embeddings")
+    else:
         factor = max_positions / original
-    if not isinstance(factor, (int, float)) or factor <= 0:
-        raise CheckpointError(f"config.json: rope factor = {factor!r} must be a positive number")
-    attention_factor = params.get("attention_factor")
+        if factor < 1:
+            raise CheckpointError(
+                f"config.json: yarn rope without 'factor' takes max_position_embeddings / "
+                f"original_max_position_embeddings = {max_positions} / {original}, which must be >= 1"
+            )
+    attention_factor = params.number("attention_factor", None, maximum=MAX_ACTIVATION_SCALE)
     if attention_factor is None:
-        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        mscale = params.number("mscale", 0.0, above=None, minimum=0.0, maximum=MAX_ACTIVATION_SCALE)
+        mscale_all_dim = params.number("mscale_all_dim", 0.0, above=None, minimum=0.0, maximum=MAX_ACTIVATION_SCALE)
         if mscale and mscale_all_dim:
             attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
         else:
             attention_factor = _yarn_mscale(factor)
     return RopeConfig(
         dim=dim,
-        theta=float(theta),
+        theta=theta,
         kind="yarn",
-        factor=float(factor),
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        original_max_positions=int(original),
-        truncate=bool(params.get("truncate", True)),
-        attention_factor=float(attention_factor),
-        pairs=bool(pairs),
+        factor=factor,
+        beta_fast=params.number("beta_fast", 32.0),
+        beta_slow=params.number("beta_slow", 1.0),
+        original_max_positions=original,
+        truncate=params.flag("truncate", True),
+        attention_factor=attention_factor,
+        pairs=pairs,
     )
 
 
-def _sliding_windows(config, family: ModelFamily, num_layers: int, get) -> tuple[int | None, ...]:
-    window = config.get("sliding_window")
-    layer_types = family.layer_types(config, num_layers)
+def _sliding_windows(c: ConfigReader, family: ModelFamily, num_layers: int) -> tuple[int | None, ...]:
+    layer_types = family.layer_types(c, num_layers)
     if layer_types is NO_SLIDING:
         return (None,) * num_layers
     if layer_types is None:
-        return ((get("sliding_window") if window else None),) * num_layers
+        return ((c.integer("sliding_window") if c.has("sliding_window") else None),) * num_layers
     if not isinstance(layer_types, list) or len(layer_types) != num_layers:
-        raise CheckpointError(f"config.json: layer_types must list {num_layers} layer types, found {layer_types!r}")
-    unknown = sorted({t for t in layer_types if t not in ("sliding_attention", "full_attention")})
+        shown = repr(layer_types)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise CheckpointError(f"config.json: layer_types must list {num_layers} layer types, found {shown}")
+    unknown = sorted({repr(t) for t in layer_types if t not in ("sliding_attention", "full_attention")})
     if unknown:
-        raise CheckpointError(f"config.json: layer_types {unknown} not supported (sliding_attention, full_attention)")
-    if "sliding_attention" in layer_types:
-        window = get("sliding_window")
+        raise CheckpointError(
+            f"config.json: layer_types {unknown[:4]} not supported (sliding_attention, full_attention)"
+        )
+    window = c.integer("sliding_window") if "sliding_attention" in layer_types else None
     return tuple(window if t == "sliding_attention" else None for t in layer_types)

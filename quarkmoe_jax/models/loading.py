@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quarkmoe_jax.checkpoint.architectures import SUFFIXES
+from quarkmoe_jax.checkpoint.architectures import SUFFIXES, check_layers_present
 from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
 from quarkmoe_jax.contracts import check_semantics
@@ -60,6 +60,7 @@ def from_pretrained(
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     quark = QuarkConfig.from_hf_config(hf_config) if "quantization_config" in hf_config else None
     with CheckpointReader(path) as reader:
+        check_layers_present(reader, config.num_layers)
         tensors = _Tensors(reader, quark, semantics, dtype)
         h, v = config.hidden_size, config.vocab_size
         embed = tensors.float("model.embed_tokens.weight", (v, h))

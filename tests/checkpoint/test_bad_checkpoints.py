@@ -578,7 +578,7 @@ def test_missing_required_config_key(bad):
 
 def test_config_key_of_the_wrong_type(bad):
     path = bad(config=lambda c: c.update(num_local_experts="four"))
-    refuse(path, CheckpointError, r"config\.json: num_local_experts = 'four' is not an integer")
+    refuse(path, CheckpointError, r"config\.json: num_local_experts = 'four' must be an integer in \[1, ")
 
 
 def test_config_with_more_experts_than_the_checkpoint(bad):
