@@ -289,13 +289,20 @@ def demo_layer_rows(tmp_dir, tokens: int = 64, seed: int = 0, schemes=None) -> l
 
 
 def parse_prompt_ids(text: str) -> np.ndarray:
-    """``"1,2,3"`` -> int32 ``[1, 3]``; anything else is a ValueError naming ``--prompt-ids``."""
+    """``"1,2,3"`` -> int32 ``[1, 3]``; anything else (not integers, none, an id outside ``[0, 2**31)``) is an
+    :class:`~quarkmoe_jax.errors.InputError` naming ``--prompt-ids``. The vocabulary is the model's to check."""
+    from quarkmoe_jax.errors import InputError
+
     try:
         ids = [int(part) for part in text.replace(" ", "").split(",") if part != ""]
     except ValueError:
-        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+        raise InputError(f"--prompt-ids {text[:60]!r}: expected comma-separated token ids, e.g. 1,2,3") from None
     if not ids:
-        raise ValueError("--prompt-ids: no token ids given")
+        raise InputError("--prompt-ids: no token ids given")
+    bad = next((i for i in ids if not 0 <= i < 2**31), None)
+    if bad is not None:
+        shown = str(bad) if len(str(bad)) <= 30 else f"{str(bad)[:27]}..."
+        raise InputError(f"--prompt-ids: {shown} is not a token id (ids are in [0, vocab))")
     return np.asarray([ids], np.int32)
 
 
@@ -338,31 +345,49 @@ def load_tokenizer(checkpoint: str, needed: bool):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from quarkmoe_jax.models import from_pretrained
+    from quarkmoe_jax.checkpoint.loader import read_hf_config
+    from quarkmoe_jax.errors import InputError
+    from quarkmoe_jax.models import DecoderConfig, from_pretrained, inputs
 
+    # every argument is checked against config.json before the weights are read or a cache is allocated
+    config = DecoderConfig.from_hf_config(read_hf_config(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, needed=args.prompt is not None)
     if args.prompt is not None:
-        ids = np.asarray([tokenizer.encode(args.prompt).ids], np.int32)
+        ids = np.asarray([tokenizer.encode(args.prompt).ids], np.int64)
         if ids.size == 0:
-            raise ValueError(f"--prompt {args.prompt!r}: the tokenizer gives no tokens")
+            raise InputError(f"--prompt {args.prompt[:60]!r}: the tokenizer gives no tokens")
     else:
         ids = parse_prompt_ids(args.prompt_ids)
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    dtype = None if args.dtype == "auto" else jnp.dtype(args.dtype)
-    model = from_pretrained(args.checkpoint, semantics=args.semantics, dtype=dtype, backend=args.backend)
-    key = jax.random.key(args.seed) if args.temperature > 0 else None
+    dtype = jnp.dtype(config.dtype if args.dtype == "auto" else args.dtype)
+    seed = inputs.check_seed(args.seed)
+    temperature, top_p = inputs.check_sampling(args.temperature, args.top_p)
+    key = jax.random.key(seed) if temperature > 0 else None
+    request = inputs.check_generation(
+        config,
+        ids,
+        args.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        key=key,
+        max_model_len=args.max_model_len,
+        dtype=dtype,
+    )
+    model = from_pretrained(
+        args.checkpoint, semantics=args.semantics, dtype=dtype, backend=args.backend, max_model_len=args.max_model_len
+    )
     start = time.perf_counter()
-    out = model.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, key=key)
+    out = model.generate(request.input_ids, request.max_new_tokens, temperature=temperature, top_p=top_p, key=key)
     elapsed = time.perf_counter() - start
     new = out[0, ids.shape[1] :].tolist()
+    batch = ids.shape[0]
+    backend = backend_run(args.backend, model, (batch * request.prompt_bucket, batch), model.dtype)
     if tokenizer is not None:
         print(tokenizer.decode(out[0].tolist()))
     print(f"prompt ids: {ids[0].tolist()}")
     print(f"new ids:    {new}")
     print(
         f"({len(new)} tokens in {elapsed:.2f} s, compile included; {model.config.model_type}, "
-        f"dtype {model.dtype.name}, semantics {args.semantics}, backend {args.backend})",
+        f"dtype {model.dtype.name}, semantics {args.semantics}, backend {backend})",
         file=sys.stderr,
     )
     return 0
@@ -377,11 +402,47 @@ def cmd_run_layer(args: argparse.Namespace) -> int:
     block = QuarkMoEBlock.from_checkpoint(args.checkpoint, args.layer, semantics=args.semantics)
     y = block(jnp.asarray(x, jnp.dtype(args.dtype)), backend=args.backend)
     np.save(args.output, np.asarray(y, np.float32))
+    backend = backend_run(args.backend, block, (x.shape[0],), jnp.dtype(args.dtype))
     print(
         f"{args.output}: [{y.shape[0]}, {y.shape[1]}] ({args.dtype} values, saved as float32); "
-        f"scheme {block.experts.quant_config.scheme}, semantics {args.semantics}, backend {args.backend}"
+        f"scheme {block.experts.quant_config.scheme}, semantics {args.semantics}, backend {backend}"
     )
     return 0
+
+
+def backend_run(requested: str, module, token_counts, dtype) -> str:
+    """The MoE backend that ran in ``module`` (a model or a block) for calls of ``token_counts`` rows of
+    ``dtype``: ``requested`` itself, or for "auto" what auto picks for each expert module at each count (as
+    ``moe.op.moe_experts`` does: the first of :func:`~quarkmoe_jax.moe.op.auto_order` whose trace does not
+    raise ``NotImplementedError``; on CPU the emulation), e.g. ``"emulation (auto)"``."""
+    import functools
+
+    from flax import nnx
+
+    from quarkmoe_jax.moe import op
+    from quarkmoe_jax.nn import QuarkMoE
+
+    if requested != "auto":
+        return requested
+    picked: dict[tuple, str] = {}
+    experts = [m for _, m in nnx.iter_modules(module) if isinstance(m, QuarkMoE)]
+    for experts_module in experts:
+        for rows in token_counts:
+            case = (experts_module.quant_config, experts_module.shape, rows)
+            if case in picked:
+                continue
+            order = op.auto_order(experts_module.quant_config, rows)
+            picked[case] = order[-1]
+            x = jax.ShapeDtypeStruct((rows, experts_module.shape.hidden_size), dtype)
+            weights, ids = jax.ShapeDtypeStruct((rows, 1), jnp.float32), jax.ShapeDtypeStruct((rows, 1), jnp.int32)
+            for name in order[:-1]:  # the last one (the emulation) takes everything
+                try:
+                    jax.eval_shape(functools.partial(experts_module.apply, backend=name), x, weights, ids)
+                except NotImplementedError:
+                    continue
+                picked[case] = name
+                break
+    return ", ".join(dict.fromkeys(picked.values())) + " (auto)"
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -590,7 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate at most")
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
-    generate.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling")
+    generate.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling, in int64's range")
+    generate.add_argument(
+        "--max-model-len",
+        type=int,
+        help="most positions of prompt + new tokens (default: the config's max_position_embeddings, else 2048)",
+    )
     generate.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: config's")
     generate.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="MoE kernel backend")
     generate.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")

@@ -21,6 +21,7 @@ from quarkmoe_jax.checkpoint.loader import load_dense_mlp, read_hf_config
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader
 from quarkmoe_jax.contracts import check_semantics
 from quarkmoe_jax.models.decoder_config import MODEL_DTYPES, DecoderConfig
+from quarkmoe_jax.models.inputs import positive_int
 from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
 from quarkmoe_jax.moe.op import BACKENDS
@@ -33,7 +34,12 @@ __all__ = ["from_pretrained"]
 
 
 def from_pretrained(
-    path: str | pathlib.Path, *, semantics: str = "vllm", dtype=None, backend: str = "auto"
+    path: str | pathlib.Path,
+    *,
+    semantics: str = "vllm",
+    dtype=None,
+    backend: str = "auto",
+    max_model_len: int | None = None,
 ) -> QuarkMoEForCausalLM:
     """The model of a Hugging Face / Quark checkpoint folder (``config.json`` + safetensors).
 
@@ -44,11 +50,15 @@ def from_pretrained(
       dtype: the activation dtype and that of the float weights (default: the config's ``dtype`` /
         ``torch_dtype``, else float32).
       backend: the MoE backend of every MoE layer ("auto": the fastest measured here; the emulation on CPU).
+      max_model_len: the most positions a sequence may have (prompt + generated tokens); default the config's
+        ``max_position_embeddings`` (docs/models.md, "Limits").
 
     Returns:
       :class:`QuarkMoEForCausalLM`; ``model(input_ids)`` gives float32 logits ``[B, T, vocab]``.
     """
     check_semantics(semantics)
+    if max_model_len is not None:
+        positive_int(max_model_len, "max_model_len")  # before the weights are read
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
     hf_config = read_hf_config(path)
@@ -94,7 +104,9 @@ def from_pretrained(
         elif jax.default_backend() == "gpu":
             mlp.prepare_for_kernels(backend)
         decoder_layers.append(DecoderLayer(norm1, attn, norm2, mlp))
-    return QuarkMoEForCausalLM(config, embed, decoder_layers, norm, lm_head, dtype=dtype, backend=backend)
+    return QuarkMoEForCausalLM(
+        config, embed, decoder_layers, norm, lm_head, dtype=dtype, backend=backend, max_model_len=max_model_len
+    )
 
 
 def _attention(tensors: _Tensors, config: DecoderConfig, layer: int, prefix: str):

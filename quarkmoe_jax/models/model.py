@@ -8,6 +8,9 @@ sinks, biases and sliding layers, DeepSeek's latent attention, which layers are 
 Shapes: ``input_ids`` int32 ``[B, T]``; hidden states ``[B, T, H]`` in the model's ``dtype``; logits float32
 ``[B, T, vocab]``. The KV cache (:meth:`QuarkMoEForCausalLM.init_cache`) is a list with one dict per layer of
 static-shape arrays ``[B, S, ...]`` written at positions ``start .. start + T - 1``.
+
+What a caller passes is checked before anything is allocated (:mod:`quarkmoe_jax.models.inputs`); a refusal is
+an :class:`~quarkmoe_jax.errors.InputError`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from quarkmoe_jax.errors import InputError
+from quarkmoe_jax.models import inputs
 from quarkmoe_jax.models.decoder_config import DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm, apply_rope, attention, rope_tables
 from quarkmoe_jax.moe.buckets import token_bucket
@@ -177,7 +182,8 @@ class QuarkMoEForCausalLM(nnx.Module):
 
     Attributes: ``embed_tokens`` ``nnx.Param [V, H]`` (``dtype``), ``layers`` (``nnx.List`` of
     :class:`DecoderLayer`), ``norm`` (:class:`RMSNorm`), ``lm_head`` (:class:`Linear` ``[V, H]``, or None when
-    tied to the embeddings). Static: ``config`` (:class:`DecoderConfig`), ``dtype``, ``backend``.
+    tied to the embeddings). Static: ``config`` (:class:`DecoderConfig`), ``dtype``, ``backend``,
+    ``max_model_len`` (None: the context is the config's ``max_position_embeddings``; see :attr:`context`).
     """
 
     def __init__(
@@ -190,10 +196,12 @@ class QuarkMoEForCausalLM(nnx.Module):
         *,
         dtype=jnp.float32,
         backend: str = "auto",
+        max_model_len: int | None = None,
     ):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.backend = backend
+        self.max_model_len = None if max_model_len is None else inputs.positive_int(max_model_len, "max_model_len")
         self.embed_tokens = nnx.Param(jnp.asarray(embed_tokens, dtype))
         self.layers = nnx.List(layers)
         self.norm = norm
@@ -203,10 +211,28 @@ class QuarkMoEForCausalLM(nnx.Module):
 
     # ---------------------------------------------------------------------------------------------- forward
 
+    @property
+    def context(self) -> inputs.Context:
+        """The most positions a sequence may have: ``max_model_len`` if set, else the config's
+        ``max_position_embeddings``, else :data:`~quarkmoe_jax.models.inputs.DEFAULT_CONTEXT`."""
+        return inputs.context_of(self.config, self.max_model_len)
+
     def init_cache(self, batch: int, length: int, dtype=None) -> list[dict[str, jax.Array]]:
-        """An empty KV cache for ``batch`` sequences of up to ``length`` positions (``dtype``: the model's)."""
-        dtype = dtype or self.dtype
+        """An empty KV cache for ``batch`` sequences of up to ``length`` positions (``dtype``: the model's, or
+        a float dtype). ``batch`` and ``length`` are positive integers; a cache larger than the device's
+        memory is refused before it is allocated (:class:`InputError`)."""
+        batch, length = inputs.positive_int(batch, "batch"), inputs.positive_int(length, "length")
+        dtype = jnp.dtype(dtype or self.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise InputError(f"dtype of a KV cache must be a float dtype, got {dtype}")
+        inputs.check_cache_size(self.config, batch, length, dtype)
+        return self._allocate_cache(batch, length, dtype)
+
+    def _allocate_cache(self, batch: int, length: int, dtype) -> list[dict[str, jax.Array]]:
         return [layer.self_attn.init_cache(batch, length, dtype) for layer in self.layers]
+
+    def _expected_cache(self, batch: int, length: int, dtype) -> list[dict[str, jax.ShapeDtypeStruct]]:
+        return jax.eval_shape(lambda: [layer.self_attn.init_cache(batch, length, dtype) for layer in self.layers])
 
     def hidden_states(self, input_ids, *, cache=None, start=0, valid=None):
         """The final-norm hidden states ``[B, T, H]`` and the updated cache (None without one).
@@ -216,7 +242,7 @@ class QuarkMoEForCausalLM(nnx.Module):
         """
         ids = jnp.asarray(input_ids)
         if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"input_ids must be an integer array [B, T], got {ids.dtype} {tuple(ids.shape)}")
+            raise InputError(f"input_ids must be an integer array [B, T], got {ids.dtype} {tuple(ids.shape)}")
         t = ids.shape[1]
         positions = jnp.asarray(start, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
         cos, sin = rope_tables(
@@ -239,20 +265,26 @@ class QuarkMoEForCausalLM(nnx.Module):
         return jnp.dot(hidden, w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, *, cache=None, start=0):
-        """Logits float32 ``[B, T, V]`` of ``input_ids`` int32 ``[B, T]``; with a ``cache``, ``(logits, cache)``.
+        """Logits float32 ``[B, T, V]`` of ``input_ids`` integer ``[B, T]``; with a ``cache``, ``(logits, cache)``.
+
+        ``input_ids``: B >= 1 sequences of 1 <= T <= :attr:`context` tokens, each in ``[0, vocab)``. ``cache``:
+        what :meth:`init_cache` ``(B, S)`` returned (or a previous call), ``start``: the position of
+        ``input_ids[:, 0]``, an integer with ``0 <= start`` and ``start + T <= min(S, context)``. Anything else
+        raises :class:`InputError` before the forward runs. Inside ``jit`` only shapes and dtypes are checked
+        (a traced ``start`` or traced ids cannot be: out-of-range values there are the caller's to avoid).
 
         Called eagerly (outside ``jit``) without a cache, the forward runs as one compiled program per
         (B, token bucket): T is padded to the bucket (1, 2, 4, ..., as the MoE layers bucket tokens).
         """
+        ids = inputs.check_input_ids(input_ids, self.config.vocab_size, self.context)
         if cache is not None:
-            hidden, cache = self.hidden_states(input_ids, cache=cache, start=start)
+            batch, t = ids.shape
+            length = inputs.check_cache(cache, batch, len(self.layers), self._expected_cache)
+            inputs.check_start(start, t, length, self.context)
+            hidden, cache = self.hidden_states(ids, cache=list(cache), start=start)
             return self.logits(hidden), cache
-        if isinstance(input_ids, jax.core.Tracer):
-            return self.logits(self.hidden_states(input_ids)[0])
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.dtype.kind not in "iu":
-            raise ValueError(f"input_ids must be an integer array [B, T], got {ids.dtype} {tuple(ids.shape)}")
-        _check_ids(ids, self.config.vocab_size)
+        if isinstance(ids, jax.core.Tracer):
+            return self.logits(self.hidden_states(ids)[0])
         t = ids.shape[1]
         bucket = token_bucket(t)
         padded = np.zeros((ids.shape[0], bucket), np.int32)
@@ -273,7 +305,7 @@ class QuarkMoEForCausalLM(nnx.Module):
         key: jax.Array | None = None,
         eos_token_id: int | list[int] | None = None,
     ) -> np.ndarray:
-        """Extend ``input_ids`` int32 ``[B, T]`` by up to ``max_new_tokens`` tokens with a KV cache.
+        """Extend ``input_ids`` integer ``[B, T]`` by up to ``max_new_tokens`` tokens with a KV cache.
 
         ``temperature`` 0: greedy (argmax); otherwise sample from ``softmax(logits / temperature)`` restricted to
         the smallest set of tokens whose probability reaches ``top_p`` (``key`` required: an explicit
@@ -281,35 +313,40 @@ class QuarkMoEForCausalLM(nnx.Module):
         afterwards; generation ends early once every row has stopped (default: the config's
         ``eos_token_id``; pass ``[]`` to never stop).
 
+        Checked before anything is allocated (:func:`~quarkmoe_jax.models.inputs.check_generation`; a refusal
+        is an :class:`InputError`): ``input_ids`` B >= 1 rows of T >= 1 ids in ``[0, vocab)``;
+        ``max_new_tokens`` an integer >= 0 with ``T + max_new_tokens <= context`` (:attr:`context`);
+        ``temperature`` 0 or a positive normal float32, ``top_p`` in ``(0, 1]``, both finite numbers; ``key`` one
+        PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``); ``eos_token_id`` ids in
+        ``[0, vocab)``; the KV cache within the device's memory.
+
         Compiles one prefill per (B, prompt bucket) and one decode step per (B, cache length); the cache
         length is ``token_bucket(max(bucket, T + max_new_tokens))``. Returns int32 ``[B, T + n]`` (host
         array), ``n <= max_new_tokens``.
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be a non-empty integer array [B, T], got {ids.dtype} {ids.shape}")
-        _check_ids(ids, self.config.vocab_size)
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        greedy = temperature == 0
-        if not greedy:
-            if not temperature > 0 or not 0 < top_p <= 1:
-                raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
-            if key is None:
-                raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: key=jax.random.key(seed)")
-        eos = self.config.eos_token_ids if eos_token_id is None else eos_token_id
-        eos = np.asarray([eos] if isinstance(eos, (int, np.integer)) else list(eos), np.int32)
+        request = inputs.check_generation(
+            self.config,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            key=key,
+            eos_token_id=eos_token_id,
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+        )
+        ids, max_new_tokens, eos = request.input_ids, request.max_new_tokens, request.eos_token_ids
+        greedy = request.greedy
         b, t = ids.shape
         if max_new_tokens == 0:
-            return ids.astype(np.int32)
-        bucket = token_bucket(t)
-        length = token_bucket(max(bucket, t + max_new_tokens))
+            return ids
+        bucket = request.prompt_bucket
         padded = np.zeros((b, bucket), np.int32)
         padded[:, :t] = ids
         graphdef, state = nnx.split(self)
-        cache = self.init_cache(b, length)
-        key = jax.random.key(0) if key is None else key
-        params = (jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p))
+        cache = self._allocate_cache(b, request.cache_length, self.dtype)
+        key = jax.random.key(0) if request.key is None else request.key
+        params = (jnp.float32(1.0 if greedy else request.temperature), jnp.float32(request.top_p))
         key, step_key = jax.random.split(key)
         token, cache = _prefill(
             graphdef, state, jax.device_put(padded), jnp.int32(t), cache, step_key, *params, greedy=greedy
@@ -327,7 +364,7 @@ class QuarkMoEForCausalLM(nnx.Module):
             new = np.where(done, out[-1], new) if eos.size else new
             out.append(new)
             done |= np.isin(new, eos)
-        return np.concatenate([ids.astype(np.int32), np.stack(out, axis=1)], axis=1)
+        return np.concatenate([ids, np.stack(out, axis=1)], axis=1)
 
     def __repr__(self) -> str:
         c = self.config
@@ -337,20 +374,21 @@ class QuarkMoEForCausalLM(nnx.Module):
         )
 
 
-def _check_ids(ids: np.ndarray, vocab: int) -> None:
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        raise ValueError(f"input_ids must be in [0, {vocab}), found values in [{ids.min()}, {ids.max()}]")
-
-
 def sample_tokens(logits, key, temperature, top_p, *, greedy: bool):
-    """int32 ``[B]`` tokens from float32 ``logits [B, V]``: argmax (``greedy``) or nucleus sampling."""
+    """int32 ``[B]`` tokens from float32 ``logits [B, V]``: argmax (``greedy``) or nucleus sampling.
+
+    ``temperature`` > 0 and ``top_p`` in ``(0, 1]`` (float32 scalars). The most likely token is always kept,
+    so a ``top_p`` that rounds to 0 is greedy."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / temperature
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    # relative to the best logit, so that a tiny temperature gives -inf, never inf - inf = NaN
+    sorted_logits = (sorted_logits - sorted_logits[:, :1]) / temperature
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the better tokens
-    kept = jnp.where(before < top_p, sorted_logits, -jnp.inf)
+    best = jnp.arange(logits.shape[-1]) == 0
+    kept = jnp.where((before < top_p) | best, sorted_logits, -jnp.inf)
     choice = jax.random.categorical(key, kept, axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 

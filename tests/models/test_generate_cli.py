@@ -54,6 +54,7 @@ def test_prompt_ids_and_reproducible_sampling(checkpoint, capsys):
     first, again = run(capsys, *args), run(capsys, *args)
     assert first[0] == 0 and first[1] == again[1]
     assert "prompt ids: [1, 2, 3]" in first[1]
+    assert "backend emulation (auto)" in first[2]  # what "auto" ran, not "auto"
 
 
 @pytest.mark.parametrize(
@@ -128,3 +129,90 @@ def test_config_and_tokenizer_that_lead_out_of_the_folder_are_refused(tmp_path, 
         f.truncate(cli.MAX_TOKENIZER_BYTES + 1)  # sparse: no 64 MiB written
     code, _, err = run(capsys, folder, "--prompt", "w1 w2", "--max-new-tokens", 1)
     assert code == 2 and f"expected a tokenizer.json of at most {cli.MAX_TOKENIZER_BYTES}" in err
+
+
+def test_run_layer_prints_the_backend_that_ran(checkpoint, tmp_path, capsys, monkeypatch):
+    from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS
+    from quarkmoe_jax.moe import op
+    from quarkmoe_jax.nn import QuarkMoEBlock
+
+    np.save(tmp_path / "x.npy", np.ones((3, 64), np.float32))
+    argv = ["run-layer", str(checkpoint), "--layer", "0", "--input", str(tmp_path / "x.npy"), "--output"]
+    assert cli.main([*argv, str(tmp_path / "y.npy")]) == 0
+    assert capsys.readouterr().out.strip().endswith("backend emulation (auto)")  # auto on CPU
+    # "auto" takes the first backend of its order whose trace accepts the call (on a GPU, a kernel backend)
+    block = QuarkMoEBlock.from_checkpoint(checkpoint, 0)
+    monkeypatch.setattr(op, "auto_order", lambda quant_config, rows: ("triton", "pallas", "emulation"))
+    first = "triton" if KERNEL_BACKENDS["triton"].unavailable() is None else "pallas"
+    assert cli.backend_run("auto", block, (3,), np.float32) == f"{first} (auto)"
+    assert cli.backend_run("pallas", block, (3,), np.float32) == "pallas"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt-ids", "1,2,3", "--max-new-tokens", 10**9], "more than the model's context of 4096 positions"),
+        (["--prompt-ids", ",".join(["1"] * 5000), "--max-new-tokens", 1], "5000 tokens, more than the model's context"),
+        (["--prompt-ids", "1,2,3", "--max-new-tokens", -1], "max_new_tokens must be a non-negative integer"),
+        (["--prompt-ids", f"1,{2**70}", "--max-new-tokens", 1], f"--prompt-ids: {2**70} is not a token"),
+        (["--prompt-ids", "1,-1", "--max-new-tokens", 1], "--prompt-ids: -1 is not a token id"),
+        (
+            ["--prompt-ids", "1", "--max-new-tokens", 1, "--temperature", 0.5, "--seed", 2**70],
+            "seed must be an integer",
+        ),
+        (["--prompt-ids", "1", "--max-new-tokens", 1, "--temperature", "nan"], "temperature must be finite"),
+        (["--prompt-ids", "1", "--max-new-tokens", 1, "--temperature=-inf"], "temperature must be finite"),
+        (["--prompt-ids", "1", "--max-new-tokens", 1, "--temperature", -1], r"temperature must be 0 \(greedy\)"),
+        (["--prompt-ids", "1", "--max-new-tokens", 1, "--top-p", 1.5], r"top_p must be in \(0, 1\]"),
+        (["--prompt-ids", "1", "--max-new-tokens", 1, "--max-model-len", 0], "max_model_len must be a positive"),
+        (["--prompt-ids", "1,2,3", "--max-new-tokens", 2, "--max-model-len", 4], r"4 positions \(max_model_len\)"),
+    ],
+)
+def test_generation_limits_are_one_error_line_before_the_model_loads(checkpoint, capsys, monkeypatch, args, message):
+    import quarkmoe_jax.models
+
+    def fail(*args, **kwargs):
+        raise AssertionError("loaded the model before refusing")
+
+    monkeypatch.setattr(quarkmoe_jax.models, "from_pretrained", fail)
+    code, _, err = run(capsys, checkpoint, *args)
+    assert code == 2 and err.startswith("quarkmoe generate: error:") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_refusals_take_little_memory_and_time_and_leave_nothing_behind(checkpoint, tmp_path):
+    """The issue's cases in a fresh process (the real command line): 1e9 new tokens, a 5000-token prompt, a
+    seed of 2**70. Each is one error line; the process peaks under 1 GB and the three take under 30 s."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    import time
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    script = (
+        "import resource, sys\n"
+        "from quarkmoe_jax import cli\n"
+        "for extra in sys.argv[2:]:\n"
+        "    assert cli.main(['generate', sys.argv[1], *extra.split()]) == 2\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    cases = [
+        "--prompt-ids 1,2,3 --max-new-tokens 1000000000",
+        f"--prompt-ids {','.join(['7'] * 5000)} --max-new-tokens 16",
+        f"--prompt-ids 1 --max-new-tokens 4 --temperature 0.8 --seed {2**70}",
+    ]
+    before = sorted(p.name for p in checkpoint.iterdir())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(checkpoint), *cases], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("quarkmoe generate: error:") for line in lines), result.stderr
+    assert "4096 positions" in lines[0] and "5000 tokens" in lines[1] and "seed" in lines[2]
+    assert int(result.stdout) < 1 << 20, f"peak RSS {result.stdout} KB"  # ru_maxrss: kilobytes on Linux
+    assert elapsed < 30
+    assert sorted(p.name for p in checkpoint.iterdir()) == before and not any(tmp_path.iterdir())
