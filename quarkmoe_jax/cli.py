@@ -627,10 +627,12 @@ def _exit_on_sigterm():
 
 def main(argv: list[str] | None = None) -> int:
     from quarkmoe_jax.errors import QuarkMoEError
+    from quarkmoe_jax.quark_config import exclude_match_budget
 
     args = build_parser().parse_args(argv)
     try:
-        with _exit_on_sigterm():
+        # one time budget for the exclude patterns of everything the command loads (docs/checkpoints.md)
+        with _exit_on_sigterm(), exclude_match_budget(scope=f"one 'quarkmoe {args.command}' command"):
             return args.func(args)
     except (QuarkMoEError, ValueError, TypeError, NotImplementedError) as e:  # bad input: one line
         message = " ".join(str(e).split())

@@ -184,3 +184,26 @@ def test_demo_layer_reference_is_sqrt3_times_the_weight_error():
     assert abs(cli.layer_weight_error("w_mxfp6_e2m3", errors) - 0.0485) < 1e-3
     assert cli.layer_weight_error("w8a8_int8_channel_static", errors) == pytest.approx(3**0.5 * 0.0087)
     assert cli.layer_weight_error("w8a8_fp8_tensor_static", errors) is None
+
+
+def test_each_command_bounds_its_exclude_patterns_by_one_budget(checkpoint, capsys, tmp_path, monkeypatch):
+    """A command's exclude matching, every layer it resolves, draws on one budget (quark_config.LOAD_BUDGET_S):
+    with none left, the first 're:' match refuses the layer; the library outside a command has no such budget."""
+    import shutil
+
+    from quarkmoe_jax import quark_config
+    from quarkmoe_jax.checkpoint.loader import inspect_checkpoint
+
+    q = tmp_path / "q"
+    shutil.copytree(checkpoint / "q", q)
+    config = json.loads((q / "config.json").read_text())
+    config["quantization_config"]["exclude"].append("re:.*lm_head.*")
+    (q / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(quark_config, "LOAD_BUDGET_S", 0.0)
+    capsys.readouterr()
+    assert cli.main(["inspect", str(q)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "REFUSED" in out and "within the 0 s that all 're:' patterns may take for one 'quarkmoe inspect' command" in out
+    )
+    assert all("refused" not in layer for layer in inspect_checkpoint(q)["layers"].values())
