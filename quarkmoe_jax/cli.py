@@ -27,6 +27,7 @@ import numpy as np
 import quarkmoe_jax as qm
 from quarkmoe_jax.contracts import DEFAULT_SEMANTICS, SEMANTICS
 from quarkmoe_jax.formats import quantizers
+from quarkmoe_jax.tokenizer import MAX_TOKENIZER_BYTES, load_tokenizer  # noqa: F401 - generate's; cli.MAX_TOKENIZER_BYTES
 
 # Relative RMS error of each MX format on Gaussian data (N = 4M, blocks of 32; performance_floors.md §5).
 REFERENCE_GAUSSIAN_REL_RMS = {"mxfp4": 0.115, "mxfp6_e3m2": 0.054, "mxfp6_e2m3": 0.028, "mxfp8_e4m3": 0.029}
@@ -297,44 +298,6 @@ def parse_prompt_ids(text: str) -> np.ndarray:
     if not ids:
         raise ValueError("--prompt-ids: no token ids given")
     return np.asarray([ids], np.int32)
-
-
-MAX_TOKENIZER_BYTES = 64 << 20
-"""The largest ``tokenizer.json`` read (real ones take up to a few tens of megabytes)."""
-
-
-def load_tokenizer(checkpoint: str, needed: bool):
-    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library; None when it has none (an
-    error when ``needed``: a text prompt). Read under the shards' rules (inside the folder, a regular file, at
-    most :data:`MAX_TOKENIZER_BYTES`); a file the library cannot read is one :class:`CheckpointError`."""
-    import os
-
-    from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, folder_file
-    from quarkmoe_jax.files import open_regular_file
-
-    path = folder_file(checkpoint, "tokenizer.json")
-    if path is None:
-        if needed:
-            raise ValueError(
-                f"--prompt needs {checkpoint}/tokenizer.json (a tokenizer); this checkpoint has none: pass --prompt-ids"
-            )
-        return None
-    try:
-        import tokenizers
-    except ImportError:
-        if needed:
-            raise ValueError("--prompt needs the tokenizers library: pip install 'quarkmoe-jax[text]'") from None
-        return None
-    with open_regular_file(path, "tokenizer.json") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_TOKENIZER_BYTES:
-            raise CheckpointError(f"{path}: {size} bytes, expected a tokenizer.json of at most {MAX_TOKENIZER_BYTES}")
-        raw = f.read()
-    try:
-        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - the library raises its own exception types for a bad file
-        message = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: not a tokenizer.json the tokenizers library reads ({message})") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
