@@ -685,7 +685,7 @@ def _exit_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)  # 141 (POSIX; Windows has no SIGPIPE)
 """The exit status when whoever reads the output stops early (``quarkmoe inspect --json | head``): what a shell
 reports for a program that SIGPIPE ended, so ``set -o pipefail`` still tells a cut output from a whole one."""
 
