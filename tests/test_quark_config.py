@@ -515,3 +515,32 @@ def test_observer_cls_kept_or_defaulted():
     assert TensorSpec("int8", observer_cls="A") == TensorSpec("int8", observer_cls="B")
     with pytest.raises(QuarkConfigError, match=r"w\.observer_cls: expected a string or null, found 3"):
         TensorSpec.from_dict({"dtype": "int8", "observer_cls": 3}, "w")
+
+
+def test_whole_loads_hold_one_budget_for_every_parse(monkeypatch):
+    """from_pretrained, inspect_checkpoint and load_moe_block each open one exclude-pattern budget, and a model's
+    MoE blocks (each parsing config.json again) join the load's."""
+    import pathlib
+
+    from quarkmoe_jax import quark_config
+    from quarkmoe_jax.checkpoint import loader
+    from quarkmoe_jax.models import loading
+
+    seen = []
+    read = loader.read_hf_config
+
+    def spy(path):
+        seen.append(quark_config._load_budget.get())
+        return read(path)
+
+    monkeypatch.setattr(loader, "read_hf_config", spy)
+    monkeypatch.setattr(loading, "read_hf_config", spy)
+    golden = pathlib.Path(__file__).parent / "golden" / "data" / "hf_models" / "mixtral"
+    for load in (loader.inspect_checkpoint, lambda path: loader.load_moe_block(path, 0)):
+        seen.clear()
+        load(golden)
+        assert len(seen) == 1 and isinstance(seen[0], quark_config.MatchBudget)
+    seen.clear()
+    loading.from_pretrained(golden, backend="emulation")
+    assert len(seen) == 3 and seen[0] is not None and all(budget is seen[0] for budget in seen)  # 2 MoE layers
+    assert quark_config._load_budget.get() is None
