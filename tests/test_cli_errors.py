@@ -189,7 +189,7 @@ def test_demo_layer_reference_is_sqrt3_times_the_weight_error():
 
 def test_each_command_bounds_its_exclude_patterns_by_one_budget(checkpoint, capsys, tmp_path, monkeypatch):
     """A command's exclude matching, every layer it resolves, draws on one budget (quark_config.LOAD_BUDGET_S):
-    with none left, the first 're:' match refuses the layer; the library outside a command has no such budget."""
+    with none left, the first 're:' match refuses the layer. The library's whole loads hold one budget too."""
     import shutil
 
     from quarkmoe_jax import quark_config
@@ -207,6 +207,8 @@ def test_each_command_bounds_its_exclude_patterns_by_one_budget(checkpoint, caps
     assert (
         "REFUSED" in out and "within the 0 s that all 're:' patterns may take for one 'quarkmoe inspect' command" in out
     )
+    assert all("may take for one load" in layer["refused"] for layer in inspect_checkpoint(q)["layers"].values())
+    monkeypatch.setattr(quark_config, "LOAD_BUDGET_S", 10.0)
     assert all("refused" not in layer for layer in inspect_checkpoint(q)["layers"].values())
 
 

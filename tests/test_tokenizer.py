@@ -10,6 +10,7 @@ import pytest
 import tokenizers
 
 from quarkmoe_jax import cli
+from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
 from quarkmoe_jax.errors import CheckpointError
 from quarkmoe_jax.files import MAX_JSON_BYTES
 from quarkmoe_jax.tokenizer import TokenizerConfig, load_tokenizer, read_tokenizer_config
@@ -126,6 +127,7 @@ def test_bos_and_eos_follow_tokenizer_config_and_the_bos_comes_once(folder):
 
 
 def test_generate_prints_one_error_line_for_a_bad_tokenizer_config(folder, capsys):
+    write_float_checkpoint(folder, "mixtral", num_layers=1)  # generate reads config.json before the tokenizer
     write_config(folder, add_bos_token="true")
     assert cli.main(["generate", str(folder), "--prompt", "w3", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
