@@ -27,6 +27,7 @@ import numpy as np
 import quarkmoe_jax as qm
 from quarkmoe_jax.contracts import DEFAULT_SEMANTICS, SEMANTICS
 from quarkmoe_jax.formats import quantizers
+from quarkmoe_jax.tokenizer import MAX_TOKENIZER_BYTES, load_tokenizer  # noqa: F401 - generate's; cli.MAX_TOKENIZER_BYTES
 
 # Relative RMS error of each MX format on Gaussian data (N = 4M, blocks of 32; performance_floors.md §5).
 REFERENCE_GAUSSIAN_REL_RMS = {"mxfp4": 0.115, "mxfp6_e3m2": 0.054, "mxfp6_e2m3": 0.028, "mxfp8_e4m3": 0.029}
@@ -306,44 +307,6 @@ def parse_prompt_ids(text: str) -> np.ndarray:
     return np.asarray([ids], np.int32)
 
 
-MAX_TOKENIZER_BYTES = 64 << 20
-"""The largest ``tokenizer.json`` read (real ones take up to a few tens of megabytes)."""
-
-
-def load_tokenizer(checkpoint: str, needed: bool):
-    """The checkpoint's ``tokenizer.json`` through the ``tokenizers`` library; None when it has none (an
-    error when ``needed``: a text prompt). Read under the shards' rules (inside the folder, a regular file, at
-    most :data:`MAX_TOKENIZER_BYTES`); a file the library cannot read is one :class:`CheckpointError`."""
-    import os
-
-    from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, folder_file
-    from quarkmoe_jax.files import open_regular_file
-
-    path = folder_file(checkpoint, "tokenizer.json")
-    if path is None:
-        if needed:
-            raise ValueError(
-                f"--prompt needs {checkpoint}/tokenizer.json (a tokenizer); this checkpoint has none: pass --prompt-ids"
-            )
-        return None
-    try:
-        import tokenizers
-    except ImportError:
-        if needed:
-            raise ValueError("--prompt needs the tokenizers library: pip install 'quarkmoe-jax[text]'") from None
-        return None
-    with open_regular_file(path, "tokenizer.json") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_TOKENIZER_BYTES:
-            raise CheckpointError(f"{path}: {size} bytes, expected a tokenizer.json of at most {MAX_TOKENIZER_BYTES}")
-        raw = f.read()
-    try:
-        return tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
-    except Exception as e:  # noqa: BLE001 - the library raises its own exception types for a bad file
-        message = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"{path}: not a tokenizer.json the tokenizers library reads ({message})") from None
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from quarkmoe_jax.checkpoint.loader import read_hf_config
     from quarkmoe_jax.errors import InputError
@@ -448,9 +411,10 @@ def backend_run(requested: str, module, token_counts, dtype) -> str:
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def read_npy(path: str, option: str) -> np.ndarray:
+def read_npy(path: str, option: str, max_bytes: int | None = None) -> np.ndarray:
     """One array from a NumPy ``.npy`` file, never unpickling; anything else is a ``ValueError`` naming it
-    (a FIFO or device, another format, a header claiming more bytes than the file holds, Python objects)."""
+    (a FIFO or device, another format, a header claiming more bytes than the file holds or than ``max_bytes``,
+    Python objects)."""
     import math
     import os
     import stat
@@ -487,6 +451,11 @@ def read_npy(path: str, option: str) -> np.ndarray:
         raise ValueError(f"{option} {path}: not a readable .npy array ({e})") from None
     if dtype.hasobject:
         raise ValueError(f"{option} {path}: not a readable .npy array (it holds Python objects)")
+    if max_bytes is not None and claimed > max_bytes:
+        raise ValueError(
+            f"{option} {path}: its header claims {list(shape)} {dtype} ({claimed} bytes), more than the {max_bytes} "
+            "bytes read at most"
+        )
     if claimed > available:
         raise ValueError(
             f"{option} {path}: its header claims {list(shape)} {dtype} ({claimed} bytes), the file holds {available}"
@@ -545,16 +514,51 @@ def _span(values) -> str:
     return ",".join(map(str, values))
 
 
+MAX_CALIBRATION_TOKENS = 65536
+"""The most hidden states ``quantize --calibrate`` takes (a count, or the rows of a .npy file)."""
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
+    import math
+
+    from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint, scheme_has_static_input_scales
     from quarkmoe_jax.checkpoint.loader import inspect_checkpoint
 
+    given = [
+        flag
+        for flag, value in (("--input-amax", args.input_amax), ("--calibrate", args.calibrate))
+        if value is not None
+    ]
+    if len(given) == 2:
+        raise ValueError(
+            "--input-amax and --calibrate: pass one (--calibrate measures each expert's scales, --input-amax sets "
+            "one value for all of them)"
+        )
+    if scheme_has_static_input_scales(args.scheme):
+        if not given:
+            raise ValueError(
+                f"scheme {args.scheme} has static input scales, which need calibration: pass --calibrate N (N seeded "
+                "random hidden states, e.g. 256), --calibrate PATH.npy (your model's hidden states [tokens, hidden]) "
+                "or --input-amax AMAX (quarkmoe quantize --help says how to choose)"
+            )
+    elif given:
+        raise ValueError(
+            f"{given[0]}: scheme {args.scheme} has no static input scales (its activations are quantized "
+            "dynamically or not at all): there is nothing to calibrate"
+        )
+    if args.input_amax is not None and not (math.isfinite(args.input_amax) and args.input_amax > 0):
+        raise ValueError(
+            f"--input-amax {args.input_amax}: expected a finite positive number (the largest |activation| a static "
+            "scale must cover)"
+        )
+    states = None if args.calibrate is None else calibration_states(args.calibrate, args.float_checkpoint)
     out = export_quark_checkpoint(
         args.float_checkpoint,
         args.out,
         args.scheme,
         scale_mode=args.scale_mode,
         input_amax=args.input_amax,
+        calibration_states=states,
         exclude_layers=tuple(args.exclude_layer),
         overwrite=args.overwrite,
     )
@@ -562,6 +566,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ok = [e for e in report["layers"].values() if "refused" not in e]
     print(f"wrote {out} ({args.scheme}); reloads as: " + ", ".join(sorted({e["scheme"] for e in ok})))
     return 0
+
+
+def calibration_states(spec: str, checkpoint: str) -> np.ndarray:
+    """The hidden states ``quantize --calibrate`` calibrates on, float32 ``[tokens, hidden]``: ``spec`` is a
+    count N (N seeded standard-normal states, seed 0) or the path of a ``.npy`` file of float hidden states
+    (read with :func:`read_npy`, never unpickled; at most :data:`MAX_CALIBRATION_TOKENS` rows, checked from its
+    header before reading; finite). Anything else is a ``ValueError`` naming ``--calibrate``."""
+    import re
+
+    from quarkmoe_jax.checkpoint.architectures import MoEArchitecture
+    from quarkmoe_jax.checkpoint.loader import read_hf_config
+
+    hidden = MoEArchitecture.from_hf_config(read_hf_config(checkpoint)).hidden_size
+    expected = f"float hidden states [tokens, {hidden}] with 1 to {MAX_CALIBRATION_TOKENS} tokens"
+    if re.fullmatch(r"[0-9]+", spec):
+        tokens = int(spec)
+        if not 1 <= tokens <= MAX_CALIBRATION_TOKENS:
+            raise ValueError(f"--calibrate {spec}: expected 1 to {MAX_CALIBRATION_TOKENS} tokens (or a .npy path)")
+        return np.random.default_rng(0).standard_normal((tokens, hidden), np.float32)
+    x = read_npy(spec, "--calibrate", max_bytes=MAX_CALIBRATION_TOKENS * hidden * 8)
+    if x.dtype.kind != "f" or x.ndim != 2 or x.shape[1] != hidden or not 1 <= x.shape[0] <= MAX_CALIBRATION_TOKENS:
+        raise ValueError(f"--calibrate {spec}: expected {expected}, found {x.dtype}{list(x.shape)}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise ValueError(f"--calibrate {spec}: expected finite hidden states, found {bad} NaN or infinite values")
+    return x.astype(np.float32)
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
@@ -583,15 +613,26 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where there is none to show: a required option, or one
+    whose default is None (argparse's own formatter prints "(default: None)" for both)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quarkmoe", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=defaults)
+        parser = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
+        parser.set_defaults(parser=parser)  # main words errors in this command's flags
+        return parser
 
     demo = command("demo", "quantize a seeded random expert weight in every format, then run a small MoE layer")
     demo.add_argument("--rows", type=int, default=2048, help="output channels N of the weight")
@@ -625,7 +666,26 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(EXPORT_SCHEMES),
     )
     quantize.add_argument("--scale-mode", choices=["even", "floor", "ceil"], default="even", help="MX scale rule")
-    quantize.add_argument("--input-amax", type=float, help="calibration amax for static activation scales")
+    quantize.add_argument(
+        "--calibrate",
+        metavar="N|PATH.npy",
+        help="static schemes: measure each expert's activation scales by running hidden states through the float "
+        "MoE layers (the largest |input| and |intermediate| each expert sees). N: N seeded standard-normal hidden "
+        "states (what the synthetic models take; a few hundred are plenty there). PATH.npy: your model's hidden "
+        f"states entering the MoE blocks, float [tokens, hidden] (numpy.save), at most {MAX_CALIBRATION_TOKENS} "
+        "tokens; one set serves every layer",
+    )
+    quantize.add_argument(
+        "--input-amax",
+        type=float,
+        metavar="AMAX",
+        help="static schemes, instead of --calibrate: one amax for every static scale (AMAX/448 for FP8, "
+        "AMAX/127.5 for INT8); values beyond it clip. It must cover both GEMM inputs of every expert: the hidden "
+        "states entering the block and the intermediates act(gate)*up, whose ranges differ (synthetic models: ~4 "
+        "and 0.1-0.5). FP8 tolerates a generous value (at least the largest |hidden state|); INT8 does not: one "
+        "value gives it 0.5-0.9 relative error on the synthetic model where --calibrate gives 0.04-0.07 "
+        "(docs/checkpoints.md, 'Calibrating from the CLI')",
+    )
     quantize.add_argument("--exclude-layer", type=int, action="append", default=[], help="leave a MoE layer in float")
     quantize.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="for the reload check")
     quantize.add_argument(
@@ -691,21 +751,67 @@ def _exit_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)  # 141 (POSIX; Windows has no SIGPIPE)
+"""The exit status when whoever reads the output stops early (``quarkmoe inspect --json | head``): what a shell
+reports for a program that SIGPIPE ended, so ``set -o pipefail`` still tells a cut output from a whole one."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (0, 1 when ``inspect`` or ``demo`` found a failure, 2 for a user
+    error printed as one line, :data:`EXIT_BROKEN_PIPE` when the reader of standard output went away)."""
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush of what is left in its buffer
+    finds no broken pipe (Python's recipe, "Note on SIGPIPE" in the ``signal`` docs)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # replaced by a stream without a file descriptor (a test's)
+        pass
+
+
+def _run(argv: list[str] | None) -> int:
     from quarkmoe_jax.errors import QuarkMoEError
+    from quarkmoe_jax.quark_config import exclude_match_budget
 
     args = build_parser().parse_args(argv)
     try:
-        with _exit_on_sigterm():
+        # one time budget for the exclude patterns of everything the command loads (docs/checkpoints.md)
+        with _exit_on_sigterm(), exclude_match_budget(scope=f"one 'quarkmoe {args.command}' command"):
             return args.func(args)
+    except BrokenPipeError:
+        raise
     except (QuarkMoEError, ValueError, TypeError, NotImplementedError) as e:  # bad input: one line
-        message = " ".join(str(e).split())
+        message = _in_cli_terms(" ".join(str(e).split()), args.parser)
         print(f"quarkmoe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that cannot be read or written
         where = f"{e.filename}: " if e.filename else ""
         print(f"quarkmoe {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+
+
+def _in_cli_terms(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message worded for a Python caller (``... (or pass overwrite)``) with each "pass <parameter>"
+    that is one of this command's options spelled as its flag (``pass --overwrite``)."""
+    import re
+
+    flags = {
+        action.dest: next(o for o in action.option_strings if o.startswith("--"))
+        for action in parser._actions
+        if any(o.startswith("--") for o in action.option_strings)
+    }
+    return re.sub(r"\bpass (\w+)\b", lambda m: f"pass {flags.get(m[1], m[1])}", message)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,14 @@ Every problem raises :class:`QuarkConfigError`, whose message names the key path
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import fnmatch
+import functools
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ __all__ = [
     "QuarkConfig",
     "QuarkConfigError",
     "TensorSpec",
+    "exclude_match_budget",
 ]
 
 KNOWN_DTYPES: frozenset[str] = frozenset(
@@ -238,23 +243,94 @@ def _layer_map(qc: Mapping[str, Any], key: str) -> dict[str, LayerQuantConfig]:
     return out
 
 
-PATTERN_TIMEOUT_S = 1.0
-"""How long one ``re:`` pattern may take to match one layer name (a crafted pattern can backtrack for
-ever; real ones take microseconds)."""
+RESOLVE_BUDGET_S = 1.0
+"""How long the ``re:`` entries of ``exclude`` may take, all patterns against all names together, to resolve
+one layer (one :meth:`QuarkConfig.is_excluded` / :meth:`QuarkConfig.resolve` call). A crafted pattern can
+backtrack for ever, and many patterns that each stay just under a bound of their own add up; real patterns
+take microseconds per name."""
+
+LOAD_BUDGET_S = 10.0
+"""The default bound of :func:`exclude_match_budget`: the ``re:`` matching of every resolution made inside it
+(one load of a whole checkpoint, one ``quarkmoe`` command), together. Each resolution stays within
+:data:`RESOLVE_BUDGET_S` as well. Measured here: a real pattern costs ~7 µs per name with the time bound on, so
+a 256-expert, 58-MoE-layer model (45k expert projections) with 5 ``re:`` entries spends ~1.6 s."""
+
+MATCH_CACHE_SIZE = 1 << 16
+"""The ``(pattern, name)`` results kept (a dict of that many entries at most): resolving a name again (the same
+checkpoint loaded again, or its config parsed anew for every MoE block) costs nothing and no budget."""
 
 
-def _exclude_matches(name: str, entry: str) -> bool:
-    if entry.startswith("re:"):
-        import regex  # a dependency; imported where used (GPU runs from a source tree may lack it)
+@dataclass
+class MatchBudget:
+    """Seconds of ``re:`` exclude matching allowed (``seconds``) and spent so far (``spent``); ``scope`` names
+    what it bounds in the error message ("one layer resolution", "one load")."""
 
-        try:
-            return regex.fullmatch(entry[3:], name, timeout=PATTERN_TIMEOUT_S) is not None
-        except TimeoutError:
-            raise QuarkConfigError(
-                f"{_ROOT}.exclude: pattern {entry!r} did not finish matching the layer name {name!r} within "
-                f"{PATTERN_TIMEOUT_S:g} s (catastrophic backtracking); expected a pattern that matches in bounded time"
-            ) from None
-    return name == entry or ("*" in entry and fnmatch.fnmatchcase(name, entry))
+    seconds: float
+    scope: str
+    spent: float = 0.0
+
+    @property
+    def remaining(self) -> float:
+        return self.seconds - self.spent
+
+
+_load_budget: contextvars.ContextVar[MatchBudget | None] = contextvars.ContextVar("exclude_load_budget", default=None)
+_match_cache: dict[tuple[str, str], bool] = {}
+
+
+@contextlib.contextmanager
+def exclude_match_budget(seconds: float | None = None, scope: str = "one load") -> Iterator[MatchBudget]:
+    """Bound the ``re:`` exclude matching of every resolution inside the ``with`` block by one budget of
+    ``seconds`` (default :data:`LOAD_BUDGET_S`), whichever :class:`QuarkConfig` objects resolve (a loader parses
+    ``config.json`` again for each MoE block). Entered inside another, it joins the outer budget. Thread- and
+    task-local (a context variable). Yields the :class:`MatchBudget` (``spent`` says what matching took)."""
+    outer = _load_budget.get()
+    if outer is not None:
+        yield outer
+        return
+    budget = MatchBudget(LOAD_BUDGET_S if seconds is None else seconds, scope)
+    token = _load_budget.set(budget)
+    try:
+        yield budget
+    finally:
+        _load_budget.reset(token)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_pattern(pattern: str):
+    import regex  # a dependency; imported where used (GPU runs from a source tree may lack it)
+
+    return regex.compile(pattern)
+
+
+def _exclude_matches(name: str, entry: str, budgets: tuple[MatchBudget, ...]) -> bool:
+    """Whether one ``exclude`` entry matches ``name``; a ``re:`` entry's matching time is charged to every one of
+    ``budgets`` and bounded by the smallest remainder."""
+    if not entry.startswith("re:"):
+        return name == entry or ("*" in entry and fnmatch.fnmatchcase(name, entry))
+    cached = _match_cache.get((entry, name))
+    if cached is not None:
+        return cached
+    limit = min(budgets, key=lambda b: b.remaining)
+    start = time.perf_counter()
+    try:
+        if limit.remaining <= 0:
+            raise TimeoutError
+        matched = _compiled_pattern(entry[3:]).fullmatch(name, timeout=limit.remaining) is not None
+    except TimeoutError:
+        raise QuarkConfigError(
+            f"{_ROOT}.exclude: pattern {entry!r} did not finish matching the layer name {name!r} within the "
+            f"{limit.seconds:g} s that all 're:' patterns may take for {limit.scope} (catastrophic backtracking, or "
+            "many slow patterns); expected patterns that match in bounded time"
+        ) from None
+    finally:
+        elapsed = time.perf_counter() - start
+        for budget in budgets:
+            budget.spent += elapsed
+    if len(_match_cache) >= MATCH_CACHE_SIZE:
+        _match_cache.clear()
+    _match_cache[entry, name] = matched
+    return matched
 
 
 @dataclass(frozen=True)
@@ -365,13 +441,20 @@ class QuarkConfig:
         MoE layers are all-or-nothing, as in vLLM: the layer is excluded when its own name matches, when any of
         ``child_names`` (e.g. ``model.layers.0.mlp.experts.3.gate_proj``) matches, or when a non-``re:``
         entry starts with ``layer_name + "."``.
+
+        The ``re:`` entries' matching, all patterns against all names, is bounded by :data:`RESOLVE_BUDGET_S`
+        and by the budget of an enclosing :func:`exclude_match_budget`; past either, a
+        :class:`QuarkConfigError` names the pattern and the budget.
         """
+        budgets = (MatchBudget(RESOLVE_BUDGET_S, "one layer resolution"),)
+        if (load := _load_budget.get()) is not None:
+            budgets += (load,)
         for entry in self.exclude:
-            if _exclude_matches(layer_name, entry):
+            if _exclude_matches(layer_name, entry, budgets):
                 return True
             if not entry.startswith("re:") and entry.startswith(layer_name + "."):
                 return True
-        return any(_exclude_matches(child, entry) for child in child_names for entry in self.exclude)
+        return any(_exclude_matches(child, entry, budgets) for child in child_names for entry in self.exclude)
 
     def resolve(
         self, layer_name: str, layer_type: str = "FusedMoE", child_names: Iterable[str] = ()

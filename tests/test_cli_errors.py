@@ -107,7 +107,8 @@ def test_a_failed_quantize_leaves_nothing(capsys, tmp_path):
     src = tmp_path / "f"
     assert cli.main(["synthetic", str(src)]) == 0
     assert cli.main(["quantize", str(src), str(tmp_path / "q"), "--scheme", "w_mxfp4_a_fp8"]) == 2  # no amax
-    assert "input_amax" in one_error_line(capsys, "quantize")
+    message = one_error_line(capsys, "quantize")
+    assert "pass --calibrate N" in message and "--input-amax AMAX" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
 
 
@@ -184,3 +185,126 @@ def test_demo_layer_reference_is_sqrt3_times_the_weight_error():
     assert abs(cli.layer_weight_error("w_mxfp6_e2m3", errors) - 0.0485) < 1e-3
     assert cli.layer_weight_error("w8a8_int8_channel_static", errors) == pytest.approx(3**0.5 * 0.0087)
     assert cli.layer_weight_error("w8a8_fp8_tensor_static", errors) is None
+
+
+def test_each_command_bounds_its_exclude_patterns_by_one_budget(checkpoint, capsys, tmp_path, monkeypatch):
+    """A command's exclude matching, every layer it resolves, draws on one budget (quark_config.LOAD_BUDGET_S):
+    with none left, the first 're:' match refuses the layer; the library outside a command has no such budget."""
+    import shutil
+
+    from quarkmoe_jax import quark_config
+    from quarkmoe_jax.checkpoint.loader import inspect_checkpoint
+
+    q = tmp_path / "q"
+    shutil.copytree(checkpoint / "q", q)
+    config = json.loads((q / "config.json").read_text())
+    config["quantization_config"]["exclude"].append("re:.*lm_head.*")
+    (q / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(quark_config, "LOAD_BUDGET_S", 0.0)
+    capsys.readouterr()
+    assert cli.main(["inspect", str(q)]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "REFUSED" in out and "within the 0 s that all 're:' patterns may take for one 'quarkmoe inspect' command" in out
+    )
+    assert all("refused" not in layer for layer in inspect_checkpoint(q)["layers"].values())
+
+
+def _quantize(root, out, *extra, scheme="w8a8_int8_channel_static"):
+    return ["quantize", str(root / "f"), str(out), "--scheme", scheme, *map(str, extra)]
+
+
+def test_quantize_calibrates_static_scales_per_expert(checkpoint, capsys, tmp_path):
+    """``--calibrate N`` runs N seeded standard-normal hidden states through the float layers (the exporter's
+    calibrate_input_amax) and ``--calibrate PATH.npy`` the states of a file: the same states give the same
+    checkpoint, whose static scales are each expert's calibrated amax / 127.5."""
+    from quarkmoe_jax.checkpoint.exporter import calibrate_input_amax
+
+    root = checkpoint
+    states = np.random.default_rng(0).standard_normal((48, 64), np.float32)
+    np.save(tmp_path / "states.npy", states)
+    assert cli.main(_quantize(root, tmp_path / "n", "--calibrate", 48)) == 0
+    assert cli.main(_quantize(root, tmp_path / "npy", "--calibrate", tmp_path / "states.npy")) == 0
+    assert _tree(tmp_path / "n") == _tree(tmp_path / "npy")
+    amax = calibrate_input_amax(root / "f", states)
+    with CheckpointReader(tmp_path / "n") as reader:
+        for expert in range(4):
+            prefix = f"model.layers.1.block_sparse_moe.experts.{expert}"
+            for shard, which in (("w1", "w13"), ("w3", "w13"), ("w2", "w2")):
+                scale = np.asarray(reader[f"{prefix}.{shard}.input_scale"])
+                np.testing.assert_allclose(scale, amax[1][which][expert] / np.float32(127.5), rtol=1e-6)
+    assert len({float(amax[1]["w13"].max()), float(amax[1]["w2"].max())}) == 2  # two inputs, two ranges
+
+
+def test_quantize_calibration_errors_name_the_flags(checkpoint, capsys, tmp_path):
+    root = checkpoint
+    hidden_states = np.random.default_rng(0).standard_normal((8, 64))
+    np.save(tmp_path / "narrow.npy", hidden_states[:, :32])
+    np.save(tmp_path / "ints.npy", hidden_states.astype(np.int32))
+    np.save(tmp_path / "nan.npy", np.where(np.arange(64) == 3, np.nan, hidden_states))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    header = np.lib.format.header_data_from_array_1_0(hidden_states.astype(np.float32))
+    with open(tmp_path / "huge.npy", "wb") as f:  # claims 10^9 tokens; holds 64 bytes
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (10**9, 64)})
+        f.write(bytes(64))
+    out = tmp_path / "q"
+    cases = [
+        (_quantize(root, out), "static input scales, which need calibration: pass --calibrate N"),
+        (_quantize(root, out, "--calibrate", 8, "--input-amax", 4), "--input-amax and --calibrate: pass one"),
+        (_quantize(root, out, "--calibrate", 8, scheme="w_mxfp4"), "--calibrate: scheme w_mxfp4 has no static"),
+        (_quantize(root, out, "--input-amax", 4, scheme="w_mxfp4"), "--input-amax: scheme w_mxfp4 has no static"),
+        (_quantize(root, out, "--input-amax", "nan"), "--input-amax nan: expected a finite positive number"),
+        (_quantize(root, out, "--input-amax", 0), "--input-amax 0.0: expected a finite positive number"),
+        (_quantize(root, out, "--calibrate", 0), "--calibrate 0: expected 1 to 65536 tokens"),
+        (_quantize(root, out, "--calibrate", 70000), "--calibrate 70000: expected 1 to 65536 tokens"),
+        (_quantize(root, out, "--calibrate", tmp_path / "missing.npy"), "cannot read --calibrate"),
+        (_quantize(root, out, "--calibrate", tmp_path / "narrow.npy"), "expected float hidden states [tokens, 64]"),
+        (_quantize(root, out, "--calibrate", tmp_path / "ints.npy"), "found int32[8, 64]"),
+        (_quantize(root, out, "--calibrate", tmp_path / "nan.npy"), "found 8 NaN or infinite values"),
+        (_quantize(root, out, "--calibrate", tmp_path / "objects.npy"), "holds Python objects"),
+        (_quantize(root, out, "--calibrate", tmp_path / "huge.npy"), "more than the 33554432 bytes read at most"),
+        (_quantize(root, root / "q", "--input-amax", 4), "choose a new or empty folder (or pass --overwrite)"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv
+        assert message in one_error_line(capsys, "quantize"), argv
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
+
+
+def test_help_prints_no_default_where_there_is_none(capsys):
+    """argparse's defaults formatter printed "(default: None)" for required options and options without a
+    default; the others still show theirs."""
+    for command in ("synthetic", "quantize", "run-layer", "inspect", "demo", "generate"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in out, command
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    scheme_help = out.split("--scheme SCHEME")[1].split("--scale-mode")[0]
+    assert "default" not in scheme_help and "MX scale rule (default: even)" in out
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(checkpoint):
+    """``quarkmoe inspect --json | head``: the reader goes before the output is written. The command ends with
+    128 + SIGPIPE (a shell's status for a program SIGPIPE ended), no traceback and no "Broken pipe" error line
+    (it printed one and exited 2). A real pipe whose read end is closed before the command starts. (``--help``
+    into such a pipe exits 0 quietly: argparse drops the write error itself.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(pathlib.Path(cli.__file__).parents[1])}
+    command = [sys.executable, "-m", "quarkmoe_jax.cli", "inspect", str(checkpoint / "q"), "--json"]
+    try:
+        result = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr, result.stderr
+    assert "BrokenPipeError" not in result.stderr, result.stderr

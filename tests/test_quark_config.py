@@ -247,6 +247,86 @@ def test_exclude_validation():
         _priority_config(exclude=["re:model.(layers"])
 
 
+# --- the time bound of exclude patterns ------------------------------------------------------------------------------
+
+SLOW = "re:(.|.)*w1."
+"""Backtracks exponentially in the length of a name ending in ``w1`` (and never matches it)."""
+
+
+@pytest.fixture(scope="module")
+def slow_name() -> str:
+    """A layer name on which one match of :data:`SLOW` takes 10-60 ms here (measured, as machines differ)."""
+    import time
+
+    import regex
+
+    for length in range(8, 26):
+        name = "a" * length + "w1"
+        start = time.perf_counter()
+        assert regex.fullmatch(SLOW[3:], name) is None
+        if time.perf_counter() - start >= 0.01:
+            return name
+    raise AssertionError("no name made the pattern take 10 ms")
+
+
+def _variants(count: int) -> list[str]:
+    """``count`` distinct spellings of :data:`SLOW` (a ``(?#...)`` comment each): as slow, never cached as one."""
+    return [f"{SLOW}(?#{i})" for i in range(count)]
+
+
+def test_many_slow_exclude_patterns_share_one_bound_per_resolution(monkeypatch, slow_name):
+    """80 patterns of 10-60 ms each: every one alone is well within the 0.2 s bound, together they would take
+    0.8-5 s; the resolution ends when their total reaches the bound (the bound used to apply to each pattern
+    alone, so a config with many of them ran for minutes)."""
+    import time
+
+    from quarkmoe_jax import quark_config
+
+    monkeypatch.setattr(quark_config, "RESOLVE_BUDGET_S", 0.2)
+    assert not _priority_config(exclude=_variants(1)).is_excluded(slow_name)  # one alone: within the bound
+    cfg = _priority_config(exclude=_variants(80))
+    start = time.perf_counter()
+    with pytest.raises(
+        QuarkConfigError,
+        match=r"exclude: pattern 're:\(\.\|\.\)\*w1\.\(\?#\d+\)' did not finish "
+        r"matching the layer name 'a+w1' within the 0\.2 s that all 're:' patterns may take for one "
+        r"layer resolution",
+    ):
+        cfg.is_excluded("model.layers.0.mlp.experts", [slow_name])
+    assert time.perf_counter() - start < 0.2 + 0.25  # the bound, and slack for a busy machine
+
+
+def test_one_load_budget_spans_every_parse_of_the_config(slow_name):
+    """Inside ``exclude_match_budget`` the resolutions of separate QuarkConfig objects (a loader parses config.json
+    again for each MoE block) draw on one budget; a (pattern, name) already matched costs nothing again."""
+    from quarkmoe_jax.quark_config import exclude_match_budget
+
+    config = _qc(None, exclude=_variants(3))
+    names = [f"{slow_name[:-2]}{suffix}w1" for suffix in ("b", "c")]
+    with exclude_match_budget(seconds=60) as budget:
+        assert not _parse(config).is_excluded(names[0])
+        first = budget.spent
+        assert first >= 3 * 0.005  # three slow matches were charged
+        assert not _parse(config).is_excluded(names[0])  # parsed anew, same names: cached, free
+        assert budget.spent == first
+        with exclude_match_budget(seconds=1e-9) as inner:  # a nested budget joins the outer one
+            assert inner is budget
+        assert not _parse(config).is_excluded(names[1])
+        assert budget.spent - first >= 3 * 0.005  # charged to the same budget
+        budget.seconds = budget.spent  # used up: the next uncached match is refused, naming the load's budget
+        with pytest.raises(QuarkConfigError, match=r"within the \d.* s that all 're:' patterns may take for one load"):
+            _parse(config).is_excluded(names[1] + "x")
+    assert not _parse(config).is_excluded(names[1])  # outside: no load budget (and cached)
+
+
+def test_a_pattern_that_never_ends_is_stopped_by_the_resolution_bound(monkeypatch):
+    from quarkmoe_jax import quark_config
+
+    monkeypatch.setattr(quark_config, "RESOLVE_BUDGET_S", 0.1)
+    with pytest.raises(QuarkConfigError, match=r"pattern 're:\(\.\|\.\)\*w1\.' did not finish .* within the 0\.1 s"):
+        _priority_config(exclude=[SLOW]).is_excluded("model.layers.0.block_sparse_moe.experts.0.w1")
+
+
 # --- Lists (sequential specs) --------------------------------------------------------------------------------------
 
 
@@ -435,3 +515,32 @@ def test_observer_cls_kept_or_defaulted():
     assert TensorSpec("int8", observer_cls="A") == TensorSpec("int8", observer_cls="B")
     with pytest.raises(QuarkConfigError, match=r"w\.observer_cls: expected a string or null, found 3"):
         TensorSpec.from_dict({"dtype": "int8", "observer_cls": 3}, "w")
+
+
+def test_whole_loads_hold_one_budget_for_every_parse(monkeypatch):
+    """from_pretrained, inspect_checkpoint and load_moe_block each open one exclude-pattern budget, and a model's
+    MoE blocks (each parsing config.json again) join the load's."""
+    import pathlib
+
+    from quarkmoe_jax import quark_config
+    from quarkmoe_jax.checkpoint import loader
+    from quarkmoe_jax.models import loading
+
+    seen = []
+    read = loader.read_hf_config
+
+    def spy(path):
+        seen.append(quark_config._load_budget.get())
+        return read(path)
+
+    monkeypatch.setattr(loader, "read_hf_config", spy)
+    monkeypatch.setattr(loading, "read_hf_config", spy)
+    golden = pathlib.Path(__file__).parent / "golden" / "data" / "hf_models" / "mixtral"
+    for load in (loader.inspect_checkpoint, lambda path: loader.load_moe_block(path, 0)):
+        seen.clear()
+        load(golden)
+        assert len(seen) == 1 and isinstance(seen[0], quark_config.MatchBudget)
+    seen.clear()
+    loading.from_pretrained(golden, backend="emulation")
+    assert len(seen) == 3 and seen[0] is not None and all(budget is seen[0] for budget in seen)  # 2 MoE layers
+    assert quark_config._load_budget.get() is None

@@ -49,7 +49,13 @@ from quarkmoe_jax.schemes.names import (
     SchemeName,
 )
 
-__all__ = ["EXPORT_SCHEMES", "scheme_layer_config", "export_quark_checkpoint", "calibrate_input_amax"]
+__all__ = [
+    "EXPORT_SCHEMES",
+    "calibrate_input_amax",
+    "export_quark_checkpoint",
+    "scheme_has_static_input_scales",
+    "scheme_layer_config",
+]
 
 _MX = {name: fmt.quark_dtype for name, fmt in qm.MX_FORMATS.items()}  # our MX format name -> Quark's dtype
 _MX_BELOW_8 = tuple(name for name, fmt in qm.MX_FORMATS.items() if fmt.bits < 8)  # with every activation
@@ -135,6 +141,12 @@ def scheme_layer_config(scheme: str, scale_mode: str = "even") -> LayerQuantConf
     )
 
 
+def scheme_has_static_input_scales(scheme: str) -> bool:
+    """Whether a named scheme quantizes its activations with static scales, which need calibration
+    (``input_amax`` or ``calibration_states`` of :func:`export_quark_checkpoint`)."""
+    return get_moe_scheme(scheme_layer_config(scheme), "quark").quant_config().activation.static_scaled
+
+
 def _quantize_weight(w: np.ndarray, scheme, scale_mode: str) -> dict[str, np.ndarray]:
     """Quantize one float weight ``[..., N, K]`` (K = contraction) into Quark's stored tensors."""
     cfg = scheme.quant_config()
@@ -186,6 +198,7 @@ def export_quark_checkpoint(
     *,
     scale_mode: str = "even",
     input_amax: float | Mapping[int, Mapping[str, np.ndarray]] | None = None,
+    calibration_states=None,
     exclude_layers: tuple[int, ...] = (),
     quantize_linears: bool = False,
     overwrite: bool = False,
@@ -201,7 +214,11 @@ def export_quark_checkpoint(
       scale_mode: MX scale rule ("even", "floor", "ceil"), written as ``scale_calculation_mode``.
       input_amax: calibration for static activation scales: one float for everything, or
         ``{layer: {"w13": [E] amax of the expert inputs, "w2": [E] amax of the intermediates}}``.
-        Required by static schemes.
+        Static schemes need it or ``calibration_states``.
+      calibration_states: instead of ``input_amax``, hidden states ``[T, hidden]`` (float) to measure it on:
+        :func:`calibrate_input_amax` routes them through each float MoE layer of ``source`` (a folder) and
+        takes every expert's largest input and intermediate; after the output folder's checks, before writing.
+        Only for static schemes (a dynamic one has nothing to calibrate).
       exclude_layers: MoE layers left unquantized (listed in ``exclude``, as Quark does).
       quantize_linears: also quantize every other Linear layer of the decoder layers with the same scheme
         (attention projections, dense MLPs; routers stay float), as Quark's whole-model recipes do; the
@@ -215,11 +232,20 @@ def export_quark_checkpoint(
     """
     out_dir = pathlib.Path(out_dir)
     source_dir = pathlib.Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if calibration_states is not None:
+        if input_amax is not None:
+            raise ValueError("pass input_amax or calibration_states (to measure it on), not both")
+        if source_dir is None:
+            raise ValueError("calibration_states needs a checkpoint folder as the source (the float layers run on it)")
+        if not scheme_has_static_input_scales(scheme):
+            raise ValueError(f"scheme {scheme} has no static input scales: calibration_states has nothing to calibrate")
     if source_dir is not None and (source_dir / "config.json").is_file():
         # the float input's tensors against its config.json, from the headers, before anything is written
         # (what ``quarkmoe inspect`` checks; a wrong shape would otherwise only be refused by the loader)
         check_checkpoint_headers(source_dir)
     with new_checkpoint_folder(out_dir, overwrite=overwrite, inputs=(source_dir,) if source_dir else ()) as tmp:
+        if calibration_states is not None:
+            input_amax = calibrate_input_amax(source_dir, calibration_states)
         _export(source, tmp, scheme, scale_mode, input_amax, exclude_layers, quantize_linears)
         if source_dir is not None and source_dir.is_dir():
             _copy_other_files(source_dir, tmp)
@@ -249,7 +275,9 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
         cfg = moe_scheme.quant_config()
         static = cfg.activation.static_scaled
         if static and input_amax is None:
-            raise ValueError(f"scheme {scheme} has static input scales: pass input_amax (calibration)")
+            raise ValueError(
+                f"scheme {scheme} has static input scales: pass input_amax (calibration) or calibration_states"
+            )
         if static and quantize_linears and not isinstance(input_amax, (int, float)):
             raise ValueError("quantize_linears with a static scheme needs input_amax as one float for every layer")
         if static and isinstance(input_amax, (int, float)):
@@ -361,20 +389,36 @@ def _open_source(source):
     return hf_config, reader, reader
 
 
+CALIBRATION_CHUNK_ELEMENTS = 1 << 25
+"""Tokens are calibrated in chunks whose every-expert intermediate ``[T, E, 2I]`` holds at most this many
+float32 values (128 MiB), so memory does not grow with the number of calibration tokens."""
+
+
 def calibrate_input_amax(float_checkpoint, x, layers=None) -> dict[int, dict[str, np.ndarray]]:
-    """Per-expert ``amax`` of each MoE layer's GEMM inputs on calibration hidden states ``x [T, H]``.
+    """Per-expert ``amax`` of each MoE layer's GEMM inputs on calibration hidden states ``x [T, H]`` (float,
+    finite; the same states for every layer).
 
     Routes ``x`` with the float layer's router; for expert e, ``"w13"`` is the max |x| over the tokens routed
     to it and ``"w2"`` the max |activation| of its intermediate. Experts that receive no token get the
-    layer's maximum. The result is the ``input_amax`` argument of :func:`export_quark_checkpoint`.
+    layer's maximum. The result is the ``input_amax`` argument of :func:`export_quark_checkpoint`: float32
+    ``{layer: {"w13": [E], "w2": [E]}}``.
     """
     from quarkmoe_jax.activations import apply_activation
     from quarkmoe_jax.checkpoint.loader import load_moe_block
     from quarkmoe_jax.moe import routing
     from quarkmoe_jax.moe.emulation import dense_gemm
 
-    hf_config = json.loads((pathlib.Path(float_checkpoint) / "config.json").read_text())
-    arch = MoEArchitecture.from_hf_config(hf_config)
+    arch = MoEArchitecture.from_hf_config(read_hf_config(float_checkpoint))
+    x = np.asarray(x)
+    if x.dtype.kind != "f" or x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != arch.hidden_size:
+        raise QuarkMoEError(
+            f"calibration hidden states: expected a float array [tokens, {arch.hidden_size}] (the model's hidden "
+            f"size), found {x.dtype}{list(x.shape)}"
+        )
+    if not np.isfinite(x).all():
+        raise QuarkMoEError(
+            f"calibration hidden states: expected finite values, found {int((~np.isfinite(x)).sum())} NaN or infinite"
+        )
     x = jnp.asarray(x, jnp.float32)
     result = {}
     for layer in arch.moe_layers if layers is None else layers:
@@ -382,17 +426,24 @@ def calibrate_input_amax(float_checkpoint, x, layers=None) -> dict[int, dict[str
         experts = block.experts
         if experts.scheme.quant_config().weight.kind != "none":
             raise ValueError(f"calibrate_input_amax needs a float checkpoint; layer {layer} is {experts.scheme.name}")
-        logits = routing.router_logits(x, block.router_weight, block.router_bias)
-        _, ids = routing.route(logits, routing.RoutingConfig.from_architecture(arch), block.correction_bias)
-        # every expert's GEMM1 on every token, as the oracle computes one (moe.emulation.dense_gemm)
-        h = jnp.swapaxes(jax.vmap(lambda w: dense_gemm(x, w))(experts.params["w13"]), 0, 1)
-        bias = experts.params.get("w13_bias")
-        h = h + (0 if bias is None else bias[None])
-        a2 = apply_activation(h, arch.activation, limit=arch.swiglu_limit)
-        routed = (ids[:, :, None] == jnp.arange(arch.num_experts)).any(1)  # [T, E]
-        x_amax = jnp.where(routed, jnp.abs(x).max(-1, keepdims=True), 0).max(0)
-        a2_amax = jnp.where(routed, jnp.abs(a2).max(-1), 0).max(0)
-        x_amax = jnp.where(x_amax > 0, x_amax, jnp.abs(x).max())
-        a2_amax = jnp.where(a2_amax > 0, a2_amax, jnp.abs(a2).max())
+        routing_config = routing.RoutingConfig.from_architecture(arch)
+        w13, bias = experts.params["w13"], experts.params.get("w13_bias")
+        chunk = max(1, CALIBRATION_CHUNK_ELEMENTS // (arch.num_experts * w13.shape[1]))
+        x_amax = a2_amax = jnp.zeros(arch.num_experts, jnp.float32)
+        x_all = a2_all = jnp.float32(0)
+        for begin in range(0, x.shape[0], chunk):
+            xc = x[begin : begin + chunk]
+            logits = routing.router_logits(xc, block.router_weight, block.router_bias)
+            _, ids = routing.route(logits, routing_config, block.correction_bias)
+            # every expert's GEMM1 on every token, as the oracle computes one (moe.emulation.dense_gemm)
+            h = jnp.swapaxes(jax.vmap(dense_gemm, in_axes=(None, 0))(xc, w13), 0, 1)  # [t, E, 2I]
+            h = h + (0 if bias is None else bias[None])
+            a2 = apply_activation(h, arch.activation, limit=arch.swiglu_limit)  # [t, E, I]
+            routed = (ids[:, :, None] == jnp.arange(arch.num_experts)).any(1)  # [t, E]
+            x_amax = jnp.maximum(x_amax, jnp.where(routed, jnp.abs(xc).max(-1, keepdims=True), 0).max(0))
+            a2_amax = jnp.maximum(a2_amax, jnp.where(routed, jnp.abs(a2).max(-1), 0).max(0))
+            x_all, a2_all = jnp.maximum(x_all, jnp.abs(xc).max()), jnp.maximum(a2_all, jnp.abs(a2).max())
+        x_amax = jnp.where(x_amax > 0, x_amax, x_all)
+        a2_amax = jnp.where(a2_amax > 0, a2_amax, a2_all)
         result[layer] = {"w13": np.asarray(x_amax), "w2": np.asarray(a2_amax)}
     return result

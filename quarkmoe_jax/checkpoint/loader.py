@@ -46,7 +46,7 @@ from quarkmoe_jax.checkpoint.architectures import (
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, folder_file, read_json_file
 from quarkmoe_jax.formats import E8M0_ONE
 from quarkmoe_jax.moe.sharding import placement_expert_map
-from quarkmoe_jax.quark_config import QuarkConfig
+from quarkmoe_jax.quark_config import QuarkConfig, exclude_match_budget
 from quarkmoe_jax.schemes import HeaderCheckBuffer, MoEScheme, MoEShape, get_moe_scheme
 
 __all__ = [
@@ -558,6 +558,7 @@ def _layer_setup(
     return block, prefix, scheme, shape, expert_map
 
 
+@exclude_match_budget()  # one budget for every re: exclude pattern of the whole description
 def inspect_checkpoint(path: str | pathlib.Path, *, semantics: str = "vllm") -> dict[str, Any]:
     """Describe a checkpoint without reading tensor data: architecture, and per MoE layer the scheme, the
     parameter bytes, the padding, or why it is refused. Used by ``quarkmoe inspect``."""
@@ -611,6 +612,7 @@ def check_checkpoint_headers(path: str | pathlib.Path, *, semantics: str = "vllm
             raise CheckpointError(f"{path}: MoE layer {layer}: {entry['refused']}")
 
 
+@exclude_match_budget()  # joins a caller's (a whole model's load) or opens one
 def load_moe_block(
     path: str | pathlib.Path,
     layer: int,

@@ -26,13 +26,14 @@ from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
 from quarkmoe_jax.moe.op import BACKENDS
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
-from quarkmoe_jax.quark_config import QuarkConfig
+from quarkmoe_jax.quark_config import QuarkConfig, exclude_match_budget
 from quarkmoe_jax.schemes import HeaderCheckBuffer, get_moe_scheme
 from quarkmoe_jax.schemes.linear import LinearMethod
 
 __all__ = ["from_pretrained"]
 
 
+@exclude_match_budget()  # one budget for every re: exclude pattern of the load
 def from_pretrained(
     path: str | pathlib.Path,
     *,

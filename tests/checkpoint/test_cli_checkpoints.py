@@ -50,7 +50,8 @@ def test_bad_paths_print_one_line_and_exit_2(argv, message, capsys):
 def test_static_scheme_without_calibration(tmp_path, capsys):
     cli.main(["synthetic", str(tmp_path / "f")])
     assert cli.main(["quantize", str(tmp_path / "f"), str(tmp_path / "q"), "--scheme", "w_mxfp4_a_fp8"]) == 2
-    assert "input_amax" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--calibrate" in err and "--input-amax" in err
 
 
 def test_quantize_refuses_a_float_expert_weight_of_the_wrong_shape_before_writing(tmp_path, capsys):
@@ -83,7 +84,7 @@ def test_quantize_refuses_a_calibration_amax_that_cannot_make_a_scale(tmp_path, 
     argv = ["quantize", str(f), str(q), "--scheme", "w_mxfp4_a_fp8", "--input-amax", amax]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "input_amax" in err and "finite and positive" in err
+    assert err.count("\n") == 1 and f"--input-amax {float(amax)}: expected a finite positive number" in err
     assert not q.exists() and not list(tmp_path.glob(".quark*"))
 
 
@@ -149,3 +150,35 @@ def test_synthetic_refuses_absurd_sizes_before_allocating(tmp_path, capsys, flag
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_calibration_in_chunks_equals_one_pass_and_bad_states_are_refused(tmp_path, monkeypatch):
+    """calibrate_input_amax takes the tokens in chunks (memory bounded whatever their number): any chunk size
+    gives the same amax. Hidden states of the wrong width, dtype or with NaN are refused naming them;
+    export_quark_checkpoint takes them instead of input_amax, not with it, and only for static schemes."""
+    import numpy as np
+
+    from quarkmoe_jax.checkpoint import exporter
+    from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
+    from quarkmoe_jax.errors import QuarkMoEError
+
+    src = write_float_checkpoint(tmp_path / "float", "qwen2_moe", hidden_size=48)  # shared experts, biasless
+    states = np.random.default_rng(3).standard_normal((37, 48), np.float32)
+    whole = exporter.calibrate_input_amax(src, states)
+    monkeypatch.setattr(exporter, "CALIBRATION_CHUNK_ELEMENTS", 1)  # one token per chunk
+    for layer, amax in exporter.calibrate_input_amax(src, states).items():
+        for which in ("w13", "w2"):
+            np.testing.assert_array_equal(amax[which], whole[layer][which])
+    for bad, message in [
+        (states[:, :40], r"expected a float array \[tokens, 48\].*found float32\[37, 40\]"),
+        (states.astype(np.int32), r"found int32\[37, 48\]"),
+        (np.where(states > 2.5, np.inf, states), r"expected finite values, found \d+ NaN or infinite"),
+    ]:
+        with pytest.raises(QuarkMoEError, match=message):
+            exporter.calibrate_input_amax(src, bad)
+    out = tmp_path / "q"
+    with pytest.raises(ValueError, match="pass input_amax or calibration_states"):
+        exporter.export_quark_checkpoint(src, out, "w_mxfp4_a_fp8", input_amax=2.0, calibration_states=states)
+    with pytest.raises(ValueError, match="w_mxfp4 has no static input scales"):
+        exporter.export_quark_checkpoint(src, out, "w_mxfp4", calibration_states=states)
+    assert not out.exists()
