@@ -349,9 +349,11 @@ class QuarkMoEForCausalLM(nnx.Module):
         PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``); ``eos_token_id`` ids in
         ``[0, vocab)``; the KV cache within the device's memory.
 
-        Compiles one prefill per (B, prompt bucket) and one decode step per (B, cache length); the cache
-        length is ``token_bucket(max(bucket, T + max_new_tokens))``. Returns int32 ``[B, T + n]`` (host
-        array), ``n <= max_new_tokens``.
+        Compiles one prefill per (B, prompt bucket) and one decode loop per (B, cache length, bucket of
+        ``max_new_tokens``); the cache length is ``token_bucket(max(bucket, T + max_new_tokens))``. The decode
+        loop runs on the device (``lax.while_loop``, stop tokens checked there): the tokens come to the host
+        once. Returns int32 ``[B, T + n]`` (host array), ``n <= max_new_tokens``. Many requests of different
+        lengths: :mod:`quarkmoe_jax.serving`.
         """
         request = inputs.check_generation(
             self.config,
@@ -380,20 +382,20 @@ class QuarkMoEForCausalLM(nnx.Module):
         token, cache = _prefill(
             graphdef, state, jax.device_put(padded), jnp.int32(t), cache, step_key, *params, greedy=greedy
         )
-        out = [np.asarray(token)]
-        done = np.isin(out[-1], eos)
-        for i in range(1, max_new_tokens):
-            if eos.size and done.all():
-                break
-            key, step_key = jax.random.split(key)
-            token, cache = _decode_step(
-                graphdef, state, token, jnp.int32(t + i - 1), cache, step_key, *params, greedy=greedy
-            )
-            new = np.asarray(token)
-            new = np.where(done, out[-1], new) if eos.size else new
-            out.append(new)
-            done |= np.isin(new, eos)
-        return np.concatenate([ids, np.stack(out, axis=1)], axis=1)
+        tokens, count, _ = _decode_loop(
+            graphdef,
+            state,
+            token,
+            jnp.int32(t),
+            cache,
+            key,
+            *params,
+            jnp.asarray(eos, jnp.int32),
+            jnp.int32(max_new_tokens),
+            greedy=greedy,
+            out_size=token_bucket(max_new_tokens),
+        )
+        return np.concatenate([ids, np.asarray(tokens)[:, : int(count)]], axis=1)
 
     def __repr__(self) -> str:
         c = self.config
@@ -418,8 +420,29 @@ def _prefill(graphdef, state, ids, length, cache, key, temperature, top_p, *, gr
     return sample_tokens(model.logits(last), key, temperature, top_p, greedy=greedy), cache
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
-def _decode_step(graphdef, state, token, position, cache, key, temperature, top_p, *, greedy):
+@functools.partial(jax.jit, static_argnames=("greedy", "out_size"), donate_argnames=("cache",))
+def _decode_loop(
+    graphdef, state, first, prompt_length, cache, key, temperature, top_p, eos, max_new, *, greedy, out_size
+):
+    """The decode steps of :meth:`QuarkMoEForCausalLM.generate` in one device loop (no host round trip per
+    token): from the prefill's token ``first [B]``, up to ``max_new`` tokens in all, stopping once every row has
+    produced one of ``eos [n]``; a stopped row repeats its stop token. Returns ``(tokens int32 [B, out_size],
+    count, cache)``: the first ``count`` columns are the new tokens."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model.hidden_states(token[:, None], cache=cache, start=position)
-    return sample_tokens(model.logits(hidden[:, 0]), key, temperature, top_p, greedy=greedy), cache
+    done = jnp.isin(first, eos)
+    out = jnp.zeros((first.shape[0], out_size), jnp.int32).at[:, 0].set(first)
+
+    def running(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new) & ~(done.all() & (eos.size > 0))
+
+    def decode(carry):
+        step, token, cache, key, done, out = carry
+        key, step_key = jax.random.split(key)
+        hidden, cache = model.hidden_states(token[:, None], cache=cache, start=prompt_length + step - 1)
+        new = sample_tokens(model.logits(hidden[:, 0]), step_key, temperature, top_p, greedy=greedy)
+        new = jnp.where(done, token, new)
+        return step + 1, new, cache, key, done | jnp.isin(new, eos), out.at[:, step].set(new)
+
+    count, _, cache, _, _, out = lax.while_loop(running, decode, (jnp.int32(1), first, cache, key, done, out))
+    return out, count, cache  # the cache returned so that its donated buffer is the loop's (no second copy)

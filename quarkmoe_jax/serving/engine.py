@@ -149,6 +149,8 @@ class Engine:
             raise InputError(f"prompt_ids must be a list of token ids ({e})") from None
         if prompt.ndim != 1:
             raise InputError(f"prompt_ids must be one sequence of token ids, got shape {prompt.shape}")
+        if prompt.size == 0:
+            raise InputError("prompt_ids must hold at least one token id, got an empty prompt")
         prompt = inputs.check_input_ids(prompt[None], self.config.vocab_size, self.context, name="prompt_ids")[0]
         inputs.check_max_new_tokens(params.max_new_tokens, len(prompt), self.context)
         if params.stop_token_ids is None:
