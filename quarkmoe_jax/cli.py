@@ -311,46 +311,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quarkmoe_jax.checkpoint.loader import read_hf_config
     from quarkmoe_jax.errors import InputError
     from quarkmoe_jax.models import DecoderConfig, from_pretrained, inputs
+    from quarkmoe_jax.serving import Engine, SamplingParams, generate
 
     # every argument is checked against config.json before the weights are read or a cache is allocated
     config = DecoderConfig.from_hf_config(read_hf_config(args.checkpoint))
     tokenizer = load_tokenizer(args.checkpoint, needed=args.prompt is not None)
-    if args.prompt is not None:
-        ids = np.asarray([tokenizer.encode(args.prompt).ids], np.int64)
-        if ids.size == 0:
-            raise InputError(f"--prompt {args.prompt[:60]!r}: the tokenizer gives no tokens")
-    else:
-        ids = parse_prompt_ids(args.prompt_ids)
+    prompts = []
+    for text in args.prompt or ():
+        ids = tokenizer.encode(text).ids
+        if not ids:
+            raise InputError(f"--prompt {text[:60]!r}: the tokenizer gives no tokens")
+        prompts.append(np.asarray([ids], np.int64))
+    prompts += [parse_prompt_ids(text) for text in args.prompt_ids or ()]
     dtype = jnp.dtype(config.dtype if args.dtype == "auto" else args.dtype)
-    seed = inputs.check_seed(args.seed)
-    temperature, top_p = inputs.check_sampling(args.temperature, args.top_p)
-    key = jax.random.key(seed) if temperature > 0 else None
-    request = inputs.check_generation(
-        config,
-        ids,
-        args.max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        key=key,
-        max_model_len=args.max_model_len,
-        dtype=dtype,
+    params = SamplingParams(
+        args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
+    requests = [
+        inputs.check_generation(config, ids, params.max_new_tokens, max_model_len=args.max_model_len, dtype=dtype)
+        for ids in prompts
+    ]
     model = from_pretrained(
         args.checkpoint, semantics=args.semantics, dtype=dtype, backend=args.backend, max_model_len=args.max_model_len
     )
+    engine = Engine(model, max_num_seqs=min(len(prompts), 16))
+    print(engine.summary(), file=sys.stderr)
     start = time.perf_counter()
-    out = model.generate(request.input_ids, request.max_new_tokens, temperature=temperature, top_p=top_p, key=key)
+    outputs = generate(model, [request.input_ids[0].tolist() for request in requests], params, engine=engine)
     elapsed = time.perf_counter() - start
-    new = out[0, ids.shape[1] :].tolist()
-    batch = ids.shape[0]
-    backend = backend_run(args.backend, model, (batch * request.prompt_bucket, batch), model.dtype)
-    if tokenizer is not None:
-        print(tokenizer.decode(out[0].tolist()))
-    print(f"prompt ids: {ids[0].tolist()}")
-    print(f"new ids:    {new}")
+    backend = backend_run(args.backend, model, (1, engine.max_num_batched_tokens), model.dtype)
+    for index, (request, new) in enumerate(zip(requests, outputs, strict=True)):
+        prompt = request.input_ids[0].tolist()
+        label = f"[{index}] " if len(requests) > 1 else ""
+        if tokenizer is not None:
+            print(label + tokenizer.decode(prompt + new))
+        print(f"{label}prompt ids: {prompt}")
+        print(f"{label}new ids:    {new}")
     print(
-        f"({len(new)} tokens in {elapsed:.2f} s, compile included; {model.config.model_type}, "
-        f"dtype {model.dtype.name}, semantics {args.semantics}, backend {backend})",
+        f"({sum(map(len, outputs))} tokens for {len(outputs)} prompt(s) in {elapsed:.2f} s, compile included; "
+        f"{model.config.model_type}, dtype {model.dtype.name}, semantics {args.semantics}, backend {backend})",
         file=sys.stderr,
     )
     return 0
@@ -706,11 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate = command("generate", "load a whole model (from_pretrained) and generate tokens with a KV cache")
     generate.add_argument("checkpoint", help="Hugging Face / Quark folder with config.json and *.safetensors")
     prompt = generate.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
-    prompt.add_argument("--prompt-ids", help="token ids, comma-separated: 1,2,3")
-    generate.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate at most")
+    prompt.add_argument(
+        "--prompt", action="append", help="text, tokenized with the checkpoint's tokenizer.json (repeatable)"
+    )
+    prompt.add_argument("--prompt-ids", action="append", help="token ids, comma-separated: 1,2,3 (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, required=True, help="tokens to generate at most, per prompt")
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: all)")
     generate.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampling, in int64's range")
     generate.add_argument(
         "--max-model-len",

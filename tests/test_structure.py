@@ -1,8 +1,8 @@
 """The library's import graph flows one way (read statically from the source, function-level imports included).
 
 Parts: the top-level modules (``contracts``, ``errors``, ``files``, ``activations``, ``quark_config``, ``nn``, ``cli``)
-and the subpackages (``formats``, ``schemes``, ``checkpoint``, ``moe``, ``kernels``, ``models``). No two parts
-import each other, directly or through others, and the compute core (``formats``, ``moe``, ``kernels``,
+and the subpackages (``formats``, ``schemes``, ``checkpoint``, ``moe``, ``kernels``, ``models``, ``serving``). No
+two parts import each other, directly or through others, and the compute core (``formats``, ``moe``, ``kernels``,
 ``activations``) never reaches the config parser, the schemes, checkpoint I/O, the modules or the CLI: it
 reads only ``contracts`` (and ``errors``).
 """
@@ -14,7 +14,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ("formats", "moe", "kernels", "activations")
-ABOVE_CORE = ("quark_config", "files", "schemes", "checkpoint", "nn", "cli", "models")
+ABOVE_CORE = ("quark_config", "files", "schemes", "checkpoint", "nn", "cli", "models", "serving")
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -78,6 +78,7 @@ def test_the_graph_reader_sees_the_known_edges():
     assert {"checkpoint", "moe", "contracts"} <= graph["nn"]
     assert "kernels" in graph["moe"] and "formats" in graph["kernels"]
     assert "moe" in graph["checkpoint"]  # the per-shard loader lays parameters out as the sharded op says
+    assert "models" in graph["serving"] and "serving" in graph["cli"]  # the engine runs models; the CLI, the engine
     assert {"quarkmoe_jax.kernels.pallas.grouped_gemm", "quarkmoe_jax.kernels.triton.backend"} <= set(_modules())
 
 

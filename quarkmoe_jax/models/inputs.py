@@ -43,6 +43,7 @@ __all__ = [
     "check_cache_size",
     "cache_bytes",
     "positive_int",
+    "is_int",
     "check_generation",
 ]
 
@@ -64,7 +65,7 @@ class Context(NamedTuple):
         return f"the model's context of {self.length} positions ({self.source})"
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -75,7 +76,7 @@ def _describe(value) -> str:
 
 def positive_int(value, name: str) -> int:
     """``value`` as an ``int`` >= 1 (bool, float and str refused)."""
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise InputError(f"{name} must be a positive integer, got {_describe(value)}")
     return int(value)
 
@@ -87,7 +88,7 @@ def context_of(config, max_model_len: int | None = None) -> Context:
     if max_model_len is not None:
         return Context(positive_int(max_model_len, "max_model_len"), "max_model_len")
     configured = config.max_position_embeddings
-    if _is_int(configured) and configured > 0:
+    if is_int(configured) and configured > 0:
         return Context(int(configured), "max_position_embeddings in config.json; max_model_len changes it")
     return Context(DEFAULT_CONTEXT, "config.json gives no max_position_embeddings; max_model_len sets one")
 
@@ -128,7 +129,7 @@ def check_input_ids(input_ids, vocab_size: int, context: Context, *, name: str =
 
 def check_max_new_tokens(max_new_tokens, prompt_length: int, context: Context) -> int:
     """``max_new_tokens`` as an ``int`` >= 0 with ``prompt_length + max_new_tokens`` within ``context``."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative integer, got {_describe(max_new_tokens)}")
     total = prompt_length + int(max_new_tokens)
     if total > context.length:
@@ -195,21 +196,21 @@ def check_eos(eos_token_id, config) -> np.ndarray:
     if eos_token_id is None:
         # a config's stop token outside the vocabulary can never be generated: leaving it out changes nothing
         return np.asarray([e for e in config.eos_token_ids if 0 <= e < vocab], np.int32)
-    if _is_int(eos_token_id):
+    if is_int(eos_token_id):
         values = [eos_token_id]
     elif isinstance(eos_token_id, (list, tuple)) or (isinstance(eos_token_id, np.ndarray) and eos_token_id.ndim == 1):
         values = list(eos_token_id)
     else:
         raise InputError(f"eos_token_id must be a token id or a list of token ids, got {_describe(eos_token_id)}")
     for value in values:
-        if not _is_int(value) or not 0 <= value < vocab:
+        if not is_int(value) or not 0 <= value < vocab:
             raise InputError(f"eos_token_id must be token ids in [0, {vocab}), found {_describe(value)}")
     return np.asarray(values, np.int32)
 
 
 def check_seed(seed) -> int:
     """A PRNG seed ``jax.random.key`` takes: an integer in int64's range."""
-    if not _is_int(seed) or not _INT64.min <= seed <= _INT64.max:
+    if not is_int(seed) or not _INT64.min <= seed <= _INT64.max:
         raise InputError(f"seed must be an integer in [-2**63, 2**63 - 1], got {_describe(seed)}")
     return int(seed)
 
@@ -290,7 +291,7 @@ def check_start(start, num_tokens: int, cache_length: int, context: Context) -> 
         if isinstance(start, jax.core.Tracer):
             return
         start = int(start)
-    elif not _is_int(start):
+    elif not is_int(start):
         raise InputError(f"start must be an integer (the position of input_ids[:, 0]), got {_describe(start)}")
     if start < 0:
         raise InputError(f"start must be >= 0, got {start}")

@@ -112,8 +112,9 @@ def attention(q, k, v, q_positions, k_positions, *, scale: float, window: int | 
 
     Args:
       q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (``Hq`` a multiple of ``Hkv``).
-      q_positions: int32 ``[T]``; k_positions: int32 ``[S]``. Key j is seen from query i when
-        ``k_pos[j] <= q_pos[i]`` (and ``k_pos[j] > q_pos[i] - window`` with a sliding ``window``).
+      q_positions: int32 ``[T]``, or ``[B, T]`` (each row its own, as the paged cache's tokens);
+        k_positions: int32 ``[S]``. Key j is seen from query i when ``k_pos[j] <= q_pos[i]`` (and
+        ``k_pos[j] > q_pos[i] - window`` with a sliding ``window``).
       sinks: float32 ``[Hq]`` gpt-oss sink logits: one more softmax column per head, dropped afterwards.
       k_valid: optional bool ``[S]``: keys that exist (a cache's written slots).
 
@@ -125,11 +126,13 @@ def attention(q, k, v, q_positions, k_positions, *, scale: float, window: int | 
     groups = hq // hkv
     qg = q.reshape(b, t, hkv, groups, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, **_HIGHEST) * jnp.float32(scale)
-    allowed = k_positions[None, :] <= q_positions[:, None]
+    allowed = k_positions[None, :] <= q_positions[..., :, None]  # [T, S] or [B, T, S]
     if window is not None:
-        allowed &= k_positions[None, :] > q_positions[:, None] - window
+        allowed &= k_positions[None, :] > q_positions[..., :, None] - window
     if k_valid is not None:
         allowed &= k_valid[None, :]
+    if allowed.ndim == 3:
+        allowed = allowed[:, None, None]  # per row: [B, 1, 1, T, S] against scores [B, Hkv, G, T, S]
     scores = jnp.where(allowed, scores, -jnp.inf)
     if sinks is not None:
         sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, hkv, groups, 1, 1), (b, hkv, groups, t, 1))

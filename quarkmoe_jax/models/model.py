@@ -27,6 +27,8 @@ from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.models import inputs
 from quarkmoe_jax.models.decoder_config import DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm, apply_rope, attention, rope_tables
+from quarkmoe_jax.models.paged import PagedBatch, write_and_read
+from quarkmoe_jax.models.sampling import sample_tokens
 from quarkmoe_jax.moe.buckets import token_bucket
 from quarkmoe_jax.nn import QuarkMoEBlock
 
@@ -56,7 +58,7 @@ class Attention(nnx.Module):
         shape = (batch, length, self.num_kv_heads, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None):
+    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None, paged=None):
         b, t, _ = x.shape
         q = self.q_proj(x, valid).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x, valid).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -64,25 +66,29 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.pairs), apply_rope(k, cos, sin, self.pairs)
-        if cache is None:
-            keys, values, k_positions = k, v, positions
-        else:
-            keys = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-            values = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-            cache = {"k": keys, "v": values}
-            k_positions = jnp.arange(keys.shape[1], dtype=jnp.int32)
+        cache, read, queries, q_positions, k_positions = _cached(cache, {"k": k, "v": v}, q, positions, start, paged)
         sinks = None if self.sinks is None else self.sinks.get_value()
         out = attention(
-            q,
-            keys.astype(q.dtype),
-            values.astype(q.dtype),
-            positions,
+            queries,
+            read["k"].astype(q.dtype),
+            read["v"].astype(q.dtype),
+            q_positions,
             k_positions,
             scale=self.scale,
             window=self.window,
             sinks=sinks,
         )
         return self.o_proj(out.reshape(b, t, -1), valid), cache
+
+
+def _cached(cache, new: dict, q, positions, start, paged: PagedBatch | None):
+    """Store this step's cache entries and return ``(cache, read, queries, q_positions, k_positions)`` for
+    :func:`attention`: the contiguous cache attends ``q [B, T, ...]`` at ``positions [T]``; the paged one
+    attends each of the ``N`` tokens alone (``queries [N, 1, ...]``, ``q_positions [N, 1]``) to its sequence."""
+    cache, read, k_positions = write_and_read(cache, new, start, paged)
+    if paged is not None:
+        return cache, read, q.reshape(q.shape[1], 1, *q.shape[2:]), paged.positions[:, None], k_positions
+    return cache, read, q, positions, positions if k_positions is None else k_positions
 
 
 class LatentAttention(nnx.Module):
@@ -120,7 +126,7 @@ class LatentAttention(nnx.Module):
             "k_rot": jnp.zeros((batch, length, self.rope_dim), dtype),
         }
 
-    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None):
+    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None, paged=None):
         b, t, _ = x.shape
         h = self.num_heads
         if self.q_proj is not None:
@@ -133,22 +139,18 @@ class LatentAttention(nnx.Module):
         latent = self.kv_a_layernorm(compressed[..., : self.rank])
         k_rot = compressed[..., self.rank :][:, :, None, :]
         q_rot, k_rot = apply_rope(q_rot, cos, sin, self.pairs), apply_rope(k_rot, cos, sin, self.pairs)[:, :, 0]
-        if cache is None:
-            latents, rot_keys, k_positions = latent, k_rot, positions
-        else:
-            latents = lax.dynamic_update_slice(cache["latent"], latent.astype(cache["latent"].dtype), (0, start, 0))
-            rot_keys = lax.dynamic_update_slice(cache["k_rot"], k_rot.astype(cache["k_rot"].dtype), (0, start, 0))
-            cache = {"latent": latents, "k_rot": rot_keys}
-            k_positions = jnp.arange(latents.shape[1], dtype=jnp.int32)
         w = self.kv_b_proj.dequantized_weight(jnp.float32).reshape(h, self.nope + self.v_dim, self.rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
         q_latent = jnp.einsum("bthn,hnr->bthr", q_nope, w_uk, precision=lax.Precision.HIGHEST).astype(x.dtype)
         # multi-query attention over [latent | k_rot] keys with the latent as the value
         queries = jnp.concatenate([q_latent, q_rot], axis=-1)
-        keys = jnp.concatenate([latents, rot_keys], axis=-1).astype(x.dtype)[:, :, None, :]
-        context = attention(
-            queries, keys, latents.astype(x.dtype)[:, :, None, :], positions, k_positions, scale=self.scale
+        cache, read, queries, q_positions, k_positions = _cached(
+            cache, {"latent": latent, "k_rot": k_rot}, queries, positions, start, paged
         )
+        latents = read["latent"].astype(x.dtype)
+        keys = jnp.concatenate([latents, read["k_rot"].astype(x.dtype)], axis=-1)[:, :, None, :]
+        context = attention(queries, keys, latents[:, :, None, :], q_positions, k_positions, scale=self.scale)
+        context = context.reshape(b, t, h, self.rank)
         out = jnp.einsum("bthr,hvr->bthv", context, w_uv, precision=lax.Precision.HIGHEST).astype(x.dtype)
         return self.o_proj(out.reshape(b, t, h * self.v_dim), valid), cache
 
@@ -163,9 +165,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
 
-    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None, backend="auto"):
+    def __call__(self, x, positions, cos, sin, cache=None, start=0, valid=None, backend="auto", paged=None):
         b, t, hidden = x.shape
-        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, start, valid)
+        attn_out, cache = self.self_attn(self.input_layernorm(x), positions, cos, sin, cache, start, valid, paged)
         h = x + attn_out
         y = self.post_attention_layernorm(h).reshape(b * t, hidden)
         valid_rows = None if valid is None else jnp.broadcast_to(valid[None, :], (b, t)).reshape(-1)
@@ -250,12 +252,39 @@ class QuarkMoEForCausalLM(nnx.Module):
         )
         cos, sin = cos[None], sin[None]
         x = jnp.take(self.embed_tokens.get_value(), ids, axis=0)
+        return self._decoder(x, positions, cos, sin, cache, start, valid)
+
+    def _decoder(self, x, positions, cos, sin, cache, start, valid, paged=None):
         new_cache = None if cache is None else []
         for i, layer in enumerate(self.layers):
-            x, entry = layer(x, positions, cos, sin, None if cache is None else cache[i], start, valid, self.backend)
+            entry = None if cache is None else cache[i]
+            x, entry = layer(x, positions, cos, sin, entry, start, valid, self.backend, paged)
             if cache is not None:
                 new_cache.append(entry)
         return self.norm(x), new_cache
+
+    def init_paged_cache(self, num_blocks: int, block_size: int, dtype=None) -> list[dict[str, jax.Array]]:
+        """An empty paged KV cache (:mod:`~quarkmoe_jax.models.paged`): per layer ``{name: [num_blocks,
+        block_size, ...]}``, the contiguous cache's entries with blocks for sequences (``dtype``: the model's)."""
+        num_blocks, block_size = (
+            inputs.positive_int(num_blocks, "num_blocks"),
+            inputs.positive_int(block_size, "block_size"),
+        )
+        dtype = jnp.dtype(dtype or self.dtype)
+        inputs.check_cache_size(self.config, num_blocks, block_size, dtype)
+        return self._allocate_cache(num_blocks, block_size, dtype)
+
+    def paged_logits(self, input_ids, paged: PagedBatch, cache):
+        """One step of a paged batch (jit-traceable): ``input_ids`` int32 ``[N]`` (the step's tokens, flattened
+        over its sequences) -> ``(logits float32 [S, V]`` at each sequence's ``paged.last_token``, the updated
+        cache). Keys and values of every valid token are written at its slot before any token attends."""
+        positions = paged.positions
+        cos, sin = rope_tables(
+            np.asarray(self._inverse_frequencies, np.float32), positions, self.config.rope.attention_factor
+        )
+        x = jnp.take(self.embed_tokens.get_value(), input_ids, axis=0)[None]
+        hidden, cache = self._decoder(x, positions, cos[None], sin[None], cache, 0, paged.valid, paged)
+        return self.logits(hidden[0][paged.last_token]), cache
 
     def logits(self, hidden):
         """float32 ``[..., V]`` of final hidden states ``[..., H]``."""
@@ -320,9 +349,11 @@ class QuarkMoEForCausalLM(nnx.Module):
         PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``); ``eos_token_id`` ids in
         ``[0, vocab)``; the KV cache within the device's memory.
 
-        Compiles one prefill per (B, prompt bucket) and one decode step per (B, cache length); the cache
-        length is ``token_bucket(max(bucket, T + max_new_tokens))``. Returns int32 ``[B, T + n]`` (host
-        array), ``n <= max_new_tokens``.
+        Compiles one prefill per (B, prompt bucket) and one decode loop per (B, cache length, bucket of
+        ``max_new_tokens``); the cache length is ``token_bucket(max(bucket, T + max_new_tokens))``. The decode
+        loop runs on the device (``lax.while_loop``, stop tokens checked there): the tokens come to the host
+        once. Returns int32 ``[B, T + n]`` (host array), ``n <= max_new_tokens``. Many requests of different
+        lengths: :mod:`quarkmoe_jax.serving`.
         """
         request = inputs.check_generation(
             self.config,
@@ -351,20 +382,20 @@ class QuarkMoEForCausalLM(nnx.Module):
         token, cache = _prefill(
             graphdef, state, jax.device_put(padded), jnp.int32(t), cache, step_key, *params, greedy=greedy
         )
-        out = [np.asarray(token)]
-        done = np.isin(out[-1], eos)
-        for i in range(1, max_new_tokens):
-            if eos.size and done.all():
-                break
-            key, step_key = jax.random.split(key)
-            token, cache = _decode_step(
-                graphdef, state, token, jnp.int32(t + i - 1), cache, step_key, *params, greedy=greedy
-            )
-            new = np.asarray(token)
-            new = np.where(done, out[-1], new) if eos.size else new
-            out.append(new)
-            done |= np.isin(new, eos)
-        return np.concatenate([ids, np.stack(out, axis=1)], axis=1)
+        tokens, count, _ = _decode_loop(
+            graphdef,
+            state,
+            token,
+            jnp.int32(t),
+            cache,
+            key,
+            *params,
+            jnp.asarray(eos, jnp.int32),
+            jnp.int32(max_new_tokens),
+            greedy=greedy,
+            out_size=token_bucket(max_new_tokens),
+        )
+        return np.concatenate([ids, np.asarray(tokens)[:, : int(count)]], axis=1)
 
     def __repr__(self) -> str:
         c = self.config
@@ -372,25 +403,6 @@ class QuarkMoEForCausalLM(nnx.Module):
             f"QuarkMoEForCausalLM({c.model_type}, layers={c.num_layers}, hidden={c.hidden_size}, "
             f"vocab={c.vocab_size}, moe_layers={len(c.moe.moe_layers)}, dtype={self.dtype.name})"
         )
-
-
-def sample_tokens(logits, key, temperature, top_p, *, greedy: bool):
-    """int32 ``[B]`` tokens from float32 ``logits [B, V]``: argmax (``greedy``) or nucleus sampling.
-
-    ``temperature`` > 0 and ``top_p`` in ``(0, 1]`` (float32 scalars). The most likely token is always kept,
-    so a ``top_p`` that rounds to 0 is greedy."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    # relative to the best logit, so that a tiny temperature gives -inf, never inf - inf = NaN
-    sorted_logits = (sorted_logits - sorted_logits[:, :1]) / temperature
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability of the better tokens
-    best = jnp.arange(logits.shape[-1]) == 0
-    kept = jnp.where((before < top_p) | best, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(key, kept, axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 @jax.jit
@@ -408,8 +420,29 @@ def _prefill(graphdef, state, ids, length, cache, key, temperature, top_p, *, gr
     return sample_tokens(model.logits(last), key, temperature, top_p, greedy=greedy), cache
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
-def _decode_step(graphdef, state, token, position, cache, key, temperature, top_p, *, greedy):
+@functools.partial(jax.jit, static_argnames=("greedy", "out_size"), donate_argnames=("cache",))
+def _decode_loop(
+    graphdef, state, first, prompt_length, cache, key, temperature, top_p, eos, max_new, *, greedy, out_size
+):
+    """The decode steps of :meth:`QuarkMoEForCausalLM.generate` in one device loop (no host round trip per
+    token): from the prefill's token ``first [B]``, up to ``max_new`` tokens in all, stopping once every row has
+    produced one of ``eos [n]``; a stopped row repeats its stop token. Returns ``(tokens int32 [B, out_size],
+    count, cache)``: the first ``count`` columns are the new tokens."""
     model = nnx.merge(graphdef, state)
-    hidden, cache = model.hidden_states(token[:, None], cache=cache, start=position)
-    return sample_tokens(model.logits(hidden[:, 0]), key, temperature, top_p, greedy=greedy), cache
+    done = jnp.isin(first, eos)
+    out = jnp.zeros((first.shape[0], out_size), jnp.int32).at[:, 0].set(first)
+
+    def running(carry):
+        step, _, _, _, done, _ = carry
+        return (step < max_new) & ~(done.all() & (eos.size > 0))
+
+    def decode(carry):
+        step, token, cache, key, done, out = carry
+        key, step_key = jax.random.split(key)
+        hidden, cache = model.hidden_states(token[:, None], cache=cache, start=prompt_length + step - 1)
+        new = sample_tokens(model.logits(hidden[:, 0]), step_key, temperature, top_p, greedy=greedy)
+        new = jnp.where(done, token, new)
+        return step + 1, new, cache, key, done | jnp.isin(new, eos), out.at[:, step].set(new)
+
+    count, _, cache, _, _, out = lax.while_loop(running, decode, (jnp.int32(1), first, cache, key, done, out))
+    return out, count, cache  # the cache returned so that its donated buffer is the loop's (no second copy)

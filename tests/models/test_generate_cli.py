@@ -153,7 +153,7 @@ def test_run_layer_prints_the_backend_that_ran(checkpoint, tmp_path, capsys, mon
     [
         (["--prompt-ids", "1,2,3", "--max-new-tokens", 10**9], "more than the model's context of 4096 positions"),
         (["--prompt-ids", ",".join(["1"] * 5000), "--max-new-tokens", 1], "5000 tokens, more than the model's context"),
-        (["--prompt-ids", "1,2,3", "--max-new-tokens", -1], "max_new_tokens must be a non-negative integer"),
+        (["--prompt-ids", "1,2,3", "--max-new-tokens", -1], "max_new_tokens must be a positive integer"),
         (["--prompt-ids", f"1,{2**70}", "--max-new-tokens", 1], f"--prompt-ids: {2**70} is not a token"),
         (["--prompt-ids", "1,-1", "--max-new-tokens", 1], "--prompt-ids: -1 is not a token id"),
         (
@@ -217,3 +217,16 @@ def test_refusals_take_little_memory_and_time_and_leave_nothing_behind(checkpoin
     assert int(result.stdout) < 1 << 20, f"peak RSS {result.stdout} KB"  # VmHWM: kilobytes
     assert elapsed < 30
     assert sorted(p.name for p in checkpoint.iterdir()) == before and not any(tmp_path.iterdir())
+
+
+def test_several_prompts_run_through_the_engine_together(checkpoint, capsys):
+    """--prompt-ids (and --prompt) repeat; each prompt's new tokens are what generate gives it alone."""
+    code, out, err = run(capsys, checkpoint, "--prompt-ids", "1,2,3", "--prompt-ids", "9", "--max-new-tokens", 3)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if " ids:" in line]  # (each prompt's decoded text is printed too)
+    assert lines[0] == "[0] prompt ids: [1, 2, 3]" and lines[2] == "[1] prompt ids: [9]"
+    model = from_pretrained(checkpoint)
+    for line, prompt in ((lines[1], [1, 2, 3]), (lines[3], [9])):
+        new = json.loads(line.split("new ids:")[1])
+        assert new == model.generate(np.array([prompt]), 3, eos_token_id=[])[0, len(prompt) :].tolist()[: len(new)]
+    assert "KV cache:" in err and "2 prompt(s)" in err

@@ -1,0 +1,252 @@
+"""The inference engine: many requests at once over one paged KV cache (continuous batching).
+
+``engine = Engine(model)``; ``engine.add_request(prompt_ids, SamplingParams(...))`` returns a request id;
+each ``engine.step()`` runs one compiled step over every scheduled request (prefill chunks and decode tokens
+together, :mod:`~quarkmoe_jax.serving.scheduler`) and returns the :class:`RequestOutput` of the requests that
+produced a token; ``engine.has_unfinished()``. Only the step's new tokens (int32 ``[S]``) come back to the host.
+
+Compiled shapes: the step's tokens are padded to a power of two (at least 8, at most
+``max_num_batched_tokens``) and its sequences to a power of two (at most ``max_num_seqs``); every block table
+has the blocks of a whole context. So the engine compiles at most ``log2`` (tokens) x ``log2`` (sequences) x 2
+(all greedy or not) programs, and a steady state compiles nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+
+from quarkmoe_jax.errors import InputError
+from quarkmoe_jax.models import inputs
+from quarkmoe_jax.models.paged import PagedBatch
+from quarkmoe_jax.models.sampling import sample_tokens
+from quarkmoe_jax.serving.params import SamplingParams
+from quarkmoe_jax.serving.scheduler import BlockAllocator, Request, Scheduler
+
+__all__ = ["Engine", "RequestOutput"]
+
+log = logging.getLogger("quarkmoe_jax.serving")
+
+#: the fewest tokens a step is padded to (a decode step of one request runs 8 token slots)
+MIN_STEP_TOKENS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one request produced in one step: ``new_token_ids`` (one token), and whether it has finished."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+class Engine:
+    """Serves generation requests on one model with continuous batching and a paged KV cache.
+
+    Args:
+      model: a :class:`~quarkmoe_jax.models.QuarkMoEForCausalLM`.
+      max_num_seqs: requests running at once (default 16).
+      max_num_batched_tokens: tokens one step computes (default 256): prompts longer than what is left of it
+        are prefilled in chunks over several steps.
+      block_size: positions per cache block (default 16).
+      num_blocks: cache blocks (default: enough for ``max_num_seqs`` requests of a whole context, capped at
+        ``memory_fraction`` of the device memory left free after loading; at least one whole context).
+      memory_fraction: of the device's memory, what the model and the cache may use (default 0.9).
+      max_model_len: the longest prompt + new tokens (default: the model's context, :attr:`model.context`).
+      seed: draws the seed of each request that sets none (default 0).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_num_seqs: int = 16,
+        max_num_batched_tokens: int = 256,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        memory_fraction: float = 0.9,
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ):
+        self.model = model
+        self.config = model.config
+        self.context = model.context if max_model_len is None else inputs.context_of(model.config, max_model_len)
+        self.max_num_seqs = inputs.positive_int(max_num_seqs, "max_num_seqs")
+        self.max_num_batched_tokens = inputs.positive_int(max_num_batched_tokens, "max_num_batched_tokens")
+        self.block_size = inputs.positive_int(block_size, "block_size")
+        if not 0 < memory_fraction <= 1:
+            raise InputError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
+        self.blocks_per_request = math.ceil(self.context.length / self.block_size)
+        if num_blocks is None:
+            num_blocks = self._blocks_that_fit(memory_fraction)
+        num_blocks = inputs.positive_int(num_blocks, "num_blocks")
+        if num_blocks < self.blocks_per_request:
+            raise InputError(
+                f"num_blocks = {num_blocks} cannot hold one request of {self.context} ({self.blocks_per_request} "
+                f"blocks of {self.block_size}); lower max_model_len or free device memory"
+            )
+        self.num_blocks = num_blocks
+        self.cache = model.init_paged_cache(num_blocks, self.block_size)
+        self.scheduler = Scheduler(
+            BlockAllocator(num_blocks), self.block_size, self.max_num_seqs, self.max_num_batched_tokens
+        )
+        self._graphdef, self._state = nnx.split(model)
+        self._requests: dict[str, Request] = {}
+        self._seeds = np.random.default_rng(inputs.check_seed(seed))
+        self._ids = itertools.count()
+        self._max_step_tokens = _power_of_two_at_least(max(self.max_num_batched_tokens, MIN_STEP_TOKENS))
+        log.info("%s", self.summary())
+
+    def summary(self) -> str:
+        """One line: the cache's size and what it holds."""
+        cache_bytes = inputs.cache_bytes(self.config, self.num_blocks, self.block_size, self.model.dtype)
+        return (
+            f"KV cache: {self.num_blocks} blocks x {self.block_size} positions ({cache_bytes / 2**30:.3g} GiB, "
+            f"{self.num_blocks * self.block_size / self.context.length:.3g} whole contexts of "
+            f"{self.context.length}); up to {self.max_num_seqs} requests and {self.max_num_batched_tokens} tokens "
+            "a step"
+        )
+
+    def _blocks_that_fit(self, memory_fraction: float) -> int:
+        wanted = self.max_num_seqs * self.blocks_per_request
+        per_block = inputs.cache_bytes(self.config, 1, self.block_size, self.model.dtype)
+        try:
+            stats = jax.devices()[0].memory_stats() or {}
+        except (RuntimeError, NotImplementedError):
+            stats = {}
+        if stats.get("bytes_limit"):
+            free = stats["bytes_limit"] * memory_fraction - stats.get("bytes_in_use", 0)
+        else:
+            total = inputs.device_memory_bytes()
+            free = math.inf if total is None else total * (1 - memory_fraction)  # the host's, shared with the rest
+        return int(min(wanted, max(free // per_block, 0)))
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue a request; returns its id. ``prompt_ids``: a non-empty sequence of token ids in
+        ``[0, vocab)``. A bad request raises :class:`~quarkmoe_jax.errors.InputError` naming the field; the
+        engine keeps serving the others."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt_ids, (str, bytes)):
+            raise InputError("prompt_ids must be a list of token ids (tokenize the text first)")
+        try:
+            prompt = np.asarray(prompt_ids)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise InputError(f"prompt_ids must be a list of token ids ({e})") from None
+        if prompt.ndim != 1:
+            raise InputError(f"prompt_ids must be one sequence of token ids, got shape {prompt.shape}")
+        if prompt.size == 0:
+            raise InputError("prompt_ids must hold at least one token id, got an empty prompt")
+        prompt = inputs.check_input_ids(prompt[None], self.config.vocab_size, self.context, name="prompt_ids")[0]
+        inputs.check_max_new_tokens(params.max_new_tokens, len(prompt), self.context)
+        if params.stop_token_ids is None:
+            stop = inputs.check_eos(None, self.config)
+        else:
+            stop = inputs.check_eos(list(params.stop_token_ids), self.config)
+        if request_id is None:
+            request_id = str(next(self._ids))
+            while request_id in self._requests:
+                request_id = str(next(self._ids))
+        elif not isinstance(request_id, str) or request_id in self._requests:
+            raise InputError(f"request_id must be a new string, got {request_id!r}")
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**63))
+        key_data = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+        request = Request(request_id, [int(t) for t in prompt], params, frozenset(int(s) for s in stop), key_data)
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request (its blocks are freed; it produces nothing more). Unknown ids are ignored."""
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.finish(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    # ----------------------------------------------------------------------------------------------- step
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; the outputs of the requests that produced a token (in scheduling order)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        arrays, greedy = self._step_arrays(scheduled)
+        tokens, self.cache = _engine_step(self._graphdef, self._state, self.cache, *arrays, greedy=greedy)
+        tokens = np.asarray(tokens)
+        outputs = []
+        for row, (request, count) in enumerate(scheduled):
+            request.num_computed += count
+            if request.num_pending:
+                continue  # a prompt chunk: the token sampled after it is not the request's yet
+            token = int(tokens[row])
+            request.output.append(token)
+            request.tokens.append(token)
+            finished = token in request.stop_ids or len(request.output) >= request.params.max_new_tokens
+            if finished:
+                self.scheduler.finish(request)
+                del self._requests[request.request_id]
+            outputs.append(RequestOutput(request.request_id, [token], finished))
+        return outputs
+
+    def _step_arrays(self, scheduled: list[tuple[Request, int]]):
+        total = sum(count for _, count in scheduled)
+        n = min(_power_of_two_at_least(max(total, MIN_STEP_TOKENS)), self._max_step_tokens)
+        s = _power_of_two_at_least(len(scheduled))
+        ids = np.zeros(n, np.int32)
+        token_seq = np.zeros(n, np.int32)
+        positions = np.zeros(n, np.int32)
+        slots = np.full(n, self.num_blocks * self.block_size, np.int32)
+        tables = np.zeros((s, self.blocks_per_request), np.int32)
+        last = np.zeros(s, np.int32)
+        temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+        top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        key_data = np.zeros((s, 2), np.uint32)
+        offset = 0
+        for row, (request, count) in enumerate(scheduled):
+            start = request.num_computed
+            span = slice(offset, offset + count)
+            ids[span] = request.tokens[start : start + count]
+            token_seq[span] = row
+            pos = np.arange(start, start + count)
+            positions[span] = pos
+            blocks = np.asarray(request.blocks, np.int32)
+            slots[span] = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+            tables[row, : len(blocks)] = blocks
+            last[row] = offset + count - 1
+            params = request.params
+            temperature[row], top_p[row], top_k[row] = params.temperature, params.top_p, params.top_k
+            key_data[row], counters[row] = request.key_data, len(request.output)
+            offset += count
+        valid = np.arange(n) < total
+        paged = PagedBatch(token_seq, positions, slots, tables, last, valid)
+        greedy = all(request.params.greedy for request, _ in scheduled)
+        return (ids, paged, temperature, top_p, top_k, key_data, counters), greedy
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
+def _engine_step(graphdef, state, cache, ids, paged, temperature, top_p, top_k, key_data, counters, *, greedy):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.paged_logits(ids, paged, cache)
+    keys = jax.vmap(lambda data, count: jax.random.fold_in(jax.random.wrap_key_data(data), count))(key_data, counters)
+    tokens = sample_tokens(logits, keys, temperature, top_p, top_k, greedy=greedy, per_row_keys=True)
+    return tokens, cache
