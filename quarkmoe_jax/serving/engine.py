@@ -60,9 +60,11 @@ class Engine:
       max_num_batched_tokens: tokens one step computes (default 256): prompts longer than what is left of it
         are prefilled in chunks over several steps.
       block_size: positions per cache block (default 16).
-      num_blocks: cache blocks (default: enough for ``max_num_seqs`` requests of a whole context, capped at
-        ``memory_fraction`` of the device memory left free after loading; at least one whole context).
-      memory_fraction: of the device's memory, what the model and the cache may use (default 0.9).
+      num_blocks: cache blocks (default: enough for ``max_num_seqs`` requests of a whole context, capped by
+        ``memory_fraction``; at least one whole context).
+      memory_fraction: on a GPU, the share of its memory the model and the cache may take together (vLLM's
+        ``gpu_memory_utilization``; the cache gets what loading left of it); on the CPU, the host's memory is
+        shared with everything else and the cache may take ``1 - memory_fraction`` of it (default 0.9).
       max_model_len: the longest prompt + new tokens (default: the model's context, :attr:`model.context`).
       seed: draws the seed of each request that sets none (default 0).
     """
@@ -85,7 +87,11 @@ class Engine:
         self.max_num_seqs = inputs.positive_int(max_num_seqs, "max_num_seqs")
         self.max_num_batched_tokens = inputs.positive_int(max_num_batched_tokens, "max_num_batched_tokens")
         self.block_size = inputs.positive_int(block_size, "block_size")
-        if not 0 < memory_fraction <= 1:
+        if (
+            isinstance(memory_fraction, bool)
+            or not isinstance(memory_fraction, (int, float))
+            or not (0 < memory_fraction <= 1)
+        ):
             raise InputError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
         self.blocks_per_request = math.ceil(self.context.length / self.block_size)
         if num_blocks is None:

@@ -229,3 +229,8 @@ def test_engine_defaults_work_and_the_cache_is_sized_and_described():
     assert "KV cache:" in engine.summary() and "blocks" in engine.summary()
     with pytest.raises(QuarkMoEError, match="cannot hold one request"):
         Engine(model, num_blocks=1)
+    for bad in (0, 1.5, float("nan"), "0.9", True):
+        with pytest.raises(QuarkMoEError, match=r"memory_fraction must be in \(0, 1\]"):
+            Engine(model, memory_fraction=bad)
+    with pytest.raises(QuarkMoEError, match="max_num_seqs must be a positive integer"):
+        Engine(model, max_num_seqs=0)
