@@ -41,6 +41,8 @@ __all__ = [
     "check_cache",
     "check_start",
     "check_cache_size",
+    "DeviceMemory",
+    "device_memory",
     "cache_bytes",
     "positive_int",
     "is_int",
@@ -189,22 +191,22 @@ def check_key(key, *, needed: bool):
     )
 
 
-def check_eos(eos_token_id, config) -> np.ndarray:
+def check_eos(eos_token_id, config, *, name: str = "eos_token_id") -> np.ndarray:
     """int32 ``[n]`` stop tokens: ``eos_token_id`` (a token id or a list of them, each in ``[0, vocab)``;
-    ``[]``: none), or the config's when None."""
+    ``[]``: none), or the config's when None (checked in range when the config was read). ``name``: the
+    argument's name in messages."""
     vocab = config.vocab_size
     if eos_token_id is None:
-        # a config's stop token outside the vocabulary can never be generated: leaving it out changes nothing
-        return np.asarray([e for e in config.eos_token_ids if 0 <= e < vocab], np.int32)
+        return np.asarray(config.eos_token_ids, np.int32)
     if is_int(eos_token_id):
         values = [eos_token_id]
     elif isinstance(eos_token_id, (list, tuple)) or (isinstance(eos_token_id, np.ndarray) and eos_token_id.ndim == 1):
         values = list(eos_token_id)
     else:
-        raise InputError(f"eos_token_id must be a token id or a list of token ids, got {_describe(eos_token_id)}")
+        raise InputError(f"{name} must be a token id or a list of token ids, got {_describe(eos_token_id)}")
     for value in values:
         if not is_int(value) or not 0 <= value < vocab:
-            raise InputError(f"eos_token_id must be token ids in [0, {vocab}), found {_describe(value)}")
+            raise InputError(f"{name} must be token ids in [0, {vocab}), found {_describe(value)}")
     return np.asarray(values, np.int32)
 
 
@@ -226,24 +228,33 @@ def cache_bytes(config, batch: int, length: int, dtype) -> int:
     return batch * length * config.num_layers * per_position * jnp.dtype(dtype).itemsize
 
 
-def device_memory_bytes() -> int | None:
-    """The default device's memory: the accelerator's allocator limit, else the host's physical memory (None
-    where neither is known)."""
+class DeviceMemory(NamedTuple):
+    """The default device's memory in bytes: ``total`` (an accelerator's allocator limit, else the host's
+    physical memory), ``in_use`` (an accelerator's allocated bytes; None on the host), ``accelerator``."""
+
+    total: int
+    in_use: int | None
+    accelerator: bool
+
+
+def device_memory() -> DeviceMemory | None:
+    """:class:`DeviceMemory` of the default device (None where nothing is known)."""
     try:
         stats = jax.devices()[0].memory_stats()
     except (RuntimeError, NotImplementedError):
         stats = None
     if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"])
+        return DeviceMemory(int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0)), True)
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return DeviceMemory(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), None, False)
     except (ValueError, OSError, AttributeError):
         return None
 
 
 def check_cache_size(config, batch: int, length: int, dtype) -> None:
     """Refuse a KV cache of ``batch`` sequences of ``length`` positions that would not fit the device's memory."""
-    needed, available = cache_bytes(config, batch, length, dtype), device_memory_bytes()
+    needed, memory = cache_bytes(config, batch, length, dtype), device_memory()
+    available = None if memory is None else memory.total
     if available is not None and needed > available:
         raise InputError(
             f"a KV cache of {batch} x {length} positions takes {needed / 2**30:.3g} GiB, more than the "

@@ -127,15 +127,13 @@ class Engine:
     def _blocks_that_fit(self, memory_fraction: float) -> int:
         wanted = self.max_num_seqs * self.blocks_per_request
         per_block = inputs.cache_bytes(self.config, 1, self.block_size, self.model.dtype)
-        try:
-            stats = jax.devices()[0].memory_stats() or {}
-        except (RuntimeError, NotImplementedError):
-            stats = {}
-        if stats.get("bytes_limit"):
-            free = stats["bytes_limit"] * memory_fraction - stats.get("bytes_in_use", 0)
+        memory = inputs.device_memory()
+        if memory is None:
+            free = math.inf
+        elif memory.accelerator:
+            free = memory.total * memory_fraction - memory.in_use
         else:
-            total = inputs.device_memory_bytes()
-            free = math.inf if total is None else total * (1 - memory_fraction)  # the host's, shared with the rest
+            free = memory.total * (1 - memory_fraction)  # the host's memory, shared with everything else
         return int(min(wanted, max(free // per_block, 0)))
 
     # ------------------------------------------------------------------------------------------- requests
@@ -159,10 +157,8 @@ class Engine:
             raise InputError("prompt_ids must hold at least one token id, got an empty prompt")
         prompt = inputs.check_input_ids(prompt[None], self.config.vocab_size, self.context, name="prompt_ids")[0]
         inputs.check_max_new_tokens(params.max_new_tokens, len(prompt), self.context)
-        if params.stop_token_ids is None:
-            stop = inputs.check_eos(None, self.config)
-        else:
-            stop = inputs.check_eos(list(params.stop_token_ids), self.config)
+        stop_ids = None if params.stop_token_ids is None else list(params.stop_token_ids)
+        stop = inputs.check_eos(stop_ids, self.config, name="stop_token_ids")
         if request_id is None:
             request_id = str(next(self._ids))
             while request_id in self._requests:

@@ -161,7 +161,7 @@ GOOD_PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
         ([1.5, 2], SamplingParams(4), r"prompt_ids must be an integer array"),
         ("hello", SamplingParams(4), r"tokenize the text first"),
         ([1] * 40, SamplingParams(9), r"max_new_tokens 9 = 49 positions, more than the model's context of 48"),
-        ([1, 2], SamplingParams(4, stop_token_ids=[500]), r"eos_token_id must be in \[0, 96\)|500"),
+        ([1, 2], SamplingParams(4, stop_token_ids=[500]), r"stop_token_ids must be token ids in \[0, 96\), found int"),
         ([1, 2], {"max_new_tokens": 4}, r"params must be a SamplingParams"),
     ],
 )
