@@ -23,6 +23,7 @@ from quarkmoe_jax import QuarkMoEError
 from quarkmoe_jax.checkpoint.architectures import MAX_INT32, MAX_LAYERS, SUPPORTED_MODEL_TYPES
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.models import DecoderConfig, from_pretrained
+from quarkmoe_jax.models.inputs import InputError, context_of
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden" / "data"
 HF_MODELS = GOLDEN / "hf_models"
@@ -262,6 +263,10 @@ def test_fuzzed_values_either_refuse_or_give_finite_logits(model_type, data, tmp
         except QuarkMoEError:
             return
         ids = np.arange(12, dtype=np.int32).reshape(2, 6) % model.config.vocab_size
+        if context_of(model.config).length < ids.shape[1]:
+            with pytest.raises(InputError, match="more than the model's context"):
+                model(ids)
+            return
         logits = np.asarray(model(ids))
         assert logits.shape == (2, 6, model.config.vocab_size)
         assert np.isfinite(logits).all(), {k: config.get(k) for k in config if config.get(k) != original.get(k)}
