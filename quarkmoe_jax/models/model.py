@@ -27,7 +27,7 @@ from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.models import inputs
 from quarkmoe_jax.models.decoder_config import DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm, apply_rope, attention, rope_tables
-from quarkmoe_jax.models.paged import PagedBatch, write_and_read
+from quarkmoe_jax.models.paged import PagedAttention, PagedBatch, resolve_attention_backend, write_contiguous
 from quarkmoe_jax.models.sampling import sample_tokens
 from quarkmoe_jax.moe.buckets import token_bucket
 from quarkmoe_jax.nn import QuarkMoEBlock
@@ -42,6 +42,8 @@ class Attention(nnx.Module):
     the checkpoint has them); Qwen3's ``q_norm`` / ``k_norm`` (RMSNorm over D, before the rotation); gpt-oss's
     ``sinks [Hq]``. Cache entry: ``{"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}``.
     """
+
+    cache_keys, cache_value = ("k",), "v"  # the key's and the value's cache entries (models.paged)
 
     def __init__(self, config: DecoderConfig, layer: int, projections: dict[str, Linear], norms=None, sinks=None):
         self.q_proj, self.k_proj = projections["q_proj"], projections["k_proj"]
@@ -66,29 +68,25 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin, self.pairs), apply_rope(k, cos, sin, self.pairs)
-        cache, read, queries, q_positions, k_positions = _cached(cache, {"k": k, "v": v}, q, positions, start, paged)
         sinks = None if self.sinks is None else self.sinks.get_value()
+        if paged is not None:
+            cache = paged.write(cache, {"k": k, "v": v})
+            out = paged.attend(
+                q[0], cache, self.cache_keys, self.cache_value, scale=self.scale, window=self.window, sinks=sinks
+            )
+            return self.o_proj(out.reshape(b, t, -1), valid), cache
+        cache, read, k_positions = write_contiguous(cache, {"k": k, "v": v}, start)
         out = attention(
-            queries,
+            q,
             read["k"].astype(q.dtype),
             read["v"].astype(q.dtype),
-            q_positions,
-            k_positions,
+            positions,
+            positions if k_positions is None else k_positions,
             scale=self.scale,
             window=self.window,
             sinks=sinks,
         )
         return self.o_proj(out.reshape(b, t, -1), valid), cache
-
-
-def _cached(cache, new: dict, q, positions, start, paged: PagedBatch | None):
-    """Store this step's cache entries and return ``(cache, read, queries, q_positions, k_positions)`` for
-    :func:`attention`: the contiguous cache attends ``q [B, T, ...]`` at ``positions [T]``; the paged one
-    attends each of the ``N`` tokens alone (``queries [N, 1, ...]``, ``q_positions [N, 1]``) to its sequence."""
-    cache, read, k_positions = write_and_read(cache, new, start, paged)
-    if paged is not None:
-        return cache, read, q.reshape(q.shape[1], 1, *q.shape[2:]), paged.positions[:, None], k_positions
-    return cache, read, q, positions, positions if k_positions is None else k_positions
 
 
 class LatentAttention(nnx.Module):
@@ -101,6 +99,8 @@ class LatentAttention(nnx.Module):
     vLLM's MLA does, so the cache holds only the latent: ``{"latent": [B, S, r], "k_rot": [B, S, dr]}``
     (equal to transformers' expanded form up to float rounding).
     """
+
+    cache_keys, cache_value = ("latent", "k_rot"), None  # keys [latent | k_rot]; the latent is the value
 
     def __init__(self, config: DecoderConfig, projections: dict[str, Linear], norms: dict[str, RMSNorm]):
         mla = config.mla
@@ -144,12 +144,15 @@ class LatentAttention(nnx.Module):
         q_latent = jnp.einsum("bthn,hnr->bthr", q_nope, w_uk, precision=lax.Precision.HIGHEST).astype(x.dtype)
         # multi-query attention over [latent | k_rot] keys with the latent as the value
         queries = jnp.concatenate([q_latent, q_rot], axis=-1)
-        cache, read, queries, q_positions, k_positions = _cached(
-            cache, {"latent": latent, "k_rot": k_rot}, queries, positions, start, paged
-        )
-        latents = read["latent"].astype(x.dtype)
-        keys = jnp.concatenate([latents, read["k_rot"].astype(x.dtype)], axis=-1)[:, :, None, :]
-        context = attention(queries, keys, latents[:, :, None, :], q_positions, k_positions, scale=self.scale)
+        if paged is not None:
+            cache = paged.write(cache, {"latent": latent, "k_rot": k_rot})
+            context = paged.attend(queries[0], cache, self.cache_keys, self.cache_value, scale=self.scale)
+        else:
+            cache, read, k_positions = write_contiguous(cache, {"latent": latent, "k_rot": k_rot}, start)
+            latents = read["latent"].astype(x.dtype)
+            keys = jnp.concatenate([latents, read["k_rot"].astype(x.dtype)], axis=-1)[:, :, None, :]
+            k_positions = positions if k_positions is None else k_positions
+            context = attention(queries, keys, latents[:, :, None, :], positions, k_positions, scale=self.scale)
         context = context.reshape(b, t, h, self.rank)
         out = jnp.einsum("bthr,hvr->bthv", context, w_uv, precision=lax.Precision.HIGHEST).astype(x.dtype)
         return self.o_proj(out.reshape(b, t, h * self.v_dim), valid), cache
@@ -274,17 +277,32 @@ class QuarkMoEForCausalLM(nnx.Module):
         inputs.check_cache_size(self.config, num_blocks, block_size, dtype)
         return self._allocate_cache(num_blocks, block_size, dtype)
 
-    def paged_logits(self, input_ids, paged: PagedBatch, cache):
+    def paged_attention_backend(self, requested: str, block_size: int) -> str:
+        """The attention backend (:data:`~quarkmoe_jax.models.paged.ATTENTION_BACKENDS`) that ``requested``
+        ("auto", "xla" or "pallas") gives for a paged cache of ``block_size`` (refused with the reason where the
+        kernel cannot take this model's head dims: :func:`~quarkmoe_jax.models.paged.resolve_attention_backend`)."""
+        chosen = set()
+        for layer in self.layers:
+            attn = layer.self_attn
+            shapes = jax.eval_shape(lambda attn=attn: attn.init_cache(1, block_size, self.dtype))
+            key_dims = tuple(shapes[name].shape[-1] for name in attn.cache_keys)
+            value_dim = shapes[attn.cache_value or attn.cache_keys[0]].shape[-1]
+            chosen.add(resolve_attention_backend(requested, key_dims, value_dim, block_size))
+        return "pallas" if chosen == {"pallas"} else "xla"
+
+    def paged_logits(self, input_ids, batch: PagedBatch, cache, attention_backend: str = "xla"):
         """One step of a paged batch (jit-traceable): ``input_ids`` int32 ``[N]`` (the step's tokens, flattened
-        over its sequences) -> ``(logits float32 [S, V]`` at each sequence's ``paged.last_token``, the updated
-        cache). Keys and values of every valid token are written at its slot before any token attends."""
-        positions = paged.positions
+        over its sequences) -> ``(logits float32 [S, V]`` at each sequence's ``batch.last_token``, the updated
+        cache). Keys and values of every valid token are written at its slot before any token attends;
+        ``attention_backend``: static, :meth:`paged_attention_backend`'s answer."""
+        positions = batch.positions
         cos, sin = rope_tables(
             np.asarray(self._inverse_frequencies, np.float32), positions, self.config.rope.attention_factor
         )
         x = jnp.take(self.embed_tokens.get_value(), input_ids, axis=0)[None]
-        hidden, cache = self._decoder(x, positions, cos[None], sin[None], cache, 0, paged.valid, paged)
-        return self.logits(hidden[0][paged.last_token]), cache
+        step = PagedAttention(batch, attention_backend)
+        hidden, cache = self._decoder(x, positions, cos[None], sin[None], cache, 0, batch.valid, step)
+        return self.logits(hidden[0][batch.last_token]), cache
 
     def logits(self, hidden):
         """float32 ``[..., V]`` of final hidden states ``[..., H]``."""

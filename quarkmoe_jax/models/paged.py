@@ -7,19 +7,31 @@ sequence lives in block ``block_table[p // BS]`` at offset ``p % BS``, i.e. at s
 
 A step runs ``N`` tokens of ``S`` sequences flattened into one row (:class:`PagedBatch`): prefill chunks and
 decode tokens together. Each token's key and value are written at its slot, then each token attends to its
-sequence's positions ``<= its own`` read through the block table (:func:`write_and_read`). The read here is
-XLA's gather, the CPU path and the oracle of the GPU kernels.
+sequence's positions ``<= its own`` read through the block table (:class:`PagedAttention`), by one of the
+attention backends (:data:`ATTENTION_BACKENDS`): ``"xla"``, a gather of each token's whole block table and the
+model's own :func:`~quarkmoe_jax.models.layers.attention` (the CPU path and the oracle), or ``"pallas"``, the
+kernel of :mod:`quarkmoe_jax.kernels.pallas.paged_attention`, which reads only the blocks a token may see
+(compiled on a GPU, the Pallas interpreter elsewhere).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["PagedBatch", "write_and_read"]
+from quarkmoe_jax.errors import InputError
+from quarkmoe_jax.kernels.pallas import paged_attention as kernel
+from quarkmoe_jax.models.layers import attention
+
+__all__ = ["PagedBatch", "PagedAttention", "ATTENTION_BACKENDS", "resolve_attention_backend", "write_contiguous"]
+
+ATTENTION_BACKENDS = ("xla", "pallas")
+"""``"xla"``: gather + the model's attention (any shape, any device; the oracle). ``"pallas"``: the paged kernel
+(block size and head dims powers of two >= 16)."""
 
 
 class PagedBatch(NamedTuple):
@@ -40,39 +52,98 @@ class PagedBatch(NamedTuple):
     valid: jax.Array
 
 
-def write_and_read(cache: dict, new: dict, start, paged: PagedBatch | None):
-    """Write this step's keys / values into one layer's cache and read back what the queries attend to.
+@dataclasses.dataclass(frozen=True)
+class PagedAttention:
+    """One step's :class:`PagedBatch` and the attention backend that reads the cache for it (static)."""
+
+    batch: PagedBatch
+    backend: str = "xla"
+
+    def write(self, cache: dict, new: dict) -> dict:
+        """``new {name: [1, N, ...]}``: the step's entries, written at their slots (padding tokens write
+        nothing); returns the updated cache ``{name: [NB, BS, ...]}``."""
+        updated = {}
+        for name, value in new.items():
+            blocks, block_size = cache[name].shape[:2]
+            flat = cache[name].reshape(blocks * block_size, *cache[name].shape[2:])
+            flat = flat.at[self.batch.slots].set(value[0].astype(flat.dtype), mode="drop")
+            updated[name] = flat.reshape(cache[name].shape)
+        return updated
+
+    def attend(self, q, cache: dict, keys: tuple[str, ...], value: str | None, *, scale, window=None, sinks=None):
+        """Each token's attention to its sequence's cached positions ``<=`` its own (within ``window``).
+
+        Args:
+          q: ``[N, Hq, Dk]`` in the activation dtype, ``Dk`` the sum of the key entries' last dims.
+          cache: the layer's (already written) cache; ``keys``: the names whose last dims, concatenated, are
+            the key (``("k",)``; latent attention ``("latent", "k_rot")``); ``value``: the value's name, or None
+            (the first key entry is the value). An entry without a head axis (``[NB, BS, d]``) is one kv head.
+          scale, window, sinks: as :func:`~quarkmoe_jax.models.layers.attention`.
+
+        Returns:
+          ``[N, Hq, Dv]`` in ``q``'s dtype.
+        """
+        with_heads = {name: c if c.ndim == 4 else c[:, :, None, :] for name, c in cache.items()}
+        key_caches = [with_heads[name].astype(q.dtype) for name in keys]
+        value_cache = None if value is None else with_heads[value].astype(q.dtype)
+        b = self.batch
+        if self.backend == "pallas":
+            return kernel.paged_attention(
+                q,
+                key_caches,
+                value_cache,
+                b.block_tables,
+                b.token_seq,
+                b.positions,
+                b.valid,
+                scale=scale,
+                window=window,
+                sinks=sinks,
+                interpret=jax.devices()[0].platform != "gpu",
+            )
+        tables = b.block_tables[b.token_seq]  # [N, max_blocks]
+
+        def read(c):  # [NB, BS, H, d] -> [N, max_blocks * BS, H, d]: each token's whole sequence
+            gathered = c[tables]
+            return gathered.reshape(gathered.shape[0], -1, *gathered.shape[3:])
+
+        k = jnp.concatenate([read(c) for c in key_caches], axis=-1)
+        v = k[..., : key_caches[0].shape[-1]] if value_cache is None else read(value_cache)
+        k_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
+        out = attention(q[:, None], k, v, b.positions[:, None], k_positions, scale=scale, window=window, sinks=sinks)
+        return out[:, 0]
+
+
+def resolve_attention_backend(requested: str, key_dims: tuple[int, ...], value_dim: int, block_size: int) -> str:
+    """The attention backend a paged cache of ``block_size`` with these head dims runs: ``"auto"`` is
+    ``"pallas"`` on a GPU where the kernel takes the shapes, else ``"xla"``; ``"pallas"`` where the kernel
+    cannot take them is refused (:class:`~quarkmoe_jax.errors.InputError` with the reason)."""
+    if requested not in ("auto",) + ATTENTION_BACKENDS:
+        raise InputError(f"attention_backend must be 'auto' or one of {list(ATTENTION_BACKENDS)}, got {requested!r}")
+    reason = kernel.unsupported_reason(block_size, key_dims, value_dim)
+    if requested == "pallas" and reason:
+        raise InputError(f"attention_backend='pallas': {reason}")
+    if requested == "auto":
+        return "pallas" if jax.devices()[0].platform == "gpu" and reason is None else "xla"
+    return requested
+
+
+def write_contiguous(cache: dict | None, new: dict, start):
+    """Write this step's entries into one layer's contiguous cache and return what the queries attend to.
 
     Args:
-      cache: the layer's cache, or None (no cache: the new entries are all there is).
-      new: ``{name: [B, T, ...]}`` this step's entries (paged: ``B = 1``, ``T = N``).
-      start: the position of token 0 (contiguous cache; int or int32 scalar).
-      paged: None for the contiguous cache ``{name: [B, L, ...]}``, else the step's :class:`PagedBatch` for a
-        paged cache ``{name: [NB, BS, ...]}``.
+      cache: ``{name: [B, L, ...]}``, or None (no cache: the new entries are all there is).
+      new: ``{name: [B, T, ...]}`` this step's entries; start: the position of token 0 (int or int32 scalar).
 
     Returns:
-      ``(cache, read, key_positions)``: the updated cache (None without one); ``read``: ``{name: [B, L, ...]}``
-      for the contiguous cache (``[B, T, ...]`` without one), paged ``{name: [N, max_blocks * BS, ...]}``: each
-      token's own sequence; ``key_positions`` int32 ``[L]`` (the read's positions; without a cache None: the
-      caller's query positions).
+      ``(cache, read, key_positions)``: the updated cache and ``read = cache`` with ``key_positions`` int32
+      ``[L]``; without a cache ``(None, new, None)`` (the caller's query positions are the keys').
     """
     if cache is None:
         return None, new, None
-    if paged is None:
-        updated = {}
-        for name, value in new.items():
-            origin = (0, start) + (0,) * (value.ndim - 2)
-            updated[name] = lax.dynamic_update_slice(cache[name], value.astype(cache[name].dtype), origin)
-        length = next(iter(updated.values())).shape[1]
-        return updated, updated, jnp.arange(length, dtype=jnp.int32)
-    updated, read = {}, {}
-    tables = paged.block_tables[paged.token_seq]  # [N, max_blocks]
+    updated = {}
     for name, value in new.items():
-        blocks, block_size = cache[name].shape[:2]
-        flat = cache[name].reshape(blocks * block_size, *cache[name].shape[2:])
-        flat = flat.at[paged.slots].set(value[0].astype(flat.dtype), mode="drop")
-        updated[name] = flat.reshape(cache[name].shape)
-        gathered = updated[name][tables]  # [N, max_blocks, BS, ...]
-        read[name] = gathered.reshape(gathered.shape[0], -1, *gathered.shape[3:])
-    length = tables.shape[1] * next(iter(cache.values())).shape[1]
-    return updated, read, jnp.arange(length, dtype=jnp.int32)
+        origin = (0, start) + (0,) * (value.ndim - 2)
+        updated[name] = lax.dynamic_update_slice(cache[name], value.astype(cache[name].dtype), origin)
+    length = next(iter(updated.values())).shape[1]
+    return updated, updated, jnp.arange(length, dtype=jnp.int32)

@@ -67,6 +67,8 @@ class Engine:
         shared with everything else and the cache may take ``1 - memory_fraction`` of it (default 0.9).
       max_model_len: the longest prompt + new tokens (default: the model's context, :attr:`model.context`).
       seed: draws the seed of each request that sets none (default 0).
+      attention_backend: "auto" (default: the paged attention kernel on a GPU where it takes the model's head
+        dims and ``block_size``, else XLA), "pallas" or "xla" (:mod:`quarkmoe_jax.models.paged`).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class Engine:
         memory_fraction: float = 0.9,
         max_model_len: int | None = None,
         seed: int = 0,
+        attention_backend: str = "auto",
     ):
         self.model = model
         self.config = model.config
@@ -103,6 +106,7 @@ class Engine:
                 f"blocks of {self.block_size}); lower max_model_len or free device memory"
             )
         self.num_blocks = num_blocks
+        self.attention_backend = model.paged_attention_backend(attention_backend, self.block_size)
         self.cache = model.init_paged_cache(num_blocks, self.block_size)
         self.scheduler = Scheduler(
             BlockAllocator(num_blocks), self.block_size, self.max_num_seqs, self.max_num_batched_tokens
@@ -121,7 +125,7 @@ class Engine:
             f"KV cache: {self.num_blocks} blocks x {self.block_size} positions ({cache_bytes / 2**30:.3g} GiB, "
             f"{self.num_blocks * self.block_size / self.context.length:.3g} whole contexts of "
             f"{self.context.length}); up to {self.max_num_seqs} requests and {self.max_num_batched_tokens} tokens "
-            "a step"
+            f"a step; attention: {self.attention_backend}"
         )
 
     def _blocks_that_fit(self, memory_fraction: float) -> int:
@@ -193,7 +197,9 @@ class Engine:
         if not scheduled:
             return []
         arrays, greedy = self._step_arrays(scheduled)
-        tokens, self.cache = _engine_step(self._graphdef, self._state, self.cache, *arrays, greedy=greedy)
+        tokens, self.cache = _engine_step(
+            self._graphdef, self._state, self.cache, *arrays, greedy=greedy, attention_backend=self.attention_backend
+        )
         tokens = np.asarray(tokens)
         outputs = []
         for row, (request, count) in enumerate(scheduled):
@@ -245,10 +251,12 @@ class Engine:
         return (ids, paged, temperature, top_p, top_k, key_data, counters), greedy
 
 
-@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
-def _engine_step(graphdef, state, cache, ids, paged, temperature, top_p, top_k, key_data, counters, *, greedy):
+@functools.partial(jax.jit, static_argnames=("greedy", "attention_backend"), donate_argnames=("cache",))
+def _engine_step(
+    graphdef, state, cache, ids, paged, temperature, top_p, top_k, key_data, counters, *, greedy, attention_backend
+):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.paged_logits(ids, paged, cache)
+    logits, cache = model.paged_logits(ids, paged, cache, attention_backend)
     keys = jax.vmap(lambda data, count: jax.random.fold_in(jax.random.wrap_key_data(data), count))(key_data, counters)
     tokens = sample_tokens(logits, keys, temperature, top_p, top_k, greedy=greedy, per_row_keys=True)
     return tokens, cache

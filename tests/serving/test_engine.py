@@ -124,6 +124,37 @@ def test_every_request_gets_what_generate_gives_it_alone(arch):
     assert engine.scheduler.allocator.num_free == engine.num_blocks  # every block came back
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "qwen3_moe"])  # windows + sinks; q/k norms and GQA groups of 2
+def test_the_paged_attention_kernel_serves_what_generate_gives(arch):
+    """The engine on the Pallas paged attention kernel (the interpreter here, compiled on a GPU): a prompt that
+    spans blocks of 16, chunked, and a request that joins while the first decodes."""
+    model = model_of(arch)
+    engine = small_engine(model, block_size=16, num_blocks=6, attention_backend="pallas")
+    assert engine.attention_backend == "pallas" and "attention: pallas" in engine.summary()
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (19, 5)]
+    first = engine.add_request(prompts[0], SamplingParams(6, stop_token_ids=()))
+    produced = {first: []}
+    for _ in range(3):
+        for output in engine.step():
+            produced[output.request_id] += output.new_token_ids
+    second = engine.add_request(prompts[1], SamplingParams(6, stop_token_ids=()))
+    produced[second] = []
+    while engine.has_unfinished():
+        for output in engine.step():
+            produced[output.request_id] += output.new_token_ids
+    assert produced[first] == reference(model, prompts[0], 6)
+    assert produced[second] == reference(model, prompts[1], 6)
+
+
+def test_an_attention_backend_the_model_cannot_run_is_refused():
+    with pytest.raises(QuarkMoEError, match="attention_backend='pallas': .*block_size a power of two >= 16, got 4"):
+        small_engine(model_of("mixtral"), attention_backend="pallas")
+    with pytest.raises(QuarkMoEError, match="key part 1's head dim a power of two >= 16, got 8"):
+        small_engine(model_of("deepseek_v3"), block_size=16, num_blocks=3, attention_backend="pallas")
+    assert small_engine(model_of("deepseek_v3")).attention_backend == "xla"
+
+
 def test_stop_tokens_end_a_request_and_are_kept():
     model = model_of("mixtral")
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
