@@ -271,12 +271,15 @@ class KernelBackend(abc.ABC):
       generations: ``{"mx": Generation, "dense": Generation}``, the current generation of its kernels.
       prefill_dequantizes: whether prefill may dequantize MX weights to bfloat16 in bounded chunks and run
         the dense kernel (its ``gemm`` then takes an ``out`` buffer).
+      has_paged_attention: whether it has a paged attention kernel (:meth:`paged_attention`), an attention
+        backend of the serving engine (:mod:`quarkmoe_jax.models.paged`).
     """
 
     name: str
     layout: str
     generations: dict[str, Generation]
     prefill_dequantizes: bool = False
+    has_paged_attention: bool = False
 
     @abc.abstractmethod
     def gemm(self, a, weight, tile_expert, *args, **kwargs):
@@ -317,6 +320,17 @@ class KernelBackend(abc.ABC):
 
     def generation(self, weight_class: str) -> int:
         return self.generations[weight_class].number
+
+    def paged_attention_unsupported(self, block_size: int, key_dims: tuple[int, ...], value_dim: int) -> str | None:
+        """Why this backend's paged attention cannot take these shapes (None: it can); a backend without a paged
+        attention kernel says so."""
+        return f"the {self.name} backend has no paged attention kernel"
+
+    def paged_attention(self, q, key_caches, value_cache, block_tables, token_seq, positions, valid, **kwargs):
+        """Paged attention with the arguments and result of
+        :func:`quarkmoe_jax.kernels.pallas.paged_attention.paged_attention` (where
+        :meth:`paged_attention_unsupported` is None)."""
+        raise NotImplementedError(self.paged_attention_unsupported(0, (), 0))
 
     def __repr__(self) -> str:
         return f"<{self.name} kernel backend: MX layout {self.layout!r}>"

@@ -1,6 +1,6 @@
 """The ``pallas`` backend as one object: the Pallas (Triton dialect) grouped GEMM of
-:mod:`quarkmoe_jax.kernels.pallas.grouped_gemm`, the chunk layout it reads MX weights in, and its tile,
-split-K and prefill rules.
+:mod:`quarkmoe_jax.kernels.pallas.grouped_gemm`, the chunk layout it reads MX weights in, its tile, split-K and
+prefill rules, and the paged attention kernel of :mod:`quarkmoe_jax.kernels.pallas.paged_attention`.
 
 Compiled on a GPU; on CPU the same kernels run in the Pallas interpreter (slow: for tests, not for use).
 Every MX scheme but MXFP8, INT8 / FP8 W8A8 (int8 and fp8 tensor cores) and W8A16; prefill dequantizes MX
@@ -16,6 +16,7 @@ from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats.kernel_layout import CHUNK_LAYOUT, DEFAULT_CHUNK, k_parts, to_kernel_layout
 from quarkmoe_jax.kernels import tiles
 from quarkmoe_jax.kernels.base import Generation, KernelBackend, Load, TileConfig
+from quarkmoe_jax.kernels.pallas import paged_attention as paged
 from quarkmoe_jax.kernels.pallas.grouped_gemm import grouped_gemm, k_iterations
 
 __all__ = ["PallasBackend", "PALLAS", "SPLIT_K_MAX_EXPERTS", "MIN_BLOCK_N"]
@@ -33,6 +34,7 @@ class PallasBackend(KernelBackend):
     layout = CHUNK_LAYOUT
     generations = {"mx": Generation(1, "2026-11-24"), "dense": Generation(1, "2026-11-24")}
     prefill_dequantizes = True
+    has_paged_attention = True
 
     def gemm(self, *args, **kwargs):
         return grouped_gemm(*args, **kwargs)
@@ -63,6 +65,12 @@ class PallasBackend(KernelBackend):
 
     def to_layout(self, weight: QArray) -> QArray:
         return to_kernel_layout(weight, DEFAULT_CHUNK)
+
+    def paged_attention_unsupported(self, block_size: int, key_dims: tuple[int, ...], value_dim: int) -> str | None:
+        return paged.unsupported_reason(block_size, key_dims, value_dim)
+
+    def paged_attention(self, *args, **kwargs):
+        return paged.paged_attention(*args, **kwargs)
 
 
 PALLAS = PallasBackend()

@@ -27,7 +27,13 @@ from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.models import inputs
 from quarkmoe_jax.models.decoder_config import DecoderConfig
 from quarkmoe_jax.models.layers import Linear, RMSNorm, apply_rope, attention, rope_tables
-from quarkmoe_jax.models.paged import PagedAttention, PagedBatch, resolve_attention_backend, write_contiguous
+from quarkmoe_jax.models.paged import (
+    XLA_ATTENTION,
+    PagedAttention,
+    PagedBatch,
+    resolve_attention_backend,
+    write_contiguous,
+)
 from quarkmoe_jax.models.sampling import sample_tokens
 from quarkmoe_jax.moe.buckets import token_bucket
 from quarkmoe_jax.nn import QuarkMoEBlock
@@ -278,7 +284,7 @@ class QuarkMoEForCausalLM(nnx.Module):
         return self._allocate_cache(num_blocks, block_size, dtype)
 
     def paged_attention_backend(self, requested: str, block_size: int) -> str:
-        """The attention backend (:data:`~quarkmoe_jax.models.paged.ATTENTION_BACKENDS`) that ``requested``
+        """The attention backend (:func:`~quarkmoe_jax.models.paged.attention_backends`) that ``requested``
         ("auto", "xla" or "pallas") gives for a paged cache of ``block_size`` (refused with the reason where the
         kernel cannot take this model's head dims: :func:`~quarkmoe_jax.models.paged.resolve_attention_backend`)."""
         chosen = set()
@@ -288,9 +294,9 @@ class QuarkMoEForCausalLM(nnx.Module):
             key_dims = tuple(shapes[name].shape[-1] for name in attn.cache_keys)
             value_dim = shapes[attn.cache_value or attn.cache_keys[0]].shape[-1]
             chosen.add(resolve_attention_backend(requested, key_dims, value_dim, block_size))
-        return "pallas" if chosen == {"pallas"} else "xla"
+        return chosen.pop() if len(chosen) == 1 else XLA_ATTENTION
 
-    def paged_logits(self, input_ids, batch: PagedBatch, cache, attention_backend: str = "xla"):
+    def paged_logits(self, input_ids, batch: PagedBatch, cache, attention_backend: str = XLA_ATTENTION):
         """One step of a paged batch (jit-traceable): ``input_ids`` int32 ``[N]`` (the step's tokens, flattened
         over its sequences) -> ``(logits float32 [S, V]`` at each sequence's ``batch.last_token``, the updated
         cache). Keys and values of every valid token are written at its slot before any token attends;

@@ -8,10 +8,10 @@ sequence lives in block ``block_table[p // BS]`` at offset ``p % BS``, i.e. at s
 A step runs ``N`` tokens of ``S`` sequences flattened into one row (:class:`PagedBatch`): prefill chunks and
 decode tokens together. Each token's key and value are written at its slot, then each token attends to its
 sequence's positions ``<= its own`` read through the block table (:class:`PagedAttention`), by one of the
-attention backends (:data:`ATTENTION_BACKENDS`): ``"xla"``, a gather of each token's whole block table and the
-model's own :func:`~quarkmoe_jax.models.layers.attention` (the CPU path and the oracle), or ``"pallas"``, the
-kernel of :mod:`quarkmoe_jax.kernels.pallas.paged_attention`, which reads only the blocks a token may see
-(compiled on a GPU, the Pallas interpreter elsewhere).
+attention backends (:func:`attention_backends`): ``"xla"``, a gather of each token's whole block table and the
+model's own :func:`~quarkmoe_jax.models.layers.attention` (the CPU path and the oracle), or a kernel backend's
+paged attention (``"pallas"``: :mod:`quarkmoe_jax.kernels.pallas.paged_attention`, which reads only the blocks
+a token may see; compiled on a GPU, the Pallas interpreter elsewhere).
 """
 
 from __future__ import annotations
@@ -24,14 +24,27 @@ import jax.numpy as jnp
 from jax import lax
 
 from quarkmoe_jax.errors import InputError
-from quarkmoe_jax.kernels.pallas import paged_attention as kernel
+from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS
 from quarkmoe_jax.models.layers import attention
 
-__all__ = ["PagedBatch", "PagedAttention", "ATTENTION_BACKENDS", "resolve_attention_backend", "write_contiguous"]
+__all__ = [
+    "PagedBatch",
+    "PagedAttention",
+    "XLA_ATTENTION",
+    "attention_backends",
+    "resolve_attention_backend",
+    "write_contiguous",
+]
 
-ATTENTION_BACKENDS = ("xla", "pallas")
-"""``"xla"``: gather + the model's attention (any shape, any device; the oracle). ``"pallas"``: the paged kernel
-(block size and head dims powers of two >= 16)."""
+XLA_ATTENTION = "xla"
+"""The oracle's name: a gather of each token's block table and the model's attention (any shape, any device)."""
+
+
+def attention_backends() -> tuple[str, ...]:
+    """The attention backends: :data:`XLA_ATTENTION` and every kernel backend with a paged attention kernel
+    (:attr:`~quarkmoe_jax.kernels.base.KernelBackend.has_paged_attention`)."""
+    kernels = [name for name, backend in KERNEL_BACKENDS.items() if backend.has_paged_attention]
+    return (XLA_ATTENTION, *kernels)
 
 
 class PagedBatch(NamedTuple):
@@ -57,7 +70,7 @@ class PagedAttention:
     """One step's :class:`PagedBatch` and the attention backend that reads the cache for it (static)."""
 
     batch: PagedBatch
-    backend: str = "xla"
+    backend: str = XLA_ATTENTION
 
     def write(self, cache: dict, new: dict) -> dict:
         """``new {name: [1, N, ...]}``: the step's entries, written at their slots (padding tokens write
@@ -87,8 +100,8 @@ class PagedAttention:
         key_caches = [with_heads[name].astype(q.dtype) for name in keys]
         value_cache = None if value is None else with_heads[value].astype(q.dtype)
         b = self.batch
-        if self.backend == "pallas":
-            return kernel.paged_attention(
+        if self.backend != XLA_ATTENTION:
+            return KERNEL_BACKENDS[self.backend].paged_attention(
                 q,
                 key_caches,
                 value_cache,
@@ -115,17 +128,25 @@ class PagedAttention:
 
 
 def resolve_attention_backend(requested: str, key_dims: tuple[int, ...], value_dim: int, block_size: int) -> str:
-    """The attention backend a paged cache of ``block_size`` with these head dims runs: ``"auto"`` is
-    ``"pallas"`` on a GPU where the kernel takes the shapes, else ``"xla"``; ``"pallas"`` where the kernel
-    cannot take them is refused (:class:`~quarkmoe_jax.errors.InputError` with the reason)."""
-    if requested not in ("auto",) + ATTENTION_BACKENDS:
-        raise InputError(f"attention_backend must be 'auto' or one of {list(ATTENTION_BACKENDS)}, got {requested!r}")
-    reason = kernel.unsupported_reason(block_size, key_dims, value_dim)
-    if requested == "pallas" and reason:
-        raise InputError(f"attention_backend='pallas': {reason}")
-    if requested == "auto":
-        return "pallas" if jax.devices()[0].platform == "gpu" and reason is None else "xla"
-    return requested
+    """The attention backend a paged cache of ``block_size`` with these head dims runs: ``"auto"`` is the first
+    kernel backend of :func:`attention_backends` that takes the shapes on a GPU, else :data:`XLA_ATTENTION`; a
+    kernel backend named where it cannot take them is refused (:class:`~quarkmoe_jax.errors.InputError` with
+    the reason)."""
+    names = attention_backends()
+    if requested != "auto" and requested not in names:
+        raise InputError(f"attention_backend must be 'auto' or one of {list(names)}, got {requested!r}")
+    if requested == XLA_ATTENTION:
+        return requested
+    if requested != "auto":
+        reason = KERNEL_BACKENDS[requested].paged_attention_unsupported(block_size, key_dims, value_dim)
+        if reason:
+            raise InputError(f"attention_backend={requested!r}: {reason}")
+        return requested
+    if jax.devices()[0].platform == "gpu":
+        for name in names[1:]:
+            if KERNEL_BACKENDS[name].paged_attention_unsupported(block_size, key_dims, value_dim) is None:
+                return name
+    return XLA_ATTENTION
 
 
 def write_contiguous(cache: dict | None, new: dict, start):
