@@ -137,14 +137,19 @@ def routing(key, tokens: int, experts: int, top_k: int, skewed: bool):
     return lax.top_k(logits, top_k)[1].astype(jnp.int32)
 
 
+def copy_tbps(repeats: int, mib: int = 512) -> float:
+    """The device's copy bandwidth in TB/s: read + write of a ``mib`` MiB bfloat16 array (``x + 1``)."""
+    x = jax.random.normal(jax.random.key(2), (mib * 2**19,), jnp.bfloat16)
+    copy_us = timeit(lambda x: x + jnp.bfloat16(1), [(x,)], repeats=repeats)
+    return 2 * x.nbytes / copy_us / 1e6
+
+
 def ceilings(repeats: int) -> dict[str, float]:
     n = 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     matmul_us = timeit(lambda a, b: a @ b, [(a, b)], repeats=repeats)
-    x = jax.random.normal(jax.random.key(2), (256 * 2**20,), jnp.bfloat16)  # 512 MiB
-    copy_us = timeit(lambda x: x + jnp.bfloat16(1), [(x,)], repeats=repeats)
-    return {"matmul_tflops": 2 * n**3 / matmul_us / 1e6, "copy_tbps": 2 * x.nbytes / copy_us / 1e6}
+    return {"matmul_tflops": 2 * n**3 / matmul_us / 1e6, "copy_tbps": copy_tbps(repeats)}
 
 
 @dataclasses.dataclass

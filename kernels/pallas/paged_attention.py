@@ -32,6 +32,8 @@ from jax.experimental.pallas import triton as plgpu
 
 __all__ = ["AttentionTiles", "unsupported_reason", "default_tiles", "paged_attention"]
 
+_EXACT = lax.Precision.HIGHEST  # float32 operands as IEEE float32 (not TF32), as the oracle; bf16 unaffected
+
 MIN_DOT = 16
 """Every dimension of a Triton dot (rows, keys per block, head dims) is a power of two of at least this."""
 
@@ -134,7 +136,9 @@ def _kernel(
         for p, (keys, value) in enumerate(loaded):
             scores = None
             for q, k in zip(qs, keys, strict=True):
-                part = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                part = lax.dot_general(
+                    q, k, (((1,), (1,)), ((), ())), precision=_EXACT, preferred_element_type=jnp.float32
+                )
                 scores = part if scores is None else scores + part
             scores = scores * jnp.float32(scale)
             key_pos = (step * pages + p) * block_size + lax.broadcasted_iota(jnp.int32, (rows, block_size), 1)
@@ -148,7 +152,11 @@ def _kernel(
             alpha = jnp.exp(m - m_safe)
             total = total * alpha + probs.sum(axis=1)
             acc = acc * alpha[:, None] + lax.dot_general(
-                probs.astype(value.dtype), value, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                probs.astype(value.dtype),
+                value,
+                (((1,), (0,)), ((), ())),
+                precision=_EXACT,
+                preferred_element_type=jnp.float32,
             )
             m = m_new
         return acc, m, total
