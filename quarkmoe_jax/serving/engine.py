@@ -5,10 +5,11 @@ each ``engine.step()`` runs one compiled step over every scheduled request (pref
 together, :mod:`~quarkmoe_jax.serving.scheduler`) and returns the :class:`RequestOutput` of the requests that
 produced a token; ``engine.has_unfinished()``. Only the step's new tokens (int32 ``[S]``) come back to the host.
 
-Compiled shapes: the step's tokens are padded to a power of two (at least 8, at most
-``max_num_batched_tokens``) and its sequences to a power of two (at most ``max_num_seqs``); every block table
-has the blocks of a whole context. So the engine compiles at most ``log2`` (tokens) x ``log2`` (sequences) x 2
-(all greedy or not) programs, and a steady state compiles nothing.
+Compiled shapes: the step's tokens are padded to a power of two ``N`` (at least 8, at most
+``max_num_batched_tokens`` rounded up) and its sequence rows to ``min(N, max_num_seqs`` rounded up to a power
+of two) (a step never has more sequences than tokens); every block table has the blocks of a whole context. So
+the engine compiles at most ``log2`` (tokens) x 2 (all greedy or not) programs, :meth:`Engine.warm_up` compiles
+them all at once, and a steady state compiles nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 import itertools
 import logging
 import math
+import time
 
 import jax
 import numpy as np
@@ -116,6 +118,7 @@ class Engine:
         self._seeds = np.random.default_rng(inputs.check_seed(seed))
         self._ids = itertools.count()
         self._max_step_tokens = _power_of_two_at_least(max(self.max_num_batched_tokens, MIN_STEP_TOKENS))
+        self._max_step_seqs = _power_of_two_at_least(self.max_num_seqs)
         log.info("%s", self.summary())
 
     def summary(self) -> str:
@@ -189,6 +192,48 @@ class Engine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    def step_buckets(self) -> list[int]:
+        """The token counts a step is padded to (one compiled program each, per greedy / sampled)."""
+        buckets, n = [], MIN_STEP_TOKENS
+        while n < self._max_step_tokens:
+            buckets.append(n)
+            n *= 2
+        return buckets + [self._max_step_tokens]
+
+    def warm_up(self, sampled: bool = True) -> float:
+        """Compile every step program now (the greedy ones, and with ``sampled`` the sampling ones), as a server
+        does before it takes requests; returns the seconds it took. Each runs once on padding tokens only, which
+        write nothing to the cache."""
+        start = time.perf_counter()
+        for n in self.step_buckets():
+            s = min(n, self._max_step_seqs)
+            paged = PagedBatch(
+                np.zeros(n, np.int32),
+                np.zeros(n, np.int32),
+                np.full(n, self.num_blocks * self.block_size, np.int32),
+                np.zeros((s, self.blocks_per_request), np.int32),
+                np.zeros(s, np.int32),
+                np.zeros(n, bool),
+            )
+            sampling = (np.ones(s, np.float32), np.ones(s, np.float32), np.zeros(s, np.int32))
+            keys = (np.zeros((s, 2), np.uint32), np.zeros(s, np.int32))
+            for greedy in (True, False) if sampled else (True,):
+                tokens, self.cache = _engine_step(
+                    self._graphdef,
+                    self._state,
+                    self.cache,
+                    np.zeros(n, np.int32),
+                    paged,
+                    *sampling,
+                    *keys,
+                    greedy=greedy,
+                    attention_backend=self.attention_backend,
+                )
+                jax.block_until_ready(tokens)
+        seconds = time.perf_counter() - start
+        log.info("compiled %d step programs in %.1f s", len(self.step_buckets()) * (2 if sampled else 1), seconds)
+        return seconds
+
     # ----------------------------------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
@@ -219,7 +264,7 @@ class Engine:
     def _step_arrays(self, scheduled: list[tuple[Request, int]]):
         total = sum(count for _, count in scheduled)
         n = min(_power_of_two_at_least(max(total, MIN_STEP_TOKENS)), self._max_step_tokens)
-        s = _power_of_two_at_least(len(scheduled))
+        s = min(n, self._max_step_seqs)
         ids = np.zeros(n, np.int32)
         token_seq = np.zeros(n, np.int32)
         positions = np.zeros(n, np.int32)

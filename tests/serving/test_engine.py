@@ -226,14 +226,20 @@ def test_sampling_params_name_the_bad_field(field, value, message):
         SamplingParams(**{field: value})
 
 
-def test_a_steady_state_compiles_nothing():
+def test_after_warm_up_serving_compiles_nothing():
+    """warm_up compiles one program per token bucket and greedy / sampled; then no workload compiles again
+    (prompts of every length the engine takes, chunked and not, greedy and sampled, batches of 1 and 2)."""
     model = model_of("qwen3_moe")
-    engine = small_engine(model)
-    params = SamplingParams(6, stop_token_ids=())
-    generate(model, [[1, 2, 3], [4, 5]], params, engine=engine)  # warms every shape this workload uses
+    engine = small_engine(model, max_num_batched_tokens=16)
+    assert engine.step_buckets() == [8, 16]
+    before = engine_module._engine_step._cache_size()
+    assert engine.warm_up() > 0
     compiled = engine_module._engine_step._cache_size()
-    for prompt in ([7, 8], [9, 10, 11], [12]):
-        generate(model, [prompt, [1, 2]], params, engine=engine)
+    assert compiled - before <= 4
+    greedy, sampled = SamplingParams(6, stop_token_ids=()), SamplingParams(4, temperature=0.8, top_k=5, seed=1)
+    for prompts in ([[7, 8]], [[9, 10, 11], [1] * 20], [[12] * 30, [3, 4]]):
+        generate(model, prompts, greedy, engine=engine)
+        generate(model, prompts, sampled, engine=engine)
     assert engine_module._engine_step._cache_size() == compiled
 
 
