@@ -42,7 +42,7 @@ from moe_bench import ceilings, expert_params, scheme_config  # noqa: E402
 
 from quarkmoe_jax.models import DecoderConfig, QuarkMoEForCausalLM  # noqa: E402
 from quarkmoe_jax.models.layers import Linear, RMSNorm  # noqa: E402
-from quarkmoe_jax.models.model import Attention, DecoderLayer, _decode_step, _prefill  # noqa: E402
+from quarkmoe_jax.models.model import Attention, DecoderLayer, _decode_loop, _prefill  # noqa: E402
 from quarkmoe_jax.moe.routing import RoutingConfig  # noqa: E402
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock  # noqa: E402
 from quarkmoe_jax.schemes import MoEShape  # noqa: E402
@@ -202,17 +202,29 @@ def time_prefill(model, tokens: int, repeats: int) -> float:
 
 
 def time_decode(model, batch: int, context: int, repeats: int) -> float:
-    """Seconds of one compiled decode step at ``batch`` with ``context`` positions cached."""
+    """Seconds of one compiled decode step at ``batch`` with ``context`` positions cached: ``generate``'s device
+    decode loop run for one step (``max_new = 2``: the prefill's token and one more)."""
     graphdef, state = nnx.split(model)
     holder = {"cache": _random_cache(model, batch, context + 1, seed=batch)}
-    holder["token"] = jax.random.randint(jax.random.key(batch), (batch,), 0, model.config.vocab_size)
+    token = jax.random.randint(jax.random.key(batch), (batch,), 0, model.config.vocab_size)
     key, sampling = jax.random.key(0), (jnp.float32(1), jnp.float32(1))
+    no_eos = jnp.zeros((0,), jnp.int32)
 
     def call():
-        holder["token"], holder["cache"] = _decode_step(
-            graphdef, state, holder["token"], jnp.int32(context), holder["cache"], key, *sampling, greedy=True
+        out, _, holder["cache"] = _decode_loop(
+            graphdef,
+            state,
+            token,
+            jnp.int32(context),
+            holder["cache"],
+            key,
+            *sampling,
+            no_eos,
+            jnp.int32(2),
+            greedy=True,
+            out_size=2,
         )
-        return holder["token"]
+        return out
 
     return _wall_median(call, repeats)
 

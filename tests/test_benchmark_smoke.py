@@ -90,3 +90,39 @@ def test_roofline_plot_from_the_recorded_h100_results(tmp_path):
         ceilings = results[0]["ceilings"]
         roof = min(ceilings["copy_tbps"] * point["intensity"], ceilings["matmul_tflops"])
         assert point["tflops"] <= roof * 1.05, point
+
+
+def _run_script(path: str, argv: list[str], monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [path, *argv])
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0
+
+
+def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch):
+    """model_bench (the decode step of generate's device loop) and serve_bench (decode steps, a burst of the
+    ShareGPT-like workload, concurrency 4) through the engine, CPU, tiny shapes."""
+    common = ["--layers", "2", "--repeats", "1", "--copy-tbps", "0.01", "--context", "16", "--schemes", "w_mxfp4"]
+    out = tmp_path / "model.json"
+    _run_script(
+        "benchmarks/model_bench.py",
+        [*common, "--shapes", "tiny_mixtral", "--batches", "2", "--prefill-tokens", "16", "--json", str(out)],
+        monkeypatch,
+    )
+    (model,) = json.loads(out.read_text())["results"]
+    assert model["decode"][0]["tokens_per_s"] > 0 and model["prefill"]["tokens_per_s"] > 0
+    out = tmp_path / "serve.json"
+    settings = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "2112"]
+    _run_script(
+        "benchmarks/serve_bench.py",
+        [*common, *settings, "--shapes", "tiny_gpt_oss", "--batches", "1", "2", "--requests", "3"]
+        + ["--concurrency-requests", "2", "--json", str(out)],
+        monkeypatch,
+    )
+    (serve,) = json.loads(out.read_text())["results"]
+    assert [d["batch"] for d in serve["decode"]] == [1, 2]
+    assert all(d["compiled_while_timed"] == 0 and d["tokens_per_s"] > 0 for d in serve["decode"])
+    assert serve["throughput"]["requests"] == 3 and serve["throughput"]["output_tokens_per_s"] > 0
+    assert serve["concurrency_4"]["tpot_ms"]["p50"] > 0
+    assert serve["compiled_after_serving"] == serve["compiled_after_warm_up"]  # serving compiled nothing

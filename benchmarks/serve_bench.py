@@ -1,0 +1,267 @@
+"""Serving benchmark: the engine (:class:`quarkmoe_jax.serving.Engine`) on full-depth models, one GPU.
+
+Run on a GPU (random weights at the public models' shapes, no download):
+
+    python benchmarks/serve_bench.py --shapes gpt_oss_120b mixtral_8x7b --json benchmarks/results/h200_serve.json
+
+Per shape (``model_bench.HF_SHAPES``, **every** decoder layer built) and expert format (``w_mxfp4`` by default;
+``bf16`` and ``w8a8_int8_channel_dynamic_token`` where they fit), in one process:
+
+* **memory**: the packed bytes of the parameters and the device bytes the load took (target: <= 1.05x), and the
+  engine's KV cache (sized from the memory left, ``--memory-fraction``);
+* **compile**: ``Engine.warm_up`` (every step program, before any timing), and the count of compiled programs
+  after each phase (a steady state compiles nothing);
+* **decode**: engine steps at batch 1, 8, 64 and 256 (``--batches``), each sequence holding ``--context`` cached
+  positions, wall time of ``engine.step()`` (host scheduling, the step, the tokens' copy back: what serving
+  pays), median of ``--repeats``; tokens/s and the step against the **memory floor** measured in the same run
+  (bytes the step must read -- every non-expert parameter, the experts the batch touches in expectation under
+  uniform routing, the cache the sequences may see -- over ``moe_bench.copy_tbps``);
+* **throughput**: ``--requests`` requests (default 1000) with ShareGPT-like lengths
+  (``benchmarks/data/sharegpt_like_lengths.json``: seeded, mean input 230 and output 192 tokens), random token
+  ids, greedy, no stop tokens (each request makes exactly its output length, as vLLM's benchmark with
+  ``ignore_eos``), all submitted at once: output and total tokens/s, TTFT and TPOT p50 / p99;
+* **concurrency 4**: a new request whenever one finishes (``--concurrency-requests`` of them): TPOT p50 and
+  output tokens/s.
+
+TTFT is the time from submission to a request's first token; TPOT its time from first to last token over its
+other tokens. Greedy sampling throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from model_bench import HF_SHAPES, _param_bytes, build_model  # noqa: E402
+from moe_bench import copy_tbps  # noqa: E402
+
+from quarkmoe_jax.models import DecoderConfig  # noqa: E402
+from quarkmoe_jax.models.inputs import cache_bytes  # noqa: E402
+from quarkmoe_jax.serving import Engine, SamplingParams  # noqa: E402
+from quarkmoe_jax.serving import engine as engine_module  # noqa: E402
+
+LENGTHS = pathlib.Path(__file__).resolve().parent / "data" / "sharegpt_like_lengths.json"
+
+
+def _device_bytes() -> int:
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
+
+
+def _compiled() -> int:
+    return engine_module._engine_step._cache_size()
+
+
+def floor_bytes(model, batch: int, context: int) -> float:
+    """Bytes one decode step of ``batch`` sequences of ``context`` positions must read."""
+    arch = model.config.moe
+    total = _param_bytes(model)
+    expert_bytes = sum(_param_bytes(layer.mlp.experts) for layer in model.layers if hasattr(layer.mlp, "experts"))
+    touched = arch.num_experts * (1 - (1 - arch.top_k / arch.num_experts) ** batch)
+    cache = cache_bytes(model.config, batch, context, model.dtype)
+    return total - expert_bytes + expert_bytes * touched / arch.num_experts + cache
+
+
+def _prompt(rng, vocab: int, length: int) -> list[int]:
+    return rng.integers(0, vocab, length).tolist()
+
+
+def decode_phase(engine: Engine, batch: int, context: int, repeats: int, bandwidth: float) -> dict:
+    """``batch`` requests prefilled to ``context`` positions, then ``repeats`` timed decode steps."""
+    rng = np.random.default_rng(batch)
+    vocab = engine.config.vocab_size
+    warm = 3
+    ids = [
+        engine.add_request(_prompt(rng, vocab, context), SamplingParams(repeats + warm + 2, stop_token_ids=()))
+        for _ in range(batch)
+    ]
+    started: set[str] = set()
+    while len(started) < batch:  # prefill every request (chunked), until each has its first token
+        started.update(o.request_id for o in engine.step())
+    for _ in range(warm):
+        engine.step()
+    compiled = _compiled()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outputs = engine.step()
+        samples.append(time.perf_counter() - start)
+        assert len(outputs) == batch, f"a decode step served {len(outputs)} of {batch} requests"
+    for request_id in ids:
+        engine.abort_request(request_id)
+    step = statistics.median(samples)
+    floor = floor_bytes(engine.model, batch, context + warm + repeats // 2) / (bandwidth * 1e12)
+    return {
+        "batch": batch,
+        "context": context,
+        "step_ms": step * 1e3,
+        "tokens_per_s": batch / step,
+        "memory_floor_ms": floor * 1e3,
+        "fraction_of_floor": floor / step,
+        "compiled_while_timed": _compiled() - compiled,
+    }
+
+
+def _percentiles(values: list[float]) -> dict:
+    return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
+
+
+def serve(engine: Engine, workload: list[tuple[int, int]], concurrency: int | None) -> dict:
+    """Serve ``workload`` (input, output) lengths: all at once (``concurrency`` None) or ``concurrency`` in
+    flight. Returns tokens/s and TTFT / TPOT percentiles (ms)."""
+    rng = np.random.default_rng(1)
+    vocab = engine.config.vocab_size
+    pending = list(enumerate(workload))
+    submitted, first, last, counts = {}, {}, {}, {}
+    start = time.perf_counter()
+
+    def submit():
+        index, (inp, out) = pending.pop(0)
+        request_id = engine.add_request(_prompt(rng, vocab, inp), SamplingParams(out, stop_token_ids=()))
+        submitted[request_id] = time.perf_counter()
+        counts[request_id] = 0
+
+    in_flight = len(workload) if concurrency is None else concurrency
+    for _ in range(min(in_flight, len(pending))):
+        submit()
+    while engine.has_unfinished() or pending:
+        outputs = engine.step()
+        now = time.perf_counter()
+        for o in outputs:
+            counts[o.request_id] += len(o.new_token_ids)
+            first.setdefault(o.request_id, now)
+            last[o.request_id] = now
+            if o.finished and pending and concurrency is not None:
+                submit()
+    elapsed = time.perf_counter() - start
+    output_tokens = sum(counts.values())
+    input_tokens = sum(inp for inp, _ in workload)
+    ttft = [(first[r] - submitted[r]) * 1e3 for r in submitted]
+    tpot = [(last[r] - first[r]) * 1e3 / (counts[r] - 1) for r in submitted if counts[r] > 1]
+    return {
+        "requests": len(workload),
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "total_tokens_per_s": (output_tokens + input_tokens) / elapsed,
+        "ttft_ms": _percentiles(ttft),
+        "tpot_ms": _percentiles(tpot),
+    }
+
+
+def bench(shape: str, scheme: str, args, bandwidth: float) -> dict:
+    hf, full_layers = HF_SHAPES[shape]
+    layers = args.layers or full_layers
+    config = DecoderConfig.from_hf_config({**hf, "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
+    before = _device_bytes()
+    model = build_model(config, scheme)
+    jax.block_until_ready(nnx.state(model))
+    result = {"shape": shape, "scheme": scheme, "layers": layers, "full_layers": full_layers}
+    result["param_bytes"] = _param_bytes(model)
+    result["load_device_bytes"] = _device_bytes() - before
+    result["load_over_packed"] = result["load_device_bytes"] / result["param_bytes"]  # 0 where no stats (CPU)
+    engine = Engine(
+        model,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        memory_fraction=args.memory_fraction,
+        attention_backend=args.attention,
+    )
+    result["engine"] = engine.summary()
+    result["kv_cache_bytes"] = cache_bytes(config, engine.num_blocks, engine.block_size, model.dtype)
+    print(f"{shape} {scheme}: {result['param_bytes'] / 2**30:.2f} GiB packed; {result['engine']}", flush=True)
+    result["warm_up_s"] = engine.warm_up(sampled=False)
+    result["compiled_after_warm_up"] = _compiled()
+    result["decode"] = []
+    for batch in args.batches:
+        if batch > engine.max_num_seqs:
+            continue
+        row = decode_phase(engine, batch, args.context, args.repeats, bandwidth)
+        result["decode"].append(row)
+        print(
+            f"  decode B{batch:<4} {row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
+            f"floor {row['memory_floor_ms']:.2f} ms ({row['fraction_of_floor']:.2f} of it)",
+            flush=True,
+        )
+    lengths = json.loads(LENGTHS.read_text())
+    workload = list(zip(lengths["input"], lengths["output"], strict=True))[: args.requests]
+    if args.requests:
+        result["throughput"] = serve(engine, workload, None)
+        t = result["throughput"]
+        print(
+            f"  {len(workload)} requests at once: {t['output_tokens_per_s']:.0f} output tok/s "
+            f"({t['total_tokens_per_s']:.0f} total), TTFT p50 {t['ttft_ms']['p50']:.0f} ms, "
+            f"TPOT p50 {t['tpot_ms']['p50']:.2f} ms p99 {t['tpot_ms']['p99']:.2f} ms",
+            flush=True,
+        )
+    if args.concurrency_requests:
+        result["concurrency_4"] = serve(engine, workload[: args.concurrency_requests], 4)
+        c = result["concurrency_4"]
+        print(
+            f"  concurrency 4: TPOT p50 {c['tpot_ms']['p50']:.2f} ms, {c['output_tokens_per_s']:.0f} output tok/s",
+            flush=True,
+        )
+    result["compiled_after_serving"] = _compiled()
+    result["num_preemptions"] = engine.num_preemptions
+    result["peak_device_bytes"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    del engine, model
+    jax.clear_caches()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["gpt_oss_120b", "mixtral_8x7b"], choices=list(HF_SHAPES))
+    parser.add_argument("--schemes", nargs="+", default=["w_mxfp4"])
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the full depth)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--context", type=int, default=1023, help="cached positions in the decode steps")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--concurrency-requests", type=int, default=32)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=2048 + 64)
+    parser.add_argument("--memory-fraction", type=float, default=0.9)
+    parser.add_argument("--attention", default="auto", help="the engine's attention backend")
+    parser.add_argument("--copy-tbps", type=float, help="use this copy bandwidth instead of measuring it")
+    parser.add_argument("--json", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    bandwidth = args.copy_tbps or copy_tbps(10)
+    print(f"{jax.devices()[0].device_kind}: copy {bandwidth:.3g} TB/s", flush=True)
+    results = []
+    for shape in args.shapes:
+        for scheme in args.schemes:
+            try:
+                results.append(bench(shape, scheme, args, bandwidth))
+            except Exception as e:  # noqa: BLE001 - out of memory: recorded, the run goes on
+                results.append({"shape": shape, "scheme": scheme, "skipped": f"{type(e).__name__}: {e}"[:400]})
+                print(f"{shape} {scheme} skipped: {results[-1]['skipped']}", flush=True)
+                jax.clear_caches()
+    doc = {
+        "date": datetime.date.today().isoformat(),
+        "device": jax.devices()[0].device_kind,
+        "versions": {"jax": jax.__version__},
+        "copy_tbps": bandwidth,
+        "workload": {k: v for k, v in json.loads(LENGTHS.read_text()).items() if k.startswith("mean")},
+        "settings": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
+        "results": results,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
