@@ -7,7 +7,9 @@ Subcommands:
   run-layer  run MoE block N of a checkpoint (router included) on x.npy [T, hidden] and write y.npy
   inspect    describe a checkpoint: architecture, scheme per MoE layer, expert bytes, padding, refusals
   quantize   export a float Hugging Face MoE checkpoint to Quark's format with a named scheme
-  synthetic  write a small seeded float MoE checkpoint (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss)
+  serve      an OpenAI-compatible HTTP server on the engine (/v1/completions, /v1/chat/completions, /metrics)
+  synthetic  write a small seeded float MoE checkpoint (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss), with a
+             byte-level tokenizer and a chat template
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import pathlib
 import signal
 import sys
 import threading
@@ -593,6 +596,47 @@ def calibration_states(spec: str, checkpoint: str) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from quarkmoe_jax.errors import InputError
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise InputError("quarkmoe serve needs the serve extra: pip install 'quarkmoe-jax[serve]'") from None
+    from quarkmoe_jax.checkpoint.loader import read_hf_config
+    from quarkmoe_jax.models import DecoderConfig, from_pretrained
+    from quarkmoe_jax.serving import Engine
+    from quarkmoe_jax.serving.server import ServerSettings, create_app
+    from quarkmoe_jax.tokenizer import read_tokenizer_config
+
+    config = DecoderConfig.from_hf_config(read_hf_config(args.checkpoint))  # checked before the weights load
+    tokenizer = load_tokenizer(args.checkpoint, needed=True)
+    tokenizer_config = read_tokenizer_config(args.checkpoint)
+    dtype = jnp.dtype(config.dtype if args.dtype == "auto" else args.dtype)
+    model = from_pretrained(
+        args.checkpoint, semantics=args.semantics, dtype=dtype, backend=args.backend, max_model_len=args.max_model_len
+    )
+    engine = Engine(
+        model,
+        max_num_seqs=args.max_batch,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        memory_fraction=args.gpu_memory_fraction,
+    )
+    print(engine.summary(), file=sys.stderr, flush=True)
+    seconds = engine.warm_up()
+    print(f"compiled {2 * len(engine.step_buckets())} step programs in {seconds:.1f} s", file=sys.stderr, flush=True)
+    name = args.served_model_name or pathlib.Path(args.checkpoint).resolve().name
+    app = create_app(engine, tokenizer, tokenizer_config, ServerSettings(name))
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    return 0
+
+
 def cmd_synthetic(args: argparse.Namespace) -> int:
     from quarkmoe_jax.checkpoint.safetensors_io import new_checkpoint_folder
     from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
@@ -607,8 +651,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
             num_experts=args.experts,
             top_k=args.top_k,
             seed=args.seed,
+            tokenizer=not args.no_tokenizer,
         )
-    print(f"wrote float {args.model_type} checkpoint to {args.out}")
+    extra = "" if args.no_tokenizer else " with a byte-level tokenizer.json and a chat template"
+    print(f"wrote float {args.model_type} checkpoint to {args.out}{extra}")
     return 0
 
 
@@ -724,6 +770,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
     generate.set_defaults(func=cmd_generate)
 
+    serve = command("serve", "an OpenAI-compatible HTTP server on the engine (the serve extra)")
+    serve.add_argument("checkpoint", help="Hugging Face / Quark folder with config.json, *.safetensors, tokenizer.json")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--served-model-name", help="the model's name in the API (default: the folder's name)")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests running at once")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=256, help="tokens one engine step computes")
+    serve.add_argument("--max-model-len", type=int, help="longest prompt + completion (default: the config's)")
+    serve.add_argument(
+        "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights + KV cache"
+    )
+    serve.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds SIGTERM waits for streams")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: config's")
+    serve.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="MoE kernel backend")
+    serve.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
+    serve.set_defaults(func=cmd_serve)
+
     synthetic = command("synthetic", "write a small seeded float MoE checkpoint (random weights, no download)")
     synthetic.add_argument("out", help="new (or empty) output folder")
     synthetic.add_argument("--model-type", choices=SUPPORTED_MODEL_TYPES, default="mixtral", help="architecture")
@@ -733,6 +796,11 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--experts", type=int, default=4, help="routed experts")
     synthetic.add_argument("--top-k", type=int, default=2, help="experts per token")
     synthetic.add_argument("--seed", type=int, default=0, help="seed of the weights")
+    synthetic.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="write no tokenizer.json / tokenizer_config.json (the vocabulary is then 128 tokens, else 272)",
+    )
     synthetic.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT")
     synthetic.set_defaults(func=cmd_synthetic)
     return parser

@@ -25,15 +25,24 @@ from quarkmoe_jax.checkpoint.architectures import (
 from quarkmoe_jax.checkpoint.safetensors_io import save_file
 from quarkmoe_jax.errors import QuarkMoEError
 
-__all__ = ["synthetic_moe", "write_float_checkpoint"]
+__all__ = [
+    "synthetic_moe",
+    "write_float_checkpoint",
+    "write_synthetic_tokenizer",
+    "SPECIAL_TOKENS",
+    "SYNTHETIC_TOKENIZER_VOCAB",
+    "CHAT_TEMPLATE",
+]
 
 
-def _hf_config(family: ModelFamily, layers: int, hidden: int, intermediate: int, experts: int, top_k: int) -> dict:
+def _hf_config(
+    family: ModelFamily, layers: int, hidden: int, intermediate: int, experts: int, top_k: int, vocab: int
+) -> dict:
     common = {
         "model_type": family.model_type,
         "num_hidden_layers": layers,
         "hidden_size": hidden,
-        "vocab_size": 128,
+        "vocab_size": vocab,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": hidden // 4,
@@ -75,6 +84,7 @@ def synthetic_moe(
     top_k: int = 2,
     fused_experts: bool = False,
     seed: int = 0,
+    vocab_size: int = 128,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A float MoE language model: ``(config.json dict, {tensor name: bfloat16 / float32 array})``.
 
@@ -83,7 +93,9 @@ def synthetic_moe(
     LM head), so :func:`quarkmoe_jax.models.from_pretrained` runs it. Weights are Gaussian (std 0.02) with a
     few larger outliers per expert so that MX blocks see different scales; norm weights are near 1.
     ``fused_experts`` stores each layer's experts as all-expert ``gate_up_proj`` / ``down_proj`` tensors
-    instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``).
+    instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``). ``vocab_size``:
+    the embedding's rows (at least :data:`SYNTHETIC_TOKENIZER_VOCAB` for :func:`write_float_checkpoint`'s
+    tokenizer).
     """
     family = FAMILIES.get(model_type)
     if family is None:
@@ -94,8 +106,9 @@ def synthetic_moe(
         intermediate_size=intermediate_size,
         num_experts=num_experts,
         top_k=top_k,
+        vocab_size=vocab_size,
     )
-    config = _hf_config(family, num_layers, hidden_size, intermediate_size, num_experts, top_k)
+    config = _hf_config(family, num_layers, hidden_size, intermediate_size, num_experts, top_k, vocab_size)
     arch = family.moe_architecture(config)
     names = family.names
     rng = np.random.default_rng(seed)
@@ -107,7 +120,10 @@ def synthetic_moe(
         w.reshape(-1)[rng.integers(0, w.size, max(1, w.size // 500))] *= 8
         return w.astype(bf16)
 
-    tensors: dict[str, np.ndarray] = {"model.embed_tokens.weight": weight(128, h), "lm_head.weight": weight(128, h)}
+    tensors: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": weight(vocab_size, h),
+        "lm_head.weight": weight(vocab_size, h),
+    }
     # the non-expert tensors the MoE tests never read come from their own stream, so adding them kept the
     # expert weights of every seed unchanged
     aux = np.random.default_rng([seed, 1])
@@ -193,11 +209,59 @@ def _latent_attention(prefix: str, config: dict, small, norm) -> dict[str, np.nd
     return tensors
 
 
-def write_float_checkpoint(path: str | pathlib.Path, model_type: str = "mixtral", **kwargs) -> pathlib.Path:
-    """Write :func:`synthetic_moe` as a Hugging Face folder (config.json + model.safetensors)."""
+def write_float_checkpoint(
+    path: str | pathlib.Path, model_type: str = "mixtral", *, tokenizer: bool = False, **kwargs
+) -> pathlib.Path:
+    """Write :func:`synthetic_moe` as a Hugging Face folder (config.json + model.safetensors); with
+    ``tokenizer``, also :func:`write_synthetic_tokenizer`'s files (``vocab_size`` then defaults to
+    :data:`SYNTHETIC_TOKENIZER_VOCAB`) and the special tokens' ids in config.json."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if tokenizer:
+        kwargs.setdefault("vocab_size", SYNTHETIC_TOKENIZER_VOCAB)
     config, tensors = synthetic_moe(model_type, **kwargs)
+    if tokenizer:
+        config.update(write_synthetic_tokenizer(path, config["vocab_size"]))
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
+"""The synthetic tokenizer's special tokens (ids 256 ...): BOS, EOS and the chat turn markers."""
+SYNTHETIC_TOKENIZER_VOCAB = 272
+"""The synthetic model's vocabulary when it has a tokenizer: 256 byte tokens, the special tokens, padding to 16."""
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""The synthetic tokenizer's chat template (ChatML turns after a BOS)."""
+
+
+def _byte_characters() -> list[str]:
+    """GPT-2's printable stand-in for each byte value 0..255 (the ByteLevel pre-tokenizer's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_synthetic_tokenizer(path: str | pathlib.Path, vocab_size: int = SYNTHETIC_TOKENIZER_VOCAB) -> dict:
+    """Write a byte-level ``tokenizer.json`` (token ``b`` is byte ``b``, no merges, so any UTF-8 text encodes
+    and a multi-byte character spans several tokens) and a ``tokenizer_config.json`` with a chat template,
+    through the ``tokenizers`` library. Returns config.json's ``bos_token_id`` / ``eos_token_id`` (the end of
+    text and of a chat turn)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"a synthetic tokenizer needs vocab_size >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    path = pathlib.Path(path)
+    vocab = {c: b for b, c in enumerate(_byte_characters())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.save(str(path / "tokenizer.json"))
+    bos, eos, _, end_of_turn = SPECIAL_TOKENS
+    settings = {"bos_token": bos, "eos_token": eos, "add_bos_token": False, "chat_template": CHAT_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return {"bos_token_id": tok.token_to_id(bos), "eos_token_id": [tok.token_to_id(eos), tok.token_to_id(end_of_turn)]}

@@ -1,0 +1,492 @@
+"""``quarkmoe serve``: an OpenAI-compatible HTTP server on the engine (FastAPI on uvicorn, the ``serve`` extra).
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as
+server-sent events ending with ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
+
+The engine runs on its own thread (:class:`~quarkmoe_jax.serving.async_engine.AsyncEngine`); handlers only
+check a request, queue it and turn its tokens into text (:class:`~quarkmoe_jax.serving.text.TextStream`). A
+client that disconnects has its request aborted at once (its cache blocks freed). uvicorn's graceful shutdown
+(SIGTERM / SIGINT) stops accepting connections and lets the running requests finish, so no answer is cut
+off half-written (``--shutdown-timeout`` bounds the wait).
+
+A bad request is a 400 (an unknown model a 404, as OpenAI and vLLM answer) with an OpenAI-style JSON error
+``{"error": {"message", "type", "param", "code"}}`` naming the field; the server keeps serving the others.
+"""
+
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from quarkmoe_jax.errors import InputError
+from quarkmoe_jax.serving.async_engine import AsyncEngine, EngineFailure
+from quarkmoe_jax.serving.engine import Engine
+from quarkmoe_jax.serving.params import SamplingParams
+from quarkmoe_jax.serving.text import TextStream
+
+__all__ = ["ServerSettings", "create_app", "ApiError", "MAX_BODY_BYTES"]
+
+MAX_BODY_BYTES = 1 << 20
+"""The largest request body read (1 MiB): prompts beyond it are far longer than any context served here."""
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+DISCONNECT_POLL_S = 0.1
+
+
+class ApiError(Exception):
+    """An OpenAI-style error response: ``status``, ``message``, the request ``param`` it names, ``type``."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the server answers with: the model's name in the API, and the request caps."""
+
+    model_name: str
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+# ---------------------------------------------------------------------------------------------- request fields
+
+
+def _typed(body: dict, name: str, kinds, default, what: str):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds:
+        raise ApiError(f"{name} must be {what}, got {json.dumps(value)}", name)
+    if not isinstance(value, kinds):
+        raise ApiError(f"{name} must be {what}, got {json.dumps(value)[:80]}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open=False) -> float:
+    value = float(_typed(body, name, (int, float), default, "a number"))
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ApiError(f"{name} must be in {bounds}, got {value!r}", name)
+    return value
+
+
+def _int(body: dict, name: str, default, low: int, high: int):
+    value = _typed(body, name, (int,), default, "an integer")
+    if value is not None and not low <= value <= high:
+        raise ApiError(f"{name} must be an integer in [{low}, {high}], got {value}", name)
+    return value
+
+
+class Api:
+    """The request handling shared by the routes (one per app)."""
+
+    def __init__(self, engine: AsyncEngine, tokenizer, chat_template, special: dict, settings: ServerSettings, metrics):
+        self.engine, self.tokenizer, self.settings, self.metrics = engine, tokenizer, settings, metrics
+        self.context = engine.engine.context.length
+        self.vocab = engine.engine.config.vocab_size
+        self._template = None
+        if chat_template is not None:
+            from jinja2.exceptions import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise TemplateError(message)
+
+            # transformers' settings for chat templates (apply_chat_template)
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.globals["raise_exception"] = raise_exception
+            template = chat_template.get("default") if isinstance(chat_template, dict) else chat_template
+            self._template = None if template is None else env.from_string(template)
+        self._special = special
+
+    # ------------------------------------------------------------------------------------------- prompts
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt).ids
+        elif (
+            isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.vocab]
+            if bad:
+                raise ApiError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab})", "prompt")
+        elif isinstance(prompt, list) and len(prompt) > 1:
+            raise ApiError("prompt: one prompt per request (a string or a list of token ids)", "prompt")
+        else:
+            raise ApiError(f"prompt must be a string or a list of token ids, got {json.dumps(prompt)[:80]}", "prompt")
+        return self._check_prompt(ids, "prompt")
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError("messages must be a non-empty list of {role, content} objects", "messages")
+        plain = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(f"messages[{i}] must be an object with a string role", "messages")
+            content = m.get("content")
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                if not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+                ):
+                    raise ApiError(f"messages[{i}].content: only text parts are supported", "messages")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise ApiError(f"messages[{i}].content must be a string or a list of text parts", "messages")
+            plain.append({**m, "content": content})
+        if self._template is None:
+            raise ApiError(
+                "this model has no chat template (tokenizer_config.json has no chat_template): use /v1/completions",
+                "messages",
+            )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            text = self._template.render(messages=plain, add_generation_prompt=True, **self._special)
+        except TemplateError as e:
+            raise ApiError(f"messages: the chat template refused them: {e}", "messages") from None
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._check_prompt(ids, "messages")
+
+    def _check_prompt(self, ids: list[int], field: str) -> list[int]:
+        if not ids:
+            raise ApiError(f"{field}: the prompt has no tokens", field)
+        if len(ids) >= self.context:
+            raise ApiError(
+                f"{field}: the prompt has {len(ids)} tokens; this model's context is {self.context} (prompt + "
+                "max_tokens)",
+                field,
+            )
+        return ids
+
+    # ------------------------------------------------------------------------------------------ sampling
+
+    def sampling(self, body: dict, prompt_len: int, default_max_tokens: int | None) -> tuple[SamplingParams, tuple]:
+        if _int(body, "n", 1, 1, 2**31) != 1:
+            raise ApiError("n must be 1 (one choice per request)", "n")
+        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
+            raise ApiError("logprobs are not supported by this server yet", "logprobs")
+        if body.get("best_of") not in (None, 1) or body.get("echo") not in (None, False):
+            raise ApiError(
+                "best_of and echo are not supported", "best_of" if body.get("best_of") not in (None, 1) else "echo"
+            )
+        room = self.context - prompt_len
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _int(body, name, default_max_tokens if default_max_tokens is not None else room, 1, 2**31)
+        if max_tokens > room:
+            raise ApiError(
+                f"{name} = {max_tokens} with a prompt of {prompt_len} tokens exceeds this model's context of "
+                f"{self.context} (at most {room})",
+                name,
+            )
+        temperature = _number(body, "temperature", 1.0, 0.0, 100.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+        top_k = _int(body, "top_k", 0, -1, self.vocab)
+        seed = _int(body, "seed", None, -(2**63), 2**63 - 1)
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is None:
+            stop = []
+        if (
+            not isinstance(stop, list)
+            or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop)
+        ):
+            raise ApiError(
+                f"stop must be a string or a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_LENGTH} characters",
+                "stop",
+            )
+        stop_ids = body.get("stop_token_ids")
+        if stop_ids is not None and (
+            not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids)
+        ):
+            raise ApiError("stop_token_ids must be a list of token ids", "stop_token_ids")
+        ignore_eos = _typed(body, "ignore_eos", (bool,), False, "a boolean")
+        eos = list(self.engine.engine.config.eos_token_ids)
+        stop_token_ids = list(stop_ids or []) + ([] if ignore_eos else eos)
+        try:
+            params = SamplingParams(
+                max_new_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=max(top_k, 0),
+                seed=None if seed is None else seed % 2**63,
+                stop_token_ids=tuple(stop_token_ids),
+            )
+        except InputError as e:
+            raise ApiError(str(e), _field_of(str(e))) from None
+        return params, tuple(stop)
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    async def submit(self, ids: list[int], params: SamplingParams):
+        try:
+            return await self.engine.add(ids, params)
+        except InputError as e:
+            raise ApiError(str(e), _field_of(str(e))) from None
+
+    async def tokens(self, request_id: str, outputs: asyncio.Queue, stream: TextStream, params, arrival: float):
+        """Yields ``(text piece, finish_reason or None, completion tokens)`` until the request ends."""
+        count, first = 0, None
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, EngineFailure):
+                    raise ApiError(item.message, None, 500, "server_error")
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                    self.metrics.ttft.observe(now - arrival)
+                count += len(item.new_token_ids)
+                piece = stream.add(item.new_token_ids)
+                if stream.stopped:
+                    finished = True
+                    self.engine.abort(request_id)
+                    yield piece, "stop", count
+                    return
+                if item.finished:
+                    finished = True
+                    if count > 1:
+                        self.metrics.tpot.observe((now - first) / (count - 1))
+                    reason = "stop" if item.new_token_ids[-1] in params.stop_token_ids else "length"
+                    yield piece + stream.finish(), reason, count
+                    return
+                if piece:
+                    yield piece, None, count
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+
+def _field_of(message: str) -> str | None:
+    """The API field an engine refusal names (its messages start with the engine's field name)."""
+    for engine_name, field in (
+        ("max_new_tokens", "max_tokens"),
+        ("prompt_ids", "prompt"),
+        ("stop_token_ids", "stop_token_ids"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("seed", "seed"),
+    ):
+        if message.startswith(engine_name) or f" {engine_name} " in message:
+            return field
+    return None
+
+
+class Metrics:
+    """The Prometheus metrics of one app (its own registry)."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        self._engine = engine
+        self.running = Gauge("quarkmoe_requests_running", "Requests in the running batch", registry=self.registry)
+        self.waiting = Gauge("quarkmoe_requests_waiting", "Requests waiting to be scheduled", registry=self.registry)
+        self.kv_usage = Gauge(
+            "quarkmoe_kv_cache_usage", "Share of KV-cache blocks in use (0-1)", registry=self.registry
+        )
+        self.tokens_per_s = Gauge(
+            "quarkmoe_generation_tokens_per_second", "Generated tokens/s over the last 10 s", registry=self.registry
+        )
+        self.prompt_tokens = Gauge("quarkmoe_prompt_tokens_total", "Prompt tokens accepted", registry=self.registry)
+        self.generation_tokens = Gauge("quarkmoe_generation_tokens_total", "Tokens generated", registry=self.registry)
+        self.requests = Counter("quarkmoe_requests", "Requests answered, by status", ["status"], registry=self.registry)
+        buckets = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60)
+        self.ttft = Histogram("quarkmoe_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=self.registry)
+        self.tpot = Histogram(
+            "quarkmoe_time_per_output_token_seconds", "TPOT", buckets=buckets[:-4], registry=self.registry
+        )
+        self.info = Gauge("quarkmoe_model_info", "The served model", list(labels), registry=self.registry)
+        self.info.labels(**labels).set(1)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        state = self._engine.state
+        self.running.set(state.running)
+        self.waiting.set(state.waiting)
+        self.kv_usage.set(state.kv_cache_usage)
+        self.tokens_per_s.set(state.generation_tokens_per_s)
+        self.prompt_tokens.set(state.prompt_tokens)
+        self.generation_tokens.set(state.generation_tokens)
+        return generate_latest(self.registry)
+
+
+def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSettings):
+    """The FastAPI app serving ``engine`` (started and stopped with the app's lifespan)."""
+    import contextlib
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    async_engine = AsyncEngine(engine)
+    metrics = Metrics(async_engine, settings.model_name)
+    special = {
+        "bos_token": (tokenizer_config.bos_token if tokenizer_config else None) or "",
+        "eos_token": (tokenizer_config.eos_token if tokenizer_config else None) or "",
+    }
+    template = tokenizer_config.chat_template if tokenizer_config else None
+    api = Api(async_engine, tokenizer, template, special, settings, metrics)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async_engine.start()
+        yield
+        async_engine.shutdown()
+
+    app = FastAPI(title="quarkmoe-jax", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        metrics.requests.labels(status=str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status)
+
+    async def read_body(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise ApiError(f"the request body has {declared} bytes, more than {settings.max_body_bytes}", None, 413)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > settings.max_body_bytes:
+                raise ApiError(f"the request body exceeds {settings.max_body_bytes} bytes", None, 413)
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(f"the request body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError("the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != settings.model_name:
+            raise ApiError(
+                f"The model `{model}` does not exist (this server serves `{settings.model_name}`)",
+                "model",
+                404,
+                "NotFoundError",
+            )
+        if not isinstance(body.get("stream", False), bool):
+            raise ApiError("stream must be a boolean", "stream")
+        return body
+
+    @app.get("/health")
+    async def health():
+        alive = async_engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "quarkmoe-jax"}
+        return {"object": "list", "data": [{**card, "max_model_len": api.context}]}
+
+    async def run(request: Request, chat: bool):
+        arrival = time.monotonic()
+        body = await read_body(request)
+        ids = api.chat_prompt(body) if chat else api.completion_prompt(body)
+        params, stop = api.sampling(body, len(ids), None if chat else 16)
+        request_id, outputs = await api.submit(ids, params)
+        stream = TextStream(tokenizer, stop)
+        pieces = api.tokens(request_id, outputs, stream, params, arrival)
+        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": response_id, "created": int(time.time()), "model": settings.model_name}
+        if body.get("stream", False):
+            return StreamingResponse(_events(pieces, head, chat, len(ids), body), media_type="text/event-stream")
+        return await _whole(request, pieces, head, chat, len(ids), async_engine, request_id)
+
+    async def _whole(request, pieces, head, chat, prompt_tokens, async_engine, request_id):
+        async def collect():
+            text, reason, count = [], None, 0
+            async for piece, finish, counted in pieces:
+                text.append(piece)
+                reason, count = finish, counted
+            return "".join(text), reason, count
+
+        task = asyncio.ensure_future(collect())
+        while not task.done():
+            await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                async_engine.abort(request_id)
+                with contextlib.suppress(asyncio.CancelledError, ApiError):
+                    await task
+                metrics.requests.labels(status="disconnected").inc()
+                return Response(status_code=499)
+        text, reason, count = task.result()
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+            result = {**head, "object": "chat.completion", "choices": [{**choice, "finish_reason": reason}]}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            result = {**head, "object": "text_completion", "choices": [choice]}
+        metrics.requests.labels(status="200").inc()
+        return {**result, "usage": usage}
+
+    async def _events(pieces, head, chat, prompt_tokens, body) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+
+        def event(choice, usage=None) -> bytes:
+            chunk = {**head, "object": kind, "choices": [choice] if choice else []}
+            if usage is not None:
+                chunk["usage"] = usage
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        count = 0
+        try:
+            if chat:
+                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            async for piece, reason, counted in pieces:
+                count = counted
+                if chat:
+                    delta = {"content": piece} if piece else {}
+                    yield event({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason})
+                else:
+                    yield event({"index": 0, "text": piece, "logprobs": None, "finish_reason": reason})
+            if include_usage:
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": count,
+                    "total_tokens": prompt_tokens + count,
+                }
+                yield event(None, usage)
+            yield b"data: [DONE]\n\n"
+            metrics.requests.labels(status="200").inc()
+        except ApiError as e:
+            yield f"data: {json.dumps(e.body())}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, chat=True)
+
+    app.state.async_engine = async_engine
+    return app
