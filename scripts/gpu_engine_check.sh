@@ -1,0 +1,23 @@
+#!/bin/bash
+# One device call for the engine (tool `run`, carry [".whl"]): the paged attention kernel and the engine,
+# compiled on the GPU, against the XLA oracle and offline generate (tests/models/test_paged_attention.py,
+# tests/serving/test_engine.py); then, with ATTN=1, benchmarks/attention_bench.py; with SERVE="<args>",
+# benchmarks/serve_bench.py <args>. Logs and JSON under $OUT. T, TA, TS: seconds for each part.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+[ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
+python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout -s INT ${T:-180} python3 -m pytest -q -n ${N:-4} -p no:cacheprovider -rfE \
+    tests/models/test_paged_attention.py tests/serving/test_engine.py > $OUT/engine_pytest.log 2>&1
+  echo "engine pytest rc=$?"; tail -25 $OUT/engine_pytest.log
+fi
+if [ "${ATTN:-0}" = 1 ]; then
+  timeout ${TA:-150} python3 benchmarks/attention_bench.py --json $OUT/attention.json > $OUT/attention.log 2>&1
+  echo "attention_bench rc=$?"; tail -14 $OUT/attention.log
+fi
+if [ -n "$SERVE" ]; then
+  timeout ${TS:-400} python3 benchmarks/serve_bench.py $SERVE --json $OUT/serve.json > $OUT/serve.log 2>&1
+  echo "serve_bench rc=$?"; tail -30 $OUT/serve.log
+fi
