@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sample_tokens"]
+__all__ = ["sample_tokens", "token_logprobs"]
 
 
 def sample_tokens(logits, key, temperature, top_p, top_k=0, *, greedy: bool = False, per_row_keys: bool = False):
@@ -51,3 +51,19 @@ def sample_tokens(logits, key, temperature, top_p, top_k=0, *, greedy: bool = Fa
         choice = jax.random.categorical(key, kept, axis=-1)
     sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
     return jnp.where(temperature > 0, sampled, best)
+
+
+def token_logprobs(logits, tokens, top: int):
+    """The model's log-probabilities (``log_softmax`` of the raw logits, before temperature, top-k or top-p:
+    vLLM's default "raw" logprobs) of the chosen tokens and of each row's ``top`` best tokens.
+
+    Args:
+      logits: float32 ``[B, V]``; tokens: int32 ``[B]``; top: static, ``0 < top <= V``.
+
+    Returns:
+      ``(chosen float32 [B], top_ids int32 [B, top], top_logprobs float32 [B, top])``, the best first.
+    """
+    normalizer = jax.nn.logsumexp(logits, axis=-1)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - normalizer
+    best, ids = jax.lax.top_k(logits, top)
+    return chosen, ids.astype(jnp.int32), best - normalizer[:, None]

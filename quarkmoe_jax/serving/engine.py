@@ -28,11 +28,11 @@ from flax import nnx
 from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.models import inputs
 from quarkmoe_jax.models.paged import PagedBatch
-from quarkmoe_jax.models.sampling import sample_tokens
-from quarkmoe_jax.serving.params import SamplingParams
+from quarkmoe_jax.models.sampling import sample_tokens, token_logprobs
+from quarkmoe_jax.serving.params import MAX_LOGPROBS, SamplingParams
 from quarkmoe_jax.serving.scheduler import BlockAllocator, Request, Scheduler
 
-__all__ = ["Engine", "RequestOutput"]
+__all__ = ["Engine", "RequestOutput", "TokenLogprobs"]
 
 log = logging.getLogger("quarkmoe_jax.serving")
 
@@ -41,12 +41,24 @@ MIN_STEP_TOKENS = 8
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """One new token's log-probability and the ``k`` best tokens' ``(id, logprob)`` at its step, best first
+    (``k`` = the request's ``SamplingParams.logprobs``)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class RequestOutput:
-    """What one request produced in one step: ``new_token_ids`` (one token), and whether it has finished."""
+    """What one request produced in one step: ``new_token_ids`` (one token), whether it has finished, and
+    (if the request asked, ``SamplingParams.logprobs``) one :class:`TokenLogprobs` per new token."""
 
     request_id: str
     new_token_ids: list[int]
     finished: bool
+    logprobs: list[TokenLogprobs] | None = None
 
 
 def _power_of_two_at_least(n: int) -> int:
@@ -218,7 +230,7 @@ class Engine:
             sampling = (np.ones(s, np.float32), np.ones(s, np.float32), np.zeros(s, np.int32))
             keys = (np.zeros((s, 2), np.uint32), np.zeros(s, np.int32))
             for greedy in (True, False) if sampled else (True,):
-                tokens, self.cache = _engine_step(
+                tokens, _, self.cache = _engine_step(
                     self._graphdef,
                     self._state,
                     self.cache,
@@ -242,10 +254,12 @@ class Engine:
         if not scheduled:
             return []
         arrays, greedy = self._step_arrays(scheduled)
-        tokens, self.cache = _engine_step(
+        tokens, logprobs, self.cache = _engine_step(
             self._graphdef, self._state, self.cache, *arrays, greedy=greedy, attention_backend=self.attention_backend
         )
         tokens = np.asarray(tokens)
+        if any(request.params.logprobs is not None for request, _ in scheduled):
+            chosen, top_ids, top_logprobs = (np.asarray(a) for a in logprobs)
         outputs = []
         for row, (request, count) in enumerate(scheduled):
             request.num_computed += count
@@ -258,7 +272,12 @@ class Engine:
             if finished:
                 self.scheduler.finish(request)
                 del self._requests[request.request_id]
-            outputs.append(RequestOutput(request.request_id, [token], finished))
+            k = request.params.logprobs
+            token_logprobs = None
+            if k is not None:
+                top = tuple(zip(top_ids[row, :k].tolist(), top_logprobs[row, :k].tolist(), strict=True))
+                token_logprobs = [TokenLogprobs(token, float(chosen[row]), top)]
+            outputs.append(RequestOutput(request.request_id, [token], finished, token_logprobs))
         return outputs
 
     def _step_arrays(self, scheduled: list[tuple[Request, int]]):
@@ -304,4 +323,5 @@ def _engine_step(
     logits, cache = model.paged_logits(ids, paged, cache, attention_backend)
     keys = jax.vmap(lambda data, count: jax.random.fold_in(jax.random.wrap_key_data(data), count))(key_data, counters)
     tokens = sample_tokens(logits, keys, temperature, top_p, top_k, greedy=greedy, per_row_keys=True)
-    return tokens, cache
+    logprobs = None if greedy else token_logprobs(logits, tokens, min(MAX_LOGPROBS, logits.shape[-1]))
+    return tokens, logprobs, cache

@@ -7,7 +7,10 @@ import dataclasses
 from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.models import inputs
 
-__all__ = ["SamplingParams"]
+__all__ = ["SamplingParams", "MAX_LOGPROBS"]
+
+MAX_LOGPROBS = 20
+"""The most top tokens a request may ask log-probabilities for (OpenAI's chat API and vLLM's default cap)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +22,9 @@ class SamplingParams:
     restrict the sampled set. ``seed``: the request's own random stream (None: the engine draws one from its
     seed); the same seed gives the same tokens whatever else is in the batch. ``stop_token_ids``: the request
     stops after producing one of these (kept in its output); None: the model's ``eos_token_id``; ``()``:
-    never stops early.
+    never stops early. ``logprobs``: None (default) or ``k`` in ``[0, MAX_LOGPROBS]``: each new token comes with
+    its log-probability and those of the ``k`` most likely tokens at that step (the model's distribution before
+    temperature, top-k and top-p, as vLLM's default "raw" logprobs).
 
     A bad value raises :class:`~quarkmoe_jax.errors.InputError` (a ``ValueError``) naming the field.
     """
@@ -30,6 +35,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         set_field = object.__setattr__
@@ -50,7 +56,12 @@ class SamplingParams:
             if not all(inputs.is_int(i) and i >= 0 for i in ids):
                 raise InputError(f"stop_token_ids must be non-negative token ids, got {list(ids)!r}")
             set_field(self, "stop_token_ids", tuple(int(i) for i in ids))
+        if self.logprobs is not None:
+            if not inputs.is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise InputError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            set_field(self, "logprobs", int(self.logprobs))
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Takes the argmax and asks for nothing that the greedy step program does not compute."""
+        return self.temperature == 0 and self.logprobs is None

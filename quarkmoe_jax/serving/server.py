@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.serving.async_engine import AsyncEngine, EngineFailure
 from quarkmoe_jax.serving.engine import Engine
-from quarkmoe_jax.serving.params import SamplingParams
+from quarkmoe_jax.serving.params import MAX_LOGPROBS, SamplingParams
 from quarkmoe_jax.serving.text import TextStream
 
 __all__ = ["ServerSettings", "create_app", "ApiError", "MAX_BODY_BYTES"]
@@ -175,11 +175,23 @@ class Api:
 
     # ------------------------------------------------------------------------------------------ sampling
 
-    def sampling(self, body: dict, prompt_len: int, default_max_tokens: int | None) -> tuple[SamplingParams, tuple]:
+    def logprobs(self, body: dict, chat: bool) -> int | None:
+        """How many top tokens each new token's logprobs carry (None: no logprobs): completions' ``logprobs``
+        (an integer), chat's ``logprobs`` (a boolean) with ``top_logprobs``."""
+        if not chat:
+            return _int(body, "logprobs", None, 0, MAX_LOGPROBS)
+        wanted = _typed(body, "logprobs", (bool,), False, "a boolean")
+        top = _int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
+        if top is not None and not wanted:
+            raise ApiError("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if wanted else None
+
+    def sampling(
+        self, body: dict, prompt_len: int, default_max_tokens: int | None, chat: bool = False
+    ) -> tuple[SamplingParams, tuple]:
         if _int(body, "n", 1, 1, 2**31) != 1:
             raise ApiError("n must be 1 (one choice per request)", "n")
-        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-            raise ApiError("logprobs are not supported by this server yet", "logprobs")
+        logprobs = self.logprobs(body, chat)
         if body.get("best_of") not in (None, 1) or body.get("echo") not in (None, False):
             raise ApiError(
                 "best_of and echo are not supported", "best_of" if body.get("best_of") not in (None, 1) else "echo"
@@ -228,6 +240,7 @@ class Api:
                 top_k=max(top_k, 0),
                 seed=None if seed is None else seed % 2**63,
                 stop_token_ids=tuple(stop_token_ids),
+                logprobs=logprobs,
             )
         except InputError as e:
             raise ApiError(str(e), _field_of(str(e))) from None
@@ -242,9 +255,11 @@ class Api:
             raise ApiError(str(e), _field_of(str(e))) from None
 
     async def tokens(self, request_id: str, outputs: asyncio.Queue, stream: TextStream, params, arrival: float):
-        """Yields ``(text piece, finish_reason or None, completion tokens)`` until the request ends."""
+        """Yields ``(text piece, finish_reason or None, completion tokens, TokenLogprobs since the last yield)``
+        until the request ends."""
         count, first = 0, None
         finished = False
+        records = []
         try:
             while True:
                 item = await outputs.get()
@@ -255,24 +270,74 @@ class Api:
                     first = now
                     self.metrics.ttft.observe(now - arrival)
                 count += len(item.new_token_ids)
+                records += item.logprobs or ()
                 piece = stream.add(item.new_token_ids)
                 if stream.stopped:
                     finished = True
                     self.engine.abort(request_id)
-                    yield piece, "stop", count
+                    yield piece, "stop", count, records
                     return
                 if item.finished:
                     finished = True
                     if count > 1:
                         self.metrics.tpot.observe((now - first) / (count - 1))
                     reason = "stop" if item.new_token_ids[-1] in params.stop_token_ids else "length"
-                    yield piece + stream.finish(), reason, count
+                    yield piece + stream.finish(), reason, count, records
                     return
                 if piece:
-                    yield piece, None, count
+                    yield piece, None, count, records
+                    records = []
         finally:
             if not finished:
                 self.engine.abort(request_id)
+
+
+LOGPROB_FLOOR = -9999.0
+"""A logprob below this (-inf when a probability underflows float32) is sent as this: JSON has no -inf (vLLM's
+choice)."""
+
+
+class LogprobsWriter:
+    """Turns a request's :class:`~quarkmoe_jax.serving.engine.TokenLogprobs` into the OpenAI response field:
+    chat's ``{"content": [{token, logprob, bytes, top_logprobs}]}`` or completions' ``{tokens, token_logprobs,
+    top_logprobs, text_offset}``. A token's text is the tokenizer's decoding of it alone (a piece of a multi-byte
+    character decodes to U+FFFD; chat's ``bytes`` are that text's UTF-8, as vLLM sends)."""
+
+    def __init__(self, tokenizer, chat: bool):
+        self.tokenizer, self.chat, self.offset = tokenizer, chat, 0
+
+    def _text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def field(self, records) -> dict:
+        if self.chat:
+            content = []
+            for r in records:
+                top = [self._chat_entry(t, lp) for t, lp in r.top]
+                content.append({**self._chat_entry(r.token_id, r.logprob), "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        tokens = [self._text(r.token_id) for r in records]
+        offsets = []
+        for text in tokens:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [max(r.logprob, LOGPROB_FLOOR) for r in records],
+            "top_logprobs": [self._top_dict(r.top) for r in records],
+            "text_offset": offsets,
+        }
+
+    def _top_dict(self, top) -> dict:
+        """``{text: logprob}``; tokens with the same text (pieces of characters all read U+FFFD) keep the best."""
+        out = {}
+        for token_id, logprob in top:
+            out.setdefault(self._text(token_id), max(logprob, LOGPROB_FLOOR))
+        return out
+
+    def _chat_entry(self, token_id: int, logprob: float) -> dict:
+        text = self._text(token_id)
+        return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode())}
 
 
 def _field_of(message: str) -> str | None:
@@ -407,23 +472,26 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
         arrival = time.monotonic()
         body = await read_body(request)
         ids = api.chat_prompt(body) if chat else api.completion_prompt(body)
-        params, stop = api.sampling(body, len(ids), None if chat else 16)
+        params, stop = api.sampling(body, len(ids), None if chat else 16, chat)
         request_id, outputs = await api.submit(ids, params)
         stream = TextStream(tokenizer, stop)
         pieces = api.tokens(request_id, outputs, stream, params, arrival)
         response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": response_id, "created": int(time.time()), "model": settings.model_name}
+        logprobs = None if params.logprobs is None else LogprobsWriter(tokenizer, chat)
         if body.get("stream", False):
-            return StreamingResponse(_events(pieces, head, chat, len(ids), body), media_type="text/event-stream")
-        return await _whole(request, pieces, head, chat, len(ids), async_engine, request_id)
+            events = _events(pieces, head, chat, len(ids), body, logprobs)
+            return StreamingResponse(events, media_type="text/event-stream")
+        return await _whole(request, pieces, head, chat, len(ids), async_engine, request_id, logprobs)
 
-    async def _whole(request, pieces, head, chat, prompt_tokens, async_engine, request_id):
+    async def _whole(request, pieces, head, chat, prompt_tokens, async_engine, request_id, logprobs):
         async def collect():
-            text, reason, count = [], None, 0
-            async for piece, finish, counted in pieces:
+            text, reason, count, records = [], None, 0, []
+            async for piece, finish, counted, new_records in pieces:
                 text.append(piece)
+                records += new_records
                 reason, count = finish, counted
-            return "".join(text), reason, count
+            return "".join(text), reason, count, records
 
         task = asyncio.ensure_future(collect())
         while not task.done():
@@ -435,18 +503,19 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
                     await task
                 metrics.requests.labels(status="disconnected").inc()
                 return Response(status_code=499)
-        text, reason, count = task.result()
+        text, reason, count, records = task.result()
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count}
+        field = None if logprobs is None else logprobs.field(records)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": field}
             result = {**head, "object": "chat.completion", "choices": [{**choice, "finish_reason": reason}]}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": field, "finish_reason": reason}
             result = {**head, "object": "text_completion", "choices": [choice]}
         metrics.requests.labels(status="200").inc()
         return {**result, "usage": usage}
 
-    async def _events(pieces, head, chat, prompt_tokens, body) -> AsyncIterator[bytes]:
+    async def _events(pieces, head, chat, prompt_tokens, body, logprobs) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
 
@@ -460,13 +529,14 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
         try:
             if chat:
                 yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            async for piece, reason, counted in pieces:
+            async for piece, reason, counted, records in pieces:
                 count = counted
+                field = None if logprobs is None else logprobs.field(records)
                 if chat:
                     delta = {"content": piece} if piece else {}
-                    yield event({"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason})
+                    yield event({"index": 0, "delta": delta, "logprobs": field, "finish_reason": reason})
                 else:
-                    yield event({"index": 0, "text": piece, "logprobs": None, "finish_reason": reason})
+                    yield event({"index": 0, "text": piece, "logprobs": field, "finish_reason": reason})
             if include_usage:
                 usage = {
                     "prompt_tokens": prompt_tokens,

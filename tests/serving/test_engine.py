@@ -181,6 +181,39 @@ def test_a_request_s_seed_decides_its_tokens_whatever_the_batch():
     assert again != other  # the seed matters (8 sampled tokens from 96 agree by chance with probability ~0)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_logprobs_are_the_model_s_own_distribution(temperature):
+    """Each new token's logprob and its step's top-k are log_softmax of the contiguous forward's logits (before
+    temperature); asking for them changes no token; k = 0 gives the chosen token's logprob alone."""
+    model = model_of("qwen2_moe")
+    engine = small_engine(model)
+    prompt = [4, 8, 15, 16, 23, 42, 7, 9, 11]
+    plain = SamplingParams(6, temperature=temperature, seed=3, stop_token_ids=())
+    asked = SamplingParams(6, temperature=temperature, seed=3, stop_token_ids=(), logprobs=3)
+    request_ids = [engine.add_request(prompt, asked), engine.add_request(prompt, plain)]
+    outputs = {request_id: [] for request_id in request_ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    with_logprobs, without = (outputs[r] for r in request_ids)
+    tokens = [o.new_token_ids[0] for o in with_logprobs]
+    assert tokens == [o.new_token_ids[0] for o in without] and all(o.logprobs is None for o in without)
+    logits = model(np.asarray([prompt + tokens]))[0, len(prompt) - 1 : -1]
+    want = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for step, (out, token) in enumerate(zip(with_logprobs, tokens, strict=True)):
+        (record,) = out.logprobs
+        assert record.token_id == token
+        np.testing.assert_allclose(record.logprob, want[step, token], atol=2e-4)
+        assert [t for t, _ in record.top] == np.argsort(-want[step])[:3].tolist()
+        np.testing.assert_allclose([lp for _, lp in record.top], np.sort(want[step])[::-1][:3], atol=2e-4)
+    if temperature == 0:
+        assert tokens == reference(model, prompt, 6)
+    (only,) = generate(model, [prompt], SamplingParams(1, logprobs=0), engine=engine)
+    request_id = engine.add_request(prompt, SamplingParams(1, logprobs=0))
+    (out,) = [o for _ in range(3) for o in engine.step() if o.request_id == request_id]  # a 9-token prompt: 2 steps
+    assert out.logprobs[0].top == () and out.new_token_ids == [only[0]] == [int(np.argmax(want[0]))]
+
+
 GOOD_PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13]
 
 
@@ -219,6 +252,8 @@ def test_a_bad_request_is_refused_and_the_others_are_served(prompt, params, mess
         ("top_k", -1, "top_k must be a non-negative integer"),
         ("seed", 2**70, "seed must be an integer"),
         ("stop_token_ids", "2", "stop_token_ids must be a list"),
+        ("logprobs", 21, r"logprobs must be None or an integer in \[0, 20\]"),
+        ("logprobs", True, r"logprobs must be None or an integer"),
     ],
 )
 def test_sampling_params_name_the_bad_field(field, value, message):
@@ -240,6 +275,7 @@ def test_after_warm_up_serving_compiles_nothing():
     for prompts in ([[7, 8]], [[9, 10, 11], [1] * 20], [[12] * 30, [3, 4]]):
         generate(model, prompts, greedy, engine=engine)
         generate(model, prompts, sampled, engine=engine)
+        generate(model, prompts, SamplingParams(3, logprobs=2), engine=engine)
     assert engine_module._engine_step._cache_size() == compiled
 
 

@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint  # noqa: E402
 from quarkmoe_jax.models import from_pretrained  # noqa: E402
-from quarkmoe_jax.serving import SamplingParams, generate  # noqa: E402
+from quarkmoe_jax.serving import Engine, SamplingParams, generate  # noqa: E402
 from quarkmoe_jax.serving.text import TextStream  # noqa: E402
 from quarkmoe_jax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -128,6 +128,44 @@ def test_completion_equals_the_engine_offline(client, offline):
     assert out.choices[0].finish_reason in ("stop", "length")
 
 
+def test_completion_logprobs_are_the_engine_s(client, checkpoint):
+    out = client.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=0, logprobs=3)
+    model = from_pretrained(checkpoint, dtype="float32")
+    tokenizer = load_tokenizer(checkpoint, needed=True)
+    engine = Engine(model, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=512)
+    engine.add_request(tokenizer.encode("Hi").ids, SamplingParams(5, logprobs=3))
+    records = []
+    while engine.has_unfinished():
+        records += [r for o in engine.step() for r in o.logprobs]
+    logprobs = out.choices[0].logprobs
+    assert len(records) == out.usage.completion_tokens == len(logprobs.tokens) == len(logprobs.token_logprobs)
+    assert logprobs.tokens == [tokenizer.decode([r.token_id], skip_special_tokens=False) for r in records]
+    assert logprobs.token_logprobs == pytest.approx([r.logprob for r in records], abs=1e-5)
+    assert all(1 <= len(top) <= 3 for top in logprobs.top_logprobs)  # pieces of characters share the key U+FFFD
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(len(records))]
+    assert max(logprobs.top_logprobs[0].values()) == pytest.approx(records[0].top[0][1], abs=1e-5)
+
+
+def test_chat_logprobs_streamed_and_whole(client):
+    kwargs = dict(
+        model="tiny", messages=[{"role": "user", "content": "Hey"}], max_tokens=6, temperature=0.8, seed=2,
+        logprobs=True, top_logprobs=2,
+    )
+    whole = client.chat.completions.create(**kwargs)
+    streamed = [e for c in client.chat.completions.create(**kwargs, stream=True) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == len(streamed)
+    for entry, again in zip(content, streamed, strict=True):
+        assert entry.token == again.token and entry.logprob == pytest.approx(again.logprob, abs=1e-5)
+        assert entry.bytes == list(entry.token.encode()) and len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6 and entry.logprob <= 0
+    bare = client.chat.completions.create(**{**kwargs, "top_logprobs": None})
+    assert all(e.top_logprobs == [] for e in bare.choices[0].logprobs.content)
+    plain = client.chat.completions.create(**{**kwargs, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
 def test_chat_stream_equals_chat_whole(client):
     messages = [{"role": "user", "content": "Say something."}]
     kwargs = dict(model="tiny", messages=messages, max_tokens=10, temperature=0.9, seed=11)
@@ -197,7 +235,11 @@ def test_a_client_that_disconnects_frees_its_request(server, client):
         ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "stop"),
         ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
         ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
-        ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400, "logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+         "top_logprobs"),
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages"),
         ("/v1/completions", "[1, 2]", 400, None),
