@@ -23,18 +23,30 @@ Per shape (``model_bench.HF_SHAPES``, **every** decoder layer built) and expert 
 * **concurrency 4**: a new request whenever one finishes (``--concurrency-requests`` of them): TPOT p50 and
   output tokens/s.
 
+* **over HTTP** (``--http``): the same engine served by ``quarkmoe serve``'s app (uvicorn on a thread of this
+  process, as the server runs it) and the throughput and concurrency-4 workloads sent again by a client in
+  another process (streaming completions, token-id prompts): the server's overhead over the engine.
+
 TTFT is the time from submission to a request's first token; TPOT its time from first to last token over its
 other tokens. Greedy sampling throughout.
+
+``--url URL`` runs only the client against a server already running there (any ``quarkmoe serve``, or
+another OpenAI-compatible server): the same workload, prompts of random token ids below ``--vocab``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import pathlib
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import jax
@@ -158,6 +170,126 @@ def serve(engine: Engine, workload: list[tuple[int, int]], concurrency: int | No
     }
 
 
+def http_serve(url: str, workload: list[tuple[int, int]], concurrency: int | None, vocab: int) -> dict:
+    """:func:`serve` over HTTP: each request a streaming ``/v1/completions`` (the prompt as token ids, greedy,
+    ``ignore_eos``, usage in the last chunk); TTFT at the first chunk with text, TPOT over the usage's count."""
+    import httpx
+
+    rng = np.random.default_rng(1)
+    prompts = [_prompt(rng, vocab, inp) for inp, _ in workload]  # the prompts serve() draws, in the same order
+
+    async def run():
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        gate = asyncio.Semaphore(concurrency or len(workload))
+        async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+
+            async def one(index: int):
+                body = {
+                    "prompt": prompts[index],
+                    "max_tokens": workload[index][1],
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                async with gate:
+                    submitted, first, last, count = time.perf_counter(), None, None, 0
+                    async with client.stream("POST", "/v1/completions", json=body) as response:
+                        response.raise_for_status()
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            chunk = json.loads(line[6:])
+                            if chunk.get("usage"):
+                                count = chunk["usage"]["completion_tokens"]
+                            elif chunk["choices"]:
+                                last = time.perf_counter()
+                                first = first or last
+                    return submitted, first, last, count
+
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(i) for i in range(len(workload))))
+            return time.perf_counter() - start, results
+
+    elapsed, results = asyncio.run(run())
+    output_tokens = sum(r[3] for r in results)
+    input_tokens = sum(inp for inp, _ in workload)
+    return {
+        "requests": len(workload),
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "output_tokens_per_s": output_tokens / elapsed,
+        "total_tokens_per_s": (output_tokens + input_tokens) / elapsed,
+        "ttft_ms": _percentiles([(f - s) * 1e3 for s, f, _, _ in results]),
+        "tpot_ms": _percentiles([(la - f) * 1e3 / (c - 1) for _, f, la, c in results if c > 1]),
+    }
+
+
+def word_tokenizer(vocab: int):
+    """A ``tokenizers`` word-level tokenizer over ``vocab`` ids (id ``i`` reads " w<i>"), so every id a random
+    model samples detokenizes to text as a real vocabulary does (the synthetic byte-level one has 272 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return tokenizer
+
+
+def http_phases(engine: Engine, args) -> dict:
+    """Serve ``engine`` through the server's app on this process (uvicorn on a thread) and send the throughput
+    and concurrency-4 workloads from a client process (``--url`` mode of this script)."""
+    import uvicorn
+
+    from quarkmoe_jax.serving.server import ServerSettings, create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(engine, word_tokenizer(engine.config.vocab_size), None, ServerSettings("bench"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = pathlib.Path(tmp) / "client.json"
+            command = [
+                sys.executable, __file__, "--url", f"http://127.0.0.1:{port}", "--vocab",
+                str(engine.config.vocab_size), "--requests", str(args.requests), "--concurrency-requests",
+                str(args.concurrency_requests), "--json", str(out),
+            ]  # fmt: skip
+            subprocess.run(command, check=True, timeout=3600)
+            return json.loads(out.read_text())["http"]
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def client_main(args) -> int:
+    """``--url``: only the client, against a running server."""
+    lengths = json.loads(LENGTHS.read_text())
+    workload = list(zip(lengths["input"], lengths["output"], strict=True))
+    result = {}
+    if args.requests:
+        result["throughput"] = http_serve(args.url, workload[: args.requests], None, args.vocab)
+    if args.concurrency_requests:
+        result["concurrency_4"] = http_serve(args.url, workload[: args.concurrency_requests], 4, args.vocab)
+    for name, r in result.items():
+        print(
+            f"  HTTP {name}: {r['output_tokens_per_s']:.0f} output tok/s, TTFT p50 {r['ttft_ms']['p50']:.0f} ms, "
+            f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms p99 {r['tpot_ms']['p99']:.2f} ms",
+            flush=True,
+        )
+    if args.json:
+        doc = {"date": datetime.date.today().isoformat(), "url": args.url, "http": result}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
 def bench(shape: str, scheme: str, args, bandwidth: float) -> dict:
     hf, full_layers = HF_SHAPES[shape]
     layers = args.layers or full_layers
@@ -211,6 +343,13 @@ def bench(shape: str, scheme: str, args, bandwidth: float) -> dict:
             f"  concurrency 4: TPOT p50 {c['tpot_ms']['p50']:.2f} ms, {c['output_tokens_per_s']:.0f} output tok/s",
             flush=True,
         )
+    if args.http:
+        result["http"] = http_phases(engine, args)
+        for name, http in result["http"].items():
+            engine_side = result.get(name)
+            if engine_side:
+                http["throughput_over_engine"] = http["output_tokens_per_s"] / engine_side["output_tokens_per_s"]
+                http["tpot_p50_over_engine_ms"] = http["tpot_ms"]["p50"] - engine_side["tpot_ms"]["p50"]
     result["compiled_after_serving"] = _compiled()
     result["num_preemptions"] = engine.num_preemptions
     result["peak_device_bytes"] = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
@@ -235,8 +374,13 @@ def main(argv=None) -> int:
     parser.add_argument("--memory-fraction", type=float, default=0.9)
     parser.add_argument("--attention", default="auto", help="the engine's attention backend")
     parser.add_argument("--copy-tbps", type=float, help="use this copy bandwidth instead of measuring it")
+    parser.add_argument("--http", action="store_true", help="also serve the workloads over HTTP (the serve extra)")
+    parser.add_argument("--url", help="only send the workloads to the server at this URL")
+    parser.add_argument("--vocab", type=int, default=256, help="with --url: prompt token ids are below this")
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
+    if args.url:
+        return client_main(args)
     bandwidth = args.copy_tbps or copy_tbps(10)
     print(f"{jax.devices()[0].device_kind}: copy {bandwidth:.3g} TB/s", flush=True)
     results = []

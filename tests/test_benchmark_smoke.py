@@ -102,7 +102,7 @@ def _run_script(path: str, argv: list[str], monkeypatch) -> None:
 
 def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch):
     """model_bench (the decode step of generate's device loop) and serve_bench (decode steps, a burst of the
-    ShareGPT-like workload, concurrency 4) through the engine, CPU, tiny shapes."""
+    ShareGPT-like workload, concurrency 4; through the engine, then over HTTP), CPU, tiny shapes."""
     common = ["--layers", "2", "--repeats", "1", "--copy-tbps", "0.01", "--context", "16", "--schemes", "w_mxfp4"]
     out = tmp_path / "model.json"
     _run_script(
@@ -117,10 +117,13 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
     _run_script(
         "benchmarks/serve_bench.py",
         [*common, *settings, "--shapes", "tiny_gpt_oss", "--batches", "1", "2", "--requests", "3"]
-        + ["--concurrency-requests", "2", "--json", str(out)],
+        + ["--concurrency-requests", "2", "--http", "--json", str(out)],
         monkeypatch,
     )
     (serve,) = json.loads(out.read_text())["results"]
+    for name, requests in (("throughput", 3), ("concurrency_4", 2)):  # the same workloads over HTTP
+        http = serve["http"][name]
+        assert http["requests"] == requests and http["output_tokens_per_s"] > 0 and http["throughput_over_engine"] > 0
     assert [d["batch"] for d in serve["decode"]] == [1, 2]
     assert all(d["compiled_while_timed"] == 0 and d["tokens_per_s"] > 0 for d in serve["decode"])
     assert serve["throughput"]["requests"] == 3 and serve["throughput"]["output_tokens_per_s"] > 0
