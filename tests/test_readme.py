@@ -79,12 +79,17 @@ def test_every_readme_example_runs_in_order_and_runs_again(tmp_path):
 
     def run_session(blocks):
         session, writers = Session(tmp_path), []
-        for lang, code in blocks:
-            before = _files(tmp_path)
-            result = session.run(lang, code)
-            assert result.returncode == 0, f"README block failed:\n{code}\n--- stderr:\n{result.stderr[-3000:]}"
-            if _files(tmp_path) - before:
-                writers.append((lang, code))
+        try:
+            for lang, code in blocks:
+                before = _files(tmp_path)
+                result = session.run(lang, code)
+                assert result.returncode == 0, f"README block failed:\n{code}\n--- stderr:\n{result.stderr[-3000:]}"
+                if _files(tmp_path) - before:
+                    writers.append((lang, code))
+        finally:  # the session's user stops the server it started (the second session reruns only the start)
+            server = session.env.get("QUARKMOE_SERVER")
+            if server:
+                subprocess.run(["kill", server], capture_output=True)
         return session, writers
 
     first, writers = run_session(blocks)
@@ -103,12 +108,14 @@ def test_each_readme_bash_block_stops_at_its_first_failing_command(tmp_path):
     for tool in ("quarkmoe", "python"):
         (stubs / tool).write_text(f'#!/bin/sh\necho "$0 $*" >> "{log}"\nexit 1\n')
         (stubs / tool).chmod(0o755)
+    (stubs / "curl").write_text("#!/bin/sh\nexit 7\n")  # no server answers (another test's may be on the port)
+    (stubs / "curl").chmod(0o755)
     (tmp_path / "tmp").mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}"}
     checked = 0
     for lang, code, skipped in readme_blocks():
-        if skipped or lang != "bash":
-            continue
+        if skipped or lang != "bash" or ".venv/bin/" not in code:
+            continue  # a block that calls none of the tools (e.g. `kill`) has no tool failure to stop at
         log.unlink(missing_ok=True)
         script = code.replace(".venv/bin/", f"{stubs}/")
         result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
