@@ -9,18 +9,21 @@ client that disconnects has its request aborted at once (its cache blocks freed)
 (SIGTERM / SIGINT) stops accepting connections and lets the running requests finish, so no answer is cut
 off half-written (``--shutdown-timeout`` bounds the wait).
 
+A completion request may carry several prompts (a list of strings or of token-id lists) and any request ``n``
+choices per prompt (at most ``MAX_CHOICES`` in all): each choice is its own engine request, so they batch with
+everyone else's; choice ``i * n + j`` is prompt ``i``'s ``j``-th, sampled with ``seed + j`` when a seed is given.
+
 A bad request is a 400 (an unknown model a 404, as OpenAI and vLLM answer) with an OpenAI-style JSON error
 ``{"error": {"message", "type", "param", "code"}}`` naming the field; the server keeps serving the others.
 """
 
-
 import asyncio
+import dataclasses
 import json
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.serving.async_engine import AsyncEngine, EngineFailure
@@ -32,6 +35,8 @@ __all__ = ["ServerSettings", "create_app", "ApiError", "MAX_BODY_BYTES"]
 
 MAX_BODY_BYTES = 1 << 20
 """The largest request body read (1 MiB): prompts beyond it are far longer than any context served here."""
+MAX_CHOICES = 64
+"""The most answers one request may ask for (prompts x ``n``)."""
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 DISCONNECT_POLL_S = 0.1
@@ -48,7 +53,18 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One answer of a request being generated: its ``index`` in the response, the engine request, its
+    :meth:`Api.tokens` generator and its :class:`LogprobsWriter` (None: no logprobs asked)."""
+
+    index: int
+    request_id: str
+    pieces: AsyncIterator
+    logprobs: "LogprobsWriter | None"
+
+
+@dataclasses.dataclass(frozen=True)
 class ServerSettings:
     """What the server answers with: the model's name in the API, and the request caps."""
 
@@ -57,6 +73,10 @@ class ServerSettings:
 
 
 # ---------------------------------------------------------------------------------------------- request fields
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _typed(body: dict, name: str, kinds, default, what: str):
@@ -111,24 +131,33 @@ class Api:
 
     # ------------------------------------------------------------------------------------------- prompts
 
-    def completion_prompt(self, body: dict) -> list[int]:
+    def completion_prompts(self, body: dict) -> list[list[int]]:
+        """``prompt``: a string, a list of token ids, or a list of either (one choice each, as vLLM takes)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+            prompts, names = [prompt], ["prompt"]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            if len(prompt) > MAX_CHOICES:
+                raise ApiError(f"prompt: at most {MAX_CHOICES} prompts in one request, got {len(prompt)}", "prompt")
+            prompts, names = prompt, [f"prompt[{i}]" for i in range(len(prompt))]
+        else:
+            raise ApiError(
+                "prompt must be a string, a list of token ids, or a list of those, got " + json.dumps(prompt)[:80],
+                "prompt",
+            )
+        return [self._prompt_ids(p, name) for p, name in zip(prompts, names, strict=True)]
+
+    def _prompt_ids(self, prompt, name: str) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt).ids
-        elif (
-            isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-        ):
+        elif prompt and all(_is_id(t) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < self.vocab]
             if bad:
-                raise ApiError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.vocab})", "prompt")
-        elif isinstance(prompt, list) and len(prompt) > 1:
-            raise ApiError("prompt: one prompt per request (a string or a list of token ids)", "prompt")
+                raise ApiError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {self.vocab})", "prompt")
         else:
-            raise ApiError(f"prompt must be a string or a list of token ids, got {json.dumps(prompt)[:80]}", "prompt")
-        return self._check_prompt(ids, "prompt")
+            raise ApiError(f"{name} must be a string or a non-empty list of token ids", "prompt")
+        return self._check_prompt(ids, "prompt", name)
 
     def chat_prompt(self, body: dict) -> list[int]:
         messages = body.get("messages")
@@ -162,16 +191,34 @@ class Api:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return self._check_prompt(ids, "messages")
 
-    def _check_prompt(self, ids: list[int], field: str) -> list[int]:
+    def _check_prompt(self, ids: list[int], field: str, name: str | None = None) -> list[int]:
+        name = name or field
         if not ids:
-            raise ApiError(f"{field}: the prompt has no tokens", field)
+            raise ApiError(f"{name}: the prompt has no tokens", field)
         if len(ids) >= self.context:
             raise ApiError(
-                f"{field}: the prompt has {len(ids)} tokens; this model's context is {self.context} (prompt + "
+                f"{name}: the prompt has {len(ids)} tokens; this model's context is {self.context} (prompt + "
                 "max_tokens)",
                 field,
             )
         return ids
+
+    def choices(
+        self, body: dict, prompts: list[list[int]], chat: bool
+    ) -> list[tuple[list[int], SamplingParams, tuple]]:
+        """``(prompt ids, SamplingParams, stop strings)`` of each choice: ``n`` per prompt, in the response's
+        order (prompt ``i``'s choice ``j`` has index ``i * n + j``). With a ``seed``, choice ``j`` samples with
+        ``seed + j``, so the ``n`` choices differ and each is reproducible."""
+        n = _int(body, "n", 1, 1, MAX_CHOICES)
+        if n * len(prompts) > MAX_CHOICES:
+            raise ApiError(f"n = {n} for {len(prompts)} prompts is more than {MAX_CHOICES} choices", "n")
+        out = []
+        for ids in prompts:
+            params, stop = self.sampling(body, len(ids), None if chat else 16, chat)
+            for j in range(n):
+                seeded = params if params.seed is None else dataclasses.replace(params, seed=(params.seed + j) % 2**63)
+                out.append((ids, seeded, stop))
+        return out
 
     # ------------------------------------------------------------------------------------------ sampling
 
@@ -189,8 +236,6 @@ class Api:
     def sampling(
         self, body: dict, prompt_len: int, default_max_tokens: int | None, chat: bool = False
     ) -> tuple[SamplingParams, tuple]:
-        if _int(body, "n", 1, 1, 2**31) != 1:
-            raise ApiError("n must be 1 (one choice per request)", "n")
         logprobs = self.logprobs(body, chat)
         if body.get("best_of") not in (None, 1) or body.get("echo") not in (None, False):
             raise ApiError(
@@ -471,51 +516,69 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
     async def run(request: Request, chat: bool):
         arrival = time.monotonic()
         body = await read_body(request)
-        ids = api.chat_prompt(body) if chat else api.completion_prompt(body)
-        params, stop = api.sampling(body, len(ids), None if chat else 16, chat)
-        request_id, outputs = await api.submit(ids, params)
-        stream = TextStream(tokenizer, stop)
-        pieces = api.tokens(request_id, outputs, stream, params, arrival)
+        prompts = [api.chat_prompt(body)] if chat else api.completion_prompts(body)
+        choices = api.choices(body, prompts, chat)
+        submitted: list[Choice] = []
+        try:
+            for index, (ids, params, stop) in enumerate(choices):
+                request_id, outputs = await api.submit(ids, params)
+                pieces = api.tokens(request_id, outputs, TextStream(tokenizer, stop), params, arrival)
+                writer = None if params.logprobs is None else LogprobsWriter(tokenizer, chat)
+                submitted.append(Choice(index, request_id, pieces, writer))
+        except BaseException:
+            for choice in submitted:
+                async_engine.abort(choice.request_id)
+            raise
         response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": response_id, "created": int(time.time()), "model": settings.model_name}
-        logprobs = None if params.logprobs is None else LogprobsWriter(tokenizer, chat)
+        prompt_tokens = sum(len(ids) for ids in prompts)
         if body.get("stream", False):
-            events = _events(pieces, head, chat, len(ids), body, logprobs)
+            events = _events(submitted, head, chat, prompt_tokens, body)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await _whole(request, pieces, head, chat, len(ids), async_engine, request_id, logprobs)
+        return await _whole(request, submitted, head, chat, prompt_tokens)
 
-    async def _whole(request, pieces, head, chat, prompt_tokens, async_engine, request_id, logprobs):
-        async def collect():
+    async def _whole(request, submitted, head, chat, prompt_tokens):
+        async def collect(choice):
             text, reason, count, records = [], None, 0, []
-            async for piece, finish, counted, new_records in pieces:
+            async for piece, finish, counted, new_records in choice.pieces:
                 text.append(piece)
                 records += new_records
                 reason, count = finish, counted
             return "".join(text), reason, count, records
 
-        task = asyncio.ensure_future(collect())
-        while not task.done():
-            await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                async_engine.abort(request_id)
+        tasks = [asyncio.ensure_future(collect(choice)) for choice in submitted]
+        gathered = asyncio.gather(*tasks)
+        while not gathered.done():
+            await asyncio.wait([gathered], timeout=DISCONNECT_POLL_S)
+            if not gathered.done() and await request.is_disconnected():
+                gathered.cancel()
+                for choice in submitted:
+                    async_engine.abort(choice.request_id)
                 with contextlib.suppress(asyncio.CancelledError, ApiError):
-                    await task
+                    await gathered
                 metrics.requests.labels(status="disconnected").inc()
                 return Response(status_code=499)
-        text, reason, count, records = task.result()
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count, "total_tokens": prompt_tokens + count}
-        field = None if logprobs is None else logprobs.field(records)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": field}
-            result = {**head, "object": "chat.completion", "choices": [{**choice, "finish_reason": reason}]}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": field, "finish_reason": reason}
-            result = {**head, "object": "text_completion", "choices": [choice]}
+        answers, completion_tokens = [], 0
+        for choice, (text, reason, count, records) in zip(submitted, gathered.result(), strict=True):
+            completion_tokens += count
+            field = None if choice.logprobs is None else choice.logprobs.field(records)
+            if chat:
+                message = {"role": "assistant", "content": text}
+                answers.append({"index": choice.index, "message": message, "logprobs": field, "finish_reason": reason})
+            else:
+                answers.append({"index": choice.index, "text": text, "logprobs": field, "finish_reason": reason})
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         metrics.requests.labels(status="200").inc()
-        return {**result, "usage": usage}
+        kind = "chat.completion" if chat else "text_completion"
+        return {**head, "object": kind, "choices": answers, "usage": usage}
 
-    async def _events(pieces, head, chat, prompt_tokens, body, logprobs) -> AsyncIterator[bytes]:
+    async def _events(submitted, head, chat, prompt_tokens, body) -> AsyncIterator[bytes]:
+        """The choices' chunks as they come (each names its choice's index), then usage if asked, then
+        ``[DONE]``; a client that goes away cancels every choice (their requests are aborted)."""
         kind = "chat.completion.chunk" if chat else "text_completion"
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
 
@@ -525,30 +588,58 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
                 chunk["usage"] = usage
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
-        count = 0
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice):
+            try:
+                async for item in choice.pieces:
+                    await merged.put((choice, item))
+            except ApiError as e:
+                await merged.put((choice, e))
+            finally:
+                await merged.put((choice, None))
+
+        tasks = [asyncio.ensure_future(pump(choice)) for choice in submitted]
+        counts = {choice.index: 0 for choice in submitted}
         try:
             if chat:
-                yield event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            async for piece, reason, counted, records in pieces:
-                count = counted
-                field = None if logprobs is None else logprobs.field(records)
+                for choice in submitted:
+                    yield event(
+                        {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    )
+            running = len(submitted)
+            while running:
+                choice, item = await merged.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, ApiError):
+                    yield f"data: {json.dumps(item.body())}\n\n".encode()
+                    yield b"data: [DONE]\n\n"
+                    return
+                piece, reason, counted, records = item
+                counts[choice.index] = counted
+                field = None if choice.logprobs is None else choice.logprobs.field(records)
                 if chat:
                     delta = {"content": piece} if piece else {}
-                    yield event({"index": 0, "delta": delta, "logprobs": field, "finish_reason": reason})
+                    yield event({"index": choice.index, "delta": delta, "logprobs": field, "finish_reason": reason})
                 else:
-                    yield event({"index": 0, "text": piece, "logprobs": field, "finish_reason": reason})
+                    yield event({"index": choice.index, "text": piece, "logprobs": field, "finish_reason": reason})
             if include_usage:
+                completion_tokens = sum(counts.values())
                 usage = {
                     "prompt_tokens": prompt_tokens,
-                    "completion_tokens": count,
-                    "total_tokens": prompt_tokens + count,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
                 }
                 yield event(None, usage)
             yield b"data: [DONE]\n\n"
             metrics.requests.labels(status="200").inc()
-        except ApiError as e:
-            yield f"data: {json.dumps(e.body())}\n\n".encode()
-            yield b"data: [DONE]\n\n"
+        finally:  # also when the client went away: the choices' generators abort their requests
+            for task in tasks:
+                task.cancel()
+            for choice in submitted:
+                async_engine.abort(choice.request_id)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -166,6 +166,29 @@ def test_chat_logprobs_streamed_and_whole(client):
     assert plain.choices[0].logprobs is None
 
 
+def test_several_prompts_and_n_choices_each_equal_the_engine_offline(server, offline):
+    """Two prompts (text and token ids) x n = 2 with a seed: choice i * n + j is prompt i sampled with seed + j,
+    whole and streamed."""
+    prompts = ["abc", [104, 105, 33]]
+    body = {"prompt": prompts, "n": 2, "max_tokens": 6, "temperature": 0.9, "seed": 40, "ignore_eos": True}
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=120).json()
+    texts = {c["index"]: c["text"] for c in whole["choices"]}
+    assert sorted(texts) == [0, 1, 2, 3] and whole["usage"]["completion_tokens"] == 4 * 6
+    assert whole["usage"]["prompt_tokens"] == 3 + 3
+    wanted = offline(
+        ["abc", "abc", "hi!", "hi!"],
+        [SamplingParams(6, temperature=0.9, seed=40 + j, stop_token_ids=()) for j in (0, 1, 0, 1)],
+    )
+    assert [texts[i] for i in range(4)] == wanted and wanted[0] != wanted[1]
+    streamed = {i: "" for i in range(4)}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    streamed[choice["index"]] += choice["text"]
+    assert streamed == texts
+
+
 def test_chat_stream_equals_chat_whole(client):
     messages = [{"role": "user", "content": "Say something."}]
     kwargs = dict(model="tiny", messages=messages, max_tokens=10, temperature=0.9, seed=11)
@@ -231,7 +254,12 @@ def test_a_client_that_disconnects_frees_its_request(server, client):
         ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 65}, 400, "n"),
+        ("/v1/completions", {"prompt": ["x", "y"], "n": 33}, 400, "n"),
+        ("/v1/completions", {"prompt": ["x"] * 65}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["x", 5]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ["x", "y" * 600]}, 400, "prompt"),
         ("/v1/completions", {"prompt": "x", "stop": [1]}, 400, "stop"),
         ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
         ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
