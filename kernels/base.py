@@ -326,6 +326,12 @@ class KernelBackend(abc.ABC):
         attention kernel says so."""
         return f"the {self.name} backend has no paged attention kernel"
 
+    def paged_attention_preferred(self, num_tokens: int, context: int, key_dims: tuple[int, ...]) -> bool:
+        """Whether ``auto`` runs this backend's kernel (where it takes the shapes) for a step of ``num_tokens``
+        tokens (a bucket) over a cache of up to ``context`` positions a sequence, rather than XLA's gather
+        (measured: docs/performance.md, "Paged attention")."""
+        return True
+
     def paged_attention(self, q, key_caches, value_cache, block_tables, token_seq, positions, valid, **kwargs):
         """Paged attention with the arguments and result of
         :func:`quarkmoe_jax.kernels.pallas.paged_attention.paged_attention` (where

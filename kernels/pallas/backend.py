@@ -29,6 +29,10 @@ MIN_BLOCK_N = 16
 """The smallest ``block_n`` (a power of two) a launch may be fitted down to."""
 
 
+XLA_LATENT_GATHER_BYTES = 256 << 20
+"""Latent-attention steps whose XLA gather reads at most this many bytes (bfloat16) run XLA under ``auto``."""
+
+
 class PallasBackend(KernelBackend):
     name = "pallas"
     layout = CHUNK_LAYOUT
@@ -68,6 +72,14 @@ class PallasBackend(KernelBackend):
 
     def paged_attention_unsupported(self, block_size: int, key_dims: tuple[int, ...], value_dim: int) -> str | None:
         return paged.unsupported_reason(block_size, key_dims, value_dim)
+
+    def paged_attention_preferred(self, num_tokens: int, context: int, key_dims: tuple[int, ...]) -> bool:
+        # Latent attention (two key parts, 128 heads over one 576-wide latent) ran 2.1-2.8x slower than XLA's
+        # gather at decode batches 1-64 on an H100 (2026-12-07, benchmarks/attention_bench.py): XLA for the
+        # steps whose gather (every token's whole context) stays small, the kernel for prefill-sized ones.
+        if len(key_dims) == 1:
+            return True
+        return num_tokens * context * sum(key_dims) * 2 > XLA_LATENT_GATHER_BYTES
 
     def paged_attention(self, *args, **kwargs):
         return paged.paged_attention(*args, **kwargs)

@@ -283,17 +283,20 @@ class QuarkMoEForCausalLM(nnx.Module):
         inputs.check_cache_size(self.config, num_blocks, block_size, dtype)
         return self._allocate_cache(num_blocks, block_size, dtype)
 
-    def paged_attention_backend(self, requested: str, block_size: int) -> str:
+    def paged_attention_backend(
+        self, requested: str, block_size: int, num_tokens: int | None = None, context: int | None = None
+    ) -> str:
         """The attention backend (:func:`~quarkmoe_jax.models.paged.attention_backends`) that ``requested``
         ("auto", "xla" or "pallas") gives for a paged cache of ``block_size`` (refused with the reason where the
-        kernel cannot take this model's head dims: :func:`~quarkmoe_jax.models.paged.resolve_attention_backend`)."""
+        kernel cannot take this model's head dims: :func:`~quarkmoe_jax.models.paged.resolve_attention_backend`);
+        with ``num_tokens`` and ``context``, ``auto``'s choice for a step of that many tokens."""
         chosen = set()
         for layer in self.layers:
             attn = layer.self_attn
             shapes = jax.eval_shape(lambda attn=attn: attn.init_cache(1, block_size, self.dtype))
             key_dims = tuple(shapes[name].shape[-1] for name in attn.cache_keys)
             value_dim = shapes[attn.cache_value or attn.cache_keys[0]].shape[-1]
-            chosen.add(resolve_attention_backend(requested, key_dims, value_dim, block_size))
+            chosen.add(resolve_attention_backend(requested, key_dims, value_dim, block_size, num_tokens, context))
         return chosen.pop() if len(chosen) == 1 else XLA_ATTENTION
 
     def paged_logits(self, input_ids, batch: PagedBatch, cache, attention_backend: str = XLA_ATTENTION):

@@ -127,11 +127,19 @@ class PagedAttention:
         return out[:, 0]
 
 
-def resolve_attention_backend(requested: str, key_dims: tuple[int, ...], value_dim: int, block_size: int) -> str:
+def resolve_attention_backend(
+    requested: str,
+    key_dims: tuple[int, ...],
+    value_dim: int,
+    block_size: int,
+    num_tokens: int | None = None,
+    context: int | None = None,
+) -> str:
     """The attention backend a paged cache of ``block_size`` with these head dims runs: ``"auto"`` is the first
-    kernel backend of :func:`attention_backends` that takes the shapes on a GPU, else :data:`XLA_ATTENTION`; a
-    kernel backend named where it cannot take them is refused (:class:`~quarkmoe_jax.errors.InputError` with
-    the reason)."""
+    kernel backend of :func:`attention_backends` that takes the shapes on a GPU (and, given a step's
+    ``num_tokens`` over sequences of up to ``context`` positions, is preferred there:
+    ``KernelBackend.paged_attention_preferred``), else :data:`XLA_ATTENTION`; a kernel backend named where it
+    cannot take them is refused (:class:`~quarkmoe_jax.errors.InputError` with the reason)."""
     names = attention_backends()
     if requested != "auto" and requested not in names:
         raise InputError(f"attention_backend must be 'auto' or one of {list(names)}, got {requested!r}")
@@ -142,11 +150,18 @@ def resolve_attention_backend(requested: str, key_dims: tuple[int, ...], value_d
         if reason:
             raise InputError(f"attention_backend={requested!r}: {reason}")
         return requested
-    if jax.devices()[0].platform == "gpu":
+    if _on_gpu():
         for name in names[1:]:
-            if KERNEL_BACKENDS[name].paged_attention_unsupported(block_size, key_dims, value_dim) is None:
+            backend = KERNEL_BACKENDS[name]
+            if backend.paged_attention_unsupported(block_size, key_dims, value_dim) is None and (
+                num_tokens is None or backend.paged_attention_preferred(num_tokens, context, key_dims)
+            ):
                 return name
     return XLA_ATTENTION
+
+
+def _on_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"
 
 
 def write_contiguous(cache: dict | None, new: dict, start):

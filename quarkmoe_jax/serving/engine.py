@@ -82,7 +82,8 @@ class Engine:
       max_model_len: the longest prompt + new tokens (default: the model's context, :attr:`model.context`).
       seed: draws the seed of each request that sets none (default 0).
       attention_backend: "auto" (default: the paged attention kernel on a GPU where it takes the model's head
-        dims and ``block_size``, else XLA), "pallas" or "xla" (:mod:`quarkmoe_jax.models.paged`).
+        dims and ``block_size`` and, token bucket by token bucket, where it measured faster than XLA; else XLA),
+        "pallas" or "xla" (:mod:`quarkmoe_jax.models.paged`).
     """
 
     def __init__(
@@ -120,7 +121,6 @@ class Engine:
                 f"blocks of {self.block_size}); lower max_model_len or free device memory"
             )
         self.num_blocks = num_blocks
-        self.attention_backend = model.paged_attention_backend(attention_backend, self.block_size)
         self.cache = model.init_paged_cache(num_blocks, self.block_size)
         self.scheduler = Scheduler(
             BlockAllocator(num_blocks), self.block_size, self.max_num_seqs, self.max_num_batched_tokens
@@ -131,6 +131,11 @@ class Engine:
         self._ids = itertools.count()
         self._max_step_tokens = _power_of_two_at_least(max(self.max_num_batched_tokens, MIN_STEP_TOKENS))
         self._max_step_seqs = _power_of_two_at_least(self.max_num_seqs)
+        self.attention_backend = model.paged_attention_backend(attention_backend, self.block_size)
+        self._step_attention = {  # auto may run XLA for some token buckets (a kernel slower there)
+            n: model.paged_attention_backend(attention_backend, self.block_size, n, self.context.length)
+            for n in self.step_buckets()
+        }
         log.info("%s", self.summary())
 
     def summary(self) -> str:
@@ -140,8 +145,14 @@ class Engine:
             f"KV cache: {self.num_blocks} blocks x {self.block_size} positions ({cache_bytes / 2**30:.3g} GiB, "
             f"{self.num_blocks * self.block_size / self.context.length:.3g} whole contexts of "
             f"{self.context.length}); up to {self.max_num_seqs} requests and {self.max_num_batched_tokens} tokens "
-            f"a step; attention: {self.attention_backend}"
+            f"a step; attention: {self._attention_summary()}"
         )
+
+    def _attention_summary(self) -> str:
+        xla = [n for n, name in self._step_attention.items() if name != self.attention_backend]
+        if not xla:
+            return self.attention_backend
+        return f"{self.attention_backend} (steps of <= {max(xla)} tokens: {self._step_attention[max(xla)]})"
 
     def _blocks_that_fit(self, memory_fraction: float) -> int:
         wanted = self.max_num_seqs * self.blocks_per_request
@@ -239,7 +250,7 @@ class Engine:
                     *sampling,
                     *keys,
                     greedy=greedy,
-                    attention_backend=self.attention_backend,
+                    attention_backend=self._step_attention[n],
                 )
                 jax.block_until_ready(tokens)
         seconds = time.perf_counter() - start
@@ -254,8 +265,9 @@ class Engine:
         if not scheduled:
             return []
         arrays, greedy = self._step_arrays(scheduled)
+        attention = self._step_attention[len(arrays[0])]
         tokens, logprobs, self.cache = _engine_step(
-            self._graphdef, self._state, self.cache, *arrays, greedy=greedy, attention_backend=self.attention_backend
+            self._graphdef, self._state, self.cache, *arrays, greedy=greedy, attention_backend=attention
         )
         tokens = np.asarray(tokens)
         if any(request.params.logprobs is not None for request, _ in scheduled):
