@@ -67,6 +67,12 @@ class AsyncEngine:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine loop is running (False before :meth:`start`, after :meth:`shutdown`, or once a
+        failure stopped it)."""
+        return self._thread.is_alive()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop (requests still running get an :class:`EngineFailure`)."""
         self._stop.set()

@@ -501,7 +501,7 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
 
     @app.get("/health")
     async def health():
-        alive = async_engine._thread.is_alive()
+        alive = async_engine.alive
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
