@@ -293,37 +293,43 @@ class Engine:
         return outputs
 
     def _step_arrays(self, scheduled: list[tuple[Request, int]]):
-        total = sum(count for _, count in scheduled)
+        """The step's host arrays, padded to its token bucket (per-token and per-sequence work vectorized: the
+        loop over requests only copies each one's new token ids and block table)."""
+        rows = len(scheduled)
+        counts = np.fromiter((count for _, count in scheduled), np.int64, rows)
+        starts = np.fromiter((request.num_computed for request, _ in scheduled), np.int64, rows)
+        total = int(counts.sum())
         n = min(_power_of_two_at_least(max(total, MIN_STEP_TOKENS)), self._max_step_tokens)
         s = min(n, self._max_step_seqs)
         ids = np.zeros(n, np.int32)
-        token_seq = np.zeros(n, np.int32)
-        positions = np.zeros(n, np.int32)
-        slots = np.full(n, self.num_blocks * self.block_size, np.int32)
         tables = np.zeros((s, self.blocks_per_request), np.int32)
-        last = np.zeros(s, np.int32)
-        temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
-        top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
-        key_data = np.zeros((s, 2), np.uint32)
-        offset = 0
+        ends = np.cumsum(counts)
         for row, (request, count) in enumerate(scheduled):
             start = request.num_computed
-            span = slice(offset, offset + count)
-            ids[span] = request.tokens[start : start + count]
-            token_seq[span] = row
-            pos = np.arange(start, start + count)
-            positions[span] = pos
-            blocks = np.asarray(request.blocks, np.int32)
-            slots[span] = blocks[pos // self.block_size] * self.block_size + pos % self.block_size
-            tables[row, : len(blocks)] = blocks
-            last[row] = offset + count - 1
-            params = request.params
-            temperature[row], top_p[row], top_k[row] = params.temperature, params.top_p, params.top_k
-            key_data[row], counters[row] = request.key_data, len(request.output)
-            offset += count
+            ids[ends[row] - count : ends[row]] = request.tokens[start : start + count]
+            tables[row, : len(request.blocks)] = request.blocks
+        token_seq = np.zeros(n, np.int32)
+        token_seq[:total] = np.repeat(np.arange(rows), counts)
+        positions = np.zeros(n, np.int32)
+        positions[:total] = np.arange(total) - np.repeat(ends - counts - starts, counts)
+        slots = np.full(n, self.num_blocks * self.block_size, np.int32)
+        real = slice(0, total)
+        pos = positions[real]
+        slots[real] = tables[token_seq[real], pos // self.block_size] * self.block_size + pos % self.block_size
+        last = np.zeros(s, np.int32)
+        last[:rows] = ends - 1
+        params = [request.params for request, _ in scheduled]
+        temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+        top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        temperature[:rows] = [p.temperature for p in params]
+        top_p[:rows] = [p.top_p for p in params]
+        top_k[:rows] = [p.top_k for p in params]
+        counters[:rows] = [len(request.output) for request, _ in scheduled]
+        key_data = np.zeros((s, 2), np.uint32)
+        key_data[:rows] = [request.key_data for request, _ in scheduled]
         valid = np.arange(n) < total
         paged = PagedBatch(token_seq, positions, slots, tables, last, valid)
-        greedy = all(request.params.greedy for request, _ in scheduled)
+        greedy = all(p.greedy for p in params)
         return (ids, paged, temperature, top_p, top_k, key_data, counters), greedy
 
 
