@@ -6,6 +6,8 @@ Subcommands:
   generate   load a whole model and generate from a prompt (text through tokenizer.json, or token ids)
   run-layer  run MoE block N of a checkpoint (router included) on x.npy [T, hidden] and write y.npy
   inspect    describe a checkpoint: architecture, scheme per MoE layer, expert bytes, padding, refusals
+  plan       bytes per device of a checkpoint for each expert x tensor parallel layout, the KV cache room left
+             and which layouts fit (headers only)
   quantize   export a float Hugging Face MoE checkpoint to Quark's format with a named scheme
   serve      an OpenAI-compatible HTTP server on the engine (/v1/completions, /v1/chat/completions, /metrics)
   synthetic  write a small seeded float MoE checkpoint (Mixtral, Qwen2/3-MoE, DeepSeek-V2/V3, gpt-oss), with a
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import pathlib
 import signal
@@ -516,6 +519,83 @@ def _span(values) -> str:
     return ",".join(map(str, values))
 
 
+_CATEGORY_NAMES = {
+    "routed_experts": "routed experts",
+    "shared_experts": "shared experts",
+    "dense_mlp": "dense MLPs",
+    "attention": "attention",
+    "embeddings": "embeddings",
+    "lm_head": "LM head",
+    "replicated": "replicated",
+    "unused": "unused (layers past num_hidden_layers)",
+}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import math
+
+    from quarkmoe_jax.checkpoint.plan import plan_checkpoint
+
+    if args.devices < 1:
+        raise ValueError(f"--devices {args.devices}: expected a positive number of devices")
+    memory = None
+    if args.device_memory is not None:
+        if not (math.isfinite(args.device_memory) and args.device_memory > 0):
+            raise ValueError(f"--device-memory {args.device_memory}: expected a positive number of GiB per device")
+        memory = max(1, round(args.device_memory * 2**30))
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ValueError(f"--max-model-len {args.max_model_len}: expected a positive number of positions")
+    if not (math.isfinite(args.memory_fraction) and 0 < args.memory_fraction <= 1):
+        raise ValueError(f"--memory-fraction {args.memory_fraction}: expected a share of memory in (0, 1]")
+    plan = plan_checkpoint(
+        args.checkpoint,
+        args.devices,
+        memory,
+        max_model_len=args.max_model_len,
+        kv_dtype=args.kv_dtype,
+        memory_fraction=args.memory_fraction,
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(plan), indent=1))
+        return 0
+    gib = 2**30
+    print(
+        f"{args.checkpoint}: {plan.model_type}, {plan.num_layers} layers ({plan.moe_layers} MoE, {plan.num_experts} "
+        f"routed experts each); {plan.num_tensors} tensors, {plan.total_bytes / gib:.2f} GiB (headers only, no "
+        "data read)"
+    )
+    memory_text = "no device memory given (--device-memory GiB adds room and fit)"
+    if plan.device_memory_bytes is not None:
+        memory_text = (
+            f"{plan.device_memory_bytes / gib:.2f} GiB each, {plan.memory_fraction:.0%} for weights + KV cache "
+            f"({plan.usable_bytes / gib:.2f} GiB)"
+        )
+    print(
+        f"{plan.devices} devices, {memory_text}; KV cache {plan.kv_dtype}; context {plan.context} positions "
+        f"({plan.context_source})\n"
+    )
+    header = f"{'layout':<14}  {'weights GiB/device':>18}  {'KV bytes/token/device':>21}  {'room (tokens)':>14}  fits"
+    print(header)
+    print("-" * len(header))
+    for layout in plan.layouts:
+        room = "-" if layout.room_tokens is None else f"{layout.room_tokens:,}"
+        if layout.fits is None:
+            fits = "-"
+        elif layout.fits:
+            fits = "yes"
+        elif layout.problem:
+            fits = f"no: {layout.problem}"
+        elif layout.room_bytes < 0:
+            fits = f"no: the weights need {-layout.room_bytes / gib:.2f} GiB more"
+        else:
+            fits = f"no: room for {layout.room_tokens:,} tokens, less than one context"
+        weights, kv = layout.weight_bytes / gib, layout.kv_bytes_per_token
+        print(f"{layout.name:<14}  {weights:>18.2f}  {kv:>21,}  {room:>14}  {fits}")
+    parts = [f"{_CATEGORY_NAMES[c]} {b / gib:.2f}" for c, b in plan.category_bytes.items() if b]
+    print(f"\nwhole checkpoint by part (GiB): {', '.join(parts)}")
+    return 0
+
+
 MAX_CALIBRATION_TOKENS = 65536
 """The most hidden states ``quantize --calibrate`` takes (a count, or the rows of a .npy file)."""
 
@@ -698,6 +778,36 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=cmd_inspect)
+
+    plan = command(
+        "plan",
+        "bytes per device for each expert x tensor parallel layout of N devices, the KV cache room left and which "
+        "layouts fit, from config.json and the safetensors headers alone",
+    )
+    plan.add_argument("checkpoint", help="Hugging Face folder with config.json and *.safetensors")
+    plan.add_argument("--devices", type=int, required=True, metavar="N", help="devices to spread the model over")
+    plan.add_argument("--device-memory", type=float, metavar="GiB", help="memory of one device, in GiB")
+    plan.add_argument(
+        "--max-model-len",
+        type=int,
+        metavar="L",
+        help="positions one sequence must hold (default: the config's max_position_embeddings, else 2048)",
+    )
+    plan.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        metavar="F",
+        help="share of a device's memory for weights + KV cache (the rest: activations, the runtime)",
+    )
+    plan.add_argument(
+        "--kv-dtype",
+        choices=["bfloat16", "float16", "float32", "float8_e4m3fn"],
+        default="bfloat16",
+        help="KV cache dtype",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (bytes per part per layout too)")
+    plan.set_defaults(func=cmd_plan)
 
     quantize = command("quantize", "export a float checkpoint to Quark's format")
     quantize.add_argument("float_checkpoint", help="float Hugging Face MoE checkpoint folder")

@@ -162,7 +162,7 @@ def test_inspect_checks_shapes_and_dtypes_as_the_loader_does(checkpoint, capsys,
 
 
 def test_help_describes_every_option_with_its_default(capsys):
-    for command in ("synthetic", "quantize", "run-layer", "inspect", "demo", "generate"):
+    for command in ("synthetic", "quantize", "run-layer", "inspect", "demo", "generate", "serve", "plan"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         out = capsys.readouterr().out
@@ -277,7 +277,7 @@ def test_quantize_calibration_errors_name_the_flags(checkpoint, capsys, tmp_path
 def test_help_prints_no_default_where_there_is_none(capsys):
     """argparse's defaults formatter printed "(default: None)" for required options and options without a
     default; the others still show theirs."""
-    for command in ("synthetic", "quantize", "run-layer", "inspect", "demo", "generate"):
+    for command in ("synthetic", "quantize", "run-layer", "inspect", "demo", "generate", "serve", "plan"):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
         out = " ".join(capsys.readouterr().out.split())

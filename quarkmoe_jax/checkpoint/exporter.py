@@ -291,36 +291,20 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
             layer = layer_of(name)
             if expert_weight and layer in arch.moe_layers and layer not in exclude_layers:
                 scale = _static_scale(cfg, input_amax, expert_weight) if static else None
-                _write_quantized(out, linear, tensor, moe_scheme, scale_mode, scale)
+                write_quantized(out, linear, tensor, moe_scheme, scale_mode, scale)
                 continue
             is_linear = layer is not None and suffix == "weight" and np.ndim(tensor) == 2
             # the routers stay float (vLLM keeps them float)
             if quantize_linears and is_linear and not arch.names.is_router(name) and layer not in exclude_layers:
                 scale = _input_scale(cfg, input_amax).astype(np.float32) if static else None
-                _write_quantized(out, linear, tensor, moe_scheme, scale_mode, scale)
+                write_quantized(out, linear, tensor, moe_scheme, scale_mode, scale)
                 continue
             out[name] = np.asarray(tensor)
             if suffix == "weight" and np.ndim(tensor) == 2:
                 exclude.append(linear)
             elif expert_weight:  # an excluded MoE layer's experts: exclude each expert projection, as Quark lists them
                 exclude.append(linear)
-        quant = {
-            "quant_method": "quark",
-            "export": {
-                "kv_cache_group": [],
-                "min_kv_scale": 0.0,
-                "pack_method": "reorder",
-                "weight_format": "real_quantized",
-                "weight_merge_groups": None,
-            },
-            "global_quant_config": layer_config.to_dict(),
-            "layer_quant_config": {},
-            "layer_type_quant_config": {},
-            "exclude": sorted(exclude),
-            "algo_config": None,
-            "quant_mode": "eager_mode",
-            "version": "0.13",
-        }
+        quant = quark_quantization_config(layer_config, exclude)
         save_file(out, out_dir / "model.safetensors", metadata={"format": "pt"})
         (out_dir / "config.json").write_text(json.dumps({**hf_config, "quantization_config": quant}, indent=2) + "\n")
     finally:
@@ -328,7 +312,29 @@ def _export(source, out_dir: pathlib.Path, scheme, scale_mode, input_amax, exclu
             reader.close()
 
 
-def _write_quantized(out: dict, linear: str, tensor, scheme, scale_mode: str, input_scale) -> None:
+def quark_quantization_config(layer_config, exclude) -> dict:
+    """``config.json``'s ``quantization_config`` as Quark 0.13 exports it: one global scheme (``layer_config``,
+    a ``LayerQuantConfig``) and the float linears' names (``exclude``)."""
+    return {
+        "quant_method": "quark",
+        "export": {
+            "kv_cache_group": [],
+            "min_kv_scale": 0.0,
+            "pack_method": "reorder",
+            "weight_format": "real_quantized",
+            "weight_merge_groups": None,
+        },
+        "global_quant_config": layer_config.to_dict(),
+        "layer_quant_config": {},
+        "layer_type_quant_config": {},
+        "exclude": sorted(exclude),
+        "algo_config": None,
+        "quant_mode": "eager_mode",
+        "version": "0.13",
+    }
+
+
+def write_quantized(out: dict, linear: str, tensor, scheme, scale_mode: str, input_scale) -> None:
     """The Linear's ``weight`` codes, ``weight_scale`` (+ ``weight_zero_point``) and, for static schemes,
     ``input_scale`` (+ ``input_zero_point`` for INT8)."""
     for suffix, value in _quantize_weight(tensor, scheme, scale_mode).items():

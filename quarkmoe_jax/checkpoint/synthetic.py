@@ -1,13 +1,18 @@
 """Small seeded float MoE checkpoints with real Hugging Face configs and tensor names, per architecture.
 
 Used by the tests, the CLI and the notebooks to make checkpoints without downloads; export them with
-:func:`quarkmoe_jax.checkpoint.exporter.export_quark_checkpoint`.
+:func:`quarkmoe_jax.checkpoint.exporter.export_quark_checkpoint`. :func:`write_sparse_checkpoint` writes a
+checkpoint of any config (a real model's sizes) whose headers are complete and whose data is never written
+(sparse files), for what reads headers only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import pathlib
+import struct
 from typing import Any
 
 import ml_dtypes
@@ -21,13 +26,20 @@ from quarkmoe_jax.checkpoint.architectures import (
     decoder_layer,
     dense_mlp,
     dense_tensor,
+    family_of,
+    split_tensor_name,
+    tensor_name,
 )
-from quarkmoe_jax.checkpoint.safetensors_io import save_file
+from quarkmoe_jax.checkpoint.safetensors_io import DTYPES, new_checkpoint_folder, save_file
 from quarkmoe_jax.errors import QuarkMoEError
 
 __all__ = [
     "synthetic_moe",
+    "tensor_specs",
+    "TensorSpec",
     "write_float_checkpoint",
+    "write_sparse_checkpoint",
+    "SPARSE_SHARD_BYTES",
     "write_synthetic_tokenizer",
     "SPECIAL_TOKENS",
     "SYNTHETIC_TOKENIZER_VOCAB",
@@ -109,104 +121,154 @@ def synthetic_moe(
         vocab_size=vocab_size,
     )
     config = _hf_config(family, num_layers, hidden_size, intermediate_size, num_experts, top_k, vocab_size)
-    arch = family.moe_architecture(config)
-    names = family.names
     rng = np.random.default_rng(seed)
+    # the non-expert tensors the MoE tests never read come from their own stream, so adding them kept the
+    # expert weights of every seed unchanged
+    aux = np.random.default_rng([seed, 1])
     bf16 = ml_dtypes.bfloat16
-    h, i, e = hidden_size, intermediate_size, num_experts
 
-    def weight(*shape):
+    def weight(shape):
         w = rng.standard_normal(shape).astype(np.float32) * 0.02
         w.reshape(-1)[rng.integers(0, w.size, max(1, w.size // 500))] *= 8
         return w.astype(bf16)
 
-    tensors: dict[str, np.ndarray] = {
-        "model.embed_tokens.weight": weight(vocab_size, h),
-        "lm_head.weight": weight(vocab_size, h),
+    fill = {
+        "weight": weight,
+        "small": lambda shape: (aux.standard_normal(shape) * 0.02).astype(bf16),
+        "norm": lambda shape: (1 + 0.1 * aux.standard_normal(shape)).astype(bf16),
+        "ones": lambda shape: np.ones(shape, bf16),
+        "router_bias": lambda shape: (rng.standard_normal(shape) * 0.1).astype(np.float32),
+        "expert_bias": lambda shape: (rng.standard_normal(shape) * 0.02).astype(np.float32),
+        "correction_bias": lambda shape: (rng.standard_normal(shape) * 0.01).astype(np.float32),
+        "sinks": lambda shape: (aux.standard_normal(shape) * 0.5).astype(np.float32),
     }
-    # the non-expert tensors the MoE tests never read come from their own stream, so adding them kept the
-    # expert weights of every seed unchanged
-    aux = np.random.default_rng([seed, 1])
+    # in the specs' order: each stream is drawn in the same order as ever, so every seed gives the same tensors
+    return config, {
+        spec.name: fill[spec.init](spec.shape) for spec in tensor_specs(config, fused_experts=fused_experts)
+    }
 
-    def norm(dim):
-        return (1 + 0.1 * aux.standard_normal(dim)).astype(bf16)
 
-    def small(*shape):
-        return (aux.standard_normal(shape) * 0.02).astype(bf16)
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a whole float model: ``name``, ``shape`` and ``init``, how :func:`synthetic_moe` fills it
+    (``weight``: Gaussian with outliers; ``small``, ``norm``, ``ones``; float32 ``router_bias``,
+    ``expert_bias``, ``correction_bias``, ``sinks``). ``expert``: the weight of a routed or shared expert's
+    projection (what the exporter quantizes). :attr:`dtype` is its safetensors dtype."""
 
-    tensors["model.norm.weight"] = norm(h)
-    for layer in range(num_layers):
+    name: str
+    shape: tuple[int, ...]
+    init: str
+    expert: bool = False
+
+    @property
+    def dtype(self) -> np.dtype:
+        """bfloat16, or float32 for the biases and sinks."""
+        return np.dtype(np.float32 if self.init in _FLOAT32_INITS else ml_dtypes.bfloat16)
+
+
+_FLOAT32_INITS = ("router_bias", "expert_bias", "correction_bias", "sinks")
+
+
+def tensor_specs(config: dict[str, Any], *, fused_experts: bool = False) -> list[TensorSpec]:
+    """Every tensor of the float model a config.json describes (any supported ``model_type``; sizes from the
+    config, as :class:`~quarkmoe_jax.models.DecoderConfig` reads them), in :func:`synthetic_moe`'s order.
+
+    Embeddings, LM head (unless ``tie_word_embeddings``), final norm; per layer the two norms, attention of the
+    family's kind (GQA ``q/k/v/o_proj`` ``[heads * head_dim, H]`` / ``[kv_heads * head_dim, H]`` with Qwen3's
+    q/k norms, gpt-oss's biases and sinks; DeepSeek's latent attention), a dense MLP of
+    ``intermediate_size`` or the MoE block: router (+ bias / correction bias), routed experts per expert
+    (``fused_experts``: all-expert ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``; gpt-oss: per-expert
+    fused, interleaved ``gate_up_proj`` with biases), shared expert(s) and their gate.
+    """
+    family = family_of(config)
+    arch = family.moe_architecture(config)
+    c = family.reader(config)
+    names = arch.names
+    h, i, e = arch.hidden_size, arch.intermediate_size, arch.num_experts
+    vocab = c.integer("vocab_size")
+    heads = c.integer("num_attention_heads")
+    kv_heads = heads if family.attention == "mla" else c.integer("num_key_value_heads", heads)
+    head_dim = c.integer("head_dim", h // heads)
+    specs: list[TensorSpec] = []
+
+    def add(name: str, shape, init: str = "weight", expert: bool = False) -> None:
+        specs.append(TensorSpec(name, tuple(int(d) for d in shape), init, expert))
+
+    add("model.embed_tokens.weight", (vocab, h))
+    if not c.flag("tie_word_embeddings", False):
+        add("lm_head.weight", (vocab, h))
+    add("model.norm.weight", (h,), "norm")
+    rows = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim, "o_proj": h}
+    for layer in range(arch.num_layers):
         p = decoder_layer(layer)
-        tensors[f"{p}.input_layernorm.weight"] = np.ones(h, bf16)
-        tensors[f"{p}.post_attention_layernorm.weight"] = norm(h)
+        add(f"{p}.input_layernorm.weight", (h,), "ones")
+        add(f"{p}.post_attention_layernorm.weight", (h,), "norm")
         if family.attention == "mla":
-            tensors.update(_latent_attention(f"{p}.self_attn", config, small, norm))
+            specs.extend(_latent_attention(f"{p}.self_attn", c, h, heads))
         else:
-            for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
-                tensors[f"{p}.self_attn.{proj}.weight"] = weight(rows, h)
+            for proj, out in rows.items():
+                add(f"{p}.self_attn.{proj}.weight", (out, h if proj != "o_proj" else heads * head_dim))
         if family.qk_norm:
-            tensors[f"{p}.self_attn.q_norm.weight"] = norm(h // 4)
-            tensors[f"{p}.self_attn.k_norm.weight"] = norm(h // 4)
-        for proj, rows in (("q_proj", h), ("k_proj", h // 2), ("v_proj", h // 2), ("o_proj", h)):
+            add(f"{p}.self_attn.q_norm.weight", (head_dim,), "norm")
+            add(f"{p}.self_attn.k_norm.weight", (head_dim,), "norm")
+        for proj, out in rows.items():
             if proj in family.attention_bias:
-                tensors[f"{p}.self_attn.{proj}.bias"] = small(rows)
+                add(f"{p}.self_attn.{proj}.bias", (out,), "small")
         if family.sinks:
-            tensors[f"{p}.self_attn.sinks"] = (aux.standard_normal(4) * 0.5).astype(np.float32)
+            add(f"{p}.self_attn.sinks", (heads,), "sinks")
         if layer not in arch.moe_layers:
-            for shard, shape in (("w1", (4 * i, h)), ("w3", (4 * i, h)), ("w2", (h, 4 * i))):
-                tensors[dense_tensor(dense_mlp(layer), shard)] = weight(*shape)
+            dense = c.integer("intermediate_size")
+            for shard, shape in (("w1", (dense, h)), ("w3", (dense, h)), ("w2", (h, dense))):
+                add(dense_tensor(dense_mlp(layer), shard), shape)
             continue
         moe = names.block(layer)
         if arch.interleaved:  # gpt-oss: per-expert fused, interleaved gate_up_proj, with biases
-            tensors[names.router_tensor(moe)] = weight(e, h)
-            tensors[names.router_tensor(moe, "bias")] = (rng.standard_normal(e) * 0.1).astype(np.float32)
+            add(names.router_tensor(moe), (e, h))
+            add(names.router_tensor(moe, "bias"), (e,), "router_bias")
             for x in range(e):
-                tensors[names.expert_tensor(moe, x, "w13")] = weight(2 * i, h)
-                tensors[names.expert_tensor(moe, x, "w13", "bias")] = (rng.standard_normal(2 * i) * 0.02).astype(
-                    np.float32
-                )
-                tensors[names.expert_tensor(moe, x, "w2")] = weight(h, i)
-                tensors[names.expert_tensor(moe, x, "w2", "bias")] = (rng.standard_normal(h) * 0.02).astype(np.float32)
+                add(names.expert_tensor(moe, x, "w13"), (2 * i, h), expert=True)
+                add(names.expert_tensor(moe, x, "w13", "bias"), (2 * i,), "expert_bias")
+                add(names.expert_tensor(moe, x, "w2"), (h, i), expert=True)
+                add(names.expert_tensor(moe, x, "w2", "bias"), (h,), "expert_bias")
             continue
-        tensors[names.router_tensor(moe)] = weight(e, h)
+        add(names.router_tensor(moe), (e, h))
         if fused_experts:
-            tensors[names.expert_tensor(moe, None, "w13")] = weight(e, 2 * i, h)
-            tensors[names.expert_tensor(moe, None, "w2")] = weight(e, h, i)
+            add(names.expert_tensor(moe, None, "w13"), (e, 2 * i, h), expert=True)
+            add(names.expert_tensor(moe, None, "w2"), (e, h, i), expert=True)
         else:
             for x in range(e):
-                tensors[names.expert_tensor(moe, x, "w1")] = weight(i, h)
-                tensors[names.expert_tensor(moe, x, "w3")] = weight(i, h)
-                tensors[names.expert_tensor(moe, x, "w2")] = weight(h, i)
+                add(names.expert_tensor(moe, x, "w1"), (i, h), expert=True)
+                add(names.expert_tensor(moe, x, "w3"), (i, h), expert=True)
+                add(names.expert_tensor(moe, x, "w2"), (h, i), expert=True)
         if arch.has_correction_bias:
-            tensors[names.router_tensor(moe, CORRECTION_BIAS)] = (rng.standard_normal(e) * 0.01).astype(np.float32)
+            add(names.router_tensor(moe, CORRECTION_BIAS), (e,), "correction_bias")
         shared = arch.shared_intermediate_size
         if shared:
             sp = names.shared_experts(moe)
-            tensors[dense_tensor(sp, "w1")] = weight(shared, h)
-            tensors[dense_tensor(sp, "w3")] = weight(shared, h)
-            tensors[dense_tensor(sp, "w2")] = weight(h, shared)
+            add(dense_tensor(sp, "w1"), (shared, h), expert=True)
+            add(dense_tensor(sp, "w3"), (shared, h), expert=True)
+            add(dense_tensor(sp, "w2"), (h, shared), expert=True)
             if names.shared_gate:
-                tensors[names.shared_gate_tensor(moe)] = weight(1, h)
-    return config, tensors
+                add(names.shared_gate_tensor(moe), (1, h))
+    return specs
 
 
-def _latent_attention(prefix: str, config: dict, small, norm) -> dict[str, np.ndarray]:
+def _latent_attention(prefix: str, c, h: int, heads: int) -> list[TensorSpec]:
     """DeepSeek's multi-head latent attention tensors (transformers' names and shapes)."""
-    h, heads = config["hidden_size"], config["num_attention_heads"]
-    rank, nope, rope, v = (config[k] for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-    q_rank = config["q_lora_rank"]
-    tensors = {}
+    rank, nope, rope, v = (c.integer(k) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    q_rank = c.integer("q_lora_rank", None)
+    specs = []
     if q_rank is None:
-        tensors[f"{prefix}.q_proj.weight"] = small(heads * (nope + rope), h)
+        specs.append(TensorSpec(f"{prefix}.q_proj.weight", (heads * (nope + rope), h), "small"))
     else:
-        tensors[f"{prefix}.q_a_proj.weight"] = small(q_rank, h)
-        tensors[f"{prefix}.q_a_layernorm.weight"] = norm(q_rank)
-        tensors[f"{prefix}.q_b_proj.weight"] = small(heads * (nope + rope), q_rank)
-    tensors[f"{prefix}.kv_a_proj_with_mqa.weight"] = small(rank + rope, h)
-    tensors[f"{prefix}.kv_a_layernorm.weight"] = norm(rank)
-    tensors[f"{prefix}.kv_b_proj.weight"] = small(heads * (nope + v), rank)
-    tensors[f"{prefix}.o_proj.weight"] = small(h, heads * v)
-    return tensors
+        specs.append(TensorSpec(f"{prefix}.q_a_proj.weight", (q_rank, h), "small"))
+        specs.append(TensorSpec(f"{prefix}.q_a_layernorm.weight", (q_rank,), "norm"))
+        specs.append(TensorSpec(f"{prefix}.q_b_proj.weight", (heads * (nope + rope), q_rank), "small"))
+    specs.append(TensorSpec(f"{prefix}.kv_a_proj_with_mqa.weight", (rank + rope, h), "small"))
+    specs.append(TensorSpec(f"{prefix}.kv_a_layernorm.weight", (rank,), "norm"))
+    specs.append(TensorSpec(f"{prefix}.kv_b_proj.weight", (heads * (nope + v), rank), "small"))
+    specs.append(TensorSpec(f"{prefix}.o_proj.weight", (h, heads * v), "small"))
+    return specs
 
 
 def write_float_checkpoint(
@@ -225,6 +287,137 @@ def write_float_checkpoint(
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+SPARSE_SHARD_BYTES = 5 * 10**9
+"""The data bytes of one file of :func:`write_sparse_checkpoint` (what Hugging Face's "5GB" shards hold)."""
+
+
+def write_sparse_checkpoint(
+    path: str | pathlib.Path,
+    hf_config: dict[str, Any],
+    scheme: str | None = None,
+    *,
+    shard_bytes: int = SPARSE_SHARD_BYTES,
+    overwrite: bool = False,
+) -> pathlib.Path:
+    """A checkpoint folder of any size whose tensors have real headers and no data: for what reads headers only
+    (``quarkmoe plan``, ``quarkmoe inspect``), e.g. a DeepSeek-V3-sized model in a test.
+
+    Writes ``config.json`` (``hf_config``, plus Quark's ``quantization_config`` for ``scheme``, as
+    :func:`~quarkmoe_jax.checkpoint.exporter.export_quark_checkpoint` writes it) and safetensors shards of at
+    most ``shard_bytes`` of data each (``model-00001-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``; one ``model.safetensors`` when everything fits one) listing every tensor
+    of :func:`tensor_specs` at full size: float tensors as the float model has them, and with ``scheme`` (one
+    of the exporter's ``EXPORT_SCHEMES``) every routed and shared expert weight of the MoE layers in the
+    scheme's stored layout, names, dtypes and shapes taken from the exporter's own quantization of a
+    sample (``.weight`` codes, ``.weight_scale``, zero points, ``.input_scale`` for static schemes).
+
+    Each data section is only allocated (``truncate``): a sparse file, nothing written, so the folder takes the
+    headers' bytes on disk, whatever its size. Reading a tensor gives zeros. Written to a temporary folder
+    renamed when complete (:func:`~quarkmoe_jax.checkpoint.safetensors_io.new_checkpoint_folder`; a non-empty
+    ``path`` is refused unless ``overwrite``).
+    """
+    if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be a positive integer, got {shard_bytes!r}")
+    config = dict(hf_config)
+    specs = tensor_specs(config)
+    if scheme is None:
+        entries = [(spec.name, spec.dtype, spec.shape) for spec in specs]
+    else:
+        entries, quantization_config = _quantized_entries(specs, scheme)
+        config["quantization_config"] = quantization_config
+    shards: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = math.prod(entry[2]) * entry[1].itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    with new_checkpoint_folder(path, overwrite=overwrite) as tmp:
+        if len(shards) == 1:
+            _write_sparse_file(tmp / "model.safetensors", shards[0])
+        else:
+            weight_map, total = {}, 0
+            for k, shard in enumerate(shards, 1):
+                name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                total += _write_sparse_file(tmp / name, shard)
+                weight_map.update((entry[0], name) for entry in shard)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return pathlib.Path(path)
+
+
+_SAMPLE_ELEMENTS = 1 << 20
+"""What the exporter quantizes to learn an expert weight's stored layout: a weight of its own shape when it has at
+most this many elements (an export of the same model then reuses the compiled calls), else of two of its rows
+(the layout depends on the contraction length alone)."""
+
+
+def _quantized_entries(specs: list[TensorSpec], scheme: str):
+    """``(entries, quantization_config)``: ``(name, dtype, shape)`` of every tensor of the float model ``specs``
+    (per-expert layout) exported with ``scheme``, and the config's ``quantization_config``, as
+    :func:`~quarkmoe_jax.checkpoint.exporter.export_quark_checkpoint` makes them (the exporter's quantization of
+    a sample per weight shape gives the stored tensors; ``exclude`` lists every other 2-D weight, as there)."""
+    from quarkmoe_jax.checkpoint.exporter import (
+        quark_quantization_config,
+        scheme_has_static_input_scales,
+        scheme_layer_config,
+        write_quantized,
+    )
+    from quarkmoe_jax.schemes import get_moe_scheme
+
+    layer_config = scheme_layer_config(scheme)
+    moe_scheme = get_moe_scheme(layer_config, "quark")
+    input_scale = np.asarray(1.0, np.float32) if scheme_has_static_input_scales(scheme) else None
+    samples: dict[tuple[int, int], dict[str, tuple[np.dtype, tuple[int, ...]]]] = {}
+    entries, exclude = [], []
+    for spec in specs:
+        linear, suffix = split_tensor_name(spec.name)
+        if spec.expert:
+            rows, contraction = spec.shape  # per-expert (or shared) weights [N, K]: every row stored alike
+            sample = (rows if rows * contraction <= _SAMPLE_ELEMENTS else 2, contraction)
+            if sample not in samples:
+                out: dict[str, np.ndarray] = {}
+                write_quantized(out, "", np.ones(sample, np.float32), moe_scheme, "even", input_scale)
+                samples[sample] = {split_tensor_name(n)[1]: (a.dtype, a.shape) for n, a in out.items()}
+            for stored, (dtype, shape) in samples[sample].items():
+                entries.append((tensor_name(linear, stored), dtype, (rows, *shape[1:]) if shape else ()))
+            continue
+        entries.append((spec.name, spec.dtype, spec.shape))
+        if suffix == "weight" and len(spec.shape) == 2:
+            exclude.append(linear)
+    quantization_config = quark_quantization_config(layer_config, exclude)
+    return entries, quantization_config
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def _write_sparse_file(path: pathlib.Path, entries) -> int:
+    """One safetensors file listing ``entries`` (``(name, dtype, shape)``, laid out in name order as
+    :func:`~quarkmoe_jax.checkpoint.safetensors_io.save_file` does) whose data section is allocated, not
+    written; returns its data bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in sorted(entries, key=lambda entry: entry[0]):
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data section 8-byte aligned, as save_file writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        f.truncate(8 + len(encoded) + offset)  # a hole: no data block is written
+    return offset
 
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
