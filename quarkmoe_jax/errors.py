@@ -29,3 +29,9 @@ class InputError(QuarkMoEError):
     """An argument of a model call or of generation that is refused (token ids out of the vocabulary, a prompt
     or generation longer than the model's context, a sampling value out of range, a KV cache or ``start`` that
     does not match, a bad PRNG key); the message names the argument, what was expected and what was found."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+        """The refused argument's name where one argument is to blame (``"max_new_tokens"``, ``"prompt_ids"``,
+        ``"top_p"``, ...): what a server maps to its own request field."""

@@ -79,7 +79,7 @@ def _describe(value) -> str:
 def positive_int(value, name: str) -> int:
     """``value`` as an ``int`` >= 1 (bool, float and str refused)."""
     if not is_int(value) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {_describe(value)}")
+        raise InputError(f"{name} must be a positive integer, got {_describe(value)}", field=name)
     return int(value)
 
 
@@ -97,11 +97,13 @@ def context_of(config, max_model_len: int | None = None) -> Context:
 
 def _check_ids_spec(shape, dtype, context: Context, name: str) -> None:
     if len(shape) != 2 or not jnp.issubdtype(dtype, jnp.integer):
-        raise InputError(f"{name} must be an integer array [B, T], got {dtype} {tuple(shape)}")
+        raise InputError(f"{name} must be an integer array [B, T], got {dtype} {tuple(shape)}", field=name)
     if shape[0] < 1 or shape[1] < 1:
-        raise InputError(f"{name} must hold at least one sequence of at least one token, got shape {tuple(shape)}")
+        raise InputError(
+            f"{name} must hold at least one sequence of at least one token, got shape {tuple(shape)}", field=name
+        )
     if shape[1] > context.length:
-        raise InputError(f"{name} has {shape[1]} tokens, more than {context}")
+        raise InputError(f"{name} has {shape[1]} tokens, more than {context}", field=name)
 
 
 def check_input_ids(input_ids, vocab_size: int, context: Context, *, name: str = "input_ids"):
@@ -116,28 +118,32 @@ def check_input_ids(input_ids, vocab_size: int, context: Context, *, name: str =
     try:
         ids = np.asarray(input_ids)
     except (ValueError, TypeError, OverflowError) as e:
-        raise InputError(f"{name} must be an integer array [B, T] ({' '.join(str(e).split())})") from None
+        raise InputError(f"{name} must be an integer array [B, T] ({' '.join(str(e).split())})", field=name) from None
     if ids.dtype == object:
         raise InputError(
             f"{name} must be an integer array [B, T] of token ids in [0, {vocab_size}); it holds Python objects "
-            "(an integer beyond 64 bits, or mixed types)"
+            "(an integer beyond 64 bits, or mixed types)",
+            field=name,
         )
     _check_ids_spec(ids.shape, ids.dtype, context, name)
     low, high = ids.min(), ids.max()
     if low < 0 or high >= vocab_size:
-        raise InputError(f"{name} must be in [0, {vocab_size}), found values in [{low}, {high}]")
+        raise InputError(f"{name} must be in [0, {vocab_size}), found values in [{low}, {high}]", field=name)
     return ids.astype(np.int32)
 
 
 def check_max_new_tokens(max_new_tokens, prompt_length: int, context: Context) -> int:
     """``max_new_tokens`` as an ``int`` >= 0 with ``prompt_length + max_new_tokens`` within ``context``."""
     if not is_int(max_new_tokens) or max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be a non-negative integer, got {_describe(max_new_tokens)}")
+        raise InputError(
+            f"max_new_tokens must be a non-negative integer, got {_describe(max_new_tokens)}", field="max_new_tokens"
+        )
     total = prompt_length + int(max_new_tokens)
     if total > context.length:
         raise InputError(
             f"a prompt of {prompt_length} tokens + max_new_tokens {max_new_tokens} = {total} positions, more than "
-            f"{context}"
+            f"{context}",
+            field="max_new_tokens",
         )
     return int(max_new_tokens)
 
@@ -147,13 +153,13 @@ def _finite_real(value, name: str) -> float:
         if value.shape == () and value.dtype.kind in "iuf":
             value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise InputError(f"{name} must be a number, got {_describe(value)}")
+        raise InputError(f"{name} must be a number, got {_describe(value)}", field=name)
     try:
         result = float(value)
     except OverflowError:
         result = math.inf
     if not math.isfinite(result):
-        raise InputError(f"{name} must be finite, got {_describe(value)}")
+        raise InputError(f"{name} must be finite, got {_describe(value)}", field=name)
     return result
 
 
@@ -164,10 +170,11 @@ def check_sampling(temperature, top_p) -> tuple[float, float]:
     if temperature != 0 and not _FLOAT32_TINY <= temperature <= _FLOAT32_MAX:
         raise InputError(
             f"temperature must be 0 (greedy) or in [{_FLOAT32_TINY:.3g}, {_FLOAT32_MAX:.3g}] (sampling), "
-            f"got {temperature!r}"
+            f"got {temperature!r}",
+            field="temperature",
         )
     if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise InputError(f"top_p must be in (0, 1], got {top_p!r}", field="top_p")
     return temperature, top_p
 
 
@@ -203,17 +210,17 @@ def check_eos(eos_token_id, config, *, name: str = "eos_token_id") -> np.ndarray
     elif isinstance(eos_token_id, (list, tuple)) or (isinstance(eos_token_id, np.ndarray) and eos_token_id.ndim == 1):
         values = list(eos_token_id)
     else:
-        raise InputError(f"{name} must be a token id or a list of token ids, got {_describe(eos_token_id)}")
+        raise InputError(f"{name} must be a token id or a list of token ids, got {_describe(eos_token_id)}", field=name)
     for value in values:
         if not is_int(value) or not 0 <= value < vocab:
-            raise InputError(f"{name} must be token ids in [0, {vocab}), found {_describe(value)}")
+            raise InputError(f"{name} must be token ids in [0, {vocab}), found {_describe(value)}", field=name)
     return np.asarray(values, np.int32)
 
 
 def check_seed(seed) -> int:
     """A PRNG seed ``jax.random.key`` takes: an integer in int64's range."""
     if not is_int(seed) or not _INT64.min <= seed <= _INT64.max:
-        raise InputError(f"seed must be an integer in [-2**63, 2**63 - 1], got {_describe(seed)}")
+        raise InputError(f"seed must be an integer in [-2**63, 2**63 - 1], got {_describe(seed)}", field="seed")
     return int(seed)
 
 

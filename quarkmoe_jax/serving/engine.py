@@ -174,17 +174,19 @@ class Engine:
         engine keeps serving the others."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
-            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}")
+            raise InputError(f"params must be a SamplingParams, got {type(params).__name__}", field="params")
         if isinstance(prompt_ids, (str, bytes)):
-            raise InputError("prompt_ids must be a list of token ids (tokenize the text first)")
+            raise InputError("prompt_ids must be a list of token ids (tokenize the text first)", field="prompt_ids")
         try:
             prompt = np.asarray(prompt_ids)
         except (ValueError, TypeError, OverflowError) as e:
-            raise InputError(f"prompt_ids must be a list of token ids ({e})") from None
+            raise InputError(f"prompt_ids must be a list of token ids ({e})", field="prompt_ids") from None
         if prompt.ndim != 1:
-            raise InputError(f"prompt_ids must be one sequence of token ids, got shape {prompt.shape}")
+            raise InputError(
+                f"prompt_ids must be one sequence of token ids, got shape {prompt.shape}", field="prompt_ids"
+            )
         if prompt.size == 0:
-            raise InputError("prompt_ids must hold at least one token id, got an empty prompt")
+            raise InputError("prompt_ids must hold at least one token id, got an empty prompt", field="prompt_ids")
         prompt = inputs.check_input_ids(prompt[None], self.config.vocab_size, self.context, name="prompt_ids")[0]
         inputs.check_max_new_tokens(params.max_new_tokens, len(prompt), self.context)
         stop_ids = None if params.stop_token_ids is None else list(params.stop_token_ids)
@@ -194,7 +196,7 @@ class Engine:
             while request_id in self._requests:
                 request_id = str(next(self._ids))
         elif not isinstance(request_id, str) or request_id in self._requests:
-            raise InputError(f"request_id must be a new string, got {request_id!r}")
+            raise InputError(f"request_id must be a new string, got {request_id!r}", field="request_id")
         seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**63))
         key_data = np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
         request = Request(request_id, [int(t) for t in prompt], params, frozenset(int(s) for s in stop), key_data)

@@ -43,7 +43,7 @@ def generate(
             try:
                 ids.append(engine.add_request(prompt, request_params))
             except InputError as e:
-                raise InputError(f"prompts[{index}]: {e}") from None
+                raise InputError(f"prompts[{index}]: {e}", field=e.field) from None
     except InputError:
         for request_id in ids:
             engine.abort_request(request_id)

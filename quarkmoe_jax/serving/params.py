@@ -44,21 +44,26 @@ class SamplingParams:
         set_field(self, "temperature", temperature)
         set_field(self, "top_p", top_p)
         if not inputs.is_int(self.top_k) or self.top_k < 0:
-            raise InputError(f"top_k must be a non-negative integer (0: off), got {self.top_k!r}")
+            raise InputError(f"top_k must be a non-negative integer (0: off), got {self.top_k!r}", field="top_k")
         set_field(self, "top_k", int(self.top_k))
         if self.seed is not None:
             set_field(self, "seed", inputs.check_seed(self.seed))
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
             if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-                raise InputError(f"stop_token_ids must be a list of token ids, got {ids!r}")
+                raise InputError(f"stop_token_ids must be a list of token ids, got {ids!r}", field="stop_token_ids")
             ids = tuple(ids)
             if not all(inputs.is_int(i) and i >= 0 for i in ids):
-                raise InputError(f"stop_token_ids must be non-negative token ids, got {list(ids)!r}")
+                raise InputError(
+                    f"stop_token_ids must be non-negative token ids, got {list(ids)!r}", field="stop_token_ids"
+                )
             set_field(self, "stop_token_ids", tuple(int(i) for i in ids))
         if self.logprobs is not None:
             if not inputs.is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise InputError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+                raise InputError(
+                    f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+                    field="logprobs",
+                )
             set_field(self, "logprobs", int(self.logprobs))
 
     @property

@@ -288,7 +288,7 @@ class Api:
                 logprobs=logprobs,
             )
         except InputError as e:
-            raise ApiError(str(e), _field_of(str(e))) from None
+            raise ApiError(str(e), _api_field(e)) from None
         return params, tuple(stop)
 
     # ---------------------------------------------------------------------------------------- generation
@@ -297,7 +297,7 @@ class Api:
         try:
             return await self.engine.add(ids, params)
         except InputError as e:
-            raise ApiError(str(e), _field_of(str(e))) from None
+            raise ApiError(str(e), _api_field(e)) from None
 
     async def tokens(self, request_id: str, outputs: asyncio.Queue, stream: TextStream, params, arrival: float):
         """Yields ``(text piece, finish_reason or None, completion tokens, TokenLogprobs since the last yield)``
@@ -385,20 +385,12 @@ class LogprobsWriter:
         return {"token": text, "logprob": max(logprob, LOGPROB_FLOOR), "bytes": list(text.encode())}
 
 
-def _field_of(message: str) -> str | None:
-    """The API field an engine refusal names (its messages start with the engine's field name)."""
-    for engine_name, field in (
-        ("max_new_tokens", "max_tokens"),
-        ("prompt_ids", "prompt"),
-        ("stop_token_ids", "stop_token_ids"),
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("top_k", "top_k"),
-        ("seed", "seed"),
-    ):
-        if message.startswith(engine_name) or f" {engine_name} " in message:
-            return field
-    return None
+ENGINE_TO_API_FIELD = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt"}
+"""The request field of an engine refusal's :attr:`~quarkmoe_jax.errors.InputError.field` where the names differ."""
+
+
+def _api_field(error: InputError) -> str | None:
+    return ENGINE_TO_API_FIELD.get(error.field, error.field)
 
 
 class Metrics:

@@ -233,8 +233,9 @@ def test_a_bad_request_is_refused_and_the_others_are_served(prompt, params, mess
     model = model_of("mixtral")
     engine = small_engine(model)
     good = engine.add_request(GOOD_PROMPT, SamplingParams(8, stop_token_ids=()))
-    with pytest.raises(QuarkMoEError, match=message):
+    with pytest.raises(QuarkMoEError, match=message) as refused:
         engine.add_request(prompt, params)
+    assert refused.value.field in ("prompt_ids", "max_new_tokens", "stop_token_ids", "params")
     produced = []
     while engine.has_unfinished():
         produced += [t for out in engine.step() if out.request_id == good for t in out.new_token_ids]
@@ -257,8 +258,9 @@ def test_a_bad_request_is_refused_and_the_others_are_served(prompt, params, mess
     ],
 )
 def test_sampling_params_name_the_bad_field(field, value, message):
-    with pytest.raises(QuarkMoEError, match=message):
+    with pytest.raises(QuarkMoEError, match=message) as refused:
         SamplingParams(**{field: value})
+    assert refused.value.field == field
 
 
 def test_after_warm_up_serving_compiles_nothing():

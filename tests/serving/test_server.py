@@ -264,6 +264,7 @@ def test_a_client_that_disconnects_frees_its_request(server, client):
         ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
         ("/v1/completions", {"prompt": "x", "seed": 1.5}, 400, "seed"),
         ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "stop_token_ids"),  # the engine's
         ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400, "logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
