@@ -155,18 +155,23 @@ def serve(engine: Engine, workload: list[tuple[int, int]], concurrency: int | No
             if o.finished and pending and concurrency is not None:
                 submit()
     elapsed = time.perf_counter() - start
-    output_tokens = sum(counts.values())
+    timings = [(submitted[r], first[r], last[r], counts[r]) for r in submitted]
+    return _summary(workload, concurrency, elapsed, timings)
+
+
+def _summary(workload, concurrency: int | None, elapsed: float, timings) -> dict:
+    """Tokens/s and TTFT / TPOT percentiles (ms) of a served workload; ``timings``: per request ``(submitted,
+    first token, last token, tokens)``, seconds on one clock."""
+    output_tokens = sum(t[3] for t in timings)
     input_tokens = sum(inp for inp, _ in workload)
-    ttft = [(first[r] - submitted[r]) * 1e3 for r in submitted]
-    tpot = [(last[r] - first[r]) * 1e3 / (counts[r] - 1) for r in submitted if counts[r] > 1]
     return {
         "requests": len(workload),
         "concurrency": concurrency,
         "seconds": elapsed,
         "output_tokens_per_s": output_tokens / elapsed,
         "total_tokens_per_s": (output_tokens + input_tokens) / elapsed,
-        "ttft_ms": _percentiles(ttft),
-        "tpot_ms": _percentiles(tpot),
+        "ttft_ms": _percentiles([(f - s) * 1e3 for s, f, _, _ in timings]),
+        "tpot_ms": _percentiles([(la - f) * 1e3 / (c - 1) for _, f, la, c in timings if c > 1]),
     }
 
 
@@ -212,17 +217,7 @@ def http_serve(url: str, workload: list[tuple[int, int]], concurrency: int | Non
             return time.perf_counter() - start, results
 
     elapsed, results = asyncio.run(run())
-    output_tokens = sum(r[3] for r in results)
-    input_tokens = sum(inp for inp, _ in workload)
-    return {
-        "requests": len(workload),
-        "concurrency": concurrency,
-        "seconds": elapsed,
-        "output_tokens_per_s": output_tokens / elapsed,
-        "total_tokens_per_s": (output_tokens + input_tokens) / elapsed,
-        "ttft_ms": _percentiles([(f - s) * 1e3 for s, f, _, _ in results]),
-        "tpot_ms": _percentiles([(la - f) * 1e3 / (c - 1) for _, f, la, c in results if c > 1]),
-    }
+    return _summary(workload, concurrency, elapsed, results)
 
 
 def word_tokenizer(vocab: int):

@@ -37,6 +37,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError
 from quarkmoe_jax.moe.routing import RoutingConfig
 
 __all__ = [
+    "DEFAULT_CONTEXT",
     "ModelFamily",
     "FAMILIES",
     "NO_SLIDING",
@@ -64,6 +65,10 @@ __all__ = [
     "dense_tensor",
     "parse_projection_tensor",
 ]
+
+DEFAULT_CONTEXT = 2048
+"""The context of a model whose config has no ``max_position_embeddings`` and whose caller set no
+``max_model_len`` (vLLM's assumption for such a config); the models and ``quarkmoe plan`` both take it."""
 
 # ------------------------------------------------------------------------------------ checkpoint tensor names
 

@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from quarkmoe_jax.checkpoint.architectures import (
+    DEFAULT_CONTEXT,
     PROJECTIONS,
     SUFFIXES,
     MoEArchitecture,
@@ -55,7 +56,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointRe
 from quarkmoe_jax.formats import MX_FORMATS, round_up
 from quarkmoe_jax.moe.sharding import TP_ALIGN, placement_expert_map
 
-__all__ = ["CATEGORIES", "DEFAULT_CONTEXT", "VOCAB_PADDING", "Layout", "Plan", "plan_checkpoint"]
+__all__ = ["CATEGORIES", "VOCAB_PADDING", "Layout", "Plan", "plan_checkpoint"]
 
 CATEGORIES = (
     "routed_experts",
@@ -70,10 +71,6 @@ CATEGORIES = (
 """The parts of a checkpoint, in the order they are reported."""
 VOCAB_PADDING = 64
 """The vocabulary is padded to a multiple of this before it is split (vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``)."""
-DEFAULT_CONTEXT = 2048
-"""The context when neither ``max_model_len`` nor the config's ``max_position_embeddings`` gives one: the
-models' own default (:data:`quarkmoe_jax.models.inputs.DEFAULT_CONTEXT`, which this part may not import; a test
-holds the two equal)."""
 
 _EMBEDDINGS = "model.embed_tokens."
 _LM_HEAD = "lm_head."

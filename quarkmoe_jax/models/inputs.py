@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from quarkmoe_jax.checkpoint.architectures import DEFAULT_CONTEXT
 from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.moe.buckets import token_bucket
 
@@ -49,9 +50,6 @@ __all__ = [
     "check_generation",
 ]
 
-DEFAULT_CONTEXT = 2048
-"""The context of a model whose config has no ``max_position_embeddings`` and whose caller set no
-``max_model_len`` (vLLM's assumption for such a config)."""
 
 _FLOAT32_TINY, _FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 _INT64 = np.iinfo(np.int64)

@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 
 from quarkmoe_jax import cli
-from quarkmoe_jax.checkpoint import plan as plan_module
 from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
 from quarkmoe_jax.checkpoint.loader import check_checkpoint_headers
 from quarkmoe_jax.checkpoint.plan import CATEGORIES, plan_checkpoint
 from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointReader, SafetensorsFile, save_file
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint, write_sparse_checkpoint
 from quarkmoe_jax.models import DecoderConfig
-from quarkmoe_jax.models.inputs import DEFAULT_CONTEXT, cache_bytes
+from quarkmoe_jax.models.inputs import cache_bytes
 
 #: DeepSeek-V3's config.json (deepseek-ai/DeepSeek-V3), without its FP8 quantization_config.
 DEEPSEEK_V3 = {
@@ -194,7 +193,6 @@ def test_small_checkpoint_bytes_per_device_by_hand(small):
     assert four.layout(4, 1).kv_bytes_per_token == cache_bytes(config, 1, 1, "bfloat16")
     three = plan_checkpoint(small, 3)
     assert three.layout(1, 3).problem == "4 attention heads do not split over TP 3"
-    assert plan_module.DEFAULT_CONTEXT == DEFAULT_CONTEXT
 
 
 def test_layers_past_the_config_are_unused_and_bad_checkpoints_are_named(small, tmp_path):
