@@ -92,13 +92,28 @@ def decode_phase(engine: Engine, batch: int, context: int, repeats: int, bandwid
     rng = np.random.default_rng(batch)
     vocab = engine.config.vocab_size
     warm = 3
+    # Requests whose prefill ends first decode while the others still prefill, so each may make as many tokens
+    # as the context and its share of the cache leave (never finishing or preempted inside the timed steps);
+    # the floor counts the positions they reach.
+    share = engine.num_blocks // batch * engine.block_size
+    room = min(engine.context.length, share) - context
+    if room < repeats + warm + 2:
+        return {
+            "batch": batch,
+            "context": context,
+            "skipped": f"{batch} sequences of {context} positions and "
+            f"{repeats + warm + 2} new tokens need more than the cache's {engine.num_blocks} blocks",
+        }
+    preemptions = engine.num_preemptions
     ids = [
-        engine.add_request(_prompt(rng, vocab, context), SamplingParams(repeats + warm + 2, stop_token_ids=()))
-        for _ in range(batch)
+        engine.add_request(_prompt(rng, vocab, context), SamplingParams(room, stop_token_ids=())) for _ in range(batch)
     ]
-    started: set[str] = set()
-    while len(started) < batch:  # prefill every request (chunked), until each has its first token
-        started.update(o.request_id for o in engine.step())
+    made = dict.fromkeys(ids, 0)
+    while not all(made.values()):  # prefill every request (chunked), until each has its first token
+        for o in engine.step():
+            made[o.request_id] += len(o.new_token_ids)
+    if max(made.values()) + warm + repeats > room:
+        raise ValueError(f"--context {context}: requests decoded {max(made.values())} tokens while others prefilled")
     for _ in range(warm):
         engine.step()
     compiled = _compiled()
@@ -110,8 +125,10 @@ def decode_phase(engine: Engine, batch: int, context: int, repeats: int, bandwid
         assert len(outputs) == batch, f"a decode step served {len(outputs)} of {batch} requests"
     for request_id in ids:
         engine.abort_request(request_id)
+    assert engine.num_preemptions == preemptions, "the decode phase preempted requests"
     step = statistics.median(samples)
-    floor = floor_bytes(engine.model, batch, context + warm + repeats // 2) / (bandwidth * 1e12)
+    reached = context + statistics.mean(made.values()) + warm + repeats // 2
+    floor = floor_bytes(engine.model, batch, round(reached)) / (bandwidth * 1e12)
     return {
         "batch": batch,
         "context": context,
@@ -285,7 +302,8 @@ def client_main(args) -> int:
     return 0
 
 
-def bench(shape: str, scheme: str, args, bandwidth: float) -> dict:
+def bench(shape: str, scheme: str, args, bandwidth: float, save=lambda result: None) -> dict:
+    """One shape and scheme's phases; ``save(result)`` after each (the partial result, for a run cut short)."""
     hf, full_layers = HF_SHAPES[shape]
     layers = args.layers or full_layers
     config = DecoderConfig.from_hf_config({**hf, "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
@@ -315,6 +333,10 @@ def bench(shape: str, scheme: str, args, bandwidth: float) -> dict:
             continue
         row = decode_phase(engine, batch, args.context, args.repeats, bandwidth)
         result["decode"].append(row)
+        save(result)
+        if "skipped" in row:
+            print(f"  decode B{batch:<4} skipped: {row['skipped']}", flush=True)
+            continue
         print(
             f"  decode B{batch:<4} {row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
             f"floor {row['memory_floor_ms']:.2f} ms ({row['fraction_of_floor']:.2f} of it)",
@@ -331,6 +353,7 @@ def bench(shape: str, scheme: str, args, bandwidth: float) -> dict:
             f"TPOT p50 {t['tpot_ms']['p50']:.2f} ms p99 {t['tpot_ms']['p99']:.2f} ms",
             flush=True,
         )
+        save(result)
     if args.concurrency_requests:
         result["concurrency_4"] = serve(engine, workload[: args.concurrency_requests], 4)
         c = result["concurrency_4"]
@@ -338,6 +361,7 @@ def bench(shape: str, scheme: str, args, bandwidth: float) -> dict:
             f"  concurrency 4: TPOT p50 {c['tpot_ms']['p50']:.2f} ms, {c['output_tokens_per_s']:.0f} output tok/s",
             flush=True,
         )
+        save(result)
     if args.http:
         result["http"] = http_phases(engine, args)
         for name, http in result["http"].items():
@@ -379,14 +403,6 @@ def main(argv=None) -> int:
     bandwidth = args.copy_tbps or copy_tbps(10)
     print(f"{jax.devices()[0].device_kind}: copy {bandwidth:.3g} TB/s", flush=True)
     results = []
-    for shape in args.shapes:
-        for scheme in args.schemes:
-            try:
-                results.append(bench(shape, scheme, args, bandwidth))
-            except Exception as e:  # noqa: BLE001 - out of memory: recorded, the run goes on
-                results.append({"shape": shape, "scheme": scheme, "skipped": f"{type(e).__name__}: {e}"[:400]})
-                print(f"{shape} {scheme} skipped: {results[-1]['skipped']}", flush=True)
-                jax.clear_caches()
     doc = {
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind,
@@ -396,9 +412,26 @@ def main(argv=None) -> int:
         "settings": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "results": results,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+    last = {}
+
+    def save(partial=None):
+        last["result"] = partial
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({**doc, "results": results + ([partial] if partial else [])}, indent=2))
+
+    for shape in args.shapes:
+        for scheme in args.schemes:
+            try:
+                results.append(bench(shape, scheme, args, bandwidth, save))
+            except Exception as e:  # noqa: BLE001 - out of memory: recorded, the run goes on
+                partial = last.get("result") or {"shape": shape, "scheme": scheme}  # the phases that ran
+                results.append({**partial, "skipped": f"{type(e).__name__}: {e}"[:400]})
+                print(f"{shape} {scheme} skipped: {results[-1]['skipped']}", flush=True)
+                jax.clear_caches()
+            save()
+            last.clear()
     return 0
 
 

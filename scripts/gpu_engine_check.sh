@@ -6,6 +6,11 @@
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 [ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
 python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl 2>&1 | tail -1
+# the serve extra (serve_bench --http), where the image lacks it: wheels carried in .whl/serve, made here with
+#   pip download --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
+#     -d .whl/serve -c constraints.txt fastapi uvicorn jinja2 prometheus-client tokenizers httpx opentelemetry-api
+# (drop what the image already has: huggingface_hub, fsspec, filelock, tqdm, pyyaml, packaging, hf_xet)
+[ -d .whl/serve ] && python3 -m pip install -q --no-deps --target /tmp/site .whl/serve/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "${TESTS:-1}" = 1 ]; then

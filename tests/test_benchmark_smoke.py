@@ -116,7 +116,7 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
     settings = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "2112"]
     _run_script(
         "benchmarks/serve_bench.py",
-        [*common, *settings, "--shapes", "tiny_gpt_oss", "--batches", "1", "2", "--requests", "3"]
+        [*common, *settings, "--shapes", "tiny_gpt_oss", "--batches", "1", "4", "--requests", "3"]
         + ["--concurrency-requests", "2", "--http", "--json", str(out)],
         monkeypatch,
     )
@@ -124,7 +124,7 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
     for name, requests in (("throughput", 3), ("concurrency_4", 2)):  # the same workloads over HTTP
         http = serve["http"][name]
         assert http["requests"] == requests and http["output_tokens_per_s"] > 0 and http["throughput_over_engine"] > 0
-    assert [d["batch"] for d in serve["decode"]] == [1, 2]
+    assert [d["batch"] for d in serve["decode"]] == [1, 4]  # 4: two prefill while two decode
     assert all(d["compiled_while_timed"] == 0 and d["tokens_per_s"] > 0 for d in serve["decode"])
     assert serve["throughput"]["requests"] == 3 and serve["throughput"]["output_tokens_per_s"] > 0
     assert serve["concurrency_4"]["tpot_ms"]["p50"] > 0

@@ -136,13 +136,14 @@ def test_the_load_lays_weights_out_for_the_backend_auto_runs(device_kind, availa
 
 
 def test_auto_reads_the_layout_the_module_was_prepared_in(key, monkeypatch):
-    """On CPU the Pallas interpreter stands in: after ``prepare_for_kernels()`` (the load's step), a call
-    re-lays nothing (the layout conversion is made to fail) and equals the call on Quark's layout."""
+    """After ``prepare_for_kernels("pallas")`` (the load's step, for the backend that will run; on a GPU with
+    jax-triton the default would be Triton's layout), a call re-lays nothing (the layout conversion is made to
+    fail) and equals the call on Quark's layout. On CPU the Pallas interpreter stands in."""
     experts = random_experts(key, scheme="w_mxfp4", h=64, i=64)
     x, weights, ids = inputs(key, t=4, h=64)
     want = experts.apply(x, weights, ids, backend="pallas")
-    experts.prepare_for_kernels()
-    assert experts.w13.get_value().layout == PALLAS.layout  # the CPU has no jax-triton: Pallas's layout
+    experts.prepare_for_kernels("pallas")
+    assert experts.w13.get_value().layout == PALLAS.layout
 
     def no_relayout(self, weight):
         raise AssertionError("re-laid inside the call")
