@@ -677,7 +677,9 @@ def _shared_setup(
 ):
     """Prefix, scheme and shape of a block's shared expert(s) (no data read)."""
     prefix = arch.names.shared_experts(block)
-    return _dense_setup(reader, prefix, arch.hidden_size, arch.shared_intermediate_size, quark, semantics, float_dtype)
+    return dense_mlp_setup(
+        reader, prefix, arch.hidden_size, arch.shared_intermediate_size, quark, semantics, float_dtype
+    )
 
 
 def load_dense_mlp(
@@ -691,13 +693,16 @@ def load_dense_mlp(
 ) -> LoadedExperts:
     """A dense gated MLP (``<prefix>.{gate_proj,up_proj,down_proj}``) as one expert: a shared expert, or
     the MLP of a model's non-MoE layers, quantized as the checkpoint's config says for those Linear layers."""
-    prefix, scheme, shape = _dense_setup(reader, prefix, hidden_size, intermediate_size, quark, semantics, float_dtype)
+    prefix, scheme, shape = dense_mlp_setup(
+        reader, prefix, hidden_size, intermediate_size, quark, semantics, float_dtype
+    )
     return load_experts(reader, prefix, scheme, shape, num_global_experts=1, indexed=False)
 
 
-def _dense_setup(
+def dense_mlp_setup(
     reader, prefix: str, hidden: int, intermediate: int, quark: QuarkConfig | None, semantics: str, float_dtype=None
 ):
+    """Prefix, scheme and one-expert shape of the dense gated MLP under ``prefix`` (headers only)."""
     configs = []
     for shard in ("w1", "w3", "w2"):
         name = linear_name(prefix, HF_PROJECTIONS[shard])

@@ -3,7 +3,8 @@
 Each distinct ``(expert rank, tensor rank)`` of the mesh runs the scheme's lifecycle on its own buffers
 (:func:`~quarkmoe_jax.checkpoint.loader.load_experts` with the shard's expert map and
 :class:`~quarkmoe_jax.checkpoint.loader.IntermediateSlice`), reading only its experts' tensors and of those
-only its slice of ``I``; devices that differ only in their data coordinate share one load. The shards'
+only its slice of ``I``; devices that differ only in their data coordinate share one load; each process loads
+the shards of its own devices (multi-host). The shards'
 arrays are assembled into global ``jax.Array`` s (:func:`jax.make_array_from_single_device_arrays`) laid out
 as :func:`~quarkmoe_jax.moe.shard_layout.param_specs` says: the arrays
 :func:`~quarkmoe_jax.moe.shard_layout.shard_params` builds from a whole load.
@@ -11,6 +12,7 @@ as :func:`~quarkmoe_jax.moe.shard_layout.param_specs` says: the arrays
 * :func:`load_sharded_moe_block`: a whole block (router replicated, routed experts per shard, shared
   expert(s) tensor-parallel).
 * :func:`load_sharded_experts`: one set of experts under a tensor-name prefix.
+* :func:`load_sharded_dense_mlp`: a model's dense MLP, tensor-parallel as a shared expert.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from quarkmoe_jax.checkpoint.loader import (
     IntermediateSlice,
     LoadedExperts,
     LoadedMoEBlock,
+    dense_mlp_setup,
     load_experts,
     load_moe_block,
     plan_experts,
@@ -40,7 +43,7 @@ from quarkmoe_jax.moe.shard_layout import param_specs, scales_for_tensor_split
 from quarkmoe_jax.moe.sharding import MoESharding
 from quarkmoe_jax.schemes import MoEScheme
 
-__all__ = ["load_sharded_experts", "load_sharded_moe_block"]
+__all__ = ["load_sharded_experts", "load_sharded_moe_block", "load_sharded_dense_mlp"]
 
 
 def load_sharded_experts(
@@ -72,6 +75,8 @@ def load_sharded_experts(
     device_coords = {}
     names = mesh.axis_names
     for index in np.ndindex(*mesh.devices.shape):
+        if mesh.devices[index].process_index != jax.process_index():
+            continue  # another host's device (multi-host): that process loads it
         coords = dict(zip(names, index, strict=True))
         ep_rank = coords[sharding.expert_axis] if sharding.ep > 1 else 0
         tp_rank = coords[sharding.tensor_axis] if sharding.tp > 1 else 0
@@ -170,3 +175,22 @@ def load_sharded_moe_block(
     return load_moe_block(
         path, layer, semantics=semantics, experts_loader=routed, shared_loader=shared, float_dtype=float_dtype
     )
+
+
+def load_sharded_dense_mlp(
+    reader: CheckpointReader,
+    prefix: str,
+    hidden_size: int,
+    intermediate_size: int,
+    quark,
+    sharding: MoESharding,
+    semantics: str = "vllm",
+    float_dtype=None,
+) -> LoadedExperts:
+    """:func:`~quarkmoe_jax.checkpoint.loader.load_dense_mlp` loaded per shard: tensor-parallel over
+    ``sharding``'s tensor axis (its slice of ``I`` per shard), replicated over the others (``sharding`` is a
+    shared expert's: :meth:`MoESharding.for_shared_experts`)."""
+    prefix, scheme, shape = dense_mlp_setup(
+        reader, prefix, hidden_size, intermediate_size, quark, semantics, float_dtype
+    )
+    return load_sharded_experts(reader, prefix, scheme, shape, sharding, num_global_experts=1, indexed=False)

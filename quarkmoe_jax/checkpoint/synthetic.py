@@ -48,16 +48,24 @@ __all__ = [
 
 
 def _hf_config(
-    family: ModelFamily, layers: int, hidden: int, intermediate: int, experts: int, top_k: int, vocab: int
+    family: ModelFamily,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    experts: int,
+    top_k: int,
+    vocab: int,
+    heads: int = 4,
+    kv_heads: int = 2,
 ) -> dict:
     common = {
         "model_type": family.model_type,
         "num_hidden_layers": layers,
         "hidden_size": hidden,
         "vocab_size": vocab,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": hidden // 4,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
         "max_position_embeddings": 4096,
         "torch_dtype": "bfloat16",
     }
@@ -97,6 +105,8 @@ def synthetic_moe(
     fused_experts: bool = False,
     seed: int = 0,
     vocab_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A float MoE language model: ``(config.json dict, {tensor name: bfloat16 / float32 array})``.
 
@@ -107,7 +117,8 @@ def synthetic_moe(
     ``fused_experts`` stores each layer's experts as all-expert ``gate_up_proj`` / ``down_proj`` tensors
     instead of per-expert projections (gpt-oss always uses per-expert fused ``gate_up_proj``). ``vocab_size``:
     the embedding's rows (at least :data:`SYNTHETIC_TOKENIZER_VOCAB` for :func:`write_float_checkpoint`'s
-    tokenizer).
+    tokenizer). ``num_heads`` / ``num_kv_heads``: attention heads (``head_dim`` = hidden / heads; DeepSeek's
+    latent attention takes only ``num_heads``).
     """
     family = FAMILIES.get(model_type)
     if family is None:
@@ -119,8 +130,17 @@ def synthetic_moe(
         num_experts=num_experts,
         top_k=top_k,
         vocab_size=vocab_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
     )
-    config = _hf_config(family, num_layers, hidden_size, intermediate_size, num_experts, top_k, vocab_size)
+    if num_heads % num_kv_heads or hidden_size % num_heads:
+        raise QuarkMoEError(
+            f"synthetic model: num_heads {num_heads} must divide hidden_size {hidden_size} and be a multiple of "
+            f"num_kv_heads {num_kv_heads}"
+        )
+    config = _hf_config(
+        family, num_layers, hidden_size, intermediate_size, num_experts, top_k, vocab_size, num_heads, num_kv_heads
+    )
     rng = np.random.default_rng(seed)
     # the non-expert tensors the MoE tests never read come from their own stream, so adding them kept the
     # expert weights of every seed unchanged

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.models import inputs
@@ -35,6 +36,7 @@ from quarkmoe_jax.models.paged import (
     write_contiguous,
 )
 from quarkmoe_jax.models.sampling import sample_tokens
+from quarkmoe_jax.models.sharding import ModelSharding
 from quarkmoe_jax.moe.buckets import token_bucket
 from quarkmoe_jax.nn import QuarkMoEBlock
 
@@ -194,7 +196,10 @@ class QuarkMoEForCausalLM(nnx.Module):
     Attributes: ``embed_tokens`` ``nnx.Param [V, H]`` (``dtype``), ``layers`` (``nnx.List`` of
     :class:`DecoderLayer`), ``norm`` (:class:`RMSNorm`), ``lm_head`` (:class:`Linear` ``[V, H]``, or None when
     tied to the embeddings). Static: ``config`` (:class:`DecoderConfig`), ``dtype``, ``backend``,
-    ``max_model_len`` (None: the context is the config's ``max_position_embeddings``; see :attr:`context`).
+    ``max_model_len`` (None: the context is the config's ``max_position_embeddings``; see :attr:`context`),
+    ``sharding`` (a :class:`~quarkmoe_jax.models.sharding.ModelSharding` when the parameters are split over a
+    mesh: then ``embed_tokens`` and ``lm_head`` hold its padded vocabulary's rows and caches are allocated split
+    over the devices; None on one device).
     """
 
     def __init__(
@@ -208,8 +213,10 @@ class QuarkMoEForCausalLM(nnx.Module):
         dtype=jnp.float32,
         backend: str = "auto",
         max_model_len: int | None = None,
+        sharding: ModelSharding | None = None,
     ):
         self.config = config
+        self.sharding = sharding
         self.dtype = jnp.dtype(dtype)
         self.backend = backend
         self.max_model_len = None if max_model_len is None else inputs.positive_int(max_model_len, "max_model_len")
@@ -240,6 +247,8 @@ class QuarkMoEForCausalLM(nnx.Module):
         return self._allocate_cache(batch, length, dtype)
 
     def _allocate_cache(self, batch: int, length: int, dtype) -> list[dict[str, jax.Array]]:
+        if self.sharding is not None:
+            return self.sharding.allocate_cache(self._expected_cache(batch, length, dtype))
         return [layer.self_attn.init_cache(batch, length, dtype) for layer in self.layers]
 
     def _expected_cache(self, batch: int, length: int, dtype) -> list[dict[str, jax.ShapeDtypeStruct]]:
@@ -289,7 +298,15 @@ class QuarkMoEForCausalLM(nnx.Module):
         """The attention backend (:func:`~quarkmoe_jax.models.paged.attention_backends`) that ``requested``
         ("auto", "xla" or "pallas") gives for a paged cache of ``block_size`` (refused with the reason where the
         kernel cannot take this model's head dims: :func:`~quarkmoe_jax.models.paged.resolve_attention_backend`);
-        with ``num_tokens`` and ``context``, ``auto``'s choice for a step of that many tokens."""
+        with ``num_tokens`` and ``context``, ``auto``'s choice for a step of that many tokens. On a mesh the
+        attention runs as XLA's partitioned program (no kernel yet): ``auto`` gives XLA, a kernel is refused."""
+        if self.sharding is not None:
+            if requested not in ("auto", XLA_ATTENTION):
+                raise InputError(
+                    f"attention_backend {requested!r} does not run on a mesh yet; use 'auto' or {XLA_ATTENTION!r}",
+                    field="attention_backend",
+                )
+            return XLA_ATTENTION
         chosen = set()
         for layer in self.layers:
             attn = layer.self_attn
@@ -314,11 +331,16 @@ class QuarkMoEForCausalLM(nnx.Module):
         return self.logits(hidden[0][batch.last_token]), cache
 
     def logits(self, hidden):
-        """float32 ``[..., V]`` of final hidden states ``[..., H]``."""
+        """float32 ``[..., V]`` of final hidden states ``[..., H]`` (a mesh's vocabulary padding dropped)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden).astype(jnp.float32)
-        w = self.embed_tokens.get_value()
-        return jnp.dot(hidden, w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        else:
+            w = self.embed_tokens.get_value()
+            logits = jnp.dot(hidden, w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        logits = logits[..., : self.config.vocab_size]
+        if self.sharding is not None:  # whole on every device: each host reads them (multi-host), samples alike
+            logits = lax.with_sharding_constraint(logits, self.sharding.named(P()))
+        return logits
 
     def __call__(self, input_ids, *, cache=None, start=0):
         """Logits float32 ``[B, T, V]`` of ``input_ids`` integer ``[B, T]``; with a ``cache``, ``(logits, cache)``.

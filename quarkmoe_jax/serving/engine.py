@@ -157,6 +157,8 @@ class Engine:
     def _blocks_that_fit(self, memory_fraction: float) -> int:
         wanted = self.max_num_seqs * self.blocks_per_request
         per_block = inputs.cache_bytes(self.config, 1, self.block_size, self.model.dtype)
+        if self.model.sharding is not None:  # one device's share of a block, beside its share of the weights
+            per_block *= self.model.sharding.cache_share
         memory = inputs.device_memory()
         if memory is None:
             free = math.inf

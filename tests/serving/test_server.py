@@ -148,12 +148,21 @@ def test_completion_logprobs_are_the_engine_s(client, checkpoint):
 
 def test_chat_logprobs_streamed_and_whole(client):
     kwargs = dict(
-        model="tiny", messages=[{"role": "user", "content": "Hey"}], max_tokens=6, temperature=0.8, seed=2,
-        logprobs=True, top_logprobs=2,
+        model="tiny",
+        messages=[{"role": "user", "content": "Hey"}],
+        max_tokens=6,
+        temperature=0.8,
+        seed=2,
+        logprobs=True,
+        top_logprobs=2,
     )
     whole = client.chat.completions.create(**kwargs)
-    streamed = [e for c in client.chat.completions.create(**kwargs, stream=True) if c.choices and c.choices[0].logprobs
-                for e in c.choices[0].logprobs.content]
+    streamed = [
+        e
+        for c in client.chat.completions.create(**kwargs, stream=True)
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
     content = whole.choices[0].logprobs.content
     assert len(content) == whole.usage.completion_tokens == len(streamed)
     for entry, again in zip(content, streamed, strict=True):
@@ -267,8 +276,12 @@ def test_a_client_that_disconnects_frees_its_request(server, client):
         ("/v1/completions", {"prompt": "x", "stop_token_ids": [99999]}, 400, "stop_token_ids"),  # the engine's
         ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, 400, "logprobs"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
-         "top_logprobs"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "top_logprobs",
+        ),
         ("/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "messages"),
         ("/v1/completions", "[1, 2]", 400, None),

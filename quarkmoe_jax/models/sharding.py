@@ -1,0 +1,193 @@
+"""How a whole model is split over a ``jax.sharding.Mesh`` (docs/distributed.md, "Whole models").
+
+The mesh is the MoE layer's (:func:`~quarkmoe_jax.moe.sharding.moe_mesh`: axes ``data``, ``expert``,
+``tensor``), so every MoE layer splits exactly as :class:`~quarkmoe_jax.moe.sharding.MoESharding` says, and the
+rest of the model follows vLLM's tensor parallelism over the ``tensor`` axis, replicated over the other axes
+(what ``quarkmoe plan`` counts):
+
+* attention: query heads split (``q_proj`` / ``q_b_proj`` / ``kv_b_proj`` rows, ``o_proj`` columns, gpt-oss's
+  sinks); key / value heads split where their count divides by ``tp``, else replicated (vLLM's
+  ``QKVParallelLinear`` replicates each KV head once there are fewer than the shards); DeepSeek's ``q_a_proj``,
+  ``kv_a_proj_with_mqa``, the norms and the latent cache replicated (vLLM's MLA);
+* dense MLPs: tensor-parallel as a shared expert (:meth:`MoESharding.for_shared_experts`);
+* embeddings and LM head: vocabulary rows split, the vocabulary padded to a multiple of 64 as vLLM's
+  ``VocabParallelEmbedding`` pads it (the padding's logits are dropped);
+* the KV cache: split over key / value heads where they are split, else replicated.
+
+Only the parameters' and the cache's placement is chosen here; the forward is the single-device program,
+compiled by ``jit`` for the whole mesh (XLA's SPMD partitioner inserts the all-reduce after ``o_proj`` and the
+vocabulary gathers), with each MoE layer's own ``shard_map`` inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from quarkmoe_jax.errors import QuarkMoEError
+from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, round_up
+from quarkmoe_jax.models.decoder_config import DecoderConfig
+from quarkmoe_jax.moe.sharding import MoESharding
+
+__all__ = ["ModelSharding", "VOCAB_PADDING", "COLUMN", "ROW", "REPLICATED"]
+
+VOCAB_PADDING = 64
+"""The vocabulary is padded to a multiple of this before its rows are split (vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``)."""
+
+COLUMN, ROW, REPLICATED = "column", "row", "replicated"
+"""How a Linear's weight ``[N, K]`` is split: output rows (``N``), input columns (``K``), or not at all."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSharding:
+    """A whole model's placement over ``moe.mesh`` (static; hashable).
+
+    Attributes:
+      moe: every MoE layer's :class:`~quarkmoe_jax.moe.sharding.MoESharding` (its mesh is the model's).
+      num_heads / num_kv_heads / vocab_size: the model's, checked against the tensor-parallel size.
+    """
+
+    moe: MoESharding
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, mesh: Mesh | MoESharding, config: DecoderConfig) -> ModelSharding:
+        """The placement of ``config``'s model on ``mesh`` (or on an :class:`MoESharding`'s mesh, keeping its
+        placement and exchange). Raises :class:`QuarkMoEError` for a split vLLM cannot run either: query heads
+        that do not divide by ``tp``, key / value heads that neither divide ``tp`` nor divide by it, a padded
+        vocabulary that does not divide by ``tp``."""
+        moe = mesh if isinstance(mesh, MoESharding) else MoESharding(mesh)
+        sharding = cls(moe, config.num_heads, config.num_kv_heads, config.vocab_size)
+        tp, kv = sharding.tp, sharding.num_kv_heads
+        if sharding.num_heads % tp:
+            raise QuarkMoEError(
+                f"mesh: num_attention_heads = {sharding.num_heads} does not split over tensor = {tp} shards"
+            )
+        if config.mla is None and kv % tp and tp % kv:  # latent attention caches no per-head keys
+            raise QuarkMoEError(
+                f"mesh: num_key_value_heads = {kv} neither divides by nor divides tensor = {tp} (vLLM's rule)"
+            )
+        if sharding.padded_vocab % tp:
+            raise QuarkMoEError(
+                f"mesh: the vocabulary padded to {sharding.padded_vocab} rows does not split over tensor = {tp}"
+            )
+        return sharding
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.moe.mesh
+
+    @property
+    def tp(self) -> int:
+        return self.moe.tp
+
+    @property
+    def dense(self) -> MoESharding:
+        """A dense MLP's (or shared expert's) sharding: tensor-parallel, the expert axis acting as data."""
+        return self.moe.for_shared_experts()
+
+    @property
+    def padded_vocab(self) -> int:
+        return round_up(self.vocab_size, VOCAB_PADDING) if self.tp > 1 else self.vocab_size
+
+    @property
+    def kv_heads_split(self) -> bool:
+        return self.tp > 1 and self.num_kv_heads % self.tp == 0
+
+    def _tensor(self, split: bool):
+        return self.moe.tensor_axis if split and self.tp > 1 else None
+
+    def named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    # -- parameters ---------------------------------------------------------------------------------
+
+    def place_linear(self, weight, split: str):
+        """A Linear weight ``[N, K]`` (a float array or a :class:`QArray`) on the mesh, split as ``split``
+        (:data:`COLUMN`, :data:`ROW`, :data:`REPLICATED`). A dimension that does not divide into whole shards
+        (for MX codes: whole 32-element scale blocks) stays whole; per-tensor scales, and the per-output-channel
+        scales of a row split, are replicated."""
+        if not isinstance(weight, QArray):
+            return self.place(weight, self.matrix_spec(weight.shape, split, block=1))
+        block = MX_BLOCK_SIZE if weight.scales is not None and weight.scales.ndim == weight.values.ndim else 1
+        k = weight.values.shape[-1] if block == 1 else weight.scales.shape[-1] * block
+        spec = self.matrix_spec((weight.values.shape[0], k), split, block)
+
+        def place_leaf(leaf):
+            if leaf.ndim == 0 or (leaf.ndim == 1 and split == ROW):
+                return self.place(leaf, P())
+            return self.place(leaf, P(*spec[: leaf.ndim]))
+
+        return jax.tree.map(place_leaf, weight)
+
+    def matrix_spec(self, shape: tuple[int, ...], split: str, block: int = 1) -> P:
+        """The spec of a matrix ``[N, K]`` split as ``split`` where its dimension divides into whole shards
+        (of ``block``-element groups along ``K``), else replicated."""
+        n, k = shape[0], shape[-1]
+        if split == COLUMN and n % self.tp == 0:
+            return P(self._tensor(True), None)
+        if split == ROW and k % (self.tp * block) == 0:
+            return P(None, self._tensor(True))
+        return P(None, None)
+
+    def vector_spec(self, length: int, split: bool) -> P:
+        """A per-head or per-output vector (biases, gpt-oss's sinks) split with its rows."""
+        return P(self._tensor(split and length % self.tp == 0))
+
+    def vocab_spec(self) -> P:
+        """Embedding / LM-head rows ``[padded_vocab, H]``."""
+        return P(self._tensor(True), None)
+
+    def place(self, value, spec: P) -> jax.Array:
+        """``value`` on the mesh as ``spec`` says."""
+        return jax.device_put(value, self.named(spec))
+
+    def from_view(self, view: np.ndarray, spec: P, dtype, rows: int | None = None) -> jax.Array:
+        """A global array read shard by shard from ``view`` (a memory-mapped checkpoint tensor): each device's
+        block is sliced from the view and converted alone, so no whole copy of the tensor exists on the host.
+        ``rows``: the array's first dimension when larger than the view's (zero rows appended: the padded
+        vocabulary)."""
+        shape = (rows if rows is not None else view.shape[0], *view.shape[1:])
+        dtype = jnp.dtype(dtype)
+
+        def block(index):
+            start, stop, _ = index[0].indices(shape[0])
+            rest = [len(range(*i.indices(n))) for i, n in zip(index[1:], shape[1:], strict=True)]
+            part = np.zeros((stop - start, *rest), dtype)
+            present = max(0, min(stop, view.shape[0]) - start)
+            if present:
+                part[:present] = np.asarray(view[(slice(start, start + present), *index[1:])]).astype(dtype)
+            return part
+
+        return jax.make_array_from_callback(shape, self.named(spec), block)
+
+    # -- KV cache -----------------------------------------------------------------------------------
+
+    @property
+    def cache_share(self) -> float:
+        """The fraction of a cache's bytes each device holds (``1 / tp`` where key / value heads split)."""
+        return 1 / self.tp if self.kv_heads_split else 1.0
+
+    def cache_spec(self, name: str, ndim: int) -> P:
+        """A cache entry ``[B or blocks, S or block_size, heads, dim]`` (``k`` / ``v``) split over key / value
+        heads where those are split; latent entries ``[.., .., dim]`` replicated."""
+        if name in ("k", "v") and ndim == 4 and self.kv_heads_split:
+            return P(None, None, self.moe.tensor_axis, None)
+        return P(*([None] * ndim))
+
+    def allocate_cache(self, shapes: list[dict[str, jax.ShapeDtypeStruct]]) -> list[dict[str, jax.Array]]:
+        """Zero cache arrays of ``shapes``, each created split on the devices (never whole on one)."""
+        shardings = [{n: self.named(self.cache_spec(n, s.ndim)) for n, s in entry.items()} for entry in shapes]
+        make = jax.jit(
+            lambda: [{n: jnp.zeros(s.shape, s.dtype) for n, s in entry.items()} for entry in shapes],
+            out_shardings=shardings,
+        )
+        return make()
