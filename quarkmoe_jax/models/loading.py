@@ -89,7 +89,7 @@ def from_pretrained(
         embed = tensors.embedding("model.embed_tokens.weight", (v, h))
         lm_head = None
         if not config.tie_word_embeddings:
-            lm_head = tensors.linear("lm_head", v, h, COLUMN, vocabulary=True)
+            lm_head = tensors.linear("lm_head", v, h, COLUMN, rows=None if sharding is None else sharding.padded_vocab)
         layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}"
@@ -165,11 +165,11 @@ def _attention(tensors: _Tensors, config: DecoderConfig, layer: int, prefix: str
         projections["o_proj"] = tensors.linear(f"{prefix}.o_proj", h, heads * mla.v_head_dim, ROW)
         return LatentAttention(config, projections, norms)
     d, kv = config.head_dim, config.num_kv_heads
-    kv_split = COLUMN if tensors.sharding is None or tensors.sharding.kv_heads_split else REPLICATED
+    kv_rows = None if tensors.sharding is None else tensors.sharding.kv_head_rows(d)  # heads repeated to tp
     projections = {
         "q_proj": tensors.linear(f"{prefix}.q_proj", heads * d, h, COLUMN),
-        "k_proj": tensors.linear(f"{prefix}.k_proj", kv * d, h, kv_split),
-        "v_proj": tensors.linear(f"{prefix}.v_proj", kv * d, h, kv_split),
+        "k_proj": tensors.linear(f"{prefix}.k_proj", kv * d, h, COLUMN, rows=kv_rows),
+        "v_proj": tensors.linear(f"{prefix}.v_proj", kv * d, h, COLUMN, rows=kv_rows),
         "o_proj": tensors.linear(f"{prefix}.o_proj", h, heads * d, ROW),
     }
     norms = None
@@ -204,13 +204,15 @@ class _Tensors:
 
     def float(self, name: str, shape: tuple[int, ...], dtype=None, *, split: bool = False, spec=None, rows=None):
         """A float tensor in ``dtype`` (default float32): a host array, or on the mesh split by ``spec`` (a
-        vector ``split`` with its rows; default replicated), ``rows`` zero-padded rows."""
+        vector ``split`` with its rows; default replicated), ``rows`` as :meth:`ModelSharding.from_view` takes
+        it (zero-padded rows, or the checkpoint row of each row)."""
         self._check_float(name, shape)
         dtype = dtype or np.float32
         if self.sharding is None:
             return np.asarray(self.reader[name].astype(np.float32), dtype)
         if spec is None:
-            spec = self.sharding.vector_spec(shape[0], split) if split else P()
+            length = shape[0] if rows is None else (rows if np.ndim(rows) == 0 else len(rows))
+            spec = self.sharding.vector_spec(length, split) if split else P()
         return self.sharding.from_view(self.reader.view(name), spec, dtype, rows)
 
     def embedding(self, name: str, shape: tuple[int, int]):
@@ -222,21 +224,23 @@ class _Tensors:
     def norm(self, name: str, dim: int, config: DecoderConfig) -> RMSNorm:
         return RMSNorm(self.float(name, (dim,)), config.rms_norm_eps)
 
-    def linear(self, name: str, out_features: int, in_features: int, split: str, vocabulary: bool = False) -> Linear:
+    def linear(self, name: str, out_features: int, in_features: int, split: str, rows=None) -> Linear:
         """``<name>.weight`` (+ ``.bias`` if present; + scales when the Quark config quantizes it); on a mesh
-        split as ``split`` (:data:`COLUMN`, :data:`ROW`, :data:`REPLICATED`). ``vocabulary``: the LM head,
-        whose float rows are padded to the mesh's padded vocabulary."""
+        split as ``split`` (:data:`COLUMN`, :data:`ROW`, :data:`REPLICATED`), its output rows as ``rows`` says
+        (a mesh only: an int pads float rows with zeros, the padded vocabulary of the LM head; an index array
+        picks the checkpoint row of each row, the repeated key / value heads)."""
         bias = None
+        picked = rows if rows is not None and np.ndim(rows) == 1 else None
         if f"{name}.bias" in self.reader:
-            bias = self.float(f"{name}.bias", (out_features,), split=split == COLUMN)
+            bias = self.float(f"{name}.bias", (out_features,), split=split == COLUMN, rows=picked)
         layer_config = self.quark.resolve(name, "Linear", child_names=[name]) if self.quark else None
         if layer_config is None or layer_config.weight is None:
             shape = (out_features, in_features)
             if self.sharding is None:
                 weight = jnp.asarray(self.float(f"{name}.weight", shape), self.dtype)
             else:
-                rows = self.sharding.padded_vocab if vocabulary else None
-                spec = self.sharding.matrix_spec((rows or out_features, in_features), split)
+                length = out_features if rows is None else (rows if np.ndim(rows) == 0 else len(rows))
+                spec = self.sharding.matrix_spec((length, in_features), split)
                 weight = self.float(f"{name}.weight", shape, self.dtype, spec=spec, rows=rows)
             return Linear(weight, bias=bias)
         method = LinearMethod(get_moe_scheme(layer_config, self.semantics, layer=name), out_features, in_features)
@@ -248,6 +252,8 @@ class _Tensors:
         params = self._through_scheme(name, method)
         weight, input_scale = params["weight"], params["input_scale"]
         if self.sharding is not None:  # one tensor whole on the host at a time (the scheme's checks need it)
+            if picked is not None:  # repeated heads: every per-row leaf (codes, row scales) takes the same rows
+                weight = jax.tree.map(lambda a: a[picked] if a.ndim and a.shape[0] == out_features else a, weight)
             weight = self.sharding.place_linear(weight, split)
             if input_scale is not None:
                 input_scale = self.sharding.place(jnp.asarray(input_scale, jnp.float32), P())

@@ -59,7 +59,9 @@ class Attention(nnx.Module):
         norms = norms or {}
         self.q_norm, self.k_norm = norms.get("q_norm"), norms.get("k_norm")
         self.sinks = None if sinks is None else nnx.Param(jnp.asarray(sinks, jnp.float32))
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        # the heads k_proj holds: the config's, or on a mesh with fewer heads than tensor shards each repeated
+        self.num_kv_heads = self.k_proj.out_features // self.head_dim
         self.scale = config.attention_scale
         self.window = config.sliding_windows[layer]
         self.pairs = config.rope.pairs

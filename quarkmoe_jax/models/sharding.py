@@ -6,13 +6,14 @@ rest of the model follows vLLM's tensor parallelism over the ``tensor`` axis, re
 (what ``quarkmoe plan`` counts):
 
 * attention: query heads split (``q_proj`` / ``q_b_proj`` / ``kv_b_proj`` rows, ``o_proj`` columns, gpt-oss's
-  sinks); key / value heads split where their count divides by ``tp``, else replicated (vLLM's
-  ``QKVParallelLinear`` replicates each KV head once there are fewer than the shards); DeepSeek's ``q_a_proj``,
-  ``kv_a_proj_with_mqa``, the norms and the latent cache replicated (vLLM's MLA);
+  sinks); key / value heads split, and where there are fewer than ``tp`` each is repeated ``tp / kv`` times at
+  load so that every shard holds the one its query heads read (vLLM's ``QKVParallelLinear``); DeepSeek's
+  ``q_a_proj``, ``kv_a_proj_with_mqa``, the norms and the latent cache replicated (vLLM's MLA);
 * dense MLPs: tensor-parallel as a shared expert (:meth:`MoESharding.for_shared_experts`);
 * embeddings and LM head: vocabulary rows split, the vocabulary padded to a multiple of 64 as vLLM's
   ``VocabParallelEmbedding`` pads it (the padding's logits are dropped);
-* the KV cache: split over key / value heads where they are split, else replicated.
+* the KV cache: split over key / value heads (one per shard where they were repeated); the latent cache
+  replicated.
 
 Only the parameters' and the cache's placement is chosen here; the forward is the single-device program,
 compiled by ``jit`` for the whole mesh (XLA's SPMD partitioner inserts the all-reduce after ``o_proj`` and the
@@ -99,8 +100,16 @@ class ModelSharding:
         return round_up(self.vocab_size, VOCAB_PADDING) if self.tp > 1 else self.vocab_size
 
     @property
-    def kv_heads_split(self) -> bool:
-        return self.tp > 1 and self.num_kv_heads % self.tp == 0
+    def kv_repeats(self) -> int:
+        """How many times each key / value head is stored: ``tp / kv`` where there are fewer heads than tensor
+        shards (each shard then holds one), else 1."""
+        return max(1, self.tp // self.num_kv_heads)
+
+    def kv_head_rows(self, head_dim: int) -> np.ndarray:
+        """The checkpoint rows of ``k_proj`` / ``v_proj`` (``[kv * head_dim, H]``) each stored row reads: head
+        ``j`` of the ``kv * kv_repeats`` stored heads is checkpoint head ``j // kv_repeats``."""
+        heads = np.repeat(np.arange(self.num_kv_heads), self.kv_repeats)
+        return (heads[:, None] * head_dim + np.arange(head_dim)).reshape(-1)
 
     def _tensor(self, split: bool):
         return self.moe.tensor_axis if split and self.tp > 1 else None
@@ -150,36 +159,40 @@ class ModelSharding:
         """``value`` on the mesh as ``spec`` says."""
         return jax.device_put(value, self.named(spec))
 
-    def from_view(self, view: np.ndarray, spec: P, dtype, rows: int | None = None) -> jax.Array:
+    def from_view(self, view: np.ndarray, spec: P, dtype, rows: int | np.ndarray | None = None) -> jax.Array:
         """A global array read shard by shard from ``view`` (a memory-mapped checkpoint tensor): each device's
         block is sliced from the view and converted alone, so no whole copy of the tensor exists on the host.
         ``rows``: the array's first dimension when larger than the view's (zero rows appended: the padded
-        vocabulary)."""
-        shape = (rows if rows is not None else view.shape[0], *view.shape[1:])
+        vocabulary), or the view's row each row reads (repeated key / value heads)."""
+        row_map = np.arange(view.shape[0]) if rows is None or np.ndim(rows) == 0 else np.asarray(rows)
+        length = rows if rows is not None and np.ndim(rows) == 0 else len(row_map)
+        shape = (int(length), *view.shape[1:])
         dtype = jnp.dtype(dtype)
 
         def block(index):
             start, stop, _ = index[0].indices(shape[0])
             rest = [len(range(*i.indices(n))) for i, n in zip(index[1:], shape[1:], strict=True)]
             part = np.zeros((stop - start, *rest), dtype)
-            present = max(0, min(stop, view.shape[0]) - start)
-            if present:
-                part[:present] = np.asarray(view[(slice(start, start + present), *index[1:])]).astype(dtype)
+            source = row_map[start : min(stop, len(row_map))]
+            if source.size:
+                first, contiguous = int(source[0]), bool(np.all(np.diff(source) == 1))
+                picked = slice(first, first + source.size) if contiguous else source  # a slice reads a range
+                part[: source.size] = np.asarray(view[(picked, *index[1:])]).astype(dtype)
             return part
 
         return jax.make_array_from_callback(shape, self.named(spec), block)
 
     # -- KV cache -----------------------------------------------------------------------------------
 
-    @property
-    def cache_share(self) -> float:
-        """The fraction of a cache's bytes each device holds (``1 / tp`` where key / value heads split)."""
-        return 1 / self.tp if self.kv_heads_split else 1.0
+    def cache_share(self, latent: bool) -> float:
+        """The fraction of the model's one-device cache bytes each device holds: ``max(1, kv / tp) / kv`` of
+        the key / value heads; the whole latent cache."""
+        return 1.0 if latent else max(1, self.num_kv_heads // self.tp) / self.num_kv_heads
 
     def cache_spec(self, name: str, ndim: int) -> P:
         """A cache entry ``[B or blocks, S or block_size, heads, dim]`` (``k`` / ``v``) split over key / value
-        heads where those are split; latent entries ``[.., .., dim]`` replicated."""
-        if name in ("k", "v") and ndim == 4 and self.kv_heads_split:
+        heads; latent entries ``[.., .., dim]`` replicated."""
+        if name in ("k", "v") and ndim == 4 and self.tp > 1:
             return P(None, None, self.moe.tensor_axis, None)
         return P(*([None] * ndim))
 

@@ -158,7 +158,7 @@ class Engine:
         wanted = self.max_num_seqs * self.blocks_per_request
         per_block = inputs.cache_bytes(self.config, 1, self.block_size, self.model.dtype)
         if self.model.sharding is not None:  # one device's share of a block, beside its share of the weights
-            per_block *= self.model.sharding.cache_share
+            per_block *= self.model.sharding.cache_share(latent=self.config.mla is not None)
         memory = inputs.device_memory()
         if memory is None:
             free = math.inf

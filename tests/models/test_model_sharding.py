@@ -113,8 +113,8 @@ def test_a_model_over_the_mesh_equals_one_device(checkpoints, arch, layout, sche
 @needs_8
 def test_the_engine_over_the_mesh_serves_what_one_device_serves(checkpoints):
     """Continuous batching with chunked prefill over EP 2 x TP 4: the model's 2 key / value heads are fewer than
-    the tensor shards, so each is replicated and every device's paged cache holds both (TP 2 splits them: the
-    model test's 1 x 4 x 2 layout)."""
+    the tensor shards, so each is stored twice and every device's paged cache holds the one head its query
+    heads read (vLLM's layout; TP 2 splits them as they are: the model test's 1 x 4 x 2 layout)."""
     path = checkpoints("qwen2_moe")
     one = from_pretrained(path, dtype=jnp.float32, max_model_len=64)
     many = from_pretrained(path, dtype=jnp.float32, max_model_len=64, mesh=_mesh("1x2x4"))
@@ -126,8 +126,8 @@ def test_the_engine_over_the_mesh_serves_what_one_device_serves(checkpoints):
     assert engine.attention_backend == "xla"
     want = generate(one, prompts, params, engine=Engine(one, **settings))
     assert generate(many, prompts, params, engine=engine) == want
-    k = engine.cache[0]["k"]  # [blocks, block_size, kv heads = 2, D]
-    assert k.shape[2] == 2 and k.addressable_shards[0].data.shape[2] == 2 and len(k.sharding.device_set) == 8
+    k = engine.cache[0]["k"]  # [blocks, block_size, 2 heads x 2 copies, D]
+    assert k.shape[2] == 4 and k.addressable_shards[0].data.shape[2] == 1 and len(k.sharding.device_set) == 8
     with pytest.raises(InputError, match="does not run on a mesh"):
         Engine(many, attention_backend="pallas", **settings)
 
