@@ -338,7 +338,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for ids in prompts
     ]
     model = from_pretrained(
-        args.checkpoint, semantics=args.semantics, dtype=dtype, backend=args.backend, max_model_len=args.max_model_len
+        args.checkpoint,
+        semantics=args.semantics,
+        dtype=dtype,
+        backend=args.backend,
+        max_model_len=args.max_model_len,
+        mesh=mesh_of(args.mesh),
     )
     engine = Engine(model, max_num_seqs=min(len(prompts), 16))
     print(engine.summary(), file=sys.stderr)
@@ -694,7 +699,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tokenizer_config = read_tokenizer_config(args.checkpoint)
     dtype = jnp.dtype(config.dtype if args.dtype == "auto" else args.dtype)
     model = from_pretrained(
-        args.checkpoint, semantics=args.semantics, dtype=dtype, backend=args.backend, max_model_len=args.max_model_len
+        args.checkpoint,
+        semantics=args.semantics,
+        dtype=dtype,
+        backend=args.backend,
+        max_model_len=args.max_model_len,
+        mesh=mesh_of(args.mesh),
     )
     engine = Engine(
         model,
@@ -878,6 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: config's")
     generate.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="MoE kernel backend")
     generate.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
+    generate.add_argument("--mesh", metavar="DxExT", help=MESH_HELP)
     generate.set_defaults(func=cmd_generate)
 
     serve = command("serve", "an OpenAI-compatible HTTP server on the engine (the serve extra)")
@@ -892,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-memory-fraction", type=float, default=0.9, help="share of GPU memory for weights + KV cache"
     )
     serve.add_argument("--shutdown-timeout", type=float, default=60.0, help="seconds SIGTERM waits for streams")
+    serve.add_argument("--mesh", metavar="DxExT", help=MESH_HELP)
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="auto: config's")
     serve.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="MoE kernel backend")
     serve.add_argument("--semantics", choices=SEMANTICS, default=DEFAULT_SEMANTICS, help="numerics to load with")
@@ -934,6 +946,27 @@ def _exit_on_sigterm():
 EXIT_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)  # 141 (POSIX; Windows has no SIGPIPE)
 """The exit status when whoever reads the output stops early (``quarkmoe inspect --json | head``): what a shell
 reports for a program that SIGPIPE ended, so ``set -o pipefail`` still tells a cut output from a whole one."""
+
+
+MESH_HELP = (
+    "split the model over data x expert x tensor devices (e.g. 1x4x2: experts over 4, attention heads and I over "
+    "2; docs/distributed.md); default: one device"
+)
+
+
+def mesh_of(text: str | None):
+    """``--mesh DxExT`` -> a :func:`~quarkmoe_jax.moe.sharding.moe_mesh` (None: one device)."""
+    if text is None:
+        return None
+    from quarkmoe_jax.moe.sharding import moe_mesh
+
+    parts = text.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"--mesh {text!r}: expected DATAxEXPERTxTENSOR, three positive integers such as 1x4x2")
+    data, expert, tensor = map(int, parts)
+    if data * expert * tensor > len(jax.devices()):
+        raise ValueError(f"--mesh {text}: needs {data * expert * tensor} devices, {len(jax.devices())} are visible")
+    return moe_mesh(data=data, expert=expert, tensor=tensor)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -310,3 +310,14 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(checkpoint):
     assert result.returncode == 128 + signal.SIGPIPE, result.stderr
     assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr, result.stderr
     assert "BrokenPipeError" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "mesh, message",
+    [("1x4", "expected DATAxEXPERTxTENSOR"), ("0x1x1", "expected DATAxEXPERTxTENSOR"), ("64x1x1", "needs 64 devices")],
+)
+def test_a_mesh_that_cannot_be_made_is_one_error_line(checkpoint, capsys, mesh, message):
+    for command in ("generate", "serve"):
+        extra = ["--prompt-ids", "1,2", "--max-new-tokens", "2"] if command == "generate" else []
+        assert cli.main([command, str(checkpoint / "f"), *extra, "--mesh", mesh]) != 0
+        assert message in one_error_line(capsys, command)

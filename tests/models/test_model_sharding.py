@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from quarkmoe_jax import cli
 from quarkmoe_jax.checkpoint import safetensors_io
 from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
@@ -187,3 +188,13 @@ def test_two_processes_hold_one_mesh_as_two_hosts_would(checkpoints, tmp_path):
         got = np.load(f"{out}_{i}.npz")
         np.testing.assert_allclose(got["logits"], want, rtol=0, atol=2e-6 * np.abs(want).max())
         np.testing.assert_array_equal(got["tokens"], one.generate(ids, 4))
+
+
+@needs_8
+def test_quarkmoe_generate_runs_over_a_mesh(checkpoints, capsys):
+    args = ["generate", str(checkpoints("mixtral")), "--prompt-ids", "3,1,4,1,5", "--max-new-tokens", "4"]
+    args += ["--dtype", "float32"]
+    assert cli.main(args) == 0
+    alone = [line for line in capsys.readouterr().out.splitlines() if "new ids" in line]
+    assert cli.main([*args, "--mesh", "1x4x2"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "new ids" in line] == alone != []
