@@ -118,8 +118,9 @@ def _normal(key, shape, std=0.02, dtype=jnp.bfloat16):
     return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
-def build_model(config: DecoderConfig, scheme: str, seed: int = 0) -> QuarkMoEForCausalLM:
-    """A random bf16 model of ``config`` whose experts are in ``scheme``'s format, laid out for the kernels."""
+def build_model(config: DecoderConfig, scheme: str, seed: int = 0, prepare: bool = True) -> QuarkMoEForCausalLM:
+    """A random bf16 model of ``config`` whose experts are in ``scheme``'s format, laid out for the kernels on a
+    GPU (``prepare``; False: Quark's layout, as :meth:`QuarkMoEForCausalLM.shard` takes them)."""
     keys = iter(jax.random.split(jax.random.key(seed), 16 * config.num_layers + 4))
     h, heads, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     arch = config.moe
@@ -147,7 +148,7 @@ def build_model(config: DecoderConfig, scheme: str, seed: int = 0) -> QuarkMoEFo
             params["w13_bias"] = _normal(next(keys), (arch.num_experts, 2 * arch.intermediate_size), 0.1, jnp.float32)
             params["w2_bias"] = _normal(next(keys), (arch.num_experts, h), 0.1, jnp.float32)
         experts = QuarkMoE(quant, shape, params, activation=arch.activation, swiglu_limit=arch.swiglu_limit)
-        if jax.default_backend() == "gpu":
+        if prepare and jax.default_backend() == "gpu":
             experts.prepare_for_kernels()
         router = _normal(next(keys), (arch.num_experts, h), 0.05, jnp.float32)
         router_bias = _normal(next(keys), (arch.num_experts,), 0.1, jnp.float32) if gpt_oss else None

@@ -30,6 +30,10 @@ Per shape (``model_bench.HF_SHAPES``, **every** decoder layer built) and expert 
 TTFT is the time from submission to a request's first token; TPOT its time from first to last token over its
 other tokens. Greedy sampling throughout.
 
+``--mesh DxExT`` splits each model over that many devices (``QuarkMoEForCausalLM.shard``: the layout
+``from_pretrained(path, mesh=...)`` loads; built on one device first, so the model must fit one device); the
+memory floor then counts the devices' summed bandwidth.
+
 ``--url URL`` runs only the client against a server already running there (any ``quarkmoe serve``, or
 another OpenAI-compatible server): the same workload, prompts of random token ids below ``--vocab``.
 """
@@ -57,6 +61,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from model_bench import HF_SHAPES, _param_bytes, build_model  # noqa: E402
 from moe_bench import copy_tbps  # noqa: E402
 
+from quarkmoe_jax.cli import mesh_of  # noqa: E402
 from quarkmoe_jax.models import DecoderConfig  # noqa: E402
 from quarkmoe_jax.models.inputs import cache_bytes  # noqa: E402
 from quarkmoe_jax.serving import Engine, SamplingParams  # noqa: E402
@@ -66,7 +71,8 @@ LENGTHS = pathlib.Path(__file__).resolve().parent / "data" / "sharegpt_like_leng
 
 
 def _device_bytes() -> int:
-    return (jax.devices()[0].memory_stats() or {}).get("bytes_in_use", 0)
+    """Bytes in use on every local device together."""
+    return sum((d.memory_stats() or {}).get("bytes_in_use", 0) for d in jax.local_devices())
 
 
 def _compiled() -> int:
@@ -128,7 +134,8 @@ def decode_phase(engine: Engine, batch: int, context: int, repeats: int, bandwid
     assert engine.num_preemptions == preemptions, "the decode phase preempted requests"
     step = statistics.median(samples)
     reached = context + statistics.mean(made.values()) + warm + repeats // 2
-    floor = floor_bytes(engine.model, batch, round(reached)) / (bandwidth * 1e12)
+    devices = 1 if engine.model.sharding is None else engine.model.sharding.mesh.size
+    floor = floor_bytes(engine.model, batch, round(reached)) / (bandwidth * 1e12 * devices)
     return {
         "batch": batch,
         "context": context,
@@ -308,9 +315,17 @@ def bench(shape: str, scheme: str, args, bandwidth: float, save=lambda result: N
     layers = args.layers or full_layers
     config = DecoderConfig.from_hf_config({**hf, "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
     before = _device_bytes()
-    model = build_model(config, scheme)
+    if args.mesh:  # built on one device in Quark's layout, then split as from_pretrained(mesh=) loads it
+        model = build_model(config, scheme, prepare=False).shard(mesh_of(args.mesh))
+        if jax.default_backend() == "gpu":
+            for layer in model.layers:
+                experts = getattr(layer.mlp, "experts", None)
+                if experts is not None:
+                    experts.prepare_for_kernels()
+    else:
+        model = build_model(config, scheme)
     jax.block_until_ready(nnx.state(model))
-    result = {"shape": shape, "scheme": scheme, "layers": layers, "full_layers": full_layers}
+    result = {"shape": shape, "scheme": scheme, "layers": layers, "full_layers": full_layers, "mesh": args.mesh}
     result["param_bytes"] = _param_bytes(model)
     result["load_device_bytes"] = _device_bytes() - before
     result["load_over_packed"] = result["load_device_bytes"] / result["param_bytes"]  # 0 where no stats (CPU)
@@ -392,6 +407,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-model-len", type=int, default=2048 + 64)
     parser.add_argument("--memory-fraction", type=float, default=0.9)
     parser.add_argument("--attention", default="auto", help="the engine's attention backend")
+    parser.add_argument(
+        "--mesh",
+        metavar="DxExT",
+        help="split each model over data x expert x tensor devices (the floor then counts their summed bandwidth)",
+    )
     parser.add_argument("--copy-tbps", type=float, help="use this copy bandwidth instead of measuring it")
     parser.add_argument("--http", action="store_true", help="also serve the workloads over HTTP (the serve extra)")
     parser.add_argument("--url", help="only send the workloads to the server at this URL")

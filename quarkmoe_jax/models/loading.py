@@ -27,7 +27,7 @@ from quarkmoe_jax.models.decoder_config import MODEL_DTYPES, DecoderConfig
 from quarkmoe_jax.models.inputs import positive_int
 from quarkmoe_jax.models.layers import Linear, RMSNorm
 from quarkmoe_jax.models.model import Attention, DecoderLayer, LatentAttention, QuarkMoEForCausalLM
-from quarkmoe_jax.models.sharding import COLUMN, REPLICATED, ROW, ModelSharding
+from quarkmoe_jax.models.sharding import COLUMN, LINEAR_SPLITS, ModelSharding
 from quarkmoe_jax.moe.op import BACKENDS
 from quarkmoe_jax.moe.sharding import MoESharding
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
@@ -89,7 +89,7 @@ def from_pretrained(
         embed = tensors.embedding("model.embed_tokens.weight", (v, h))
         lm_head = None
         if not config.tie_word_embeddings:
-            lm_head = tensors.linear("lm_head", v, h, COLUMN, rows=None if sharding is None else sharding.padded_vocab)
+            lm_head = tensors.linear("lm_head", v, h, rows=None if sharding is None else sharding.padded_vocab)
         layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}"
@@ -129,7 +129,7 @@ def from_pretrained(
         elif jax.default_backend() == "gpu":
             mlp.prepare_for_kernels(backend)
         decoder_layers.append(DecoderLayer(norm1, attn, norm2, mlp))
-    return QuarkMoEForCausalLM(
+    model = QuarkMoEForCausalLM(
         config,
         embed,
         decoder_layers,
@@ -140,6 +140,9 @@ def from_pretrained(
         max_model_len=max_model_len,
         sharding=sharding,
     )
+    if sharding is not None:
+        sharding.replicate_rest(model)  # the routers the block loader read whole
+    return model
 
 
 def _attention(tensors: _Tensors, config: DecoderConfig, layer: int, prefix: str):
@@ -148,29 +151,27 @@ def _attention(tensors: _Tensors, config: DecoderConfig, layer: int, prefix: str
         mla = config.mla
         projections, norms = {}, {}
         if mla.q_lora_rank is None:
-            projections["q_proj"] = tensors.linear(f"{prefix}.q_proj", heads * mla.qk_head_dim, h, COLUMN)
+            projections["q_proj"] = tensors.linear(f"{prefix}.q_proj", heads * mla.qk_head_dim, h)
         else:
-            projections["q_a_proj"] = tensors.linear(f"{prefix}.q_a_proj", mla.q_lora_rank, h, REPLICATED)
+            projections["q_a_proj"] = tensors.linear(f"{prefix}.q_a_proj", mla.q_lora_rank, h)
             norms["q_a_layernorm"] = tensors.norm(f"{prefix}.q_a_layernorm.weight", mla.q_lora_rank, config)
-            projections["q_b_proj"] = tensors.linear(
-                f"{prefix}.q_b_proj", heads * mla.qk_head_dim, mla.q_lora_rank, COLUMN
-            )
+            projections["q_b_proj"] = tensors.linear(f"{prefix}.q_b_proj", heads * mla.qk_head_dim, mla.q_lora_rank)
         projections["kv_a_proj_with_mqa"] = tensors.linear(
-            f"{prefix}.kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim, h, REPLICATED
+            f"{prefix}.kv_a_proj_with_mqa", mla.kv_lora_rank + mla.qk_rope_head_dim, h
         )
         norms["kv_a_layernorm"] = tensors.norm(f"{prefix}.kv_a_layernorm.weight", mla.kv_lora_rank, config)
         projections["kv_b_proj"] = tensors.linear(
-            f"{prefix}.kv_b_proj", heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank, COLUMN
+            f"{prefix}.kv_b_proj", heads * (mla.qk_nope_head_dim + mla.v_head_dim), mla.kv_lora_rank
         )
-        projections["o_proj"] = tensors.linear(f"{prefix}.o_proj", h, heads * mla.v_head_dim, ROW)
+        projections["o_proj"] = tensors.linear(f"{prefix}.o_proj", h, heads * mla.v_head_dim)
         return LatentAttention(config, projections, norms)
     d, kv = config.head_dim, config.num_kv_heads
     kv_rows = None if tensors.sharding is None else tensors.sharding.kv_head_rows(d)  # heads repeated to tp
     projections = {
-        "q_proj": tensors.linear(f"{prefix}.q_proj", heads * d, h, COLUMN),
-        "k_proj": tensors.linear(f"{prefix}.k_proj", kv * d, h, COLUMN, rows=kv_rows),
-        "v_proj": tensors.linear(f"{prefix}.v_proj", kv * d, h, COLUMN, rows=kv_rows),
-        "o_proj": tensors.linear(f"{prefix}.o_proj", h, heads * d, ROW),
+        "q_proj": tensors.linear(f"{prefix}.q_proj", heads * d, h),
+        "k_proj": tensors.linear(f"{prefix}.k_proj", kv * d, h, rows=kv_rows),
+        "v_proj": tensors.linear(f"{prefix}.v_proj", kv * d, h, rows=kv_rows),
+        "o_proj": tensors.linear(f"{prefix}.o_proj", h, heads * d),
     }
     norms = None
     if config.qk_norm:
@@ -224,12 +225,13 @@ class _Tensors:
     def norm(self, name: str, dim: int, config: DecoderConfig) -> RMSNorm:
         return RMSNorm(self.float(name, (dim,)), config.rms_norm_eps)
 
-    def linear(self, name: str, out_features: int, in_features: int, split: str, rows=None) -> Linear:
+    def linear(self, name: str, out_features: int, in_features: int, rows=None) -> Linear:
         """``<name>.weight`` (+ ``.bias`` if present; + scales when the Quark config quantizes it); on a mesh
-        split as ``split`` (:data:`COLUMN`, :data:`ROW`, :data:`REPLICATED`), its output rows as ``rows`` says
+        split as :data:`LINEAR_SPLITS` says for its last name component, its output rows as ``rows`` says
         (a mesh only: an int pads float rows with zeros, the padded vocabulary of the LM head; an index array
         picks the checkpoint row of each row, the repeated key / value heads)."""
         bias = None
+        split = LINEAR_SPLITS[name.rsplit(".", 1)[-1]]
         picked = rows if rows is not None and np.ndim(rows) == 1 else None
         if f"{name}.bias" in self.reader:
             bias = self.float(f"{name}.bias", (out_features,), split=split == COLUMN, rows=picked)

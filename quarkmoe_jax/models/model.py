@@ -283,6 +283,12 @@ class QuarkMoEForCausalLM(nnx.Module):
                 new_cache.append(entry)
         return self.norm(x), new_cache
 
+    def shard(self, mesh) -> QuarkMoEForCausalLM:
+        """Move this one-device model onto ``mesh`` (a :func:`~quarkmoe_jax.moe.sharding.moe_mesh`, or an
+        :class:`~quarkmoe_jax.moe.sharding.MoESharding`), in place, split as ``from_pretrained(path, mesh=...)``
+        loads it (:meth:`ModelSharding.shard_model`: experts still in Quark's layout); returns it."""
+        return ModelSharding.of(mesh, self.config).shard_model(self)
+
     def init_paged_cache(self, num_blocks: int, block_size: int, dtype=None) -> list[dict[str, jax.Array]]:
         """An empty paged KV cache (:mod:`~quarkmoe_jax.models.paged`): per layer ``{name: [num_blocks,
         block_size, ...]}``, the contiguous cache's entries with blocks for sequences (``dtype``: the model's)."""

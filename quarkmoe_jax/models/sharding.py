@@ -27,6 +27,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,14 +36,30 @@ from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, round_up
 from quarkmoe_jax.models.decoder_config import DecoderConfig
 from quarkmoe_jax.moe.sharding import MoESharding
+from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 
-__all__ = ["ModelSharding", "VOCAB_PADDING", "COLUMN", "ROW", "REPLICATED"]
+__all__ = ["ModelSharding", "VOCAB_PADDING", "COLUMN", "ROW", "REPLICATED", "LINEAR_SPLITS", "KV_PROJECTIONS"]
 
 VOCAB_PADDING = 64
 """The vocabulary is padded to a multiple of this before its rows are split (vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``)."""
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 """How a Linear's weight ``[N, K]`` is split: output rows (``N``), input columns (``K``), or not at all."""
+
+LINEAR_SPLITS = {
+    "q_proj": COLUMN,
+    "k_proj": COLUMN,  # key / value heads: repeated to ``tp`` first where fewer (ModelSharding.kv_head_rows)
+    "v_proj": COLUMN,
+    "o_proj": ROW,
+    "q_a_proj": REPLICATED,
+    "q_b_proj": COLUMN,
+    "kv_a_proj_with_mqa": REPLICATED,
+    "kv_b_proj": COLUMN,
+    "lm_head": COLUMN,  # the padded vocabulary's rows
+}
+"""How each Linear of the model splits over the tensor axis, by its name (the loader and :meth:`ModelSharding.
+shard_model` read this table)."""
+KV_PROJECTIONS = ("k_proj", "v_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +166,8 @@ class ModelSharding:
 
     def vector_spec(self, length: int, split: bool) -> P:
         """A per-head or per-output vector (biases, gpt-oss's sinks) split with its rows."""
-        return P(self._tensor(split and length % self.tp == 0))
+        axis = self._tensor(split and length % self.tp == 0)
+        return P(axis) if axis else P()
 
     def vocab_spec(self) -> P:
         """Embedding / LM-head rows ``[padded_vocab, H]``."""
@@ -204,3 +222,65 @@ class ModelSharding:
             out_shardings=shardings,
         )
         return make()
+
+    # -- a model built on one device ----------------------------------------------------------------
+
+    def shard_model(self, model):
+        """Move a one-device :class:`~quarkmoe_jax.models.QuarkMoEForCausalLM` (its experts in Quark's layout,
+        not yet laid out for a kernel) onto the mesh, in place, by the rules the loader follows; returns it.
+        For a model that does not fit one device, load it per shard: ``from_pretrained(path, mesh=...)``."""
+        if model.sharding is not None:
+            raise ValueError("shard_model() takes a model on one device")
+        for layer in model.layers:
+            attn = layer.self_attn
+            for name, split in LINEAR_SPLITS.items():
+                linear = getattr(attn, name, None)
+                if linear is None:
+                    continue
+                rows = self.kv_head_rows(attn.head_dim) if name in KV_PROJECTIONS else None
+                self._shard_linear(linear, split, rows)
+            if getattr(attn, "k_proj", None) is not None:
+                attn.num_kv_heads = attn.k_proj.out_features // attn.head_dim
+            if getattr(attn, "sinks", None) is not None:
+                attn.sinks.set_value(self.place(attn.sinks.get_value(), self.vector_spec(attn.num_heads, True)))
+            mlp = layer.mlp
+            if isinstance(mlp, QuarkMoEBlock):
+                mlp.experts = mlp.experts.shard(self.moe)
+                if mlp.shared is not None:
+                    mlp.shared = mlp.shared.shard(self.dense)
+            elif isinstance(mlp, QuarkMoE):
+                layer.mlp = mlp.shard(self.dense)
+        embed = model.embed_tokens.get_value()
+        model.embed_tokens.set_value(self.place(self._pad_rows(embed), self.vocab_spec()))
+        if model.lm_head is not None:
+            self._shard_linear(model.lm_head, LINEAR_SPLITS["lm_head"], None, pad=True)
+
+        self.replicate_rest(model)
+        model.sharding = self
+        return model
+
+    def replicate_rest(self, model) -> None:
+        """Every parameter of ``model`` not yet on the mesh (norms, routers) replicated over it, in place."""
+
+        def replicated(leaf):
+            on_mesh = isinstance(getattr(leaf, "sharding", None), NamedSharding) and leaf.sharding.mesh == self.mesh
+            return leaf if on_mesh else self.place(leaf, P())
+
+        nnx.update(model, jax.tree.map(replicated, nnx.state(model)))
+
+    def _pad_rows(self, value):
+        pad = self.padded_vocab - value.shape[0]
+        return value if pad == 0 else jnp.pad(value, [(0, pad)] + [(0, 0)] * (value.ndim - 1))
+
+    def _shard_linear(self, linear, split: str, rows, pad: bool = False) -> None:
+        weight = linear.weight.get_value()
+        n = linear.out_features
+        if rows is not None:
+            weight = jax.tree.map(lambda a: a[rows] if a.ndim and a.shape[0] == n else a, weight)
+        if pad and not isinstance(weight, QArray):
+            weight = self._pad_rows(weight)
+        linear.weight.set_value(self.place_linear(weight, split))
+        if linear.bias is not None:
+            bias = linear.bias.get_value()
+            bias = bias[rows] if rows is not None else self._pad_rows(bias) if pad else bias
+            linear.bias.set_value(self.place(bias, self.vector_spec(bias.shape[0], split == COLUMN)))

@@ -7,6 +7,7 @@ GEMM2 adds partial sums in another order); greedy ``generate`` and the engine gi
 models, so that the comparison is strict.
 """
 
+import json
 import os
 import pathlib
 import socket
@@ -198,3 +199,21 @@ def test_quarkmoe_generate_runs_over_a_mesh(checkpoints, capsys):
     alone = [line for line in capsys.readouterr().out.splitlines() if "new ids" in line]
     assert cli.main([*args, "--mesh", "1x4x2"]) == 0
     assert [line for line in capsys.readouterr().out.splitlines() if "new ids" in line] == alone != []
+
+
+@needs_8
+def test_the_serving_benchmark_runs_over_a_mesh(tmp_path, monkeypatch):
+    """benchmarks/serve_bench.py --mesh (what a multi-GPU machine runs): a tiny shape over EP 2 x TP 2."""
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[2] / "benchmarks"))
+    monkeypatch.setattr(sys, "path", sys.path)
+    import serve_bench
+
+    out = tmp_path / "serve.json"
+    args = ["--shapes", "tiny_mixtral", "--layers", "2", "--batches", "2", "--repeats", "1", "--context", "16"]
+    args += ["--copy-tbps", "0.01", "--requests", "3", "--concurrency-requests", "0", "--max-num-seqs", "4"]
+    args += ["--max-num-batched-tokens", "32", "--mesh", "1x2x2", "--json", str(out)]
+    assert serve_bench.main(args) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert "skipped" not in result, result
+    assert result["mesh"] == "1x2x2" and result["throughput"]["output_tokens_per_s"] > 0
+    assert result["decode"][0]["compiled_while_timed"] == 0
