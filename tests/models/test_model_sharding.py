@@ -81,6 +81,8 @@ CASES = [(arch, LAYOUTS[i % 3], None) for i, arch in enumerate(ARCHS)] + [
     ("qwen3_moe", "2x2x2", "w8a8_int8_channel_dynamic_token"),
 ]
 
+GENERATE = {CASES[0], CASES[1], CASES[2], ("mixtral", "1x8x1", None)}  # each layout once (compiles are the cost)
+
 
 @needs_8
 @pytest.mark.parametrize("arch, layout, scheme", CASES)
@@ -96,7 +98,7 @@ def test_a_model_over_the_mesh_equals_one_device(checkpoints, arch, layout, sche
         np.testing.assert_array_equal(got, want)
     else:  # partial sums over tensor shards, or over the experts of more than two terms, in another order
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
-    if scheme is None:
+    if (arch, layout, scheme) in GENERATE:
         np.testing.assert_array_equal(many.generate(ids, 4), one.generate(ids, 4))
     embed = many.embed_tokens.get_value()
     tp = int(layout.split("x")[2])
@@ -156,7 +158,7 @@ def test_a_split_vllm_cannot_run_is_refused(checkpoints, tmp_path):
     assert model.layers[0].mlp.experts.sharding == sharding
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU processes with gloo collectives")
+@pytest.mark.skipif(ENOUGH_DEVICES or jax.default_backend() != "cpu", reason="run once, from the main process")
 def test_two_processes_hold_one_mesh_as_two_hosts_would(checkpoints, tmp_path):
     """Multi-host: two processes (4 host devices each, ``jax.distributed`` over localhost, gloo collectives)
     load one EP 4 x TP 2 mesh, each reading only its own devices' shards; both see the one-device logits."""
