@@ -279,6 +279,9 @@ def test_after_warm_up_serving_compiles_nothing():
         generate(model, prompts, sampled, engine=engine)
         generate(model, prompts, SamplingParams(3, logprobs=2), engine=engine)
     assert engine_module._engine_step._cache_size() == compiled
+    again = small_engine(model, max_num_batched_tokens=16)  # a second engine over the same model: same programs
+    generate(model, [[7, 8]], greedy, engine=again)
+    assert engine_module._engine_step._cache_size() == compiled
 
 
 def test_offline_generate_keeps_the_prompts_order_and_checks_them_all_first():
