@@ -316,7 +316,7 @@ def parse_prompt_ids(text: str) -> np.ndarray:
 def cmd_generate(args: argparse.Namespace) -> int:
     from quarkmoe_jax.checkpoint.loader import read_hf_config
     from quarkmoe_jax.errors import InputError
-    from quarkmoe_jax.models import DecoderConfig, from_pretrained, inputs
+    from quarkmoe_jax.models import DecoderConfig, inputs
     from quarkmoe_jax.serving import Engine, SamplingParams, generate
 
     # every argument is checked against config.json before the weights are read or a cache is allocated
@@ -337,14 +337,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         inputs.check_generation(config, ids, params.max_new_tokens, max_model_len=args.max_model_len, dtype=dtype)
         for ids in prompts
     ]
-    model = from_pretrained(
-        args.checkpoint,
-        semantics=args.semantics,
-        dtype=dtype,
-        backend=args.backend,
-        max_model_len=args.max_model_len,
-        mesh=mesh_of(args.mesh),
-    )
+    model = _load_model(args, dtype)
     engine = Engine(model, max_num_seqs=min(len(prompts), 16))
     print(engine.summary(), file=sys.stderr)
     start = time.perf_counter()
@@ -689,7 +682,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise InputError("quarkmoe serve needs the serve extra: pip install 'quarkmoe-jax[serve]'") from None
     from quarkmoe_jax.checkpoint.loader import read_hf_config
-    from quarkmoe_jax.models import DecoderConfig, from_pretrained
+    from quarkmoe_jax.models import DecoderConfig
     from quarkmoe_jax.serving import Engine
     from quarkmoe_jax.serving.server import ServerSettings, create_app
     from quarkmoe_jax.tokenizer import read_tokenizer_config
@@ -698,14 +691,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.checkpoint, needed=True)
     tokenizer_config = read_tokenizer_config(args.checkpoint)
     dtype = jnp.dtype(config.dtype if args.dtype == "auto" else args.dtype)
-    model = from_pretrained(
-        args.checkpoint,
-        semantics=args.semantics,
-        dtype=dtype,
-        backend=args.backend,
-        max_model_len=args.max_model_len,
-        mesh=mesh_of(args.mesh),
-    )
+    model = _load_model(args, dtype)
     engine = Engine(
         model,
         max_num_seqs=args.max_batch,
@@ -952,6 +938,20 @@ MESH_HELP = (
     "split the model over data x expert x tensor devices (e.g. 1x4x2: experts over 4, attention heads and I over "
     "2; docs/distributed.md); default: one device"
 )
+
+
+def _load_model(args, dtype):
+    """The whole model ``generate`` and ``serve`` run: their shared loading flags."""
+    from quarkmoe_jax.models import from_pretrained
+
+    return from_pretrained(
+        args.checkpoint,
+        semantics=args.semantics,
+        dtype=dtype,
+        backend=args.backend,
+        max_model_len=args.max_model_len,
+        mesh=mesh_of(args.mesh),
+    )
 
 
 def mesh_of(text: str | None):

@@ -2,7 +2,10 @@
 
 import gc
 import os
+import pathlib
 import random
+import subprocess
+import sys
 import warnings
 import zlib
 
@@ -76,3 +79,14 @@ def pytest_generate_tests(metafunc):
     schemes = getattr(metafunc.cls, "schemes", None)
     if schemes and "scheme" in metafunc.fixturenames:
         metafunc.parametrize("scheme", schemes)
+
+
+def run_on_8_host_devices(test_file: str) -> None:
+    """Run ``test_file``'s tests in a fresh process with 8 host devices (the device count is fixed when JAX
+    starts; the rest of the suite keeps one), with this run's seed; fail with its output if any fails or skips."""
+    env = {**os.environ, "QUARKMOE_HOST_DEVICES": "8", "QUARKMOE_TEST_SEED": str(RUN_SEED), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not test_on_8_host", test_file]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, result.stdout[-2000:]

@@ -7,10 +7,6 @@ devices before the single rounding; run in float32 so that the comparison is str
 compiled without XLA's excess precision, which otherwise skips bf16 roundings depending on fusion and shape.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import warnings
 
 import jax
@@ -24,7 +20,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointReader
 from quarkmoe_jax.checkpoint.synthetic import write_float_checkpoint
 from quarkmoe_jax.moe import sharding as sh
 from quarkmoe_jax.nn import QuarkMoEBlock
-from tests.conftest import RUN_SEED
+from tests.conftest import run_on_8_host_devices
 
 ENOUGH_DEVICES = len(jax.devices()) >= 8
 needs_8 = pytest.mark.skipif(not ENOUGH_DEVICES, reason="needs 8 devices (run by test_on_8_host_devices)")
@@ -34,12 +30,7 @@ needs_8 = pytest.mark.skipif(not ENOUGH_DEVICES, reason="needs 8 devices (run by
 def test_on_8_host_devices():
     """Run this file's tests in a fresh process with 8 host devices (the device count is fixed when JAX
     starts; the rest of the suite keeps one), with this run's seed."""
-    env = {**os.environ, "QUARKMOE_HOST_DEVICES": "8", "QUARKMOE_TEST_SEED": str(RUN_SEED), "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not test_on_8_host", __file__]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1])
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, result.stdout[-2000:]
+    run_on_8_host_devices(__file__)
 
 
 E, H, INTER, K, T = 6, 64, 80, 2, 24  # 6 experts over 4 or 8 shards: uneven placement; I = 80: TP pads

@@ -363,9 +363,7 @@ class _Structure:
         return self is other
 
 
-@functools.partial(
-    jax.jit, static_argnames=("greedy", "attention_backend", "structure"), donate_argnames=("cache",)
-)
+@functools.partial(jax.jit, static_argnames=("greedy", "attention_backend", "structure"), donate_argnames=("cache",))
 def _engine_step(
     params, cache, ids, paged, temperature, top_p, top_k, key_data, counters, *, greedy, attention_backend, structure
 ):

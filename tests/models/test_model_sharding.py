@@ -27,7 +27,7 @@ from quarkmoe_jax.errors import InputError, QuarkMoEError
 from quarkmoe_jax.models import from_pretrained
 from quarkmoe_jax.moe.sharding import MoESharding, moe_mesh
 from quarkmoe_jax.serving import Engine, SamplingParams, generate
-from tests.conftest import RUN_SEED
+from tests.conftest import RUN_SEED, run_on_8_host_devices
 from tests.models.test_models import ARCHS
 
 ENOUGH_DEVICES = len(jax.devices()) >= 8
@@ -38,12 +38,7 @@ VOCAB = 100  # padded to 128 on a mesh: the padding's logits must be dropped
 @pytest.mark.skipif(ENOUGH_DEVICES or jax.default_backend() != "cpu", reason="this process has the devices")
 def test_on_8_host_devices():
     """This file's tests in a fresh process with 8 host devices (the count is fixed when JAX starts)."""
-    env = {**os.environ, "QUARKMOE_HOST_DEVICES": "8", "QUARKMOE_TEST_SEED": str(RUN_SEED), "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not test_on_8_host", __file__]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[2])
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "skipped" not in summary, result.stdout[-2000:]
+    run_on_8_host_devices(__file__)
 
 
 @pytest.fixture(scope="module")
