@@ -129,3 +129,8 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
     assert serve["throughput"]["requests"] == 3 and serve["throughput"]["output_tokens_per_s"] > 0
     assert serve["concurrency_4"]["tpot_ms"]["p50"] > 0
     assert serve["compiled_after_serving"] == serve["compiled_after_warm_up"]  # serving compiled nothing
+
+
+def test_dispatch_benchmark_runs(monkeypatch, capsys):
+    _run_script("benchmarks/dispatch_bench.py", ["--layers", "2", "--calls", "3"], monkeypatch)
+    assert "flat leaves + static structure" in capsys.readouterr().out
