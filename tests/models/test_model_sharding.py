@@ -153,7 +153,7 @@ def test_a_split_vllm_cannot_run_is_refused(checkpoints, tmp_path):
     assert model.layers[0].mlp.experts.sharding == sharding
 
 
-@pytest.mark.skipif(ENOUGH_DEVICES or jax.default_backend() != "cpu", reason="run once, from the main process")
+@needs_8  # run once, in the 8-device process (its workers start with 4 host devices each)
 def test_two_processes_hold_one_mesh_as_two_hosts_would(checkpoints, tmp_path):
     """Multi-host: two processes (4 host devices each, ``jax.distributed`` over localhost, gloo collectives)
     load one EP 4 x TP 2 mesh, each reading only its own devices' shards; both see the one-device logits."""
