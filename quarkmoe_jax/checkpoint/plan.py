@@ -56,7 +56,7 @@ from quarkmoe_jax.checkpoint.safetensors_io import CheckpointError, CheckpointRe
 from quarkmoe_jax.formats import MX_FORMATS, round_up
 from quarkmoe_jax.moe.sharding import TP_ALIGN, placement_expert_map
 
-__all__ = ["CATEGORIES", "VOCAB_PADDING", "Layout", "Plan", "plan_checkpoint"]
+__all__ = ["CATEGORIES", "VOCAB_PADDING", "Layout", "Plan", "plan_checkpoint", "split_problem"]
 
 CATEGORIES = (
     "routed_experts",
@@ -256,12 +256,20 @@ class _Attention:
             return num_layers * self.latent
         return num_layers * 2 * self.kv_heads_here(tp) * self.head_dim
 
-    def problem(self, tp: int) -> str | None:
-        if self.heads % tp:
-            return f"{self.heads} attention heads do not split over TP {tp}"
-        if self.latent is None and (self.kv_heads % tp if self.kv_heads >= tp else tp % self.kv_heads):
-            return f"{self.kv_heads} KV heads do not split over (or replicate evenly to) TP {tp}"
-        return None
+
+def split_problem(tp: int, heads: int, kv_heads: int, vocab_rows: int | None, latent: bool) -> str | None:
+    """Why vLLM cannot split a model over ``tp`` tensor shards (None: it can): query heads that do not divide by
+    ``tp``; key / value heads (not of latent attention) that neither divide by ``tp`` nor divide it; a
+    vocabulary padded to :data:`VOCAB_PADDING` that does not divide by ``tp``. What ``quarkmoe plan`` marks and
+    ``from_pretrained(mesh=)`` refuses."""
+    if heads % tp:
+        return f"{heads} attention heads do not split over TP {tp}"
+    if not latent and (kv_heads % tp if kv_heads >= tp else tp % kv_heads):
+        return f"{kv_heads} KV heads do not split over (or replicate evenly to) TP {tp}"
+    padded = None if vocab_rows is None else round_up(vocab_rows, VOCAB_PADDING)
+    if padded is not None and padded % tp:
+        return f"the vocabulary ({vocab_rows}, padded to {padded}) does not split over TP {tp}"
+    return None
 
 
 def _nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
@@ -524,12 +532,8 @@ def plan_checkpoint(
         by_category["routed_experts"] = _busiest_expert_shard(tensors, routed, arch.num_experts, ep, tp)
         weights = sum(by_category.values())
         kv_per_token = attention.kv_values_per_token(arch.num_layers, tp) * kv.itemsize
-        problem = attention.problem(tp)
-        if problem is None and tensors.vocab_rows is not None and round_up(tensors.vocab_rows, VOCAB_PADDING) % tp:
-            problem = (
-                f"the vocabulary ({tensors.vocab_rows}, padded to {round_up(tensors.vocab_rows, VOCAB_PADDING)}) "
-                f"does not split over TP {tp}"
-            )
+        latent = attention.latent is not None
+        problem = split_problem(tp, attention.heads, attention.kv_heads, tensors.vocab_rows, latent)
         layouts.append(Layout(ep, tp, weights, by_category, kv_per_token, None, None, None, problem))
     bytes_only = Plan(
         path=str(pathlib.Path(path)),

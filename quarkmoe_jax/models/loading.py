@@ -254,9 +254,7 @@ class _Tensors:
         params = self._through_scheme(name, method)
         weight, input_scale = params["weight"], params["input_scale"]
         if self.sharding is not None:  # one tensor whole on the host at a time (the scheme's checks need it)
-            if picked is not None:  # repeated heads: every per-row leaf (codes, row scales) takes the same rows
-                weight = jax.tree.map(lambda a: a[picked] if a.ndim and a.shape[0] == out_features else a, weight)
-            weight = self.sharding.place_linear(weight, split)
+            weight = self.sharding.place_linear(weight, split, picked)
             if input_scale is not None:
                 input_scale = self.sharding.place(jnp.asarray(input_scale, jnp.float32), P())
         return Linear(weight, bias=bias, input_scale=input_scale, quant=quant)

@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from quarkmoe_jax.checkpoint.plan import VOCAB_PADDING, split_problem
 from quarkmoe_jax.errors import QuarkMoEError
 from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats.mx import MX_BLOCK_SIZE, round_up
@@ -38,10 +39,8 @@ from quarkmoe_jax.models.decoder_config import DecoderConfig
 from quarkmoe_jax.moe.sharding import MoESharding
 from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock
 
-__all__ = ["ModelSharding", "VOCAB_PADDING", "COLUMN", "ROW", "REPLICATED", "LINEAR_SPLITS", "KV_PROJECTIONS"]
+__all__ = ["ModelSharding", "COLUMN", "ROW", "REPLICATED", "LINEAR_SPLITS", "KV_PROJECTIONS"]
 
-VOCAB_PADDING = 64
-"""The vocabulary is padded to a multiple of this before its rows are split (vLLM's ``DEFAULT_VOCAB_PADDING_SIZE``)."""
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 """How a Linear's weight ``[N, K]`` is split: output rows (``N``), input columns (``K``), or not at all."""
@@ -79,24 +78,15 @@ class ModelSharding:
     @classmethod
     def of(cls, mesh: Mesh | MoESharding, config: DecoderConfig) -> ModelSharding:
         """The placement of ``config``'s model on ``mesh`` (or on an :class:`MoESharding`'s mesh, keeping its
-        placement and exchange). Raises :class:`QuarkMoEError` for a split vLLM cannot run either: query heads
-        that do not divide by ``tp``, key / value heads that neither divide ``tp`` nor divide by it, a padded
-        vocabulary that does not divide by ``tp``."""
+        placement and exchange). Raises :class:`QuarkMoEError` for a split vLLM cannot run either
+        (:func:`~quarkmoe_jax.checkpoint.plan.split_problem`, the rule ``quarkmoe plan`` marks layouts by)."""
         moe = mesh if isinstance(mesh, MoESharding) else MoESharding(mesh)
         sharding = cls(moe, config.num_heads, config.num_kv_heads, config.vocab_size)
-        tp, kv = sharding.tp, sharding.num_kv_heads
-        if sharding.num_heads % tp:
-            raise QuarkMoEError(
-                f"mesh: num_attention_heads = {sharding.num_heads} does not split over tensor = {tp} shards"
-            )
-        if config.mla is None and kv % tp and tp % kv:  # latent attention caches no per-head keys
-            raise QuarkMoEError(
-                f"mesh: num_key_value_heads = {kv} neither divides by nor divides tensor = {tp} (vLLM's rule)"
-            )
-        if sharding.padded_vocab % tp:
-            raise QuarkMoEError(
-                f"mesh: the vocabulary padded to {sharding.padded_vocab} rows does not split over tensor = {tp}"
-            )
+        problem = split_problem(
+            sharding.tp, config.num_heads, config.num_kv_heads, config.vocab_size, config.mla is not None
+        )
+        if problem is not None:
+            raise QuarkMoEError(f"mesh {dict(moe.mesh.shape)} cannot hold this model: {problem}")
         return sharding
 
     @property
@@ -136,11 +126,15 @@ class ModelSharding:
 
     # -- parameters ---------------------------------------------------------------------------------
 
-    def place_linear(self, weight, split: str):
+    def place_linear(self, weight, split: str, rows: np.ndarray | None = None):
         """A Linear weight ``[N, K]`` (a float array or a :class:`QArray`) on the mesh, split as ``split``
         (:data:`COLUMN`, :data:`ROW`, :data:`REPLICATED`). A dimension that does not divide into whole shards
         (for MX codes: whole 32-element scale blocks) stays whole; per-tensor scales, and the per-output-channel
-        scales of a row split, are replicated."""
+        scales of a row split, are replicated. ``rows``: the row of ``weight`` each placed row takes (the
+        repeated key / value heads); every per-row leaf (codes, row scales) takes the same rows."""
+        if rows is not None:
+            n = weight.shape[0]
+            weight = jax.tree.map(lambda a: a[rows] if a.ndim and a.shape[0] == n else a, weight)
         if not isinstance(weight, QArray):
             return self.place(weight, self.matrix_spec(weight.shape, split, block=1))
         block = MX_BLOCK_SIZE if weight.scales is not None and weight.scales.ndim == weight.values.ndim else 1
@@ -274,12 +268,9 @@ class ModelSharding:
 
     def _shard_linear(self, linear, split: str, rows, pad: bool = False) -> None:
         weight = linear.weight.get_value()
-        n = linear.out_features
-        if rows is not None:
-            weight = jax.tree.map(lambda a: a[rows] if a.ndim and a.shape[0] == n else a, weight)
         if pad and not isinstance(weight, QArray):
             weight = self._pad_rows(weight)
-        linear.weight.set_value(self.place_linear(weight, split))
+        linear.weight.set_value(self.place_linear(weight, split, rows))
         if linear.bias is not None:
             bias = linear.bias.get_value()
             bias = bias[rows] if rows is not None else self._pad_rows(bias) if pad else bias
