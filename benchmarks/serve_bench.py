@@ -13,9 +13,11 @@ Per shape (``model_bench.HF_SHAPES``, **every** decoder layer built) and expert 
   after each phase (a steady state compiles nothing);
 * **decode**: engine steps at batch 1, 8, 64 and 256 (``--batches``), each sequence holding ``--context`` cached
   positions, wall time of ``engine.step()`` (host scheduling, the step, the tokens' copy back: what serving
-  pays), median of ``--repeats``; tokens/s and the step against the **memory floor** measured in the same run
-  (bytes the step must read -- every non-expert parameter, the experts the batch touches in expectation under
-  uniform routing, the cache the sequences may see -- over ``moe_bench.copy_tbps``);
+  pays), median of ``--repeats``, with async scheduling (the engine's default: the host prepares step n + 1
+  while the device runs step n) and again waiting for each step (``waiting_step_ms``: the host work async
+  scheduling hides); tokens/s and the step against the **memory floor** measured in the same run (bytes the
+  step must read -- every non-expert parameter, the experts the batch touches in expectation under uniform
+  routing, the cache the sequences may see -- over ``moe_bench.copy_tbps``);
 * **throughput**: ``--requests`` requests (default 1000) with ShareGPT-like lengths
   (``benchmarks/data/sharegpt_like_lengths.json``: seeded, mean input 230 and output 192 tokens), random token
   ids, greedy, no stop tokens (each request makes exactly its output length, as vLLM's benchmark with
@@ -93,53 +95,69 @@ def _prompt(rng, vocab: int, length: int) -> list[int]:
     return rng.integers(0, vocab, length).tolist()
 
 
+def prefill(engine: Engine, rng, batch: int, context: int, new_tokens: int) -> dict[str, int]:
+    """Add ``batch`` requests of ``context`` random prompt tokens and ``new_tokens`` to make (no stop), and step
+    until each has its first token (chunked prefill); returns each request's tokens made so far."""
+    vocab = engine.config.vocab_size
+    ids = [
+        engine.add_request(_prompt(rng, vocab, context), SamplingParams(new_tokens, stop_token_ids=()))
+        for _ in range(batch)
+    ]
+    made = dict.fromkeys(ids, 0)
+    while not all(made.values()):
+        for o in engine.step():
+            made[o.request_id] += len(o.new_token_ids)
+    return made
+
+
 def decode_phase(engine: Engine, batch: int, context: int, repeats: int, bandwidth: float) -> dict:
     """``batch`` requests prefilled to ``context`` positions, then ``repeats`` timed decode steps."""
     rng = np.random.default_rng(batch)
-    vocab = engine.config.vocab_size
     warm = 3
     # Requests whose prefill ends first decode while the others still prefill, so each may make as many tokens
     # as the context and its share of the cache leave (never finishing or preempted inside the timed steps);
     # the floor counts the positions they reach.
     share = engine.num_blocks // batch * engine.block_size
     room = min(engine.context.length, share) - context
-    if room < repeats + warm + 2:
+    steps = 2 * (repeats + warm)  # timed with async scheduling, then waiting for each step
+    if room < steps + 2:
         return {
             "batch": batch,
             "context": context,
             "skipped": f"{batch} sequences of {context} positions and "
-            f"{repeats + warm + 2} new tokens need more than the cache's {engine.num_blocks} blocks",
+            f"{steps + 2} new tokens need more than the cache's {engine.num_blocks} blocks",
         }
     preemptions = engine.num_preemptions
-    ids = [
-        engine.add_request(_prompt(rng, vocab, context), SamplingParams(room, stop_token_ids=())) for _ in range(batch)
-    ]
-    made = dict.fromkeys(ids, 0)
-    while not all(made.values()):  # prefill every request (chunked), until each has its first token
-        for o in engine.step():
-            made[o.request_id] += len(o.new_token_ids)
-    if max(made.values()) + warm + repeats > room:
+    made = prefill(engine, rng, batch, context, room)
+    ids = list(made)
+    if max(made.values()) + steps + 1 > room:
         raise ValueError(f"--context {context}: requests decoded {max(made.values())} tokens while others prefilled")
-    for _ in range(warm):
-        engine.step()
     compiled = _compiled()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = engine.step()
-        samples.append(time.perf_counter() - start)
-        assert len(outputs) == batch, f"a decode step served {len(outputs)} of {batch} requests"
+    scheduling = engine.async_scheduling
+    medians = {}
+    for engine.async_scheduling in (True, False):
+        for _ in range(warm):
+            engine.step()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            outputs = engine.step()
+            samples.append(time.perf_counter() - start)
+            assert len(outputs) == batch, f"a decode step served {len(outputs)} of {batch} requests"
+        medians[engine.async_scheduling] = statistics.median(samples)
+    engine.async_scheduling = scheduling
     for request_id in ids:
         engine.abort_request(request_id)
     assert engine.num_preemptions == preemptions, "the decode phase preempted requests"
-    step = statistics.median(samples)
-    reached = context + statistics.mean(made.values()) + warm + repeats // 2
+    step = medians[True]
+    reached = context + statistics.mean(made.values()) + steps // 2
     devices = 1 if engine.model.sharding is None else engine.model.sharding.mesh.size
     floor = floor_bytes(engine.model, batch, round(reached)) / (bandwidth * 1e12 * devices)
     return {
         "batch": batch,
         "context": context,
         "step_ms": step * 1e3,
+        "waiting_step_ms": medians[False] * 1e3,  # async_scheduling=False: the host work not hidden
         "tokens_per_s": batch / step,
         "memory_floor_ms": floor * 1e3,
         "fraction_of_floor": floor / step,
@@ -354,7 +372,8 @@ def bench(shape: str, scheme: str, args, bandwidth: float, save=lambda result: N
             continue
         print(
             f"  decode B{batch:<4} {row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
-            f"floor {row['memory_floor_ms']:.2f} ms ({row['fraction_of_floor']:.2f} of it)",
+            f"floor {row['memory_floor_ms']:.2f} ms ({row['fraction_of_floor']:.2f} of it); "
+            f"waiting for each step {row['waiting_step_ms']:.2f} ms",
             flush=True,
         )
     lengths = json.loads(LENGTHS.read_text())

@@ -5,6 +5,12 @@ each ``engine.step()`` runs one compiled step over every scheduled request (pref
 together, :mod:`~quarkmoe_jax.serving.scheduler`) and returns the :class:`RequestOutput` of the requests that
 produced a token; ``engine.has_unfinished()``. Only the step's new tokens (int32 ``[S]``) come back to the host.
 
+Async scheduling (the default, as vLLM's ``--async-scheduling``): a call schedules and launches step ``n + 1``
+before it waits for step ``n``'s tokens, so the host's work (scheduling, the step's arrays, dispatch, handing
+out tokens) runs while the device computes. A decode token whose value is not back yet is read by the next
+step from the last step's tokens on the device; a request's sampled token at output index ``i`` is the same
+either way. The cost: a request that meets a stop token has one more token computed and dropped.
+
 Compiled shapes: the step's tokens are padded to a power of two ``N`` (at least 8, at most
 ``max_num_batched_tokens`` rounded up) and its sequence rows to ``min(N, max_num_seqs`` rounded up to a power
 of two) (a step never has more sequences than tokens); every block table has the blocks of a whole context. So
@@ -22,15 +28,17 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from quarkmoe_jax.errors import InputError
 from quarkmoe_jax.models import inputs
 from quarkmoe_jax.models.paged import PagedBatch
 from quarkmoe_jax.models.sampling import sample_tokens, token_logprobs
 from quarkmoe_jax.serving.params import MAX_LOGPROBS, SamplingParams
-from quarkmoe_jax.serving.scheduler import BlockAllocator, Request, Scheduler
+from quarkmoe_jax.serving.scheduler import PLACEHOLDER, BlockAllocator, Request, Scheduler
 
 __all__ = ["Engine", "RequestOutput", "TokenLogprobs"]
 
@@ -84,6 +92,9 @@ class Engine:
       attention_backend: "auto" (default: the paged attention kernel on a GPU where it takes the model's head
         dims and ``block_size`` and, token bucket by token bucket, where it measured faster than XLA; else XLA),
         "pallas" or "xla" (:mod:`quarkmoe_jax.models.paged`).
+      async_scheduling: schedule and launch the next step while the device runs this one (default True; the
+        outputs of a step come back with the next :meth:`step` call). False: each call waits for its own step.
+        The attribute may be switched between calls.
     """
 
     def __init__(
@@ -98,6 +109,7 @@ class Engine:
         max_model_len: int | None = None,
         seed: int = 0,
         attention_backend: str = "auto",
+        async_scheduling: bool = True,
     ):
         self.model = model
         self.config = model.config
@@ -135,6 +147,14 @@ class Engine:
         self._ids = itertools.count()
         self._max_step_tokens = _power_of_two_at_least(max(self.max_num_batched_tokens, MIN_STEP_TOKENS))
         self._max_step_seqs = _power_of_two_at_least(self.max_num_seqs)
+        if not isinstance(async_scheduling, bool):
+            raise InputError(f"async_scheduling must be True or False, got {async_scheduling!r}")
+        self.async_scheduling = async_scheduling
+        self._in_flight: _Launched | None = None
+        # where every step's tokens live (whole on every device of a mesh): one compiled shape and sharding
+        self._no_tokens = jax.device_put(
+            np.zeros(self._max_step_seqs, np.int32), None if model.sharding is None else model.sharding.named(P())
+        )
         self.attention_backend = model.paged_attention_backend(attention_backend, self.block_size)
         self._step_attention = {  # auto may run XLA for some token buckets (a kernel slower there)
             n: model.paged_attention_backend(attention_backend, self.block_size, n, self.context.length)
@@ -217,7 +237,8 @@ class Engine:
             self.scheduler.finish(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests waiting or running, or a launched step whose outputs :meth:`step` has not returned yet."""
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     @property
     def num_preemptions(self) -> int:
@@ -252,7 +273,9 @@ class Engine:
                 tokens, _, self.cache = _engine_step(
                     self._params,
                     self.cache,
+                    self._no_tokens,
                     np.zeros(n, np.int32),
+                    np.full(n, -1, np.int32),
                     paged,
                     *sampling,
                     *keys,
@@ -268,28 +291,69 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- step
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; the outputs of the requests that produced a token (in scheduling order)."""
+        """Advance every scheduled request by one engine step; returns the outputs of the requests that produced
+        a token (in scheduling order).
+
+        With ``async_scheduling`` the step is launched and the outputs returned are those of the step launched
+        by the previous call (the first call returns ``[]``; a call with nothing new to schedule only collects):
+        the host schedules and builds step ``n + 1`` while the device runs step ``n``, and step ``n + 1`` reads
+        the tokens step ``n`` sampled on the device."""
+        launched = self._launch()
+        previous, self._in_flight = self._in_flight, launched
+        outputs = [] if previous is None else self._collect(previous)  # async, or just switched off
+        if launched is not None and not self.async_scheduling:
+            self._in_flight = None
+            outputs += self._collect(launched)
+        return outputs
+
+    def _launch(self) -> _Launched | None:
+        """Schedule a step and dispatch it (not waiting for it); None when nothing can be scheduled. Each request
+        that will produce a token gets a :data:`PLACEHOLDER` for it, filled by :meth:`_collect`."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            return []
+            return None
         arrays, greedy = self._step_arrays(scheduled)
         attention = self._step_attention[len(arrays[0])]
+        previous = self._no_tokens if self._in_flight is None else self._in_flight.tokens
         tokens, logprobs, self.cache = _engine_step(
-            self._params, self.cache, *arrays, greedy=greedy, attention_backend=attention, structure=self._structure
+            self._params,
+            self.cache,
+            previous,
+            *arrays,
+            greedy=greedy,
+            attention_backend=attention,
+            structure=self._structure,
         )
-        tokens = np.asarray(tokens)
-        if any(request.params.logprobs is not None for request, _ in scheduled):
-            chosen, top_ids, top_logprobs = (np.asarray(a) for a in logprobs)
-        outputs = []
+        launched = _Launched(tokens, logprobs, [])
         for row, (request, count) in enumerate(scheduled):
             request.num_computed += count
             if request.num_pending:
                 continue  # a prompt chunk: the token sampled after it is not the request's yet
+            launched.produced.append((row, request, len(request.output)))
+            request.output.append(PLACEHOLDER)
+            request.tokens.append(PLACEHOLDER)
+            request.in_flight = (launched, row)
+        return launched
+
+    def _collect(self, launched: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and hand them to their requests (those finished or aborted since are
+        skipped: their rows were computed for nothing)."""
+        tokens = np.asarray(launched.tokens)
+        if any(request.params.logprobs is not None for _, request, _ in launched.produced):
+            chosen, top_ids, top_logprobs = (np.asarray(a) for a in launched.logprobs)
+        outputs = []
+        for row, request, index in launched.produced:
+            if self._requests.get(request.request_id) is not request:
+                continue
             token = int(tokens[row])
-            request.output.append(token)
-            request.tokens.append(token)
-            finished = token in request.stop_ids or len(request.output) >= request.params.max_new_tokens
-            if finished:
+            request.output[index] = token
+            request.tokens[len(request.prompt) + index] = token
+            if request.in_flight is not None and request.in_flight[0] is launched:
+                request.in_flight = None
+            finished = token in request.stop_ids or index + 1 >= request.params.max_new_tokens
+            if finished:  # a token launched after this one (async scheduling) is dropped
+                del request.output[index + 1 :], request.tokens[len(request.prompt) + index + 1 :]
+                request.in_flight = None
                 self.scheduler.finish(request)
                 del self._requests[request.request_id]
             k = request.params.logprobs
@@ -302,7 +366,9 @@ class Engine:
 
     def _step_arrays(self, scheduled: list[tuple[Request, int]]):
         """The step's host arrays, padded to its token bucket (per-token and per-sequence work vectorized: the
-        loop over requests only copies each one's new token ids and block table)."""
+        loop over requests only copies each one's new token ids and block table). A request whose last token
+        is still in flight reads it from the previous step's tokens (``from_previous``: that token's row there,
+        else -1)."""
         rows = len(scheduled)
         counts = np.fromiter((count for _, count in scheduled), np.int64, rows)
         starts = np.fromiter((request.num_computed for request, _ in scheduled), np.int64, rows)
@@ -310,11 +376,18 @@ class Engine:
         n = min(_power_of_two_at_least(max(total, MIN_STEP_TOKENS)), self._max_step_tokens)
         s = min(n, self._max_step_seqs)
         ids = np.zeros(n, np.int32)
+        from_previous = np.full(n, -1, np.int32)
         tables = np.zeros((s, self.blocks_per_request), np.int32)
         ends = np.cumsum(counts)
         for row, (request, count) in enumerate(scheduled):
             start = request.num_computed
-            ids[ends[row] - count : ends[row]] = request.tokens[start : start + count]
+            if request.in_flight is None:
+                ids[ends[row] - count : ends[row]] = request.tokens[start : start + count]
+            else:  # decoding on from a token not back yet: only that token is pending
+                step, previous_row = request.in_flight
+                if step is not self._in_flight or count != 1:
+                    raise RuntimeError(f"request {request.request_id!r}: a token in flight from an older step")
+                from_previous[ends[row] - 1] = previous_row
             tables[row, : len(request.blocks)] = request.blocks
         token_seq = np.zeros(n, np.int32)
         token_seq[:total] = np.repeat(np.arange(rows), counts)
@@ -338,7 +411,17 @@ class Engine:
         valid = np.arange(n) < total
         paged = PagedBatch(token_seq, positions, slots, tables, last, valid)
         greedy = all(p.greedy for p in params)
-        return (ids, paged, temperature, top_p, top_k, key_data, counters), greedy
+        return (ids, from_previous, paged, temperature, top_p, top_k, key_data, counters), greedy
+
+
+@dataclasses.dataclass(eq=False)
+class _Launched:
+    """A dispatched step: its sampled tokens int32 ``[max_step_seqs]`` and logprobs (device arrays, maybe still
+    being computed), and ``produced``: ``(row, request, output index)`` of every token it samples for a request."""
+
+    tokens: jax.Array
+    logprobs: tuple | None
+    produced: list[tuple[int, Request, int]]
 
 
 class _Structure:
@@ -365,11 +448,32 @@ class _Structure:
 
 @functools.partial(jax.jit, static_argnames=("greedy", "attention_backend", "structure"), donate_argnames=("cache",))
 def _engine_step(
-    params, cache, ids, paged, temperature, top_p, top_k, key_data, counters, *, greedy, attention_backend, structure
+    params,
+    cache,
+    previous,
+    ids,
+    from_previous,
+    paged,
+    temperature,
+    top_p,
+    top_k,
+    key_data,
+    counters,
+    *,
+    greedy,
+    attention_backend,
+    structure,
 ):
+    """One step: ``previous`` int32 ``[max_step_seqs]`` the last step's tokens, read where ``from_previous >= 0``
+    instead of ``ids``; returns the sampled tokens padded to ``[max_step_seqs]`` (one compiled shape for the next
+    step's ``previous``), the logprobs (None when greedy) and the cache."""
+    ids = jnp.where(from_previous >= 0, previous[jnp.maximum(from_previous, 0)], ids)
     model = nnx.merge(structure.graphdef, jax.tree.unflatten(structure.params_def, params))
     logits, cache = model.paged_logits(ids, paged, cache, attention_backend)
     keys = jax.vmap(lambda data, count: jax.random.fold_in(jax.random.wrap_key_data(data), count))(key_data, counters)
     tokens = sample_tokens(logits, keys, temperature, top_p, top_k, greedy=greedy, per_row_keys=True)
     logprobs = None if greedy else token_logprobs(logits, tokens, min(MAX_LOGPROBS, logits.shape[-1]))
+    tokens = jnp.pad(tokens.astype(jnp.int32), (0, previous.shape[0] - tokens.shape[0]))
+    if model.sharding is not None:
+        tokens = jax.lax.with_sharding_constraint(tokens, model.sharding.named(P()))
     return tokens, logprobs, cache

@@ -18,7 +18,7 @@ import numpy as np
 
 from quarkmoe_jax.serving.params import SamplingParams
 
-__all__ = ["BlockAllocator", "Request", "Scheduler"]
+__all__ = ["BlockAllocator", "PLACEHOLDER", "Request", "Scheduler"]
 
 
 class BlockAllocator:
@@ -60,6 +60,9 @@ class Request:
     num_computed: int = 0
     blocks: list[int] = dataclasses.field(default_factory=list)
     num_preemptions: int = 0
+    #: ``(step, row)`` while the last token is :data:`PLACEHOLDER`: launched, not yet copied back (the engine's
+    #: step ``step`` samples it at ``row``; a next step reads it there, on the device)
+    in_flight: tuple[object, int] | None = None
 
     def __post_init__(self):
         self.tokens = list(self.prompt)
@@ -68,6 +71,15 @@ class Request:
     def num_pending(self) -> int:
         """Tokens whose keys and values are not in the cache yet (>= 1 while the request runs)."""
         return len(self.tokens) - self.num_computed
+
+    @property
+    def complete(self) -> bool:
+        """Every token it may produce is sampled or in flight: nothing more to compute."""
+        return len(self.output) >= self.params.max_new_tokens
+
+
+#: a token sampled by a step still running on the device (its value comes back with that step's tokens)
+PLACEHOLDER = -1
 
 
 class Scheduler:
@@ -92,6 +104,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.complete:  # its last token is in flight; it finishes when that comes back
+                index += 1
+                continue
             count = min(request.num_pending, budget)
             if not self._hold(request, request.num_computed + count):
                 victim = self.running[-1]

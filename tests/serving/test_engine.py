@@ -147,6 +147,52 @@ def test_the_paged_attention_kernel_serves_what_generate_gives(arch):
     assert produced[second] == reference(model, prompts[1], 6)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_async_scheduling_serves_what_waiting_for_each_step_serves(arch):
+    """The next step launched before the last one's tokens are back (its decode tokens read on the device):
+    the same tokens and logprobs as steps that wait, through stop tokens met while a further token is already
+    launched, preemptions, an abort in flight and sampled requests; outputs come one call later."""
+    model = model_of(arch)
+    rng = np.random.default_rng(21)
+    vocab = model.config.vocab_size
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(3, 20, 8)]
+    free_run = reference(model, prompts[0], 10)
+    params = [
+        SamplingParams(10, stop_token_ids=[free_run[4]]),  # stops at its 5th token (or before)
+        SamplingParams(7, temperature=0.9, top_k=20, seed=3, stop_token_ids=(), logprobs=2),
+        *(
+            SamplingParams(int(n), stop_token_ids=(int(s),))
+            for n, s in zip(rng.integers(3, 12, 6), rng.integers(0, vocab, 6))
+        ),
+    ]
+    prompts[1] = prompts[0]
+    runs = {}
+    for async_scheduling in (False, True):
+        # one whole context of 32 positions: two requests of 17-31 positions cannot both hold theirs
+        engine = small_engine(model, max_model_len=32, num_blocks=8, async_scheduling=async_scheduling)
+        ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        produced = {request_id: [] for request_id in ids}
+        first = engine.step()
+        assert (first == []) == async_scheduling  # a launched step's outputs come with the next call
+        calls = 1
+        for out in first:
+            produced[out.request_id].append(out)
+        while engine.has_unfinished():
+            for out in engine.step():
+                produced[out.request_id].append(out)
+            calls += 1
+            if calls == 6:
+                engine.abort_request(ids[-1])  # in flight with async scheduling: its token is dropped
+        assert engine.scheduler.allocator.num_free == engine.num_blocks and engine.num_preemptions > 0
+        runs[async_scheduling] = [
+            [(o.new_token_ids, o.finished, o.logprobs) for o in produced[request_id]] for request_id in ids
+        ]
+    assert runs[True] == runs[False]
+    tokens = [[t for new, _, _ in outs for t in new] for outs in runs[True]]
+    assert tokens[0] == free_run[: free_run.index(free_run[4]) + 1] and runs[True][0][-1][1]
+    assert len(tokens[1]) == 7 and all(lp is not None for _, _, lp in runs[True][1])
+
+
 def test_an_attention_backend_the_model_cannot_run_is_refused():
     with pytest.raises(QuarkMoEError, match="attention_backend='pallas': .*block_size a power of two >= 16, got 4"):
         small_engine(model_of("mixtral"), attention_backend="pallas")
