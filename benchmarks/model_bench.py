@@ -38,8 +38,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from moe_bench import ceilings, expert_params, scheme_config  # noqa: E402
+from moe_bench import ceilings, expert_params, random_mx_weights, random_w8a8_weights, scheme_config  # noqa: E402
 
+from quarkmoe_jax.contracts import MoEQuantConfig  # noqa: E402
 from quarkmoe_jax.models import DecoderConfig, QuarkMoEForCausalLM  # noqa: E402
 from quarkmoe_jax.models.layers import Linear, RMSNorm  # noqa: E402
 from quarkmoe_jax.models.model import Attention, DecoderLayer, _decode_loop, _prefill  # noqa: E402
@@ -118,18 +119,47 @@ def _normal(key, shape, std=0.02, dtype=jnp.bfloat16):
     return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
-def build_model(config: DecoderConfig, scheme: str, seed: int = 0, prepare: bool = True) -> QuarkMoEForCausalLM:
+def random_linear_weight(key, shape: tuple[int, int], quant: MoEQuantConfig | None):
+    """A seeded random ``[N, K]`` weight of a :class:`Linear`: bfloat16, or quantized as ``quant``'s experts are
+    (a :class:`~quarkmoe_jax.formats.QArray`, as a Quark export that quantizes its attention stores it)."""
+    weight = None if quant is None else quant.weight
+    if weight is None or weight.kind == "none":
+        return _normal(key, shape)
+    if weight.kind == "mx":
+        return random_mx_weights(key, (1, *shape), weight.mx_format)[0]
+    return random_w8a8_weights(key, (1, *shape), weight.kind, weight.granularity)[0]
+
+
+def static_input_scale(quant: MoEQuantConfig | None):
+    """A static per-tensor input scale where ``quant`` quantizes activations with one (inputs up to ~4), else None."""
+    act = None if quant is None else quant.activation
+    if act is None or act.kind not in ("fp8", "int8") or act.dynamic:
+        return None
+    return jnp.float32(4.0 / (448.0 if act.kind == "fp8" else 127.0))
+
+
+def build_model(
+    config: DecoderConfig, scheme: str, seed: int = 0, prepare: bool = True, attention_scheme: str = "bf16"
+) -> QuarkMoEForCausalLM:
     """A random bf16 model of ``config`` whose experts are in ``scheme``'s format, laid out for the kernels on a
-    GPU (``prepare``; False: Quark's layout, as :meth:`QuarkMoEForCausalLM.shard` takes them)."""
+    GPU (``prepare``; False: Quark's layout, as :meth:`QuarkMoEForCausalLM.shard` takes them), and whose
+    attention projections are in ``attention_scheme``'s (default bf16: the public gpt-oss and Mixtral
+    checkpoints' attention; a Quark export quantizes them too unless excluded)."""
     keys = iter(jax.random.split(jax.random.key(seed), 16 * config.num_layers + 4))
     h, heads, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     arch = config.moe
     gpt_oss = config.model_type == "gpt_oss"
     quant = scheme_config(scheme)
+    attention_quant = None if attention_scheme == "bf16" else scheme_config(attention_scheme)
     layers = []
     for i in range(config.num_layers):
         projections = {
-            name: Linear(_normal(next(keys), shape), bias=_normal(next(keys), shape[:1], 1.0) if gpt_oss else None)
+            name: Linear(
+                random_linear_weight(next(keys), shape, attention_quant),
+                bias=_normal(next(keys), shape[:1], 1.0) if gpt_oss else None,
+                input_scale=static_input_scale(attention_quant),
+                quant=attention_quant,
+            )
             for name, shape in (
                 ("q_proj", (heads * d, h)),
                 ("k_proj", (kv * d, h)),

@@ -7,6 +7,9 @@ Run on a GPU (random weights at the public models' shapes, no download):
 Per shape (``model_bench.HF_SHAPES``, **every** decoder layer built) and expert format (``w_mxfp4`` by default;
 ``bf16`` and ``w8a8_int8_channel_dynamic_token`` where they fit), in one process:
 
+The attention projections are bfloat16 (the public checkpoints' attention), or with ``--attention-scheme`` in a
+Quark scheme's format (an export that quantizes every linear layer but the LM head).
+
 * **memory**: the packed bytes of the parameters and the device bytes the load took (target: <= 1.05x), and the
   engine's KV cache (sized from the memory left, ``--memory-fraction``);
 * **compile**: ``Engine.warm_up`` (every step program, before any timing), and the count of compiled programs
@@ -334,16 +337,18 @@ def bench(shape: str, scheme: str, args, bandwidth: float, save=lambda result: N
     config = DecoderConfig.from_hf_config({**hf, "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
     before = _device_bytes()
     if args.mesh:  # built on one device in Quark's layout, then split as from_pretrained(mesh=) loads it
-        model = build_model(config, scheme, prepare=False).shard(mesh_of(args.mesh))
+        model = build_model(config, scheme, prepare=False, attention_scheme=args.attention_scheme)
+        model = model.shard(mesh_of(args.mesh))
         if jax.default_backend() == "gpu":
             for layer in model.layers:
                 experts = getattr(layer.mlp, "experts", None)
                 if experts is not None:
                     experts.prepare_for_kernels()
     else:
-        model = build_model(config, scheme)
+        model = build_model(config, scheme, attention_scheme=args.attention_scheme)
     jax.block_until_ready(nnx.state(model))
-    result = {"shape": shape, "scheme": scheme, "layers": layers, "full_layers": full_layers, "mesh": args.mesh}
+    result = {"shape": shape, "scheme": scheme, "attention_scheme": args.attention_scheme, "layers": layers}
+    result.update(full_layers=full_layers, mesh=args.mesh)
     result["param_bytes"] = _param_bytes(model)
     result["load_device_bytes"] = _device_bytes() - before
     result["load_over_packed"] = result["load_device_bytes"] / result["param_bytes"]  # 0 where no stats (CPU)
@@ -415,6 +420,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["gpt_oss_120b", "mixtral_8x7b"], choices=list(HF_SHAPES))
     parser.add_argument("--schemes", nargs="+", default=["w_mxfp4"])
+    parser.add_argument(
+        "--attention-scheme", default="bf16", help="the attention projections' format (a Quark export's, e.g. w_mxfp4)"
+    )
     parser.add_argument("--layers", type=int, help="decoder layers (default: the full depth)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--context", type=int, default=1023, help="cached positions in the decode steps")

@@ -2,7 +2,8 @@
 # One device call for the engine (tool `run`, carry [".whl"]): the paged attention kernel and the engine,
 # compiled on the GPU, against the XLA oracle and offline generate (tests/models/test_paged_attention.py,
 # tests/serving/test_engine.py); then, with ATTN=1, benchmarks/attention_bench.py; with SERVE="<args>",
-# benchmarks/serve_bench.py <args>. Logs and JSON under $OUT. T, TA, TS: seconds for each part.
+# benchmarks/serve_bench.py <args>; with PROFILE="<args>", benchmarks/step_profile.py <args> (a decode step's
+# kernels by source line, async and sync scheduling). Logs and JSON under $OUT. T, TA, TS, TP: seconds per part.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 [ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
 python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl 2>&1 | tail -1
@@ -25,4 +26,8 @@ fi
 if [ -n "$SERVE" ]; then
   timeout ${TS:-400} python3 benchmarks/serve_bench.py $SERVE --json $OUT/serve.json > $OUT/serve.log 2>&1
   echo "serve_bench rc=$?"; tail -30 $OUT/serve.log
+fi
+if [ -n "$PROFILE" ]; then
+  timeout ${TP:-240} python3 benchmarks/step_profile.py $PROFILE --json $OUT/profile.json > $OUT/profile.log 2>&1
+  echo "step_profile rc=$?"; tail -60 $OUT/profile.log
 fi

@@ -134,3 +134,19 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
 def test_dispatch_benchmark_runs(monkeypatch, capsys):
     _run_script("benchmarks/dispatch_bench.py", ["--layers", "2", "--calls", "3"], monkeypatch)
     assert "flat leaves + static structure" in capsys.readouterr().out
+
+
+def test_step_profile_attributes_a_decode_step_s_kernels_to_source_lines(tmp_path, monkeypatch):
+    """benchmarks/step_profile.py on the CPU (the host's XLA ops stand for a GPU's kernels): both scheduling
+    modes traced, the kernels grouped by the model's source lines; MXFP4 attention projections."""
+    out = tmp_path / "profile.json"
+    argv = ["--shape", "tiny_mixtral", "--layers", "2", "--batch", "2", "--context", "16", "--steps", "2"]
+    argv += ["--attention-scheme", "w_mxfp4"]  # projections quantized as a Quark export's
+    _run_script("benchmarks/step_profile.py", [*argv, "--max-model-len", "128", "--json", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    for mode in ("async", "sync"):
+        summary = result[mode]
+        assert summary["kernels_per_step"] > 0 and 0 < summary["device_busy_ms"] <= 1.05 * summary["wall_ms"]
+        sources = [row["what"] for row in summary["by_source"]]
+        assert any(s.startswith("layers.py:") and "attention" in s for s in sources), sources
+    assert result["attention_scheme"] == "w_mxfp4"
