@@ -20,6 +20,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
+import os
 import pathlib
 import signal
 import sys
@@ -419,7 +421,6 @@ def read_npy(path: str, option: str, max_bytes: int | None = None) -> np.ndarray
     (a FIFO or device, another format, a header claiming more bytes than the file holds or than ``max_bytes``,
     Python objects)."""
     import math
-    import os
     import stat
 
     try:
@@ -969,6 +970,51 @@ def mesh_of(text: str | None):
     return moe_mesh(data=data, expert=expert, tensor=tensor)
 
 
+COMPILATION_CACHE_ENV = "QUARKMOE_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 4 << 30
+
+
+def compilation_cache_dir(environ=None) -> pathlib.Path | None:
+    """Where the ``quarkmoe`` command keeps compiled programs between runs: ``$QUARKMOE_COMPILATION_CACHE`` (a
+    folder, or ``off``), else ``$XDG_CACHE_HOME/quarkmoe/jax``, else ``~/.cache/quarkmoe/jax``; None when off."""
+    environ = os.environ if environ is None else environ
+    setting = environ.get(COMPILATION_CACHE_ENV, "").strip()
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return pathlib.Path(setting).expanduser()
+    base = environ.get("XDG_CACHE_HOME", "").strip() or pathlib.Path("~/.cache").expanduser()
+    return pathlib.Path(base) / "quarkmoe" / "jax"
+
+
+def use_compilation_cache(environ=None) -> pathlib.Path | None:
+    """Turn on JAX's persistent compilation cache at :func:`compilation_cache_dir` (unless JAX's own
+    ``JAX_COMPILATION_CACHE_DIR`` chose one, or the folder cannot be made): a second ``quarkmoe serve`` or
+    ``generate`` of the same model loads its step programs instead of compiling them (and, on a GPU, XLA's
+    autotuning results), as vLLM keeps its compile cache. At most :data:`COMPILATION_CACHE_MAX_BYTES`, least
+    recently used entries dropped. Returns the folder in use, or None."""
+    if jax.config.jax_compilation_cache_dir:
+        return pathlib.Path(jax.config.jax_compilation_cache_dir)
+    folder = compilation_cache_dir(environ)
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        logging.getLogger("quarkmoe_jax").warning("no compilation cache at %s: %s", folder, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    return folder
+
+
+def console_main() -> int:
+    """The ``quarkmoe`` executable: :func:`main` with the persistent compilation cache on (a process of its own;
+    a library user's or test's process keeps JAX's configuration as it is)."""
+    use_compilation_cache()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (0, 1 when ``inspect`` or ``demo`` found a failure, 2 for a user
     error printed as one line, :data:`EXIT_BROKEN_PIPE` when the reader of standard output went away)."""
@@ -984,8 +1030,6 @@ def main(argv: list[str] | None = None) -> int:
 def _discard_stdout() -> None:
     """Point standard output at /dev/null, so that the interpreter's last flush of what is left in its buffer
     finds no broken pipe (Python's recipe, "Note on SIGPIPE" in the ``signal`` docs)."""
-    import os
-
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -1028,4 +1072,4 @@ def _in_cli_terms(message: str, parser: argparse.ArgumentParser) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

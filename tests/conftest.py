@@ -6,10 +6,16 @@ import pathlib
 import random
 import subprocess
 import sys
+import tempfile
 import warnings
 import zlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the `quarkmoe` executables the tests start keep their compiled programs here, shared by the suite's workers
+# and runs, not in the user's ~/.cache (cli.use_compilation_cache); the pytest processes themselves keep none
+os.environ.setdefault(
+    "QUARKMOE_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), f"quarkmoe-tests-{os.getuid()}", "jax-cache")
+)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

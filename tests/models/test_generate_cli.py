@@ -230,3 +230,40 @@ def test_several_prompts_run_through_the_engine_together(checkpoint, capsys):
         new = json.loads(line.split("new ids:")[1])
         assert new == model.generate(np.array([prompt]), 3, eos_token_id=[])[0, len(prompt) :].tolist()[: len(new)]
     assert "KV cache:" in err and "2 prompt(s)" in err
+
+
+def test_the_quarkmoe_command_keeps_its_compiled_programs_between_runs(checkpoint, tmp_path):
+    """The installed ``quarkmoe`` executable, twice: the first run fills the compilation cache folder
+    ($QUARKMOE_COMPILATION_CACHE), the second reads it and prints the same tokens; ``off`` keeps none."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    executable = pathlib.Path(sys.executable).parent / "quarkmoe"
+    argv = [str(executable), "generate", str(checkpoint), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]
+
+    def run_with(cache: str) -> str:
+        env = {**os.environ, "QUARKMOE_COMPILATION_CACHE": cache, "JAX_PLATFORMS": "cpu"}
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return [line for line in result.stdout.splitlines() if "new ids:" in line]
+
+    cache = tmp_path / "cache"
+    first = run_with(str(cache))
+
+    def programs():  # each cached program's file and when it was written
+        return {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.name.endswith("-cache")}
+
+    written = programs()
+    assert written, "the first run cached no program"
+    assert run_with(str(cache)) == first and programs() == written  # read, neither compiled nor written again
+    assert run_with("off") == first and not (tmp_path / "off").exists()
+
+
+def test_the_compilation_cache_folder_follows_the_environment(tmp_path):
+    assert cli.compilation_cache_dir({cli.COMPILATION_CACHE_ENV: "OFF"}) is None
+    assert cli.compilation_cache_dir({cli.COMPILATION_CACHE_ENV: str(tmp_path)}) == tmp_path
+    assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "quarkmoe" / "jax"
+    home = cli.compilation_cache_dir({})
+    assert home.parts[-3:] == (".cache", "quarkmoe", "jax")
