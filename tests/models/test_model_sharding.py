@@ -3,8 +3,8 @@
 Every architecture on the layouts the issue names (data x expert x tensor = 1 x 1 x 8, 1 x 4 x 2, 2 x 2 x 2) and
 expert parallelism alone (1 x 8 x 1), float and quantized (MXFP4, INT8): logits equal to one device's within
 float32 summation order (the all-reduce after ``o_proj`` and GEMM2 adds partial sums in another order, and XLA
-fuses the partitioned program's replicated parts its own way); greedy ``generate`` and the engine give the same tokens. Float32
-models, so that the comparison is strict.
+fuses the partitioned program's replicated parts its own way); greedy ``generate`` and the engine give the same
+tokens. Float32 models, so that the comparison is strict.
 """
 
 import json

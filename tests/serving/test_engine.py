@@ -162,7 +162,7 @@ def test_async_scheduling_serves_what_waiting_for_each_step_serves(arch):
         SamplingParams(7, temperature=0.9, top_k=20, seed=3, stop_token_ids=(), logprobs=2),
         *(
             SamplingParams(int(n), stop_token_ids=(int(s),))
-            for n, s in zip(rng.integers(3, 12, 6), rng.integers(0, vocab, 6))
+            for n, s in zip(rng.integers(3, 12, 6), rng.integers(0, vocab, 6), strict=True)
         ),
     ]
     prompts[1] = prompts[0]
