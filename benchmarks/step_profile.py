@@ -29,6 +29,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -101,7 +102,9 @@ def kernel_events(profile: ProfileData) -> list[tuple[int, int, str, str]]:
         streams = [line for line in lines if line.name.startswith("Stream")] or lines
         for line in streams:
             for event in line.events:
-                stats = dict(event.stats)
+                with warnings.catch_warnings():  # jaxlib's stats type warns on conversion (no __module__)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    stats = dict(event.stats)
                 if device_planes or "hlo_op" in stats:
                     hlo_op = str(stats.get("hlo_op", event.name))
                     events.append((int(event.start_ns), int(event.duration_ns), event.name, hlo_op))
