@@ -144,12 +144,16 @@ def copy_tbps(repeats: int, mib: int = 512) -> float:
     return 2 * x.nbytes / copy_us / 1e6
 
 
-def ceilings(repeats: int) -> dict[str, float]:
-    n = 8192
+def matmul_tflops(repeats: int, n: int = 8192) -> float:
+    """The device's bfloat16 matmul rate in TFLOP/s: one ``[n, n] @ [n, n]`` product."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     matmul_us = timeit(lambda a, b: a @ b, [(a, b)], repeats=repeats)
-    return {"matmul_tflops": 2 * n**3 / matmul_us / 1e6, "copy_tbps": copy_tbps(repeats)}
+    return 2 * n**3 / matmul_us / 1e6
+
+
+def ceilings(repeats: int) -> dict[str, float]:
+    return {"matmul_tflops": matmul_tflops(repeats), "copy_tbps": copy_tbps(repeats)}
 
 
 @dataclasses.dataclass

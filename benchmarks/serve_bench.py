@@ -14,6 +14,10 @@ Quark scheme's format (an export that quantizes every linear layer but the LM he
   engine's KV cache (sized from the memory left, ``--memory-fraction``);
 * **compile**: ``Engine.warm_up`` (every step program, before any timing), and the count of compiled programs
   after each phase (a steady state compiles nothing);
+* **prefill**: one ``--prefill-tokens`` prompt (default 2048; one engine step at the default token budget)
+  alone, the time to its first token, and its matmul FLOPs (``prefill_flops``: every weight a token
+  multiplies, the causal attention, the LM head once) per second against the bfloat16 matmul rate measured
+  in the same run (``moe_bench.matmul_tflops``);
 * **decode**: engine steps at batch 1, 8, 64 and 256 (``--batches``), each sequence holding ``--context`` cached
   positions, wall time of ``engine.step()`` (host scheduling, the step, the tokens' copy back: what serving
   pays), median of ``--repeats``, with async scheduling (the engine's default: the host prepares step n + 1
@@ -64,11 +68,13 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from model_bench import HF_SHAPES, _param_bytes, build_model  # noqa: E402
-from moe_bench import copy_tbps  # noqa: E402
+from moe_bench import copy_tbps, matmul_tflops  # noqa: E402
 
 from quarkmoe_jax.cli import mesh_of  # noqa: E402
 from quarkmoe_jax.models import DecoderConfig  # noqa: E402
 from quarkmoe_jax.models.inputs import cache_bytes  # noqa: E402
+from quarkmoe_jax.models.layers import Linear  # noqa: E402
+from quarkmoe_jax.nn import QuarkMoE, QuarkMoEBlock  # noqa: E402
 from quarkmoe_jax.serving import Engine, SamplingParams  # noqa: E402
 from quarkmoe_jax.serving import engine as engine_module  # noqa: E402
 
@@ -165,6 +171,70 @@ def decode_phase(engine: Engine, batch: int, context: int, repeats: int, bandwid
         "memory_floor_ms": floor * 1e3,
         "fraction_of_floor": floor / step,
         "compiled_while_timed": _compiled() - compiled,
+    }
+
+
+def _expert_flops(experts: QuarkMoE) -> int:
+    """Matmul FLOPs of one token through one expert (unpadded sizes; gated: GEMM1 holds two projections)."""
+    shape = experts.shape
+    projections = experts.w13.get_value().shape[-2] // experts.w2.get_value().shape[-1]
+    return 2 * (projections + 1) * shape.hidden_size * shape.intermediate_size
+
+
+def prefill_flops(model, tokens: int) -> float:
+    """Matmul FLOPs of one ``tokens``-token prompt: each token through every weight it multiplies (attention
+    projections, router, its ``top_k`` routed experts, shared experts and dense MLPs), the causal attention's
+    scores and values (sliding windows honoured; DeepSeek in its absorbed form: the latent and rotary key as
+    the key, the latent as the value), and the LM head once (the engine takes the last token's logits only)."""
+    config = model.config
+    if config.mla is not None:
+        key_dim, value_dim = config.mla.kv_lora_rank + config.mla.qk_rope_head_dim, config.mla.kv_lora_rank
+    else:
+        key_dim = value_dim = config.head_dim
+    per_token, attention = 0, 0
+    for index, layer in enumerate(model.layers):
+        for _, node in nnx.iter_graph(layer.self_attn):
+            if isinstance(node, Linear):
+                per_token += 2 * int(np.prod(node.weight.get_value().shape))
+        mlp = layer.mlp
+        if isinstance(mlp, QuarkMoEBlock):
+            per_token += 2 * mlp.experts.shape.num_experts * mlp.experts.shape.hidden_size  # the router
+            per_token += mlp.routing.top_k * _expert_flops(mlp.experts)
+            if mlp.shared is not None:
+                per_token += _expert_flops(mlp.shared)
+        else:
+            per_token += _expert_flops(mlp)
+        window = config.sliding_windows[index]
+        seen = np.minimum(np.arange(1, tokens + 1), window or tokens)  # keys each query attends to
+        attention += 2 * config.num_heads * (key_dim + value_dim) * int(seen.sum())
+    head = 2 * config.vocab_size * config.hidden_size
+    return per_token * tokens + attention + head
+
+
+def prefill_phase(engine: Engine, tokens: int, repeats: int, tflops: float) -> dict:
+    """One ``tokens``-token prompt at a time, alone in the engine (waiting for each step): the time from
+    ``add_request`` to its first token, median of ``repeats`` (after one untimed), against the bfloat16 matmul
+    rate measured in the same run."""
+    rng = np.random.default_rng(tokens)
+    scheduling, engine.async_scheduling = engine.async_scheduling, False
+    samples = []
+    for repeat in range(repeats + 1):
+        request_id = engine.add_request(_prompt(rng, engine.config.vocab_size, tokens), SamplingParams(1))
+        start = time.perf_counter()
+        while not any(o.request_id == request_id for o in engine.step()):
+            pass
+        if repeat:
+            samples.append(time.perf_counter() - start)
+    engine.async_scheduling = scheduling
+    seconds = statistics.median(samples)
+    flops = prefill_flops(engine.model, tokens)
+    return {
+        "tokens": tokens,
+        "ms": seconds * 1e3,
+        "tokens_per_s": tokens / seconds,
+        "tflops": flops / seconds / 1e12,
+        "matmul_tflops": tflops,
+        "fraction_of_matmul_ceiling": flops / seconds / 1e12 / tflops,
     }
 
 
@@ -330,7 +400,7 @@ def client_main(args) -> int:
     return 0
 
 
-def bench(shape: str, scheme: str, args, bandwidth: float, save=lambda result: None) -> dict:
+def bench(shape: str, scheme: str, args, bandwidth: float, tflops: float, save=lambda result: None) -> dict:
     """One shape and scheme's phases; ``save(result)`` after each (the partial result, for a run cut short)."""
     hf, full_layers = HF_SHAPES[shape]
     layers = args.layers or full_layers
@@ -365,6 +435,14 @@ def bench(shape: str, scheme: str, args, bandwidth: float, save=lambda result: N
     print(f"{shape} {scheme}: {result['param_bytes'] / 2**30:.2f} GiB packed; {result['engine']}", flush=True)
     result["warm_up_s"] = engine.warm_up(sampled=False)
     result["compiled_after_warm_up"] = _compiled()
+    if args.prefill_tokens:
+        result["prefill"] = p = prefill_phase(engine, args.prefill_tokens, args.repeats, tflops)
+        save(result)
+        print(
+            f"  prefill {p['tokens']} tokens: {p['ms']:.1f} ms, {p['tokens_per_s']:.0f} tok/s, {p['tflops']:.1f} "
+            f"TFLOP/s ({p['fraction_of_matmul_ceiling']:.2f} of the same-run matmul's {tflops:.0f})",
+            flush=True,
+        )
     result["decode"] = []
     for batch in args.batches:
         if batch > engine.max_num_seqs:
@@ -440,6 +518,8 @@ def main(argv=None) -> int:
         help="split each model over data x expert x tensor devices (the floor then counts their summed bandwidth)",
     )
     parser.add_argument("--copy-tbps", type=float, help="use this copy bandwidth instead of measuring it")
+    parser.add_argument("--prefill-tokens", type=int, default=2048, help="the prefill phase's prompt (0: none)")
+    parser.add_argument("--matmul-tflops", type=float, help="use this bf16 matmul rate instead of measuring it")
     parser.add_argument("--http", action="store_true", help="also serve the workloads over HTTP (the serve extra)")
     parser.add_argument("--url", help="only send the workloads to the server at this URL")
     parser.add_argument("--vocab", type=int, default=256, help="with --url: prompt token ids are below this")
@@ -448,13 +528,15 @@ def main(argv=None) -> int:
     if args.url:
         return client_main(args)
     bandwidth = args.copy_tbps or copy_tbps(10)
-    print(f"{jax.devices()[0].device_kind}: copy {bandwidth:.3g} TB/s", flush=True)
+    tflops = args.matmul_tflops or (matmul_tflops(10) if args.prefill_tokens else 0.0)
+    print(f"{jax.devices()[0].device_kind}: copy {bandwidth:.3g} TB/s, bf16 matmul {tflops:.4g} TFLOP/s", flush=True)
     results = []
     doc = {
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__},
         "copy_tbps": bandwidth,
+        "matmul_tflops": tflops,
         "workload": {k: v for k, v in json.loads(LENGTHS.read_text()).items() if k.startswith("mean")},
         "settings": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         "results": results,
@@ -471,7 +553,7 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         for scheme in args.schemes:
             try:
-                results.append(bench(shape, scheme, args, bandwidth, save))
+                results.append(bench(shape, scheme, args, bandwidth, tflops, save))
             except Exception as e:  # noqa: BLE001 - out of memory: recorded, the run goes on
                 partial = last.get("result") or {"shape": shape, "scheme": scheme}  # the phases that ran
                 results.append({**partial, "skipped": f"{type(e).__name__}: {e}"[:400]})

@@ -114,6 +114,7 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
     assert model["decode"][0]["tokens_per_s"] > 0 and model["prefill"]["tokens_per_s"] > 0
     out = tmp_path / "serve.json"
     settings = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--max-model-len", "2112"]
+    settings += ["--prefill-tokens", "40", "--matmul-tflops", "0.01"]  # two steps of 32 tokens
     _run_script(
         "benchmarks/serve_bench.py",
         [*common, *settings, "--shapes", "tiny_gpt_oss", "--batches", "1", "4", "--requests", "3"]
@@ -127,6 +128,8 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
     assert [d["batch"] for d in serve["decode"]] == [1, 4]  # 4: two prefill while two decode
     assert all(d["compiled_while_timed"] == 0 and d["tokens_per_s"] > 0 for d in serve["decode"])
     assert serve["throughput"]["requests"] == 3 and serve["throughput"]["output_tokens_per_s"] > 0
+    prefill = serve["prefill"]
+    assert prefill["tokens"] == 40 and prefill["tokens_per_s"] > 0 and prefill["fraction_of_matmul_ceiling"] > 0
     assert serve["concurrency_4"]["tpot_ms"]["p50"] > 0
     assert serve["compiled_after_serving"] == serve["compiled_after_warm_up"]  # serving compiled nothing
 
