@@ -207,8 +207,9 @@ def test_the_serving_benchmark_runs_over_a_mesh(tmp_path, monkeypatch):
     args = ["--shapes", "tiny_mixtral", "--layers", "2", "--batches", "2", "--repeats", "1", "--context", "16"]
     args += ["--copy-tbps", "0.01", "--requests", "3", "--concurrency-requests", "0", "--max-num-seqs", "4"]
     args += ["--max-num-batched-tokens", "32", "--mesh", "1x2x2", "--json", str(out)]
+    args += ["--prefill-tokens", "40", "--matmul-tflops", "0.01"]
     assert serve_bench.main(args) == 0
     (result,) = json.loads(out.read_text())["results"]
     assert "skipped" not in result, result
     assert result["mesh"] == "1x2x2" and result["throughput"]["output_tokens_per_s"] > 0
-    assert result["decode"][0]["compiled_while_timed"] == 0
+    assert result["decode"][0]["compiled_while_timed"] == 0 and result["prefill"]["tokens_per_s"] > 0
