@@ -528,7 +528,8 @@ def main(argv=None) -> int:
     if args.url:
         return client_main(args)
     bandwidth = args.copy_tbps or copy_tbps(10)
-    tflops = args.matmul_tflops or (matmul_tflops(10) if args.prefill_tokens else 0.0)
+    size = 8192 if jax.default_backend() == "gpu" else 1024  # a CPU dry run: a matmul that takes a moment
+    tflops = args.matmul_tflops or (matmul_tflops(10, size) if args.prefill_tokens else 0.0)
     print(f"{jax.devices()[0].device_kind}: copy {bandwidth:.3g} TB/s, bf16 matmul {tflops:.4g} TFLOP/s", flush=True)
     results = []
     doc = {
