@@ -213,6 +213,11 @@ def main(argv=None) -> int:
     try:
         engine.step()
         call_args, call_kwargs = seen["call"]
+        # shapes, not arrays: the call donated the cache's buffers (deleted on a GPU)
+        call_args = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if isinstance(x, jax.Array) else x,
+            call_args,
+        )
         hlo = original.lower(*call_args, **call_kwargs).compile().as_text()
     finally:
         engine_module._engine_step = original
