@@ -106,7 +106,7 @@ def kernel_events(profile: ProfileData) -> list[tuple[int, int, str, str]]:
                     warnings.simplefilter("ignore", DeprecationWarning)
                     stats = dict(event.stats)
                 if device_planes or "hlo_op" in stats:
-                    hlo_op = str(stats.get("hlo_op", event.name))
+                    hlo_op = str(stats.get("hlo_op", event.name)).lstrip("%")
                     events.append((int(event.start_ns), int(event.duration_ns), event.name, hlo_op))
     return events
 
