@@ -3,7 +3,8 @@
 ``engine = Engine(model)``; ``engine.add_request(prompt_ids, SamplingParams(...))`` returns a request id;
 each ``engine.step()`` runs one compiled step over every scheduled request (prefill chunks and decode tokens
 together, :mod:`~quarkmoe_jax.serving.scheduler`) and returns the :class:`RequestOutput` of the requests that
-produced a token; ``engine.has_unfinished()``. Only the step's new tokens (int32 ``[S]``) come back to the host.
+produced a token; ``engine.has_unfinished()``. Only the step's new tokens (int32, one per sequence row) come
+back to the host.
 
 Async scheduling (the default, as vLLM's ``--async-scheduling``): a call schedules and launches step ``n + 1``
 before it waits for step ``n``'s tokens, so the host's work (scheduling, the step's arrays, dispatch, handing
