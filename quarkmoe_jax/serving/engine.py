@@ -170,7 +170,8 @@ class Engine:
             f"KV cache: {self.num_blocks} blocks x {self.block_size} positions ({cache_bytes / 2**30:.3g} GiB, "
             f"{self.num_blocks * self.block_size / self.context.length:.3g} whole contexts of "
             f"{self.context.length}); up to {self.max_num_seqs} requests and {self.max_num_batched_tokens} tokens "
-            f"a step; attention: {self._attention_summary()}"
+            f"a step; attention: {self._attention_summary()}; scheduling: "
+            f"{'async' if self.async_scheduling else 'waiting for each step'}"
         )
 
     def _attention_summary(self) -> str:

@@ -351,6 +351,11 @@ def test_engine_defaults_work_and_the_cache_is_sized_and_described():
     assert engine.context.length == model.config.max_position_embeddings
     assert engine.num_blocks >= engine.blocks_per_request
     assert "KV cache:" in engine.summary() and "blocks" in engine.summary()
+    assert engine.summary().endswith("scheduling: async")
+    engine.async_scheduling = False
+    assert engine.summary().endswith("scheduling: waiting for each step")
+    with pytest.raises(QuarkMoEError, match="async_scheduling must be True or False"):
+        Engine(model, async_scheduling="yes")
     with pytest.raises(QuarkMoEError, match="cannot hold one request"):
         Engine(model, num_blocks=1)
     for bad in (0, 1.5, float("nan"), "0.9", True):
