@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -992,11 +993,15 @@ def use_compilation_cache(environ=None) -> pathlib.Path | None:
     ``JAX_COMPILATION_CACHE_DIR`` chose one, or the folder cannot be made): a second ``quarkmoe serve`` or
     ``generate`` of the same model loads its step programs instead of compiling them (and, on a GPU, XLA's
     autotuning results), as vLLM keeps its compile cache. At most :data:`COMPILATION_CACHE_MAX_BYTES`, least
-    recently used entries dropped. Returns the folder in use, or None."""
+    recently used entries dropped (JAX needs ``filelock`` for that: a dependency; without it, no cache rather
+    than a warning at every compile). Returns the folder in use, or None."""
     if jax.config.jax_compilation_cache_dir:
         return pathlib.Path(jax.config.jax_compilation_cache_dir)
     folder = compilation_cache_dir(environ)
     if folder is None:
+        return None
+    if importlib.util.find_spec("filelock") is None:
+        logging.getLogger("quarkmoe_jax").warning("no compilation cache: the filelock package is not installed")
         return None
     try:
         folder.mkdir(parents=True, exist_ok=True)

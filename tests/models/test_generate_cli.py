@@ -267,3 +267,15 @@ def test_the_compilation_cache_folder_follows_the_environment(tmp_path):
     assert cli.compilation_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "quarkmoe" / "jax"
     home = cli.compilation_cache_dir({})
     assert home.parts[-3:] == (".cache", "quarkmoe", "jax")
+
+
+def test_without_filelock_there_is_no_compilation_cache_and_no_warning_per_compile(tmp_path, monkeypatch):
+    """JAX caps the cache's size only with ``filelock`` (else it warns at every compile and caches nothing)."""
+    import importlib.util
+
+    import jax
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "filelock" else real(name, *a))
+    assert cli.use_compilation_cache({cli.COMPILATION_CACHE_ENV: str(tmp_path / "cache")}) is None
+    assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "cache").exists()
