@@ -243,7 +243,7 @@ def test_the_quarkmoe_command_keeps_its_compiled_programs_between_runs(checkpoin
     executable = pathlib.Path(sys.executable).parent / "quarkmoe"
     argv = [str(executable), "generate", str(checkpoint), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]
 
-    def run_with(cache: str) -> str:
+    def run_with(cache: str) -> list[str]:
         env = {**os.environ, "QUARKMOE_COMPILATION_CACHE": cache, "JAX_PLATFORMS": "cpu"}
         result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
