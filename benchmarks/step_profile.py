@@ -9,7 +9,10 @@ decode steps and prints:
   time (the gaps: launch latency, host work the device waits for), the number of kernels;
 * the kernels grouped by the source line of the JAX code that emitted them (the optimized HLO's ``metadata``
   of each executed op: ``layers.py:123 dot_general``), their time per step and per decoder layer, most first;
-* the top kernels by name.
+* the top kernels by name;
+* the host's time per step by phase (an untraced run: the scheduler, building the step's arrays, dispatching
+  the compiled step, collecting its tokens and anything else), the part of the wall time the device waits on
+  when it is idle.
 
 On a GPU the kernels are the device plane's stream events; on the CPU (a smoke test, not a figure) the XLA
 ops the host threads ran. Both engines' scheduling modes are traced (``--scheduling async sync``, default
@@ -166,6 +169,52 @@ def profile_steps(engine: Engine, steps: int, sources: dict[str, str], layers: i
     }
 
 
+def host_phases(engine: Engine, steps: int) -> dict:
+    """Host time per step (microseconds) by phase, over ``steps`` untraced steps: ``schedule`` (the scheduler),
+    ``arrays`` (the step's host arrays), ``dispatch`` (the compiled step's call until it returns: argument
+    transfers and launch), ``collect`` (waiting for a step's tokens and handing them out) and ``other``."""
+    spent = collections.Counter()
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+
+        return wrapper
+
+    patches = [
+        (engine.scheduler, "schedule", timed("schedule", engine.scheduler.schedule)),
+        (engine, "_step_arrays", timed("arrays", engine._step_arrays)),
+        (engine, "_collect", timed("collect", engine._collect)),
+        (engine_module, "_engine_step", timed("dispatch", engine_module._engine_step)),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, wrapper in patches:
+        setattr(owner, name, wrapper)
+    try:
+        for _ in range(2):
+            engine.step()
+        jax.block_until_ready(engine.cache)
+        spent.clear()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        jax.block_until_ready(engine.cache)
+        wall = time.perf_counter() - start
+    finally:
+        for owner, name, original in originals:
+            if owner is engine_module:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)  # the instance attribute shadowed the class's method
+    phases = {name: spent[name] / steps * 1e6 for name in ("schedule", "arrays", "dispatch", "collect")}
+    phases["other"] = wall / steps * 1e6 - sum(phases.values())
+    return {"wall_us": wall / steps * 1e6, **phases}
+
+
 def _record_step_arguments():
     """Wrap the engine's step so the arguments of its last call are kept (to lower it for the HLO text)."""
     original = engine_module._engine_step
@@ -191,8 +240,13 @@ def main(argv=None) -> int:
     parser.add_argument("--scheduling", nargs="+", choices=["async", "sync"], default=["async", "sync"])
     parser.add_argument("--max-model-len", type=int, default=2048 + 64)
     parser.add_argument("--attention", default="auto")
+    parser.add_argument(
+        "--min-step-tokens", type=int, help="the engine's smallest token bucket (default: the engine's own)"
+    )
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
+    if args.min_step_tokens:
+        engine_module.MIN_STEP_TOKENS = args.min_step_tokens
 
     hf, full_layers = HF_SHAPES[args.shape]
     layers = args.layers or full_layers
@@ -207,7 +261,7 @@ def main(argv=None) -> int:
         attention_backend=args.attention,
     )
     print(f"{args.shape} x {layers} layers, {args.scheme}, batch {args.batch}: {engine.summary()}", flush=True)
-    new_tokens = 2 + len(args.scheduling) * (args.steps + 2) + 2
+    new_tokens = 2 + len(args.scheduling) * 2 * (args.steps + 2) + 2
     prefill(engine, np.random.default_rng(0), args.batch, args.context, new_tokens)
     original, seen = _record_step_arguments()
     try:
@@ -233,15 +287,18 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "context": args.context,
         "attention": engine.attention_backend,
+        "min_step_tokens": engine_module.MIN_STEP_TOKENS,
     }
     for mode in args.scheduling:
         engine.async_scheduling = mode == "async"
         summary = profile_steps(engine, args.steps, sources, layers)
+        summary["host_us"] = host = host_phases(engine, args.steps)
         result[mode] = summary
         print(
             f"\n{mode}: step {summary['wall_ms']:.3f} ms wall, device busy {summary.get('device_busy_ms', 0):.3f} ms, "
             f"idle {summary.get('device_idle_ms', 0):.3f} ms, {summary['kernels_per_step']:.0f} kernels a step"
         )
+        print("  host per step (untraced), us: " + ", ".join(f"{k} {v:.0f}" for k, v in host.items()))
         for title in ("by_source", "by_kernel"):
             print(f"  {title}: us/step  us/layer  kernels/step")
             for row in summary.get(title, []):

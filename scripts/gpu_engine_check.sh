@@ -3,7 +3,8 @@
 # compiled on the GPU, against the XLA oracle and offline generate (tests/models/test_paged_attention.py,
 # tests/serving/test_engine.py); then, with ATTN=1, benchmarks/attention_bench.py; with SERVE="<args>",
 # benchmarks/serve_bench.py <args>; with PROFILE="<args>", benchmarks/step_profile.py <args> (a decode step's
-# kernels by source line, async and sync scheduling). Logs and JSON under $OUT. T, TA, TS, TP: seconds per part.
+# kernels by source line and the host's time by phase, async and sync scheduling; PTAG names its files, to run
+# several variants in one call). Logs and JSON under $OUT. T, TA, TS, TP: seconds per part.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 [ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
 python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl 2>&1 | tail -1
@@ -28,6 +29,7 @@ if [ -n "$SERVE" ]; then
   echo "serve_bench rc=$?"; tail -30 $OUT/serve.log
 fi
 if [ -n "$PROFILE" ]; then
-  timeout ${TP:-240} python3 benchmarks/step_profile.py $PROFILE --json $OUT/profile.json > $OUT/profile.log 2>&1
-  echo "step_profile rc=$?"; tail -60 $OUT/profile.log
+  P=${PTAG:-profile}
+  timeout ${TP:-240} python3 benchmarks/step_profile.py $PROFILE --json $OUT/$P.json > $OUT/$P.log 2>&1
+  echo "step_profile $P rc=$?"; grep -E "^(async|sync)|host per step" $OUT/$P.log
 fi

@@ -152,4 +152,7 @@ def test_step_profile_attributes_a_decode_step_s_kernels_to_source_lines(tmp_pat
         assert summary["kernels_per_step"] > 0 and 0 < summary["device_busy_ms"] <= 1.05 * summary["wall_ms"]
         sources = [row["what"] for row in summary["by_source"]]
         assert any(s.startswith("layers.py:") and "attention" in s for s in sources), sources
+        host = summary["host_us"]
+        assert all(host[phase] > 0 for phase in ("schedule", "arrays", "dispatch", "collect")), host
+        assert abs(sum(v for k, v in host.items() if k != "wall_us") - host["wall_us"]) < 1e-6 * host["wall_us"] + 1
     assert result["attention_scheme"] == "w_mxfp4"
