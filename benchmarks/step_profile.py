@@ -245,8 +245,6 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
-    if args.min_step_tokens:
-        engine_module.MIN_STEP_TOKENS = args.min_step_tokens
 
     hf, full_layers = HF_SHAPES[args.shape]
     layers = args.layers or full_layers
@@ -259,6 +257,7 @@ def main(argv=None) -> int:
         max_num_batched_tokens=max(256, args.batch),
         max_model_len=args.max_model_len,
         attention_backend=args.attention,
+        min_step_tokens=args.min_step_tokens,
     )
     print(f"{args.shape} x {layers} layers, {args.scheme}, batch {args.batch}: {engine.summary()}", flush=True)
     new_tokens = 2 + len(args.scheduling) * 2 * (args.steps + 2) + 2
@@ -287,7 +286,7 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "context": args.context,
         "attention": engine.attention_backend,
-        "min_step_tokens": engine_module.MIN_STEP_TOKENS,
+        "min_step_tokens": engine.min_step_tokens,
     }
     for mode in args.scheduling:
         engine.async_scheduling = mode == "async"

@@ -45,8 +45,10 @@ __all__ = ["Engine", "RequestOutput", "TokenLogprobs"]
 
 log = logging.getLogger("quarkmoe_jax.serving")
 
-#: the fewest tokens a step is padded to (a decode step of one request runs 8 token slots)
-MIN_STEP_TOKENS = 8
+#: the fewest tokens a step is padded to by default: on a GPU one (a decode step of one request runs one token
+#: slot: the MoE kernels size their grid and K split for the bucket, and one token's split is 1.6x faster at
+#: Mixtral's shape on an H100 than eight slots' -- docs/performance.md); on the CPU eight (fewer programs to compile)
+MIN_STEP_TOKENS = {"gpu": 1, "cpu": 8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,8 @@ class Engine:
       async_scheduling: schedule and launch the next step while the device runs this one (default True; the
         outputs of a step come back with the next :meth:`step` call). False: each call waits for its own step.
         The attribute may be switched between calls.
+      min_step_tokens: the smallest token bucket, a power of two (default: 1 on a GPU, 8 on the CPU,
+        :data:`MIN_STEP_TOKENS`); each bucket from it up to ``max_num_batched_tokens`` is one compiled program.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class Engine:
         seed: int = 0,
         attention_backend: str = "auto",
         async_scheduling: bool = True,
+        min_step_tokens: int | None = None,
     ):
         self.model = model
         self.config = model.config
@@ -146,7 +151,12 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._seeds = np.random.default_rng(inputs.check_seed(seed))
         self._ids = itertools.count()
-        self._max_step_tokens = _power_of_two_at_least(max(self.max_num_batched_tokens, MIN_STEP_TOKENS))
+        if min_step_tokens is None:
+            min_step_tokens = MIN_STEP_TOKENS.get(jax.default_backend(), MIN_STEP_TOKENS["gpu"])
+        self.min_step_tokens = inputs.positive_int(min_step_tokens, "min_step_tokens")
+        if self.min_step_tokens & (self.min_step_tokens - 1):
+            raise InputError(f"min_step_tokens must be a power of two, got {min_step_tokens}", field="min_step_tokens")
+        self._max_step_tokens = _power_of_two_at_least(max(self.max_num_batched_tokens, self.min_step_tokens))
         self._max_step_seqs = _power_of_two_at_least(self.max_num_seqs)
         if not isinstance(async_scheduling, bool):
             raise InputError(f"async_scheduling must be True or False, got {async_scheduling!r}")
@@ -171,7 +181,8 @@ class Engine:
             f"{self.num_blocks * self.block_size / self.context.length:.3g} whole contexts of "
             f"{self.context.length}); up to {self.max_num_seqs} requests and {self.max_num_batched_tokens} tokens "
             f"a step; attention: {self._attention_summary()}; scheduling: "
-            f"{'async' if self.async_scheduling else 'waiting for each step'}"
+            f"{'async' if self.async_scheduling else 'waiting for each step'}; steps of {self.min_step_tokens} to "
+            f"{self._max_step_tokens} token slots"
         )
 
     def _attention_summary(self) -> str:
@@ -248,7 +259,7 @@ class Engine:
 
     def step_buckets(self) -> list[int]:
         """The token counts a step is padded to (one compiled program each, per greedy / sampled)."""
-        buckets, n = [], MIN_STEP_TOKENS
+        buckets, n = [], self.min_step_tokens
         while n < self._max_step_tokens:
             buckets.append(n)
             n *= 2
@@ -375,7 +386,7 @@ class Engine:
         counts = np.fromiter((count for _, count in scheduled), np.int64, rows)
         starts = np.fromiter((request.num_computed for request, _ in scheduled), np.int64, rows)
         total = int(counts.sum())
-        n = min(_power_of_two_at_least(max(total, MIN_STEP_TOKENS)), self._max_step_tokens)
+        n = min(_power_of_two_at_least(max(total, self.min_step_tokens)), self._max_step_tokens)
         s = min(n, self._max_step_seqs)
         ids = np.zeros(n, np.int32)
         from_previous = np.full(n, -1, np.int32)

@@ -97,14 +97,16 @@ def test_paged_steps_equal_the_contiguous_forward(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_request_gets_what_generate_gives_it_alone(arch):
     """Requests arrive while others run (a seeded schedule), long prompts are chunked, and a cache of one whole
-    context forces preemptions; each request's tokens equal generate on its prompt alone."""
+    context forces preemptions; each request's tokens equal generate on its prompt alone. Mixtral runs the GPU's
+    token buckets (steps of 1, 2, 4 and 8 slots), the others the CPU's (8)."""
     model = model_of(arch)
     rng = np.random.default_rng(ARCHS.index(arch))
     vocab = model.config.vocab_size
     prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(9, 17, 4)]  # 2 chunks each
     new_tokens = [int(n) for n in rng.integers(8, 13, 4)]
     # one whole context of 32 in blocks of 4: two requests of 17-28 positions cannot both hold theirs
-    engine = small_engine(model, max_model_len=32, num_blocks=8)
+    engine = small_engine(model, max_model_len=32, num_blocks=8, min_step_tokens=1 if arch == "mixtral" else None)
+    assert engine.step_buckets() == ([1, 2, 4, 8] if arch == "mixtral" else [8])
     arrivals = sorted(rng.integers(0, 4, 4).tolist())
     produced, ids, finished, step = {}, {}, set(), 0
     while len(ids) < len(prompts) or engine.has_unfinished():
@@ -351,9 +353,14 @@ def test_engine_defaults_work_and_the_cache_is_sized_and_described():
     assert engine.context.length == model.config.max_position_embeddings
     assert engine.num_blocks >= engine.blocks_per_request
     assert "KV cache:" in engine.summary() and "blocks" in engine.summary()
-    assert engine.summary().endswith("scheduling: async")
+    assert "scheduling: async;" in engine.summary()
+    assert engine.summary().endswith(f"steps of 8 to {engine.step_buckets()[-1]} token slots")  # the CPU's default
     engine.async_scheduling = False
-    assert engine.summary().endswith("scheduling: waiting for each step")
+    assert "scheduling: waiting for each step;" in engine.summary()
+    for bad, message in ((3, "must be a power of two"), (0, "must be a positive integer")):
+        with pytest.raises(QuarkMoEError, match=f"min_step_tokens {message}") as refused:
+            Engine(model, min_step_tokens=bad)
+        assert refused.value.field == "min_step_tokens"
     with pytest.raises(QuarkMoEError, match="async_scheduling must be True or False"):
         Engine(model, async_scheduling="yes")
     with pytest.raises(QuarkMoEError, match="cannot hold one request"):
