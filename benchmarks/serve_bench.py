@@ -33,8 +33,10 @@ Quark scheme's format (an export that quantizes every linear layer but the LM he
   output tokens/s.
 
 * **over HTTP** (``--http``): the same engine served by ``quarkmoe serve``'s app (uvicorn on a thread of this
-  process, as the server runs it) and the throughput and concurrency-4 workloads sent again by a client in
-  another process (streaming completions, token-id prompts): the server's overhead over the engine.
+  process, as the server runs it) and the throughput and concurrency-4 workloads sent again by clients in other
+  processes (streaming completions, token-id prompts; the all-at-once workload from ``--client-processes``
+  processes, 4 by default: one Python client parsing every SSE event is itself a limit near 10k events/s): the
+  server's overhead over the engine, the server process's CPU use and the busiest client's CPU share.
 
 TTFT is the time from submission to a request's first token; TPOT its time from first to last token over its
 other tokens. Greedy sampling throughout.
@@ -290,9 +292,11 @@ def _summary(workload, concurrency: int | None, elapsed: float, timings) -> dict
     }
 
 
-def http_serve(url: str, workload: list[tuple[int, int]], concurrency: int | None, vocab: int) -> dict:
-    """:func:`serve` over HTTP: each request a streaming ``/v1/completions`` (the prompt as token ids, greedy,
-    ``ignore_eos``, usage in the last chunk); TTFT at the first chunk with text, TPOT over the usage's count."""
+def http_timings(url: str, workload: list[tuple[int, int]], indexes, concurrency: int | None, vocab: int) -> dict:
+    """The requests ``indexes`` of ``workload`` sent as :func:`serve` sends them, over HTTP: each a streaming
+    ``/v1/completions`` (the prompt as token ids, greedy, ``ignore_eos``, usage in the last chunk), at most
+    ``concurrency`` at once. Returns per request ``(submitted, first chunk with text, last chunk, tokens)`` on
+    ``time.monotonic`` (one clock for every process of this machine), and this process's CPU seconds."""
     import httpx
 
     rng = np.random.default_rng(1)
@@ -313,7 +317,7 @@ def http_serve(url: str, workload: list[tuple[int, int]], concurrency: int | Non
                     "stream_options": {"include_usage": True},
                 }
                 async with gate:
-                    submitted, first, last, count = time.perf_counter(), None, None, 0
+                    submitted, first, last, count = time.monotonic(), None, None, 0
                     async with client.stream("POST", "/v1/completions", json=body) as response:
                         response.raise_for_status()
                         async for line in response.aiter_lines():
@@ -323,16 +327,41 @@ def http_serve(url: str, workload: list[tuple[int, int]], concurrency: int | Non
                             if chunk.get("usage"):
                                 count = chunk["usage"]["completion_tokens"]
                             elif chunk["choices"]:
-                                last = time.perf_counter()
+                                last = time.monotonic()
                                 first = first or last
                     return submitted, first, last, count
 
-            start = time.perf_counter()
-            results = await asyncio.gather(*(one(i) for i in range(len(workload))))
-            return time.perf_counter() - start, results
+            return await asyncio.gather(*(one(i) for i in indexes))
 
-    elapsed, results = asyncio.run(run())
-    return _summary(workload, concurrency, elapsed, results)
+    cpu = time.process_time()
+    timings = asyncio.run(run())
+    return {"timings": timings, "cpu_s": time.process_time() - cpu}
+
+
+def http_serve(url: str, workload, concurrency: int | None, vocab: int, processes: int = 1) -> dict:
+    """:func:`serve` over HTTP from ``processes`` client processes (request ``i`` from process ``i % processes``;
+    one process keeps ``concurrency``): tokens/s, TTFT / TPOT percentiles, and the clients' busiest CPU share
+    (near 1: a client, not the server, was the limit)."""
+    if processes == 1 or concurrency is not None:
+        parts = [http_timings(url, workload, range(len(workload)), concurrency, vocab)]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            outs = [pathlib.Path(tmp) / f"part{i}.json" for i in range(processes)]
+            command = [sys.executable, __file__, "--url", url, "--vocab", str(vocab), "--requests", str(len(workload))]
+            running = [
+                subprocess.Popen([*command, "--client-part", f"{i}/{processes}", "--json", str(out)])
+                for i, out in enumerate(outs)
+            ]
+            for process in running:
+                if process.wait(timeout=3600):
+                    raise RuntimeError(f"a client process failed: {process.args}")
+            parts = [json.loads(out.read_text()) for out in outs]
+    timings = [t for part in parts for t in part["timings"]]
+    elapsed = max(t[2] or t[0] for t in timings) - min(t[0] for t in timings)
+    summary = _summary(workload, concurrency, elapsed, timings)
+    summary["client_processes"] = len(parts)
+    summary["client_cpu_share_max"] = max(part["cpu_s"] for part in parts) / elapsed
+    return summary
 
 
 def word_tokenizer(vocab: int):
@@ -364,15 +393,26 @@ def http_phases(engine: Engine, args) -> dict:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = pathlib.Path(tmp) / "client.json"
-            command = [
-                sys.executable, __file__, "--url", f"http://127.0.0.1:{port}", "--vocab",
-                str(engine.config.vocab_size), "--requests", str(args.requests), "--concurrency-requests",
-                str(args.concurrency_requests), "--json", str(out),
-            ]  # fmt: skip
-            subprocess.run(command, check=True, timeout=3600)
-            return json.loads(out.read_text())["http"]
+        http = {}
+        for name, requests, concurrent in (
+            ("throughput", args.requests, 0),
+            ("concurrency_4", 0, args.concurrency_requests),
+        ):
+            if not (requests or concurrent):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                out = pathlib.Path(tmp) / "client.json"
+                command = [
+                    sys.executable, __file__, "--url", f"http://127.0.0.1:{port}", "--vocab",
+                    str(engine.config.vocab_size), "--requests", str(requests), "--concurrency-requests",
+                    str(concurrent), "--client-processes", str(args.client_processes), "--json", str(out),
+                ]  # fmt: skip
+                cpu, wall = time.process_time(), time.monotonic()
+                subprocess.run(command, check=True, timeout=3600)
+                http[name] = json.loads(out.read_text())["http"][name]
+                # this process's CPU: the engine's thread and the server's
+                http[name]["server_process_cpu_per_s"] = (time.process_time() - cpu) / (time.monotonic() - wall)
+        return http
     finally:
         server.should_exit = True
         thread.join(60)
@@ -382,15 +422,24 @@ def client_main(args) -> int:
     """``--url``: only the client, against a running server."""
     lengths = json.loads(LENGTHS.read_text())
     workload = list(zip(lengths["input"], lengths["output"], strict=True))
+    if args.client_part:  # one of several client processes: its requests' raw timings
+        part, parts = (int(v) for v in args.client_part.split("/"))
+        workload = workload[: args.requests]
+        raw = http_timings(args.url, workload, range(part, len(workload), parts), None, args.vocab)
+        args.json.write_text(json.dumps(raw))
+        return 0
     result = {}
     if args.requests:
-        result["throughput"] = http_serve(args.url, workload[: args.requests], None, args.vocab)
+        result["throughput"] = http_serve(
+            args.url, workload[: args.requests], None, args.vocab, processes=args.client_processes
+        )
     if args.concurrency_requests:
         result["concurrency_4"] = http_serve(args.url, workload[: args.concurrency_requests], 4, args.vocab)
     for name, r in result.items():
         print(
             f"  HTTP {name}: {r['output_tokens_per_s']:.0f} output tok/s, TTFT p50 {r['ttft_ms']['p50']:.0f} ms, "
-            f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms p99 {r['tpot_ms']['p99']:.2f} ms",
+            f"TPOT p50 {r['tpot_ms']['p50']:.2f} ms p99 {r['tpot_ms']['p99']:.2f} ms; {r['client_processes']} "
+            f"client process(es), busiest at {r['client_cpu_share_max']:.2f} of a core",
             flush=True,
         )
     if args.json:
@@ -523,6 +572,13 @@ def main(argv=None) -> int:
     parser.add_argument("--http", action="store_true", help="also serve the workloads over HTTP (the serve extra)")
     parser.add_argument("--url", help="only send the workloads to the server at this URL")
     parser.add_argument("--vocab", type=int, default=256, help="with --url: prompt token ids are below this")
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=4,
+        help="HTTP client processes sending the all-at-once workload (one Python client parses ~10k SSE events/s)",
+    )
+    parser.add_argument("--client-part", help=argparse.SUPPRESS)  # i/n: one of several client processes
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
     if args.url:

@@ -3,7 +3,7 @@
 # compiled on the GPU, against the XLA oracle and offline generate (tests/models/test_paged_attention.py,
 # tests/serving/test_engine.py); then, with ATTN=1, benchmarks/attention_bench.py; with SERVE="<args>",
 # benchmarks/serve_bench.py <args>; with PROFILE="<args>", benchmarks/step_profile.py <args> (a decode step's
-# kernels by source line and the host's time by phase, async and sync scheduling; PTAG names its files, to run
+# kernels by source line and the host's time by phase, async and sync scheduling; PTAG / STAG name their files, to run
 # several variants in one call). Logs and JSON under $OUT. T, TA, TS, TP: seconds per part.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 [ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
@@ -25,8 +25,9 @@ if [ "${ATTN:-0}" = 1 ]; then
   echo "attention_bench rc=$?"; tail -14 $OUT/attention.log
 fi
 if [ -n "$SERVE" ]; then
-  timeout ${TS:-400} python3 benchmarks/serve_bench.py $SERVE --json $OUT/serve.json > $OUT/serve.log 2>&1
-  echo "serve_bench rc=$?"; tail -30 $OUT/serve.log
+  S=${STAG:-serve}
+  timeout ${TS:-400} python3 benchmarks/serve_bench.py $SERVE --json $OUT/$S.json > $OUT/$S.log 2>&1
+  echo "serve_bench $S rc=$?"; tail -30 $OUT/$S.log
 fi
 if [ -n "$PROFILE" ]; then
   P=${PTAG:-profile}

@@ -118,13 +118,15 @@ def test_model_and_serving_benchmarks_run_on_a_tiny_shape(tmp_path, monkeypatch)
     _run_script(
         "benchmarks/serve_bench.py",
         [*common, *settings, "--shapes", "tiny_gpt_oss", "--batches", "1", "4", "--requests", "3"]
-        + ["--concurrency-requests", "2", "--http", "--json", str(out)],
+        + ["--concurrency-requests", "2", "--http", "--client-processes", "2", "--json", str(out)],
         monkeypatch,
     )
     (serve,) = json.loads(out.read_text())["results"]
     for name, requests in (("throughput", 3), ("concurrency_4", 2)):  # the same workloads over HTTP
         http = serve["http"][name]
         assert http["requests"] == requests and http["output_tokens_per_s"] > 0 and http["throughput_over_engine"] > 0
+        assert http["client_processes"] == (2 if name == "throughput" else 1)  # concurrency 4: one gate, one client
+        assert 0 < http["client_cpu_share_max"] and 0 < http["server_process_cpu_per_s"]
     assert [d["batch"] for d in serve["decode"]] == [1, 4]  # 4: two prefill while two decode
     assert all(d["compiled_while_timed"] == 0 and d["tokens_per_s"] > 0 for d in serve["decode"])
     assert serve["throughput"]["requests"] == 3 and serve["throughput"]["output_tokens_per_s"] > 0

@@ -48,6 +48,28 @@ class EngineState:
     generation_tokens_per_s: float
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sink:
+    """Where a request's outputs go: a queue owned by an event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    """Put each ``(queue, item)`` on its queue from the loop's own thread (a loop already closed drops them:
+    its requests' handlers are gone)."""
+
+    def put_all():
+        for queue_, item in items:
+            queue_.put_nowait(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:
+        pass
+
+
 class AsyncEngine:
     """An :class:`Engine` driven by one background thread; safe to call from an asyncio event loop."""
 
@@ -56,7 +78,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._sinks: dict[str, object] = {}
+        self._sinks: dict[str, _Sink] = {}
         self._thread = threading.Thread(target=self._run, name="quarkmoe-engine", daemon=True)
         self._lock = threading.Lock()
         self._state = EngineState(0, 0, 0.0, 0, 0, 0.0)
@@ -101,10 +123,7 @@ class AsyncEngine:
 
             loop.call_soon_threadsafe(settle)
 
-        def deliver(item) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
-        self._commands.put(("add", prompt_ids, params, resolve, deliver))
+        self._commands.put(("add", prompt_ids, params, resolve, _Sink(loop, outputs)))
         self._wake.set()
         request_id = await accepted
         return request_id, outputs
@@ -131,12 +150,15 @@ class AsyncEngine:
                 self._fail_all(f"the engine step failed: {type(e).__name__}: {e}")
                 continue
             now = time.monotonic()
+            deliveries: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
             for output in outputs:
                 sink = self._sinks.get(output.request_id)
                 if sink is not None:
-                    sink(output)
+                    deliveries[sink.loop].append((sink.queue, output))
                 if output.finished:
                     self._sinks.pop(output.request_id, None)
+            for loop, items in deliveries.items():  # one wake-up of each loop a step, not one per request
+                _deliver(loop, items)
             self._generation_tokens += len(outputs)
             self._recent.append((now, len(outputs)))
             self._publish()
@@ -149,7 +171,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, prompt_ids, params, resolve, deliver = command
+                _, prompt_ids, params, resolve, sink = command
                 try:
                     request_id = self.engine.add_request(prompt_ids, params)
                 except InputError as e:
@@ -158,7 +180,7 @@ class AsyncEngine:
                 except Exception as e:  # noqa: BLE001 - reported to the handler, the loop goes on
                     resolve(None, InputError(f"the request was refused: {type(e).__name__}: {e}"))
                     continue
-                self._sinks[request_id] = deliver
+                self._sinks[request_id] = sink
                 self._prompt_tokens += len(prompt_ids)
                 resolve(request_id, None)
             else:
@@ -168,7 +190,7 @@ class AsyncEngine:
 
     def _fail_all(self, message: str) -> None:
         for request_id, sink in list(self._sinks.items()):
-            sink(EngineFailure(message))
+            _deliver(sink.loop, [(sink.queue, EngineFailure(message))])
             self.engine.abort_request(request_id)
         self._sinks.clear()
 

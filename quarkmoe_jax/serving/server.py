@@ -301,32 +301,39 @@ class Api:
 
     async def tokens(self, request_id: str, outputs: asyncio.Queue, stream: TextStream, params, arrival: float):
         """Yields ``(text piece, finish_reason or None, completion tokens, TokenLogprobs since the last yield)``
-        until the request ends."""
+        until the request ends. Outputs that queued up while the client's last piece was being sent are taken
+        together (one piece for several tokens: under load the server sends fewer, larger chunks, as vLLM's
+        output collector merges them)."""
         count, first = 0, None
         finished = False
         records = []
         try:
             while True:
-                item = await outputs.get()
-                if isinstance(item, EngineFailure):
-                    raise ApiError(item.message, None, 500, "server_error")
+                items = [await outputs.get()]
+                while not outputs.empty():
+                    items.append(outputs.get_nowait())
+                failure = next((item for item in items if isinstance(item, EngineFailure)), None)
+                if failure is not None:
+                    raise ApiError(failure.message, None, 500, "server_error")
                 now = time.monotonic()
                 if first is None:
                     first = now
                     self.metrics.ttft.observe(now - arrival)
-                count += len(item.new_token_ids)
-                records += item.logprobs or ()
-                piece = stream.add(item.new_token_ids)
+                new_ids = [token for item in items for token in item.new_token_ids]
+                count += len(new_ids)
+                for item in items:
+                    records += item.logprobs or ()
+                piece = stream.add(new_ids)
                 if stream.stopped:
                     finished = True
                     self.engine.abort(request_id)
                     yield piece, "stop", count, records
                     return
-                if item.finished:
+                if items[-1].finished:
                     finished = True
                     if count > 1:
                         self.metrics.tpot.observe((now - first) / (count - 1))
-                    reason = "stop" if item.new_token_ids[-1] in params.stop_token_ids else "length"
+                    reason = "stop" if new_ids[-1] in params.stop_token_ids else "length"
                     yield piece + stream.finish(), reason, count, records
                     return
                 if piece:
@@ -580,18 +587,36 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
                 chunk["usage"] = usage
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
-        merged: asyncio.Queue = asyncio.Queue()
+        tasks = []
 
-        async def pump(choice):
-            try:
-                async for item in choice.pieces:
-                    await merged.put((choice, item))
-            except ApiError as e:
-                await merged.put((choice, e))
-            finally:
-                await merged.put((choice, None))
+        async def arrivals():
+            """``(choice, item)`` as the choices' pieces come: an item, an ApiError, or None when one ended."""
+            if len(submitted) == 1:  # one choice (most requests): read it directly, no task and queue in between
+                (choice,) = submitted
+                try:
+                    async for item in choice.pieces:
+                        yield choice, item
+                except ApiError as e:
+                    yield choice, e
+                yield choice, None
+                return
+            merged: asyncio.Queue = asyncio.Queue()
 
-        tasks = [asyncio.ensure_future(pump(choice)) for choice in submitted]
+            async def pump(choice):
+                try:
+                    async for item in choice.pieces:
+                        await merged.put((choice, item))
+                except ApiError as e:
+                    await merged.put((choice, e))
+                finally:
+                    await merged.put((choice, None))
+
+            tasks.extend(asyncio.ensure_future(pump(choice)) for choice in submitted)
+            for _ in submitted:
+                while (arrival := await merged.get())[1] is not None:
+                    yield arrival
+                yield arrival
+
         counts = {choice.index: 0 for choice in submitted}
         try:
             if chat:
@@ -599,11 +624,8 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
                     yield event(
                         {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                     )
-            running = len(submitted)
-            while running:
-                choice, item = await merged.get()
+            async for choice, item in arrivals():
                 if item is None:
-                    running -= 1
                     continue
                 if isinstance(item, ApiError):
                     yield f"data: {json.dumps(item.body())}\n\n".encode()
