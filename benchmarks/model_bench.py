@@ -139,12 +139,18 @@ def static_input_scale(quant: MoEQuantConfig | None):
 
 
 def build_model(
-    config: DecoderConfig, scheme: str, seed: int = 0, prepare: bool = True, attention_scheme: str = "bf16"
+    config: DecoderConfig,
+    scheme: str,
+    seed: int = 0,
+    prepare: bool = True,
+    attention_scheme: str = "bf16",
+    prepare_linears: bool = True,
 ) -> QuarkMoEForCausalLM:
     """A random bf16 model of ``config`` whose experts are in ``scheme``'s format, laid out for the kernels on a
     GPU (``prepare``; False: Quark's layout, as :meth:`QuarkMoEForCausalLM.shard` takes them), and whose
     attention projections are in ``attention_scheme``'s (default bf16: the public gpt-oss and Mixtral
-    checkpoints' attention; a Quark export quantizes them too unless excluded)."""
+    checkpoints' attention; a Quark export quantizes them too unless excluded), MX ones laid out for the
+    kernels too where ``prepare and prepare_linears`` (as ``from_pretrained`` does; False: the oracle's GEMM)."""
     keys = iter(jax.random.split(jax.random.key(seed), 16 * config.num_layers + 4))
     h, heads, kv, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     arch = config.moe
@@ -190,7 +196,10 @@ def build_model(
     embed = _normal(next(keys), (config.vocab_size, h), 1.0)
     norm = RMSNorm(jnp.ones((h,), jnp.float32), config.rms_norm_eps)
     lm_head = Linear(_normal(next(keys), (config.vocab_size, h)))
-    return QuarkMoEForCausalLM(config, embed, layers, norm, lm_head, dtype=jnp.bfloat16)
+    model = QuarkMoEForCausalLM(config, embed, layers, norm, lm_head, dtype=jnp.bfloat16)
+    if prepare and prepare_linears and jax.default_backend() == "gpu":
+        model.prepare_linears_for_kernels()
+    return model
 
 
 def _wall_median(call, repeats: int, warmup: int = 2) -> float:

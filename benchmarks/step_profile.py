@@ -233,6 +233,11 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="mixtral_8x7b", choices=list(HF_SHAPES))
     parser.add_argument("--scheme", default="w_mxfp4")
     parser.add_argument("--attention-scheme", default="bf16", help="the attention projections' format")
+    parser.add_argument(
+        "--oracle-linears",
+        action="store_true",
+        help="quantized projections on the oracle's GEMM (whole weight dequantized) instead of the kernel backend",
+    )
     parser.add_argument("--layers", type=int, help="decoder layers (default: the full depth)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1023)
@@ -249,7 +254,9 @@ def main(argv=None) -> int:
     hf, full_layers = HF_SHAPES[args.shape]
     layers = args.layers or full_layers
     config = DecoderConfig.from_hf_config({**hf, "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
-    model = build_model(config, args.scheme, attention_scheme=args.attention_scheme)
+    model = build_model(
+        config, args.scheme, attention_scheme=args.attention_scheme, prepare_linears=not args.oracle_linears
+    )
     jax.block_until_ready(nnx.state(model))
     engine = Engine(
         model,
@@ -282,6 +289,7 @@ def main(argv=None) -> int:
         "shape": args.shape,
         "scheme": args.scheme,
         "attention_scheme": args.attention_scheme,
+        "linears": "oracle" if args.oracle_linears else "kernel backend where prepared",
         "layers": layers,
         "batch": args.batch,
         "context": args.context,

@@ -14,7 +14,9 @@ from jax import lax
 
 from quarkmoe_jax.contracts import MoEQuantConfig
 from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS, load_backend
 from quarkmoe_jax.moe.emulation import dense_gemm
+from quarkmoe_jax.moe.fused import kernel_weights, linear_gemm
 from quarkmoe_jax.moe.gemm_io import quantize_gemm_input
 
 __all__ = ["RMSNorm", "Linear", "rope_tables", "apply_rope", "attention"]
@@ -44,7 +46,9 @@ class Linear(nnx.Module):
     are quantized (None: float); ``input_scale`` float32 ``[]`` for static activation scales; ``bias [N]``.
     The input is quantized exactly as the MoE layers quantize theirs (``moe.gemm_io.quantize_gemm_input``)
     and the GEMM is the oracle's (``moe.emulation.dense_gemm``), so a quantized linear computes what vLLM's
-    Quark linear methods compute. ``valid`` (bool, broadcastable
+    Quark linear methods compute; after :meth:`prepare_for_kernels` (done at load on a GPU) an MX weight's
+    GEMM runs on the MoE kernel backend's grouped GEMM with one group (``moe.fused.linear_gemm``), equal to
+    the oracle's to float32 summation order. ``valid`` (bool, broadcastable
     to ``x.shape[:-1]``): False for padding rows, which are zeroed before a quantized input's dynamic scale
     is taken (a padded prompt bucket gives what its unpadded prompt gives).
     """
@@ -54,15 +58,53 @@ class Linear(nnx.Module):
         self.bias = None if bias is None else nnx.Param(jnp.asarray(bias, jnp.float32))
         self.input_scale = None if input_scale is None else nnx.Param(jnp.asarray(input_scale, jnp.float32))
         self.quant = quant
+        self.kernel_backend: str | None = None  # set by prepare_for_kernels: the weight is then [1, N, K] in its layout
 
     @property
     def out_features(self) -> int:
-        return self.weight.get_value().shape[0]
+        return self.weight.get_value().shape[-2]
+
+    def checkpoint_weight(self):
+        """The weight as loaded: ``[N, K]``, a float array or a checkpoint-layout :class:`QArray`."""
+        w = self.weight.get_value()
+        if self.kernel_backend is None:
+            return w
+        return jax.tree.map(lambda a: a[0], w.to_checkpoint_layout())
 
     def dequantized_weight(self, dtype=jnp.float32):
         """``[N, K]`` in ``dtype``, scales applied."""
-        w = self.weight.get_value()
+        w = self.checkpoint_weight()
         return w.dequantize(dtype) if isinstance(w, QArray) else w.astype(dtype)
+
+    def prepare_for_kernels(self, backend: str | None = "auto") -> Linear:
+        """Lay an MX weight out once for a kernel backend's grouped GEMM, which this layer then runs with one
+        group (the weight as expert ``[1, N, K]``; its codes decoded inside the kernel instead of the whole
+        weight dequantized by XLA on every call). ``backend``: a kernel backend's name, or ``"auto"`` / None:
+        the one the MoE layers of this scheme load for (:func:`~quarkmoe_jax.kernels.registry.load_backend`).
+        Float and 8-bit weights (XLA's dots read them as stored), a backend that is unavailable here or does
+        not take the weight's shape: nothing changes. Returns ``self``."""
+        if self.kernel_backend is not None or self.quant is None or self.quant.weight.kind != "mx":
+            return self
+        if self.quant.activation.granularity == "channel":
+            return self
+        kernels = load_backend(self.quant) if backend in (None, "auto") else KERNEL_BACKENDS.get(backend)
+        if kernels is None or kernels.unavailable() is not None:
+            return self
+        one_group = jax.tree.map(lambda a: a[None], self.weight.get_value())
+        try:
+            laid = kernel_weights(one_group, "weight", kernels)
+        except NotImplementedError:  # e.g. FP6 with K % 64 != 0
+            return self
+        self.weight.set_value(laid)
+        self.kernel_backend = kernels.name
+        return self
+
+    def restore_checkpoint_layout(self) -> Linear:
+        """Undo :meth:`prepare_for_kernels` (the weight back to ``[N, K]`` as loaded). Returns ``self``."""
+        if self.kernel_backend is not None:
+            self.weight.set_value(self.checkpoint_weight())
+            self.kernel_backend = None
+        return self
 
     def __call__(self, x, valid=None):
         lead, k = x.shape[:-1], x.shape[-1]
@@ -80,6 +122,8 @@ class Linear(nnx.Module):
     def _quantized(self, x2, w: QArray):
         q = self.quant
         static = None if self.input_scale is None else self.input_scale.get_value()
+        if self.kernel_backend is not None:
+            return linear_gemm(x2, w, q, KERNEL_BACKENDS[self.kernel_backend], static)
         operand, a_scale = quantize_gemm_input(x2, q.activation, q.weight.kind, static, q.semantics)
         return dense_gemm(operand, w, a_scale)  # the oracle's GEMM dtype rule and epilogue
 

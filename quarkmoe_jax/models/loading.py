@@ -142,6 +142,8 @@ def from_pretrained(
     )
     if sharding is not None:
         sharding.replicate_rest(model)  # the routers the block loader read whole
+    elif jax.default_backend() == "gpu":
+        model.prepare_linears_for_kernels(backend)
     return model
 
 

@@ -111,6 +111,7 @@ class LatentAttention(nnx.Module):
     """
 
     cache_keys, cache_value = ("latent", "k_rot"), None  # keys [latent | k_rot]; the latent is the value
+    dequantized_linears = ("kv_b_proj",)  # read as dequantized weights (absorbed), not multiplied as a Linear
 
     def __init__(self, config: DecoderConfig, projections: dict[str, Linear], norms: dict[str, RMSNorm]):
         mla = config.mla
@@ -282,6 +283,17 @@ class QuarkMoEForCausalLM(nnx.Module):
             if cache is not None:
                 new_cache.append(entry)
         return self.norm(x), new_cache
+
+    def prepare_linears_for_kernels(self, backend: str | None = "auto") -> QuarkMoEForCausalLM:
+        """Lay the MX attention projections out once for the kernel backend (:meth:`Linear.prepare_for_kernels`;
+        ``from_pretrained`` does it on a GPU for a one-device model), so a decode step's projections read their
+        packed bytes instead of dequantizing whole weights; returns the model."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            for name, value in vars(attn).items():
+                if isinstance(value, Linear) and name not in getattr(attn, "dequantized_linears", ()):
+                    value.prepare_for_kernels(backend)
+        return self
 
     def shard(self, mesh) -> QuarkMoEForCausalLM:
         """Move this one-device model onto ``mesh`` (a :func:`~quarkmoe_jax.moe.sharding.moe_mesh`, or an

@@ -267,7 +267,7 @@ class ModelSharding:
         return value if pad == 0 else jnp.pad(value, [(0, pad)] + [(0, 0)] * (value.ndim - 1))
 
     def _shard_linear(self, linear, split: str, rows, pad: bool = False) -> None:
-        weight = linear.weight.get_value()
+        weight = linear.restore_checkpoint_layout().weight.get_value()
         if pad and not isinstance(weight, QArray):
             weight = self._pad_rows(weight)
         linear.weight.set_value(self.place_linear(weight, split, rows))

@@ -55,7 +55,7 @@ from quarkmoe_jax.moe.gemm_io import (
 from quarkmoe_jax.moe.pair_sort import sort_pairs, tile_rows
 from quarkmoe_jax.moe.shard_axes import ShardAxes
 
-__all__ = ["fused_core", "kernel_weights", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
+__all__ = ["fused_core", "kernel_weights", "linear_gemm", "UNFUSED_ACTIVATIONS", "PREFILL_DEQUANT_CAP_BYTES"]
 
 PREFILL_DEQUANT_CAP_BYTES = 1 << 30
 """Prefill dequantizes at most this many bytes of bfloat16 weights per chunk of experts (XLA may overlap
@@ -155,6 +155,54 @@ def _gemm(a, weight, tile_expert, bias, row_weights, row_scales, col_scales, *, 
             **kwargs,
         )
     return out
+
+
+def linear_gemm(x, weight: QArray, quant_config, backend: KernelBackend, static_scale=None):
+    """A quantized Linear's GEMM on ``backend``'s grouped GEMM with one group: ``x [T, K]`` (the activation
+    dtype) times ``weight [1, N, K]`` (one expert, MX codes in the backend's layout: decoded in the kernel, so
+    a decode step reads the packed bytes once instead of dequantizing the whole weight) -> float32 ``[T, N]``.
+
+    The input is quantized as the oracle's (:func:`quantize_gemm_input`) and its scale applied in the
+    epilogue, so the result is :func:`quarkmoe_jax.moe.emulation.dense_gemm`'s to float32 summation order.
+    """
+    act = quant_config.activation
+    if act.granularity == "channel":
+        raise NotImplementedError(f"{backend.name} backend: per-channel dynamic activation scales")
+    weight = kernel_weights(weight, "weight", backend)
+    t = x.shape[0]
+    n = weight.shape[1]
+    device_kind = jax.devices()[0].device_kind
+    mx = isinstance(weight, QArray) and weight.kind == "mx"
+    config, _ = backend.tiles(device_kind, expected_load(t, 1, 1), (weight.shape[2], weight.shape[2]), mx)
+    num_tiles = -(-t // config.block_m)
+    operand, a_scale = _gemm_operand(
+        x,
+        act,
+        quant_config.weight.kind,
+        static_scale,
+        semantics=quant_config.semantics,
+        fp8_dot=fp8_tensor_cores(device_kind),
+    )
+    rows = num_tiles * config.block_m - t
+    operand = jnp.pad(operand, ((0, rows), (0, 0)))
+    row_scales = None if a_scale is None else jnp.pad(a_scale, (0, rows))
+    y = _gemm(
+        operand,
+        weight,
+        jnp.zeros((num_tiles,), jnp.int32),
+        None,
+        None,
+        row_scales,
+        None,
+        n_out=n,
+        config=config,
+        epilogue=Epilogue(row_scales=row_scales is not None, activation_dtype=jnp.dtype(x.dtype).name),
+        backend=backend,
+        out_dtype=jnp.float32,
+        interpret=jax.default_backend() == "cpu",
+        dequant=False,
+    )
+    return y[:t]
 
 
 def fused_core(backend: KernelBackend) -> Callable:
