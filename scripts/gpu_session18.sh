@@ -1,0 +1,19 @@
+#!/bin/bash
+# One device call (tool `run`, carry [".whl"]): the quantized Linear on the kernel backends compiled against the
+# oracle, the decode step with MXFP4 attention projections (kernel GEMM), then (TS > 0) the HTTP overhead run.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
+[ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
+python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl .whl/serve/*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout ${T:-70} python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_linear_kernels.py > $OUT/linear_pytest.log 2>&1
+echo "linear pytest rc=$?"; tail -4 $OUT/linear_pytest.log
+A="--shape mixtral_8x7b --layers 8 --batch 1 --steps 30 --scheduling async --attention-scheme w_mxfp4"
+timeout ${TP:-60} python3 benchmarks/step_profile.py $A --json $OUT/p_mx_kernel.json > $OUT/p_mx_kernel.log 2>&1
+echo "profile rc=$?"; grep -E "^async|host per step" $OUT/p_mx_kernel.log
+if [ "${TS:-0}" -gt 0 ]; then
+  timeout $TS python3 benchmarks/serve_bench.py --shapes mixtral_8x7b --layers 8 --http --requests 200 \
+    --concurrency-requests 16 --batches 1 --prefill-tokens 0 --max-num-batched-tokens 512 \
+    --json $OUT/serve_http.json > $OUT/serve_http.log 2>&1
+  echo "serve rc=$?"; tail -8 $OUT/serve_http.log
+fi
