@@ -14,6 +14,7 @@ from jax import lax
 
 from quarkmoe_jax.contracts import MoEQuantConfig
 from quarkmoe_jax.formats import QArray
+from quarkmoe_jax.kernels.base import expected_load
 from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS, load_backend
 from quarkmoe_jax.moe.emulation import dense_gemm
 from quarkmoe_jax.moe.fused import kernel_weights, linear_gemm
@@ -79,10 +80,12 @@ class Linear(nnx.Module):
     def prepare_for_kernels(self, backend: str | None = "auto") -> Linear:
         """Lay an MX weight out once for a kernel backend's grouped GEMM, which this layer then runs with one
         group (the weight as expert ``[1, N, K]``; its codes decoded inside the kernel instead of the whole
-        weight dequantized by XLA on every call). ``backend``: a kernel backend's name, or ``"auto"`` / None:
-        the one the MoE layers of this scheme load for (:func:`~quarkmoe_jax.kernels.registry.load_backend`).
-        Float and 8-bit weights (XLA's dots read them as stored), a backend that is unavailable here or does
-        not take the weight's shape: nothing changes. Returns ``self``."""
+        weight dequantized by XLA on every call) for calls of up to 128 rows (decode steps and small batches;
+        a prefill's many rows dequantize the weight once and multiply densely, as before). ``backend``: a
+        kernel backend's name, or ``"auto"`` / None: the one the MoE layers of this scheme load for
+        (:func:`~quarkmoe_jax.kernels.registry.load_backend`). Float and 8-bit weights (XLA's dots read them as
+        stored), a backend that is unavailable here or does not take the weight's shape: nothing changes.
+        Returns ``self``."""
         if self.kernel_backend is not None or self.quant is None or self.quant.weight.kind != "mx":
             return self
         if self.quant.activation.granularity == "channel":
@@ -123,7 +126,10 @@ class Linear(nnx.Module):
         q = self.quant
         static = None if self.input_scale is None else self.input_scale.get_value()
         if self.kernel_backend is not None:
-            return linear_gemm(x2, w, q, KERNEL_BACKENDS[self.kernel_backend], static)
+            if expected_load(x2.shape[0], 1, 1).regime != "prefill":
+                return linear_gemm(x2, w, q, KERNEL_BACKENDS[self.kernel_backend], static)
+            # many rows (a prefill): dequantize once and multiply densely, as the MoE layers' prefill does
+            w = self.checkpoint_weight()
         operand, a_scale = quantize_gemm_input(x2, q.activation, q.weight.kind, static, q.semantics)
         return dense_gemm(operand, w, a_scale)  # the oracle's GEMM dtype rule and epilogue
 
