@@ -94,9 +94,13 @@ class Linear(nnx.Module):
         if kernels is None or kernels.unavailable() is not None:
             return self
         one_group = jax.tree.map(lambda a: a[None], self.weight.get_value())
+        static = None if self.input_scale is None else self.input_scale.get_value()
         try:
             laid = kernel_weights(one_group, "weight", kernels)
-        except NotImplementedError:  # e.g. FP6 with K % 64 != 0
+            for rows in (1, 128):  # the decode and mid tiles must fit the weight (traced, not compiled)
+                x = jax.ShapeDtypeStruct((rows, laid.shape[2]), jnp.bfloat16)
+                jax.eval_shape(lambda x: linear_gemm(x, laid, self.quant, kernels, static), x)  # noqa: B023
+        except NotImplementedError:  # e.g. FP6 with K % 64 != 0, an N no tile divides
             return self
         self.weight.set_value(laid)
         self.kernel_backend = kernels.name

@@ -80,3 +80,31 @@ def test_prepare_is_undone_exactly_and_skips_what_it_cannot_run(key):
     assert _linear(key, "w_mxfp4", 48, 96, False).prepare_for_kernels("emulation").kernel_backend is None
     fp6 = _linear(key, "w_mxfp6_e3m2_a_fp8", 48, 96, False)  # K % 64 != 0: no FP6 kernel takes it
     assert fp6.prepare_for_kernels("pallas").kernel_backend is None and fp6.weight.get_value().layout == "checkpoint"
+
+
+@pytest.mark.skipif("pallas" not in BACKENDS, reason="the Pallas backend is unavailable")
+def test_a_whole_model_s_projections_are_prepared_except_the_absorbed_one(tmp_path):
+    """DeepSeek-V3 exported with every linear layer in MXFP4: the attention projections are laid out for the
+    kernels, but ``kv_b_proj`` (read dequantized by the absorbed attention) keeps Quark's layout, and so does
+    the tiny model's ``kv_a_proj_with_mqa`` (N = 40: no Pallas tile divides it, found when preparing, not at the
+    first call); the logits stay the oracle model's to float32 summation order."""
+    import pathlib
+
+    from quarkmoe_jax.checkpoint.exporter import export_quark_checkpoint
+    from quarkmoe_jax.models import from_pretrained
+
+    golden = pathlib.Path(__file__).resolve().parents[1] / "golden" / "data" / "hf_models" / "deepseek_v3"
+    path = export_quark_checkpoint(golden, tmp_path / "q", "w_mxfp4", quantize_linears=True)
+    oracle = from_pretrained(path, backend="emulation", dtype=jnp.float32)
+    prepared = from_pretrained(path, backend="emulation", dtype=jnp.float32).prepare_linears_for_kernels("pallas")
+    for layer in prepared.layers:
+        attn = layer.self_attn
+        linears = {name: v for name, v in vars(attn).items() if isinstance(v, Linear)}
+        kept = {"kv_b_proj", "kv_a_proj_with_mqa"}
+        assert linears["kv_a_proj_with_mqa"].out_features == 40 and len(linears) > len(kept)
+        assert {name: v.kernel_backend for name, v in linears.items()} == {
+            name: None if name in kept else "pallas" for name in linears
+        }
+    ids = np.array([[3, 17, 42, 5]])
+    want, got = np.asarray(oracle(ids)), np.asarray(prepared(ids))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * float(np.abs(want).max()))
