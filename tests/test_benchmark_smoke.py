@@ -1,6 +1,7 @@
 """The benchmark script runs (tiny shape, CPU): it is a benchmark, never a timed test, but it must not rot."""
 
 import json
+import pathlib
 import runpy
 import sys
 
@@ -158,3 +159,15 @@ def test_step_profile_attributes_a_decode_step_s_kernels_to_source_lines(tmp_pat
         assert all(host[phase] > 0 for phase in ("schedule", "arrays", "dispatch", "collect")), host
         assert abs(sum(v for k, v in host.items() if k != "wall_us") - host["wall_us"]) < 1e-6 * host["wall_us"] + 1
     assert result["attention_scheme"] == "w_mxfp4"
+
+
+def test_server_capacity_benchmark_streams_every_token(tmp_path, monkeypatch):
+    """benchmarks/server_capacity.py: the real app over a stand-in engine, every requested token delivered."""
+    out = tmp_path / "capacity.json"
+    argv = ["--requests", "6", "--client-processes", "2", "--step-ms", "1", "--vocab", "300", "--json", str(out)]
+    _run_script("benchmarks/server_capacity.py", argv, monkeypatch)
+    result = json.loads(out.read_text())
+    lengths_file = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "sharegpt_like_lengths.json"
+    lengths = json.loads(lengths_file.read_text())
+    assert result["requests"] == 6 and result["output_tokens_per_s"] > 0
+    assert result["engine_steps"] >= max(lengths["output"][:6]) and 0 < result["throughput_over_engine"] <= 1.05
