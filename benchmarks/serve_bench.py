@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import pathlib
@@ -375,9 +376,10 @@ def word_tokenizer(vocab: int):
     return tokenizer
 
 
-def http_phases(engine: Engine, args) -> dict:
-    """Serve ``engine`` through the server's app on this process (uvicorn on a thread) and send the throughput
-    and concurrency-4 workloads from a client process (``--url`` mode of this script)."""
+@contextlib.contextmanager
+def served(engine, model_name: str):
+    """``quarkmoe serve``'s app over ``engine`` on uvicorn, on a thread of this process (as the server runs it)
+    at a free port of 127.0.0.1; yields its URL, stops it on exit."""
     import uvicorn
 
     from quarkmoe_jax.serving.server import ServerSettings, create_app
@@ -385,7 +387,7 @@ def http_phases(engine: Engine, args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(engine, word_tokenizer(engine.config.vocab_size), None, ServerSettings("bench"))
+    app = create_app(engine, word_tokenizer(engine.config.vocab_size), None, ServerSettings(model_name))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -393,6 +395,16 @@ def http_phases(engine: Engine, args) -> dict:
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def http_phases(engine: Engine, args) -> dict:
+    """Serve ``engine`` through the server's app on this process (uvicorn on a thread) and send the throughput
+    and concurrency-4 workloads from a client process (``--url`` mode of this script)."""
+    with served(engine, "bench") as url:
         http = {}
         for name, requests, concurrent in (
             ("throughput", args.requests, 0),
@@ -403,7 +415,7 @@ def http_phases(engine: Engine, args) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 out = pathlib.Path(tmp) / "client.json"
                 command = [
-                    sys.executable, __file__, "--url", f"http://127.0.0.1:{port}", "--vocab",
+                    sys.executable, __file__, "--url", url, "--vocab",
                     str(engine.config.vocab_size), "--requests", str(requests), "--concurrency-requests",
                     str(concurrent), "--client-processes", str(args.client_processes), "--json", str(out),
                 ]  # fmt: skip
@@ -413,9 +425,6 @@ def http_phases(engine: Engine, args) -> dict:
                 # this process's CPU: the engine's thread and the server's
                 http[name]["server_process_cpu_per_s"] = (time.process_time() - cpu) / (time.monotonic() - wall)
         return http
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 def client_main(args) -> int:

@@ -20,14 +20,12 @@ import argparse
 import datetime
 import json
 import pathlib
-import socket
 import sys
-import threading
 import time
 import types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from serve_bench import LENGTHS, http_serve, word_tokenizer  # noqa: E402
+from serve_bench import LENGTHS, http_serve, served  # noqa: E402
 
 from quarkmoe_jax.errors import InputError  # noqa: E402
 from quarkmoe_jax.serving.engine import RequestOutput  # noqa: E402
@@ -85,30 +83,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
 
-    import uvicorn
-
-    from quarkmoe_jax.serving.server import ServerSettings, create_app
-
     engine = InstantEngine(args.vocab, 4096, args.step_ms / 1e3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(engine, word_tokenizer(args.vocab), None, ServerSettings("capacity"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
     lengths = json.loads(LENGTHS.read_text())
     workload = list(zip(lengths["input"], lengths["output"], strict=True))[: args.requests]
-    try:
+    with served(engine, "capacity") as url:
         cpu, wall = time.process_time(), time.monotonic()
-        result = http_serve(f"http://127.0.0.1:{port}", workload, None, args.vocab, processes=args.client_processes)
+        result = http_serve(url, workload, None, args.vocab, processes=args.client_processes)
         result["server_process_cpu_per_s"] = (time.process_time() - cpu) / (time.monotonic() - wall)
-    finally:
-        server.should_exit = True
-        thread.join(60)
     result["engine_steps"] = engine.steps
     if args.step_ms:  # the engine alone: every request runs from the first step, the longest sets the time
         alone = sum(out for _, out in workload) / (max(out for _, out in workload) * args.step_ms / 1e3)
