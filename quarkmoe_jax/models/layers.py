@@ -88,8 +88,6 @@ class Linear(nnx.Module):
         Returns ``self``."""
         if self.kernel_backend is not None or self.quant is None or self.quant.weight.kind != "mx":
             return self
-        if self.quant.activation.granularity == "channel":
-            return self
         kernels = load_backend(self.quant) if backend in (None, "auto") else KERNEL_BACKENDS.get(backend)
         if kernels is None or kernels.unavailable() is not None:
             return self
@@ -100,7 +98,7 @@ class Linear(nnx.Module):
             for rows in (1, 128):  # the decode and mid tiles must fit the weight (traced, not compiled)
                 x = jax.ShapeDtypeStruct((rows, laid.shape[2]), jnp.bfloat16)
                 jax.eval_shape(lambda x: linear_gemm(x, laid, self.quant, kernels, static), x)  # noqa: B023
-        except NotImplementedError:  # e.g. FP6 with K % 64 != 0, an N no tile divides
+        except NotImplementedError:  # e.g. FP6 with K % 64 != 0, an N no tile divides, per-channel input scales
             return self
         self.weight.set_value(laid)
         self.kernel_backend = kernels.name

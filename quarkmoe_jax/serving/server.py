@@ -624,9 +624,10 @@ def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSett
                     await merged.put((choice, None))
 
             tasks.extend(asyncio.ensure_future(pump(choice)) for choice in submitted)
-            for _ in submitted:
-                while (arrival := await merged.get())[1] is not None:
-                    yield arrival
+            running = len(submitted)
+            while running:
+                arrival = await merged.get()
+                running -= arrival[1] is None
                 yield arrival
 
         counts = {choice.index: 0 for choice in submitted}
