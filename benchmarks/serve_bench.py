@@ -33,10 +33,12 @@ Quark scheme's format (an export that quantizes every linear layer but the LM he
   output tokens/s.
 
 * **over HTTP** (``--http``): the same engine served by ``quarkmoe serve``'s app (uvicorn on a thread of this
-  process, as the server runs it) and the throughput and concurrency-4 workloads sent again by clients in other
-  processes (streaming completions, token-id prompts; the all-at-once workload from ``--client-processes``
-  processes, 4 by default: one Python client parsing every SSE event is itself a limit near 10k events/s): the
-  server's overhead over the engine, the server process's CPU use and the busiest client's CPU share.
+  process) with the engine in a process of its own, as ``quarkmoe serve`` runs it (built first, and gone before
+  the other phases build theirs; ``--http-engine thread``: the engine of the other phases, on a thread of this
+  process), and the throughput and concurrency-4 workloads sent again by clients in other processes (streaming
+  completions, token-id prompts; the all-at-once workload from ``--client-processes`` processes, 4 by default:
+  one Python client parsing every SSE event is itself a limit near 10k events/s): the server's overhead over
+  the engine, the server process's CPU use and the busiest client's CPU share.
 
 TTFT is the time from submission to a request's first token; TPOT its time from first to last token over its
 other tokens. Greedy sampling throughout.
@@ -378,16 +380,19 @@ def word_tokenizer(vocab: int):
 
 @contextlib.contextmanager
 def served(engine, model_name: str):
-    """``quarkmoe serve``'s app over ``engine`` on uvicorn, on a thread of this process (as the server runs it)
-    at a free port of 127.0.0.1; yields its URL, stops it on exit."""
+    """``quarkmoe serve``'s app on uvicorn, on a thread of this process, at a free port of 127.0.0.1; yields its
+    URL, stops it on exit. ``engine``: an ``AsyncEngine.spawn(...)`` (the engine in its own process, as ``quarkmoe
+    serve`` runs it; shut down on exit) or an Engine (run on a thread of this process)."""
     import uvicorn
 
+    from quarkmoe_jax.serving.async_engine import AsyncEngine
     from quarkmoe_jax.serving.server import ServerSettings, create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(engine, word_tokenizer(engine.config.vocab_size), None, ServerSettings(model_name))
+    vocab = engine.info.vocab_size if isinstance(engine, AsyncEngine) else engine.config.vocab_size
+    app = create_app(engine, word_tokenizer(vocab), None, ServerSettings(model_name))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -401,9 +406,10 @@ def served(engine, model_name: str):
         thread.join(60)
 
 
-def http_phases(engine: Engine, args) -> dict:
-    """Serve ``engine`` through the server's app on this process (uvicorn on a thread) and send the throughput
-    and concurrency-4 workloads from a client process (``--url`` mode of this script)."""
+def http_phases(engine, vocab: int, args) -> dict:
+    """Serve ``engine`` (a spawned ``AsyncEngine``, or an Engine of this process) through the server's app on
+    this process (uvicorn on a thread) and send the throughput and concurrency-4 workloads from client processes
+    (``--url`` mode of this script)."""
     with served(engine, "bench") as url:
         http = {}
         for name, requests, concurrent in (
@@ -416,13 +422,13 @@ def http_phases(engine: Engine, args) -> dict:
                 out = pathlib.Path(tmp) / "client.json"
                 command = [
                     sys.executable, __file__, "--url", url, "--vocab",
-                    str(engine.config.vocab_size), "--requests", str(requests), "--concurrency-requests",
+                    str(vocab), "--requests", str(requests), "--concurrency-requests",
                     str(concurrent), "--client-processes", str(args.client_processes), "--json", str(out),
                 ]  # fmt: skip
                 cpu, wall = time.process_time(), time.monotonic()
                 subprocess.run(command, check=True, timeout=3600)
                 http[name] = json.loads(out.read_text())["http"][name]
-                # this process's CPU: the engine's thread and the server's
+                # this process's CPU: the server's (and the engine's, on a thread of this process)
                 http[name]["server_process_cpu_per_s"] = (time.process_time() - cpu) / (time.monotonic() - wall)
         return http
 
@@ -458,11 +464,58 @@ def client_main(args) -> int:
     return 0
 
 
+def engine_settings(args) -> dict:
+    """The :class:`Engine` arguments of this run."""
+    return dict(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        memory_fraction=args.memory_fraction,
+        attention_backend=args.attention,
+    )
+
+
+def bench_engine(hf_config: dict, scheme: str, attention_scheme: str, settings: dict, compilation_cache) -> Engine:
+    """The benchmark's engine for ``--http``'s engine process: the model built as :func:`bench` builds it (one
+    device), every greedy step program compiled (through ``compilation_cache``, the parent's folder)."""
+    if compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", compilation_cache)
+    model = build_model(DecoderConfig.from_hf_config(hf_config), scheme, attention_scheme=attention_scheme)
+    engine = Engine(model, **settings)
+    engine.warm_up(sampled=False)
+    return engine
+
+
+def spawned_http_phases(hf_config: dict, scheme: str, args) -> dict:
+    """``--http``: the engine built in a process of its own (``AsyncEngine.spawn``, as ``quarkmoe serve`` runs
+    it) behind the server's app here; that process exits (its device memory with it) before this one builds
+    its own engine for the other phases. The step programs it compiles go to a compilation cache this process
+    then reads."""
+    from quarkmoe_jax.serving.async_engine import AsyncEngine
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="serve-bench-jax-cache-"))
+    cache = jax.config.jax_compilation_cache_dir
+    start = time.monotonic()
+    engine = AsyncEngine.spawn(bench_engine, hf_config, scheme, args.attention_scheme, engine_settings(args), cache)
+    print(f"  HTTP: engine process ready in {time.monotonic() - start:.0f} s: {engine.info.summary}", flush=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(engine.shutdown)
+        http = http_phases(engine, engine.info.vocab_size, args)
+    return {"engine": "process", **http}
+
+
 def bench(shape: str, scheme: str, args, bandwidth: float, tflops: float, save=lambda result: None) -> dict:
     """One shape and scheme's phases; ``save(result)`` after each (the partial result, for a run cut short)."""
     hf, full_layers = HF_SHAPES[shape]
     layers = args.layers or full_layers
-    config = DecoderConfig.from_hf_config({**hf, "num_hidden_layers": layers, "torch_dtype": "bfloat16"})
+    hf_config = {**hf, "num_hidden_layers": layers, "torch_dtype": "bfloat16"}
+    config = DecoderConfig.from_hf_config(hf_config)
+    http = None
+    if args.http and args.http_engine == "process":  # first: its process needs the device memory to itself
+        if args.mesh:
+            raise ValueError("--http-engine process serves one device: use --http-engine thread with --mesh")
+        http = spawned_http_phases(hf_config, scheme, args)
     before = _device_bytes()
     if args.mesh:  # built on one device in Quark's layout, then split as from_pretrained(mesh=) loads it
         model = build_model(config, scheme, prepare=False, attention_scheme=args.attention_scheme)
@@ -480,14 +533,7 @@ def bench(shape: str, scheme: str, args, bandwidth: float, tflops: float, save=l
     result["param_bytes"] = _param_bytes(model)
     result["load_device_bytes"] = _device_bytes() - before
     result["load_over_packed"] = result["load_device_bytes"] / result["param_bytes"]  # 0 where no stats (CPU)
-    engine = Engine(
-        model,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        memory_fraction=args.memory_fraction,
-        attention_backend=args.attention,
-    )
+    engine = Engine(model, **engine_settings(args))
     result["engine"] = engine.summary()
     result["kv_cache_bytes"] = cache_bytes(config, engine.num_blocks, engine.block_size, model.dtype)
     print(f"{shape} {scheme}: {result['param_bytes'] / 2**30:.2f} GiB packed; {result['engine']}", flush=True)
@@ -538,8 +584,10 @@ def bench(shape: str, scheme: str, args, bandwidth: float, tflops: float, save=l
         )
         save(result)
     if args.http:
-        result["http"] = http_phases(engine, args)
+        result["http"] = http or {"engine": "thread", **http_phases(engine, engine.config.vocab_size, args)}
         for name, http in result["http"].items():
+            if name == "engine":
+                continue
             engine_side = result.get(name)
             if engine_side:
                 http["throughput_over_engine"] = http["output_tokens_per_s"] / engine_side["output_tokens_per_s"]
@@ -579,6 +627,13 @@ def main(argv=None) -> int:
     parser.add_argument("--prefill-tokens", type=int, default=2048, help="the prefill phase's prompt (0: none)")
     parser.add_argument("--matmul-tflops", type=float, help="use this bf16 matmul rate instead of measuring it")
     parser.add_argument("--http", action="store_true", help="also serve the workloads over HTTP (the serve extra)")
+    parser.add_argument(
+        "--http-engine",
+        choices=["process", "thread"],
+        default="process",
+        help="with --http: the engine in a process of its own (as quarkmoe serve runs it; before the other phases) "
+        "or on a thread of the server's process",
+    )
     parser.add_argument("--url", help="only send the workloads to the server at this URL")
     parser.add_argument("--vocab", type=int, default=256, help="with --url: prompt token ids are below this")
     parser.add_argument(

@@ -1,10 +1,11 @@
 """How many tokens/s the HTTP server itself can stream: `quarkmoe serve`'s app over an engine whose steps cost
 nothing.
 
-The app (:func:`quarkmoe_jax.serving.server.create_app`, uvicorn on a thread of this process, as the server
-runs it) serves a stand-in engine that gives every running request its next token at each step without a
-model, so what limits the tokens/s measured is the server's own work per token (the engine thread's hand-off,
-the event loop, detokenizing, SSE encoding, uvicorn) and the clients'. The workload is ``serve_bench``'s
+The app (:func:`quarkmoe_jax.serving.server.create_app`, uvicorn on a thread of this process) serves a stand-in
+engine that gives every running request its next token at each step without a model, in a process of its own as
+``quarkmoe serve`` runs its engine (``--engine thread``: on a thread of this process, as an engine built in a
+notebook is served), so what limits the tokens/s measured is the server's own work per token (the hand-off from
+the engine, the event loop, detokenizing, SSE encoding, uvicorn) and the clients'. The workload is ``serve_bench``'s
 (ShareGPT-like lengths, all at once, streaming completions with token-id prompts), sent by
 ``--client-processes`` client processes. Runs on the CPU: the number to compare is an engine's tokens/s (a GPU
 engine that makes more tokens/s than this server can stream is held back by the server). ``--step-ms`` gives
@@ -28,22 +29,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from serve_bench import LENGTHS, http_serve, served  # noqa: E402
 
 from quarkmoe_jax.errors import InputError  # noqa: E402
+from quarkmoe_jax.serving.async_engine import AsyncEngine  # noqa: E402
 from quarkmoe_jax.serving.engine import RequestOutput  # noqa: E402
 
 
 class InstantEngine:
     """The engine interface the server uses, with steps that cost nothing: each step gives every request its
-    next token (token ``(prompt length + i) % vocab``), as many as its ``max_new_tokens``."""
+    next token (token ``(prompt length + i) % vocab``), as many as its ``max_new_tokens``. A step takes
+    ``step_s`` (sleeping, as a wait for the GPU releases the interpreter lock), of which ``host_s`` is spent
+    in Python holding the lock (as the real engine's scheduling and dispatch)."""
 
-    def __init__(self, vocab: int, context: int, step_s: float = 0.0):
+    def __init__(self, vocab: int, context: int, step_s: float = 0.0, host_s: float = 0.0):
         self.context = types.SimpleNamespace(length=context)
         self.config = types.SimpleNamespace(vocab_size=vocab, eos_token_ids=())
         allocator = types.SimpleNamespace(num_free=1, num_blocks=1)
         self.scheduler = types.SimpleNamespace(running=[], waiting=[], allocator=allocator)
-        self.step_s = step_s
+        self.step_s, self.host_s = step_s, host_s
         self._requests: dict[str, list[int]] = {}  # id -> [tokens made, tokens wanted, next token]
         self._ids = 0
-        self.steps = 0
 
     def add_request(self, prompt_ids, params, request_id=None) -> str:
         if not prompt_ids or len(prompt_ids) + params.max_new_tokens > self.context.length:
@@ -60,9 +63,11 @@ class InstantEngine:
         return bool(self._requests)
 
     def step(self) -> list[RequestOutput]:
-        if self.step_s:
-            time.sleep(self.step_s)
-        self.steps += 1
+        start = time.perf_counter()
+        while time.perf_counter() - start < self.host_s:  # Python work: holds the interpreter lock
+            pass
+        if self.step_s > self.host_s:
+            time.sleep(self.step_s - self.host_s)
         outputs = []
         for request_id, state in list(self._requests.items()):
             state[0] += 1
@@ -80,24 +85,33 @@ def main(argv=None) -> int:
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--step-ms", type=float, default=0.0, help="make each engine step take this long")
+    parser.add_argument(
+        "--host-ms", type=float, default=0.0, help="of each step, this long in Python holding the interpreter lock"
+    )
+    parser.add_argument("--engine", choices=["process", "thread"], default="process", help="where the engine runs")
     parser.add_argument("--json", type=pathlib.Path)
     args = parser.parse_args(argv)
 
-    engine = InstantEngine(args.vocab, 4096, args.step_ms / 1e3)
+    settings = (args.vocab, 4096, args.step_ms / 1e3, args.host_ms / 1e3)
+    if args.engine == "process":
+        engine = AsyncEngine.spawn(InstantEngine, *settings)
+    else:
+        engine = AsyncEngine(InstantEngine(*settings))
     lengths = json.loads(LENGTHS.read_text())
     workload = list(zip(lengths["input"], lengths["output"], strict=True))[: args.requests]
     with served(engine, "capacity") as url:
         cpu, wall = time.process_time(), time.monotonic()
         result = http_serve(url, workload, None, args.vocab, processes=args.client_processes)
         result["server_process_cpu_per_s"] = (time.process_time() - cpu) / (time.monotonic() - wall)
-    result["engine_steps"] = engine.steps
+    result["engine_generation_tokens"] = engine.state.generation_tokens  # the engine's count (its last state)
+    result["engine"] = args.engine
     if args.step_ms:  # the engine alone: every request runs from the first step, the longest sets the time
         alone = sum(out for _, out in workload) / (max(out for _, out in workload) * args.step_ms / 1e3)
         result["engine_alone_output_tokens_per_s"] = alone
         result["throughput_over_engine"] = result["output_tokens_per_s"] / alone
     print(
         f"server alone: {result['output_tokens_per_s']:.0f} output tok/s over {result['requests']} requests "
-        f"({engine.steps} steps, TPOT p50 {result['tpot_ms']['p50']:.2f} ms); server process "
+        f"(engine on a {args.engine}, TPOT p50 {result['tpot_ms']['p50']:.2f} ms); server process "
         f"{result['server_process_cpu_per_s']:.2f} cores, busiest of {result['client_processes']} clients "
         f"{result['client_cpu_share_max']:.2f} of a core"
         + (f"; {result['throughput_over_engine']:.2f} of the engine alone" if args.step_ms else ""),

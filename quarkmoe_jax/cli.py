@@ -685,34 +685,68 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError("quarkmoe serve needs the serve extra: pip install 'quarkmoe-jax[serve]'") from None
     from quarkmoe_jax.checkpoint.loader import read_hf_config
     from quarkmoe_jax.models import DecoderConfig
-    from quarkmoe_jax.serving import Engine
+    from quarkmoe_jax.serving.async_engine import AsyncEngine
     from quarkmoe_jax.serving.server import ServerSettings, create_app
     from quarkmoe_jax.tokenizer import read_tokenizer_config
 
-    config = DecoderConfig.from_hf_config(read_hf_config(args.checkpoint))  # checked before the weights load
+    DecoderConfig.from_hf_config(read_hf_config(args.checkpoint))  # checked before the engine process starts
     tokenizer = load_tokenizer(args.checkpoint, needed=True)
     tokenizer_config = read_tokenizer_config(args.checkpoint)
-    dtype = jnp.dtype(config.dtype if args.dtype == "auto" else args.dtype)
-    model = _load_model(args, dtype)
+    # The engine (model, KV cache, compiled steps) lives in a process of its own; this one serves HTTP and never
+    # touches a JAX device. Only the loading flags travel (a Namespace of plain values pickles).
+    loading = argparse.Namespace(
+        **{k: getattr(args, k) for k in SERVE_ENGINE_FLAGS},
+        compilation_cache=jax.config.jax_compilation_cache_dir,
+    )
+    engine = AsyncEngine.spawn(build_serve_engine, loading)
+    name = args.served_model_name or pathlib.Path(args.checkpoint).resolve().name
+    app = create_app(engine, tokenizer, tokenizer_config, ServerSettings(name))
+    try:
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
+    finally:
+        engine.shutdown()  # the app's lifespan did, unless uvicorn never started it (a port already taken)
+    return 0
+
+
+SERVE_ENGINE_FLAGS = (
+    "checkpoint", "semantics", "dtype", "backend", "max_model_len", "mesh", "max_batch", "max_num_batched_tokens",
+    "gpu_memory_fraction",
+)  # fmt: skip
+"""The ``serve`` flags the engine's process needs (:func:`build_serve_engine`)."""
+
+
+def build_serve_engine(loading: argparse.Namespace):
+    """``quarkmoe serve``'s engine, built in its engine process: the model loaded with ``serve``'s flags, the
+    KV cache sized, every step program compiled (the summary and the compile time printed to standard error)."""
+    from quarkmoe_jax.checkpoint.loader import read_hf_config
+    from quarkmoe_jax.models import DecoderConfig
+    from quarkmoe_jax.serving import Engine
+
+    if loading.compilation_cache:  # the parent's persistent compilation cache (a spawned process starts fresh)
+        jax.config.update("jax_compilation_cache_dir", loading.compilation_cache)
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    config = DecoderConfig.from_hf_config(read_hf_config(loading.checkpoint))
+    dtype = jnp.dtype(config.dtype if loading.dtype == "auto" else loading.dtype)
+    from quarkmoe_jax.quark_config import exclude_match_budget
+
+    with exclude_match_budget(scope="one 'quarkmoe serve' command"):  # the bound _run gives a command in-process
+        model = _load_model(loading, dtype)
     engine = Engine(
         model,
-        max_num_seqs=args.max_batch,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        memory_fraction=args.gpu_memory_fraction,
+        max_num_seqs=loading.max_batch,
+        max_num_batched_tokens=loading.max_num_batched_tokens,
+        memory_fraction=loading.gpu_memory_fraction,
     )
     print(engine.summary(), file=sys.stderr, flush=True)
     seconds = engine.warm_up()
     print(f"compiled {2 * len(engine.step_buckets())} step programs in {seconds:.1f} s", file=sys.stderr, flush=True)
-    name = args.served_model_name or pathlib.Path(args.checkpoint).resolve().name
-    app = create_app(engine, tokenizer, tokenizer_config, ServerSettings(name))
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        timeout_graceful_shutdown=args.shutdown_timeout,
-    )
-    return 0
+    return engine
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:

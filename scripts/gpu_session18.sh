@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call (tool `run`, carry [".whl"]): the quantized Linear on the kernel backends compiled against the
-# oracle, the decode step with MXFP4 attention projections (kernel GEMM), then (TS > 0) the HTTP overhead run.
+# oracle, the decode step with MXFP4 attention projections (kernel GEMM), then (TS, TT > 0) the HTTP overhead runs.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 [ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
 python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl .whl/serve/*.whl 2>&1 | tail -1
@@ -11,9 +11,11 @@ echo "linear pytest rc=$?"; tail -4 $OUT/linear_pytest.log
 A="--shape mixtral_8x7b --layers 8 --batch 1 --steps 30 --scheduling async --attention-scheme w_mxfp4"
 timeout ${TP:-60} python3 benchmarks/step_profile.py $A --json $OUT/p_mx_kernel.json > $OUT/p_mx_kernel.log 2>&1
 echo "profile rc=$?"; grep -E "^async|host per step" $OUT/p_mx_kernel.log
-if [ "${TS:-0}" -gt 0 ]; then
-  timeout $TS python3 benchmarks/serve_bench.py --shapes mixtral_8x7b --layers 8 --http --requests 200 \
-    --concurrency-requests 16 --batches 1 --prefill-tokens 0 --max-num-batched-tokens 512 \
-    --json $OUT/serve_http.json > $OUT/serve_http.log 2>&1
-  echo "serve rc=$?"; tail -8 $OUT/serve_http.log
-fi
+# HTTP: the engine in its own process (quarkmoe serve's way, TS s), then on the server's thread (TT s; 0: skip)
+for mode in process thread; do
+  limit=$([ $mode = process ] && echo ${TS:-0} || echo ${TT:-0}); [ "$limit" -gt 0 ] || continue
+  timeout $limit python3 benchmarks/serve_bench.py --shapes mixtral_8x7b --layers 8 --http --http-engine $mode \
+    --requests 200 --concurrency-requests 16 --batches 1 --prefill-tokens 0 --max-num-batched-tokens 512 \
+    --json $OUT/serve_http_$mode.json > $OUT/serve_http_$mode.log 2>&1
+  echo "serve ($mode) rc=$?"; tail -8 $OUT/serve_http_$mode.log
+done

@@ -3,8 +3,9 @@
 Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` as
 server-sent events ending with ``data: [DONE]``), ``GET /health``, ``GET /metrics`` (Prometheus text).
 
-The engine runs on its own thread (:class:`~quarkmoe_jax.serving.async_engine.AsyncEngine`); handlers only
-check a request, queue it and turn its tokens into text (:class:`~quarkmoe_jax.serving.text.TextStream`). A
+The engine runs in a process of its own under ``quarkmoe serve`` (or on a thread of this one for an engine
+built here: :class:`~quarkmoe_jax.serving.async_engine.AsyncEngine`); handlers only check a request, queue it
+and turn its tokens into text (:class:`~quarkmoe_jax.serving.text.TextStream`). A
 client that disconnects has its request aborted at once (its cache blocks freed). uvicorn's graceful shutdown
 (SIGTERM / SIGINT) stops accepting connections and lets the running requests finish, so no answer is cut
 off half-written (``--shutdown-timeout`` bounds the wait).
@@ -27,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from quarkmoe_jax.errors import InputError
-from quarkmoe_jax.serving.async_engine import AsyncEngine, EngineFailure
+from quarkmoe_jax.serving.async_engine import AsyncEngine, EngineFailure, EngineUnavailable
 from quarkmoe_jax.serving.engine import Engine
 from quarkmoe_jax.serving.params import MAX_LOGPROBS, SamplingParams
 from quarkmoe_jax.serving.text import TextStream
@@ -42,9 +43,9 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 DISCONNECT_POLL_S = 0.1
 GIL_SWITCH_INTERVAL_S = 2e-4
-"""The interpreter's thread switch interval while the app runs (Python's default is 5 ms): the engine's thread,
-back from a step, waits for the GIL while the event loop streams the last step's tokens; a shorter interval
-hands it over sooner (`benchmarks/server_capacity.py --step-ms 5` on a 2-core CPU, with this session's other
+"""The interpreter's thread switch interval while the app runs (Python's default is 5 ms): the engine's thread
+(or, with the engine in its own process, the thread reading its pipe), back from a step, waits for the GIL while
+the event loop streams the last step's tokens; a shorter interval hands it over sooner (`benchmarks/server_capacity.py --step-ms 5` on a 2-core CPU, with this session's other
 streaming changes: 0.65 -> 0.69-0.73 of the engine alone's tokens/s for 200 streams, TPOT p50 11 -> 7.2 ms;
 docs/performance.md, "Serving"). Restored when the app stops."""
 
@@ -117,8 +118,8 @@ class Api:
 
     def __init__(self, engine: AsyncEngine, tokenizer, chat_template, special: dict, settings: ServerSettings, metrics):
         self.engine, self.tokenizer, self.settings, self.metrics = engine, tokenizer, settings, metrics
-        self.context = engine.engine.context.length
-        self.vocab = engine.engine.config.vocab_size
+        self.context = engine.info.context_length
+        self.vocab = engine.info.vocab_size
         self._template = None
         if chat_template is not None:
             from jinja2.exceptions import TemplateError
@@ -282,7 +283,7 @@ class Api:
         ):
             raise ApiError("stop_token_ids must be a list of token ids", "stop_token_ids")
         ignore_eos = _typed(body, "ignore_eos", (bool,), False, "a boolean")
-        eos = list(self.engine.engine.config.eos_token_ids)
+        eos = list(self.engine.info.eos_token_ids)
         stop_token_ids = list(stop_ids or []) + ([] if ignore_eos else eos)
         try:
             params = SamplingParams(
@@ -305,6 +306,8 @@ class Api:
             return await self.engine.add(ids, params)
         except InputError as e:
             raise ApiError(str(e), _api_field(e)) from None
+        except EngineUnavailable as e:
+            raise ApiError(f"the engine is not running: {e}", None, 503, "server_error") from None
 
     async def tokens(self, request_id: str, outputs: asyncio.Queue, stream: TextStream, params, arrival: float):
         """Yields ``(text piece, finish_reason or None, completion tokens, TokenLogprobs since the last yield)``
@@ -448,14 +451,16 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def create_app(engine: Engine, tokenizer, tokenizer_config, settings: ServerSettings):
-    """The FastAPI app serving ``engine`` (started and stopped with the app's lifespan)."""
+def create_app(engine: Engine | AsyncEngine, tokenizer, tokenizer_config, settings: ServerSettings):
+    """The FastAPI app serving ``engine``: an :class:`Engine` (run on a thread of this process) or an
+    :class:`AsyncEngine` not yet started (``AsyncEngine.spawn``: the engine in its own process, as ``quarkmoe
+    serve`` runs it); started and stopped with the app's lifespan."""
     import contextlib
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-    async_engine = AsyncEngine(engine)
+    async_engine = engine if isinstance(engine, AsyncEngine) else AsyncEngine(engine)
     metrics = Metrics(async_engine, settings.model_name)
     special = {
         "bos_token": (tokenizer_config.bos_token if tokenizer_config else None) or "",

@@ -319,6 +319,7 @@ def test_stop_strings_cut_the_text(client):
 
 def test_sigterm_lets_streaming_requests_finish(checkpoint, tmp_path):
     server = Server(checkpoint, tmp_path / "server.log")
+    engine_processes = _children(server.process.pid)  # the engine's (and multiprocessing's resource tracker)
     body = {"prompt": "go", "max_tokens": 40, "ignore_eos": True, "stream": True}
     lines, error = [], []
 
@@ -339,6 +340,32 @@ def test_sigterm_lets_streaming_requests_finish(checkpoint, tmp_path):
     finish = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines if x.startswith("data: {")]
     assert finish[-1] == "length"
     assert server.process.wait(60) in (0, 128 + signal.SIGTERM)
+    assert engine_processes, "the server runs its engine in a child process"
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in engine_processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in engine_processes), "the engine process outlived the server"
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (Linux /proc)."""
+    children = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_text_stream_waits_for_whole_characters_and_holds_back_stop_prefixes(checkpoint):

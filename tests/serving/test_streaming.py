@@ -1,5 +1,5 @@
-"""The server's streaming path in process: outputs that queue up while a piece is sent go out together, and the
-engine thread wakes the event loop once a step (not once per request)."""
+"""The server's streaming path in process: outputs that queue up while a piece is sent go out together (the engine
+front's one wake-up of the event loop a step: tests/serving/test_async_engine.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ pytest.importorskip("fastapi")
 tokenizers = pytest.importorskip("tokenizers")
 
 from quarkmoe_jax.serving import RequestOutput, SamplingParams  # noqa: E402
-from quarkmoe_jax.serving import async_engine as async_engine_module  # noqa: E402
 from quarkmoe_jax.serving.async_engine import EngineFailure  # noqa: E402
 from quarkmoe_jax.serving.server import Api, ApiError  # noqa: E402
 from quarkmoe_jax.serving.text import TextStream  # noqa: E402
@@ -81,38 +80,3 @@ def test_a_failure_among_queued_outputs_is_reported_not_merged():
     items = [*_outputs([3, 4])[:1], EngineFailure("the engine step failed: boom")]
     with pytest.raises(ApiError, match="boom"):
         asyncio.run(_pieces(items, one_by_one=False))
-
-
-def test_the_engine_thread_wakes_each_event_loop_once_a_step(monkeypatch):
-    """Outputs of several requests on one loop arrive in one call from the engine's thread."""
-    calls = []
-
-    class Loop:
-        def call_soon_threadsafe(self, callback, *args):
-            calls.append(callback)
-            callback(*args)
-
-    loop = Loop()
-    queues = [asyncio.Queue() for _ in range(3)]
-    step_outputs = [RequestOutput(f"r{i}", [i], False) for i in range(3)]
-
-    class FakeEngine:
-        steps = 0
-
-        def has_unfinished(self):
-            return True
-
-        def step(self):
-            FakeEngine.steps += 1
-            if FakeEngine.steps > 1:
-                engine._stop.set()
-                return []
-            return step_outputs
-
-    engine = async_engine_module.AsyncEngine(FakeEngine())  # not started: its loop runs on this thread
-    engine._sinks = {f"r{i}": async_engine_module._Sink(loop, q) for i, q in enumerate(queues)}
-    monkeypatch.setattr(engine, "_publish", lambda: None)
-    monkeypatch.setattr(engine, "_fail_all", lambda message: None)
-    engine._run()
-    assert len(calls) == 1  # one wake-up for the three requests' outputs
-    assert [q.get_nowait() for q in queues] == step_outputs
