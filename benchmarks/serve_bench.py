@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import os
 import pathlib
 import socket
 import statistics
@@ -67,9 +68,14 @@ import tempfile
 import threading
 import time
 
-import jax
-import numpy as np
-from flax import nnx
+# Before JAX starts (moe_bench's import does): this process must not take the GPU's memory up front (XLA's
+# default), or --http's engine process, started after it, would get a quarter of it; the engine sizes its KV
+# cache from the memory left either way (the device scripts always ran it so).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from model_bench import HF_SHAPES, _param_bytes, build_model  # noqa: E402
