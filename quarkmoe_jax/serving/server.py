@@ -45,7 +45,8 @@ DISCONNECT_POLL_S = 0.1
 GIL_SWITCH_INTERVAL_S = 2e-4
 """The interpreter's thread switch interval while the app runs (Python's default is 5 ms): the engine's thread
 (or, with the engine in its own process, the thread reading its pipe), back from a step, waits for the GIL while
-the event loop streams the last step's tokens; a shorter interval hands it over sooner (`benchmarks/server_capacity.py --step-ms 5` on a 2-core CPU, with this session's other
+the event loop streams the last step's tokens; a shorter interval hands it over sooner
+(`benchmarks/server_capacity.py --step-ms 5 --engine thread` on a 2-core CPU, with the eighteenth session's other
 streaming changes: 0.65 -> 0.69-0.73 of the engine alone's tokens/s for 200 streams, TPOT p50 11 -> 7.2 ms;
 docs/performance.md, "Serving"). Restored when the app stops."""
 
