@@ -505,9 +505,10 @@ def spawned_http_phases(hf_config: dict, scheme: str, args) -> dict:
     start = time.monotonic()
     engine = AsyncEngine.spawn(bench_engine, hf_config, scheme, args.attention_scheme, engine_settings(args), cache)
     print(f"  HTTP: engine process ready in {time.monotonic() - start:.0f} s: {engine.info.summary}", flush=True)
-    with contextlib.ExitStack() as stack:
-        stack.callback(engine.shutdown)
+    try:
         http = http_phases(engine, engine.info.vocab_size, args)
+    finally:
+        engine.shutdown()  # (the app's lifespan did, once it started)
     return {"engine": "process", **http}
 
 

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         result["throughput_over_engine"] = result["output_tokens_per_s"] / alone
     print(
         f"server alone: {result['output_tokens_per_s']:.0f} output tok/s over {result['requests']} requests "
-        f"(engine on a {args.engine}, TPOT p50 {result['tpot_ms']['p50']:.2f} ms); server process "
+        f"(engine: {args.engine}, TPOT p50 {result['tpot_ms']['p50']:.2f} ms); server process "
         f"{result['server_process_cpu_per_s']:.2f} cores, busiest of {result['client_processes']} clients "
         f"{result['client_cpu_share_max']:.2f} of a core"
         + (f"; {result['throughput_over_engine']:.2f} of the engine alone" if args.step_ms else ""),

@@ -726,6 +726,7 @@ def build_serve_engine(loading: argparse.Namespace):
     KV cache sized, every step program compiled (the summary and the compile time printed to standard error)."""
     from quarkmoe_jax.checkpoint.loader import read_hf_config
     from quarkmoe_jax.models import DecoderConfig
+    from quarkmoe_jax.quark_config import exclude_match_budget
     from quarkmoe_jax.serving import Engine
 
     if loading.compilation_cache:  # the parent's persistent compilation cache (a spawned process starts fresh)
@@ -733,8 +734,6 @@ def build_serve_engine(loading: argparse.Namespace):
         jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     config = DecoderConfig.from_hf_config(read_hf_config(loading.checkpoint))
     dtype = jnp.dtype(config.dtype if loading.dtype == "auto" else loading.dtype)
-    from quarkmoe_jax.quark_config import exclude_match_budget
-
     with exclude_match_budget(scope="one 'quarkmoe serve' command"):  # the bound _run gives a command in-process
         model = _load_model(loading, dtype)
     engine = Engine(

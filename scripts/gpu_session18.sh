@@ -1,17 +1,24 @@
 #!/bin/bash
-# One device call (tool `run`, carry [".whl"]): the quantized Linear on the kernel backends compiled against the
-# oracle, the decode step with MXFP4 attention projections (kernel GEMM), then (TS, TT > 0) the HTTP overhead runs.
+# One device call (tool `run`, carry [".whl"]); each part runs when its time limit (seconds) is set above 0:
+#   T   the quantized Linear on the kernel backends, compiled, against the oracle (tests/models/test_linear_kernels.py)
+#   TP  the decode step with MXFP4 attention projections on the kernel GEMM (step_profile, 8 Mixtral layers)
+#   TS  HTTP overhead, the engine in its own process (quarkmoe serve's way; serve_bench --http, 8 layers)
+#   TT  the same with the engine on the server's thread (the same-GPU comparison)
+# e.g. T=90 TP=80 TS=380 bash scripts/gpu_session18.sh, then TT=300 in a second call.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 [ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
 python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl .whl/serve/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout ${T:-70} python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_linear_kernels.py > $OUT/linear_pytest.log 2>&1
-echo "linear pytest rc=$?"; tail -4 $OUT/linear_pytest.log
-A="--shape mixtral_8x7b --layers 8 --batch 1 --steps 30 --scheduling async --attention-scheme w_mxfp4"
-timeout ${TP:-60} python3 benchmarks/step_profile.py $A --json $OUT/p_mx_kernel.json > $OUT/p_mx_kernel.log 2>&1
-echo "profile rc=$?"; grep -E "^async|host per step" $OUT/p_mx_kernel.log
-# HTTP: the engine in its own process (quarkmoe serve's way, TS s), then on the server's thread (TT s; 0: skip)
+if [ "${T:-0}" -gt 0 ]; then
+  timeout $T python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_linear_kernels.py > $OUT/linear_pytest.log 2>&1
+  echo "linear pytest rc=$?"; tail -4 $OUT/linear_pytest.log
+fi
+if [ "${TP:-0}" -gt 0 ]; then
+  A="--shape mixtral_8x7b --layers 8 --batch 1 --steps 30 --scheduling async --attention-scheme w_mxfp4"
+  timeout $TP python3 benchmarks/step_profile.py $A --json $OUT/p_mx_kernel.json > $OUT/p_mx_kernel.log 2>&1
+  echo "profile rc=$?"; grep -E "^async|host per step" $OUT/p_mx_kernel.log
+fi
 for mode in process thread; do
   limit=$([ $mode = process ] && echo ${TS:-0} || echo ${TT:-0}); [ "$limit" -gt 0 ] || continue
   timeout $limit python3 benchmarks/serve_bench.py --shapes mixtral_8x7b --layers 8 --http --http-engine $mode \
