@@ -509,7 +509,7 @@ def spawned_http_phases(hf_config: dict, scheme: str, args) -> dict:
         http = http_phases(engine, engine.info.vocab_size, args)
     finally:
         engine.shutdown()  # (the app's lifespan did, once it started)
-    return {"engine": "process", **http}
+    return http
 
 
 def bench(shape: str, scheme: str, args, bandwidth: float, tflops: float, save=lambda result: None) -> dict:
@@ -591,10 +591,9 @@ def bench(shape: str, scheme: str, args, bandwidth: float, tflops: float, save=l
         )
         save(result)
     if args.http:
-        result["http"] = http or {"engine": "thread", **http_phases(engine, engine.config.vocab_size, args)}
+        result["http_engine"] = args.http_engine  # where the engine behind the HTTP phases ran
+        result["http"] = http or http_phases(engine, engine.config.vocab_size, args)
         for name, http in result["http"].items():
-            if name == "engine":
-                continue
             engine_side = result.get(name)
             if engine_side:
                 http["throughput_over_engine"] = http["output_tokens_per_s"] / engine_side["output_tokens_per_s"]
