@@ -219,7 +219,10 @@ def guarded(what: str, fn, *args):
 
 
 def load_anchors(device_kind: str) -> dict[tuple[str, int], dict]:
-    """``{(shape, tokens): case}`` of the anchor figures recorded on this device model (benchmarks/anchors)."""
+    """``{(shape, tokens): case}`` of the anchor figures recorded on this device model (benchmarks/anchors).
+
+    Files are read in name order (``<gpu>_<what>_<date>.json``), so a later date's figure for a case replaces
+    an earlier one's; each case keeps its file's name under ``"source"``."""
     import pathlib
 
     found = {}

@@ -72,6 +72,17 @@ def test_backend_table_ranks_a_family_on_its_newest_measurement_only():
     assert ranked["int8/int8"]["1"]["generations"] == {"triton": 1}
 
 
+def test_moe_bench_prints_the_newest_anchor_figures_for_the_device():
+    """The anchor cases moe_bench puts next to w_mxfp4 rows: the H200's from the newest dated file (issue 32's
+    targets are stated against the 2026-12-06 figures), none on a GPU model without anchor figures."""
+    load = runpy.run_path("benchmarks/moe_bench.py")["load_anchors"]
+    h200 = load("NVIDIA H200")
+    assert h200[("mixtral", 1)]["us"] == 127.0 and h200[("gpt_oss", 4096)]["us"] == 2271.9
+    assert h200[("deepseek_v3", 256)]["source"] == "h200_triton_kernels_mxfp4_2026-12-06.json"
+    assert {shape for shape, _ in h200} == {"mixtral", "gpt_oss", "deepseek_v3"} and len(h200) == 12
+    assert load("NVIDIA H100 80GB HBM3") == {} and load("cpu") == {}
+
+
 def test_roofline_plot_from_the_recorded_h100_results(tmp_path):
     """benchmarks/roofline.py turns moe_bench JSON into a well-formed SVG with one point per timed row, every
     point under the roof of its run's ceilings."""
