@@ -1,10 +1,13 @@
 #!/bin/bash
 # One device call (tool `run`, carry [".whl"]); each part runs when its time limit (seconds) is set above 0:
 #   T   the quantized Linear on the kernel backends, compiled, against the oracle (tests/models/test_linear_kernels.py)
-#   TP  the decode step with MXFP4 attention projections on the kernel GEMM (step_profile, 8 Mixtral layers)
+#   X   the v2 MX kernel launched through XLA's Triton custom call (QUARKMOE_TRITON_LAUNCHER=xla) against the
+#       oracle: tests/moe/test_triton.py's MX cases
+#   TP  the decode step with MXFP4 attention projections on the kernel GEMM (step_profile, 8 Mixtral layers),
+#       once per launcher in $LAUNCHERS (default: jax_triton)
 #   TS  HTTP overhead, the engine in its own process (quarkmoe serve's way; serve_bench --http, 8 layers)
 #   TT  the same with the engine on the server's thread (the same-GPU comparison)
-# e.g. T=90 TP=80 TS=380 bash scripts/gpu_session18.sh, then TT=300 in a second call.
+# e.g. T=90 X=120 TP=80 LAUNCHERS="jax_triton xla" bash scripts/gpu_session18.sh, then TS=380, then TT=300.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 [ -e quarkmoe_jax/kernels ] || ln -s ../kernels quarkmoe_jax/kernels
 python3 -m pip install -q --no-deps --target /tmp/site .whl/jax_triton-*.whl .whl/serve/*.whl 2>&1 | tail -1
@@ -14,10 +17,19 @@ if [ "${T:-0}" -gt 0 ]; then
   timeout $T python3 -m pytest -q -p no:cacheprovider -rfE tests/models/test_linear_kernels.py > $OUT/linear_pytest.log 2>&1
   echo "linear pytest rc=$?"; tail -4 $OUT/linear_pytest.log
 fi
+if [ "${X:-0}" -gt 0 ]; then
+  QUARKMOE_TRITON_LAUNCHER=xla timeout $X python3 -m pytest -q -p no:cacheprovider -rfE -x tests/moe/test_triton.py \
+    -k "mxfp4 or mxfp6 or v2_kernel or interleaved" > $OUT/xla_launch_pytest.log 2>&1
+  echo "xla-launch pytest rc=$?"; tail -4 $OUT/xla_launch_pytest.log
+fi
 if [ "${TP:-0}" -gt 0 ]; then
   A="--shape mixtral_8x7b --layers 8 --batch 1 --steps 30 --scheduling async --attention-scheme w_mxfp4"
-  timeout $TP python3 benchmarks/step_profile.py $A --json $OUT/p_mx_kernel.json > $OUT/p_mx_kernel.log 2>&1
-  echo "profile rc=$?"; grep -E "^async|host per step" $OUT/p_mx_kernel.log
+  for launcher in ${LAUNCHERS:-jax_triton}; do
+    QUARKMOE_TRITON_LAUNCHER=$launcher timeout $TP python3 benchmarks/step_profile.py $A \
+      --json $OUT/p_mx_kernel_$launcher.json > $OUT/p_mx_kernel_$launcher.log 2>&1
+    rc=$?; echo "profile ($launcher) rc=$rc"; grep -E "^async|host per step" $OUT/p_mx_kernel_$launcher.log
+    [ $rc = 0 ] || tail -6 $OUT/p_mx_kernel_$launcher.log
+  done
 fi
 for mode in process thread; do
   limit=$([ $mode = process ] && echo ${TS:-0} || echo ${TT:-0}); [ "$limit" -gt 0 ] || continue

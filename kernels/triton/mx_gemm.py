@@ -303,7 +303,7 @@ def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: boo
     Raises:
       NotImplementedError: ``block_n`` does not tile the weight's rows.
     """
-    import jax_triton as jt
+    from quarkmoe_jax.kernels.triton.launch import triton_call
 
     _, n_pad, k_pad = padded_shape(weight)
     n = weight.shape[1]
@@ -326,7 +326,7 @@ def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: boo
     stages = config.num_stages if prefetch == 0 else 1
     if fp6 and config.prefetch_l2:  # the L2-prefetch path is FP4's: pipeline the loads instead
         stages = max(config.num_stages, 3)
-    out = jt.triton_call(
+    out = triton_call(
         tile_expert.astype(jnp.int32),
         a,
         weight.values,
