@@ -15,9 +15,13 @@ jax-triton passes them), every other argument a ``tl.constexpr`` given by keywor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
+import re
+import subprocess
+import tempfile
 import types
 
 import jax
@@ -26,7 +30,7 @@ from jax._src import core as jax_core
 from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 
-__all__ = ["LAUNCHERS", "LAUNCHER_ENV", "launcher", "triton_call", "kernel_ttir"]
+__all__ = ["LAUNCHERS", "LAUNCHER_ENV", "launcher", "triton_call", "kernel_ttir", "CompileReport", "compile_report"]
 
 LAUNCHERS = ("jax_triton", "xla")
 LAUNCHER_ENV = "QUARKMOE_TRITON_LAUNCHER"
@@ -117,6 +121,52 @@ def kernel_ttir(kernel, pointer_dtypes: tuple[str, ...], constants: tuple, num_w
     module = backend.make_ttir(module, {}, options, cc)
     name = module.get_entry_func_name()
     return module.str_nodebug(), name
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """What Triton and ptxas made of a kernel for one launch: ``registers`` per thread, ``spill_bytes`` (spill
+    stores + loads per thread), ``shared_bytes`` (dynamic shared memory), and the ``ptx``."""
+
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    ptx: str
+
+
+def compile_report(
+    kernel, pointer_dtypes: tuple[str, ...], *, num_warps: int, num_stages: int, cc: int = 90, **constants
+) -> CompileReport:
+    """Compile ``kernel`` as a launch would (16-byte-aligned pointers of ``pointer_dtypes``, numpy dtype
+    names: the operands then the outputs; ``constants`` its ``tl.constexpr`` arguments) for ``sm_{cc}a``, on
+    any machine (Triton's compiler and ptxas need no GPU), and read ptxas's resource report."""
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler.compiler import ASTSource
+
+    types_ = ["*" + _TRITON_TYPES[d] for d in pointer_dtypes]
+    signature = {kernel.arg_names[i]: t for i, t in enumerate(types_)}
+    signature.update({name: "constexpr" for name in constants})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(types_))}
+    compiled = triton_compile(
+        ASTSource(kernel, signature, constants, attrs),
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    ptx = compiled.asm["ptx"]
+    ptxas = get_ptxas(cc)
+    ptxas = getattr(ptxas, "path", None) or ptxas[0]
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+        command = [ptxas, "-v", "--gpu-name", arch, source, "-o", os.path.join(folder, "kernel.cubin")]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return CompileReport(registers, int(spills.group(1)) + int(spills.group(2)), compiled.metadata.shared, ptx)
 
 
 def _compute_capability() -> int:

@@ -10,7 +10,8 @@ thread, one inline-asm per 32-bit word turns them into four bf16x2 register pair
 integer instructions per 8 elements; the pattern is the e2m1 value times 2^-126), one ``mul.bf16x2`` per
 pair applies ``2^126 * 2^(s - 127)`` (two where some scale code exceeds 128: ``exact_scales``), and the
 ``reshape`` / ``permute`` between them are register renamings that Triton's layout propagation resolves
-(no shared-memory round trip on the weight path; checked on the compiled TTGIR / SASS, docs/performance.md).
+(no shared-memory round trip on the weight path; checked on the compiled TTGIR / SASS, docs/performance.md,
+and for every table tile in CI: tests/moe/test_triton_launch.py compiles them with Triton and ptxas on the CPU).
 Only the small activation tile goes through shared memory, as wgmma's B operand. MXFP6 runs the same
 decode on the codes' 4-bit parts and ORs in their low-plane bits (8 bytes per thread per 128 K, duplicated
 into the word's register by a ``join``: two shifts and masks more per pair), with ``2^(127 - bias)``.
@@ -34,7 +35,7 @@ from quarkmoe_jax.formats import QArray
 from quarkmoe_jax.formats.fragment_layout import LOW_ROTATIONS, UNIT_K, exact_scales, low_mask, padded_shape
 from quarkmoe_jax.formats.mx import MX_FORMATS
 
-__all__ = ["mx_fragment_gemm", "fits"]
+__all__ = ["mx_fragment_gemm", "launch_parameters", "fits"]
 
 try:
     import triton
@@ -290,6 +291,45 @@ if triton is not None:
         tl.store(out_ptr + out_rows.to(tl.int64)[None, :] * N_OUT + cols[:, None], acc)
 
 
+def launch_parameters(
+    *, num_tiles: int, n_pad: int, k_pad: int, fmt_name: str, exact: bool, config, interleaved: bool = False
+) -> dict:
+    """The v2 kernel's launch for ``num_tiles`` row tiles of ``config.block_m`` rows times a fragment-layout
+    weight of padded shape ``[E, n_pad, k_pad]`` in ``fmt_name`` (``mxfp4``, ``mxfp6_e3m2``, ``mxfp6_e2m3``;
+    ``exact``: some scale code exceeds 128, :func:`~quarkmoe_jax.formats.fragment_layout.exact_scales`):
+    ``grid``, ``num_warps``, ``num_stages`` and the kernel's constants, as :func:`mx_fragment_gemm` launches
+    it (and tests/moe/test_triton_launch.py compiles it on the CPU)."""
+    k_units = k_pad // UNIT_K
+    split = config.split_k
+    if k_units % split:
+        raise ValueError(f"split_k {split} does not divide the K loop's {k_units} units")
+    fp6 = fmt_name != "mxfp4"
+    prefetch = 0 if fp6 else config.prefetch_l2
+    stages = config.num_stages if prefetch == 0 else 1
+    if fp6 and config.prefetch_l2:  # the L2-prefetch path is FP4's: pipeline the loads instead
+        stages = max(config.num_stages, 3)
+    m_pad = num_tiles * config.block_m
+    return dict(
+        grid=(num_tiles, n_pad // config.block_n, split),
+        num_warps=config.num_warps,
+        num_stages=stages,
+        K_UNITS=k_units,
+        N_UNITS=n_pad // 16,
+        M_PAD=m_pad,
+        N_OUT=n_pad,
+        INTERLEAVED=bool(interleaved),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        SPLIT_K=split,
+        EXACT=bool(exact),
+        PREFETCH_L2=prefetch,
+        NUM_STAGES=stages,
+        FP6=fp6,
+        E3M2=fmt_name == "mxfp6_e3m2",
+        ELEM_BIAS=MX_FORMATS[fmt_name].element.bias,
+    )
+
+
 def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: bool = False):
     """``a [M_pad, K]`` (bfloat16, rows in the dispatch's tile layout) times MX ``weight`` (MXFP4 or MXFP6,
     fragment layout, ``[E, N, K]``) of each row tile's expert -> float32 ``[M_pad, N]`` accumulators.
@@ -316,16 +356,17 @@ def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: boo
     a = a.astype(jnp.bfloat16)
     if a.shape[1] < k_pad:
         a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
-    k_units = k_pad // UNIT_K
-    n_tiles = n_pad // config.block_n
-    split = config.split_k
-    if k_units % split:
-        raise ValueError(f"split_k {split} does not divide the K loop's {k_units} units")
+    fmt_name = weight.qtype.element
+    launch = launch_parameters(
+        num_tiles=num_tiles,
+        n_pad=n_pad,
+        k_pad=k_pad,
+        fmt_name=fmt_name,
+        exact=exact_scales(weight),
+        config=config,
+        interleaved=interleaved,
+    )
     fp6 = weight.extra is not None
-    prefetch = 0 if fp6 else config.prefetch_l2
-    stages = config.num_stages if prefetch == 0 else 1
-    if fp6 and config.prefetch_l2:  # the L2-prefetch path is FP4's: pipeline the loads instead
-        stages = max(config.num_stages, 3)
     out = triton_call(
         tile_expert.astype(jnp.int32),
         a,
@@ -333,27 +374,11 @@ def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: boo
         weight.scales,
         weight.extra if fp6 else weight.values,  # not read for MXFP4
         kernel=_mx_fragment_gemm_kernel,
-        out_shape=jax.ShapeDtypeStruct((split * m_pad, n_pad), jnp.float32),
-        grid=(num_tiles, n_tiles, split),
-        num_warps=config.num_warps,
-        num_stages=stages,
-        K_UNITS=k_units,
-        N_UNITS=n_pad // 16,
-        M_PAD=m_pad,
-        N_OUT=n_pad,
-        INTERLEAVED=bool(interleaved),
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        SPLIT_K=split,
-        EXACT=bool(exact_scales(weight)),
-        PREFETCH_L2=prefetch,
-        NUM_STAGES=stages,
-        FP6=fp6,
-        E3M2=weight.qtype.element == "mxfp6_e3m2",
-        ELEM_BIAS=weight.fmt.element.bias,
+        out_shape=jax.ShapeDtypeStruct((config.split_k * m_pad, n_pad), jnp.float32),
+        **launch,
     )
-    if split > 1:
-        out = out.reshape(split, m_pad, n_pad).sum(axis=0)
+    if config.split_k > 1:
+        out = out.reshape(config.split_k, m_pad, n_pad).sum(axis=0)
     if interleaved:  # each shard's n_pad/2 columns end with the padded rows' zeros
         return out.reshape(m_pad, 2, n_pad // 2)[:, :, : n // 2].reshape(m_pad, n)
     return out[:, :n]

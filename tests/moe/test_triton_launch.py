@@ -1,8 +1,10 @@
-"""kernels/triton/launch.py: the Triton kernels' two launchers. What holds without a GPU: the launcher setting
-is checked, and (with the ``triton`` package installed) every MX kernel variant goes through Triton's front end
-to TTIR, and a jitted call lowers for CUDA to XLA's own Triton custom call carrying that TTIR. That the XLA-
-launched kernel computes what the jax-triton one does is tests/moe/test_triton.py's backend suite run on a GPU
-with ``QUARKMOE_TRITON_LAUNCHER=xla`` (docs/performance.md, "GPU test runs")."""
+"""kernels/triton/launch.py: the Triton kernels' two launchers, and the v2 MX kernel compiled for Hopper on
+the CPU. What holds without a GPU (Triton's compiler and ptxas run anywhere): the launcher setting is checked;
+the MX kernel's variants go through Triton's front end to TTIR and a jitted call lowers for CUDA to XLA's own
+Triton custom call carrying it; every tile the tables launch compiles to sm_90a without spills, within shared
+memory, with the weights as wgmma's register operand. That the XLA-launched kernel computes what the
+jax-triton one does is tests/moe/test_triton.py's backend suite run on a GPU with
+``QUARKMOE_TRITON_LAUNCHER=xla`` (docs/performance.md, "GPU test runs")."""
 
 import io
 import re
@@ -24,46 +26,30 @@ def test_the_launcher_setting_is_checked(monkeypatch):
         launch.launcher()
 
 
-K_UNITS, N_UNITS, BLOCK_M, BLOCK_N, TILES = 4, 16, 16, 128, 2
+K_PAD, N_PAD, BLOCK_M, BLOCK_N, TILES = 512, 256, 16, 128, 2
 
 
 def _mx_call(prefetch_l2: int, fp6: bool, split_k: int):
+    """The v2 kernel's call through :func:`launch.triton_call` as ``mx_fragment_gemm`` launches it, and its
+    operands' shapes (gpt-oss-like interleaved rows for MXFP4, MXFP6 e3m2 with its low plane)."""
+    from quarkmoe_jax.kernels.base import TileConfig
     from quarkmoe_jax.kernels.triton import mx_gemm
 
+    config = TileConfig(BLOCK_M, BLOCK_N, 4, 3, split_k=split_k, prefetch_l2=prefetch_l2)
+    fmt_name = "mxfp6_e3m2" if fp6 else "mxfp4"
+    params = mx_gemm.launch_parameters(
+        num_tiles=TILES, n_pad=N_PAD, k_pad=K_PAD, fmt_name=fmt_name, exact=fp6, config=config, interleaved=not fp6
+    )
     m_pad = TILES * BLOCK_M
 
-    def call(tile_expert, a, values, scales, low):
-        return launch.triton_call(
-            tile_expert,
-            a,
-            values,
-            scales,
-            low,
-            kernel=mx_gemm._mx_fragment_gemm_kernel,
-            out_shape=jax.ShapeDtypeStruct((split_k * m_pad, N_UNITS * 16), jnp.float32),
-            grid=(TILES, N_UNITS * 16 // BLOCK_N, split_k),
-            num_warps=4,
-            num_stages=3,
-            K_UNITS=K_UNITS,
-            N_UNITS=N_UNITS,
-            M_PAD=m_pad,
-            N_OUT=N_UNITS * 16,
-            INTERLEAVED=not fp6,
-            BLOCK_M=BLOCK_M,
-            BLOCK_N=BLOCK_N,
-            SPLIT_K=split_k,
-            EXACT=fp6,
-            PREFETCH_L2=prefetch_l2,
-            NUM_STAGES=1 if prefetch_l2 else 3,
-            FP6=fp6,
-            E3M2=fp6,
-            ELEM_BIAS=3 if fp6 else 1,
-        )
+    def call(*operands):
+        out = jax.ShapeDtypeStruct((split_k * m_pad, N_PAD), jnp.float32)
+        return launch.triton_call(*operands, kernel=mx_gemm._mx_fragment_gemm_kernel, out_shape=out, **params)
 
-    units = 3 * N_UNITS * K_UNITS
+    units = 3 * (N_PAD // 16) * (K_PAD // 128)
     args = (
         jax.ShapeDtypeStruct((TILES,), jnp.int32),
-        jax.ShapeDtypeStruct((m_pad, K_UNITS * 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((m_pad, K_PAD), jnp.bfloat16),
         jax.ShapeDtypeStruct((units * 1024,), jnp.uint8),
         jax.ShapeDtypeStruct((units * 64,), jnp.uint8),
         jax.ShapeDtypeStruct((units * (512 if fp6 else 1024),), jnp.uint8),
@@ -89,7 +75,7 @@ def test_the_mx_kernel_lowers_to_xla_s_triton_custom_call(monkeypatch, prefetch_
     call, args = _mx_call(prefetch_l2, fp6, split_k)
     hlo = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert hlo.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
-    assert f"grid_x = {TILES} : i32, grid_y = {N_UNITS * 16 // BLOCK_N} : i32, grid_z = {split_k} : i32" in hlo
+    assert f"grid_x = {TILES} : i32, grid_y = {N_PAD // BLOCK_N} : i32, grid_z = {split_k} : i32" in hlo
     assert "num_warps = 4 : i32" in hlo and 'name = "_mx_fragment_gemm_kernel"' in hlo
 
     [(ttir, name)] = made
@@ -104,3 +90,46 @@ def test_the_mx_kernel_lowers_to_xla_s_triton_custom_call(monkeypatch, prefetch_
     context.load_all_available_dialects()
     with context:
         ir.Module.parse(ttir).operation.write_bytecode(io.BytesIO())
+
+
+def _table_tiles():
+    """Every distinct v2 MX tile kernels/tiles.json gives an H100 or an H200, at every regime, for the
+    contractions of the public shapes (gpt-oss 2880, Mixtral 4096 / 14336, DeepSeek-V3 7168 / 2048)."""
+    import warnings
+
+    from quarkmoe_jax.kernels import tiles
+    from quarkmoe_jax.kernels.base import REGIMES
+
+    found = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the H100 has no entry of its own: the architecture's tiles
+        for device in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+            for regime in REGIMES:
+                for contractions in ((2880, 2880), (4096, 14336), (7168, 2048)):
+                    found.update(tiles.tile_options(device, tiles.TRITON_MX_TILES, regime, contractions, "sm90"))
+    return sorted(found, key=repr)
+
+
+@pytest.mark.parametrize("fmt_name", ["mxfp4", "mxfp6_e3m2"])
+def test_every_table_tile_of_the_mx_kernel_compiles_for_hopper_without_spills(fmt_name):
+    """Each v2 MX tile the tables launch on an H100 / H200 goes through Triton's compiler and ptxas for sm_90a
+    here (no GPU needed): it compiles, spills no registers, fits the 227 KiB of shared memory a block may
+    have, and every wgmma takes the decoded weights from registers (its A operand a register list, not a
+    shared-memory descriptor: the v2 design, mx_gemm.py's docstring)."""
+    pytest.importorskip("triton")
+    from quarkmoe_jax.kernels.triton import mx_gemm
+
+    wgmma = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16 \{[^}]*\}, (\S)")
+    table = _table_tiles()
+    assert len(table) >= 4
+    for tile in table:
+        launch_ = mx_gemm.launch_parameters(
+            num_tiles=4, n_pad=4096, k_pad=4096, fmt_name=fmt_name, exact=fmt_name != "mxfp4", config=tile
+        )
+        launch_.pop("grid")
+        pointers = ("int32", "bfloat16", "uint8", "uint8", "uint8", "float32")
+        report = launch.compile_report(mx_gemm._mx_fragment_gemm_kernel, pointers, **launch_)
+        assert report.spill_bytes == 0, (tile, report.registers, report.spill_bytes)
+        assert report.shared_bytes <= 227 * 1024, (tile, report.shared_bytes)
+        mmas = wgmma.findall(report.ptx)
+        assert mmas and all(int(n) == tile.block_m and a == "{" for n, a in mmas), (tile, mmas[:2])
