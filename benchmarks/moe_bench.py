@@ -46,6 +46,7 @@ from quarkmoe_jax.checkpoint.exporter import scheme_layer_config
 from quarkmoe_jax.formats import float_qarray, scaled_qarray
 from quarkmoe_jax.kernels import base as kernel_base
 from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS
+from quarkmoe_jax.kernels.triton import launch as triton_launch
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape, WeightQuant, get_moe_scheme
@@ -463,6 +464,7 @@ def main(argv=None) -> int:
         "device": device.device_kind,
         "platform": device.platform,
         "jax": jax.__version__,
+        "triton_launcher": triton_launch.launcher(),  # kernels/triton/launch.py
         "quarkmoe_jax": qm.__version__,
         "timer": TIMER,
         "l2_flush_bytes": FLUSH_BYTES if on_gpu else 0,

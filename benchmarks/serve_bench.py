@@ -82,6 +82,7 @@ from model_bench import HF_SHAPES, _param_bytes, build_model  # noqa: E402
 from moe_bench import copy_tbps, matmul_tflops  # noqa: E402
 
 from quarkmoe_jax.cli import mesh_of  # noqa: E402
+from quarkmoe_jax.kernels.triton import launch as triton_launch  # noqa: E402
 from quarkmoe_jax.models import DecoderConfig  # noqa: E402
 from quarkmoe_jax.models.inputs import cache_bytes  # noqa: E402
 from quarkmoe_jax.models.layers import Linear  # noqa: E402
@@ -662,6 +663,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind,
         "versions": {"jax": jax.__version__},
+        "triton_launcher": triton_launch.launcher(),  # kernels/triton/launch.py
         "copy_tbps": bandwidth,
         "matmul_tflops": tflops,
         "workload": {k: v for k, v in json.loads(LENGTHS.read_text()).items() if k.startswith("mean")},

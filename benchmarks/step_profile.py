@@ -43,6 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from model_bench import HF_SHAPES, build_model  # noqa: E402
 from serve_bench import prefill  # noqa: E402
 
+from quarkmoe_jax.kernels.triton import launch as triton_launch
 from quarkmoe_jax.models import DecoderConfig  # noqa: E402
 from quarkmoe_jax.serving import Engine  # noqa: E402
 from quarkmoe_jax.serving import engine as engine_module  # noqa: E402
@@ -286,6 +287,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
+        "triton_launcher": triton_launch.launcher(),  # kernels/triton/launch.py
         "shape": args.shape,
         "scheme": args.scheme,
         "attention_scheme": args.attention_scheme,

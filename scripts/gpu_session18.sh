@@ -5,6 +5,7 @@
 #       oracle: tests/moe/test_triton.py's MX cases
 #   TP  the decode step with MXFP4 attention projections on the kernel GEMM (step_profile, 8 Mixtral layers),
 #       once per launcher in $LAUNCHERS (default: jax_triton)
+#   M   moe_bench w_mxfp4 (triton) at T = 1, 16 for gpt-oss and Mixtral, once per launcher in $LAUNCHERS
 #   TS  HTTP overhead, the engine in its own process (quarkmoe serve's way; serve_bench --http, 8 layers)
 #   TT  the same with the engine on the server's thread (the same-GPU comparison)
 # e.g. T=90 X=120 TP=80 LAUNCHERS="jax_triton xla" bash scripts/gpu_session18.sh, then TS=380, then TT=300.
@@ -29,6 +30,14 @@ if [ "${TP:-0}" -gt 0 ]; then
       --json $OUT/p_mx_kernel_$launcher.json > $OUT/p_mx_kernel_$launcher.log 2>&1
     rc=$?; echo "profile ($launcher) rc=$rc"; grep -E "^async|host per step" $OUT/p_mx_kernel_$launcher.log
     [ $rc = 0 ] || tail -6 $OUT/p_mx_kernel_$launcher.log
+  done
+fi
+if [ "${M:-0}" -gt 0 ]; then
+  for launcher in ${LAUNCHERS:-jax_triton}; do
+    QUARKMOE_TRITON_LAUNCHER=$launcher timeout $M python3 benchmarks/moe_bench.py --shapes gpt_oss mixtral \
+      --tokens 1 16 --schemes w_mxfp4 --backends triton --no-baselines --json $OUT/moe_$launcher.json \
+      > $OUT/moe_$launcher.log 2>&1
+    echo "moe_bench ($launcher) rc=$?"; grep -E "triton" $OUT/moe_$launcher.log | tail -4
   done
 fi
 for mode in process thread; do
