@@ -71,6 +71,10 @@ def _row_scale(weight: QArray, rows_expert):
     return weight.row_scales()[rows_expert] if weight.qtype.has_row_scales else None
 
 
+def _per_tensor(weight: QArray) -> bool:
+    return weight.qtype.has_row_scales and weight.qtype.granularity == "tensor"
+
+
 def _gemm_dtype(operand, weight: QArray):
     """int8 for INT8 x INT8; bfloat16 when both sides are exact in it
     (:attr:`~quarkmoe_jax.formats.QType.operand_exact_in_bfloat16`); float32 otherwise."""
@@ -102,11 +106,7 @@ def _grouped_gemm(operand, weight, group_sizes, rows_expert, rows_valid, a_scale
     else:
         w = jnp.swapaxes(_weights_for_gemm(weight, gemm_dtype), 1, 2)
         acc = lax.ragged_dot(operand, w, group_sizes, **kwargs)
-    acc = acc.astype(jnp.float32)
-    if a_scale is not None:
-        acc = acc * jnp.asarray(a_scale, jnp.float32)
-    if w_scale is not None:
-        acc = acc * w_scale
+    acc = scaled_in_order(acc.astype(jnp.float32), a_scale, w_scale, _per_tensor(weight))
     if bias is not None:
         acc = acc + jnp.asarray(bias, jnp.float32)[rows_expert]
     return acc
@@ -224,9 +224,21 @@ def dense_gemm(operand, weight: QArray, a_scale=None):
         acc = jnp.dot(
             operand.astype(gemm_dtype), w.T, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
         )
+    return scaled_in_order(acc, a_scale, _row_scale(weight, ...), _per_tensor(weight))
+
+
+def scaled_in_order(acc, a_scale, w_scale, w_per_tensor: bool = False):
+    """``(acc * a_scale) * w_scale`` (float32; either scale may be None), rounded in that order as vLLM's
+    kernels do. XLA's simplifier may reassociate the product into ``acc * (a_scale * w_scale)`` where the
+    scales are broadcast scalars (a per-tensor activation scale, or ``w_per_tensor``: a per-tensor weight
+    scale, a broadcast scalar where a shard holds one expert), one ulp off for some elements; there a
+    barrier after the first product keeps the order (per-token x per-channel scales need none, and keep
+    their fusion)."""
     if a_scale is not None:
-        acc = acc * jnp.asarray(a_scale, jnp.float32)
-    w_scale = _row_scale(weight, ...)
+        a_scale = jnp.asarray(a_scale, jnp.float32)
+        acc = acc * a_scale
+        if w_scale is not None and (a_scale.ndim == 0 or w_per_tensor):
+            acc = lax.optimization_barrier(acc)
     if w_scale is not None:
         acc = acc * w_scale
     return acc
