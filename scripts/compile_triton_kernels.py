@@ -1,14 +1,14 @@
-"""Compile the v2 MX (MXFP4, MXFP6) Triton kernel for sm_90 without a GPU and report what the compiler made of it.
+"""Compile the v2 MX (MXFP4, MXFP6) Triton kernel for sm_90a without a GPU and report what the compiler made of it.
 
-Needs a venv with ``triton==3.6.0`` (the GPU image's) and jax installed (no GPU needed), e.g.
+Triton (the GPU image's 3.6.0) is in the dev extra, so the project's venv runs it:
 
-    python3.12 -m venv /tmp/tri && /tmp/tri/bin/pip install triton==3.6.0 -c constraints.txt jax jaxlib flax \\
-        ml_dtypes safetensors tqdm && /tmp/tri/bin/pip install --no-deps -e .
-    /tmp/tri/bin/python scripts/compile_triton_kernels.py [--out /tmp/ttgir]
+    .venv/bin/python scripts/compile_triton_kernels.py [--out /tmp/ttgir]
 
 Per tile config it prints registers / spills (ptxas -v), shared memory, whether the main loop has wgmma, the
 weight-path shared-memory ops, and the widest weight loads, so a layout regression (a decoded tile going
-through shared memory, byte loads, spills) is caught before any device time is spent.
+through shared memory, byte loads, spills) is caught before any device time is spent. Each launch is
+``mx_gemm.launch_parameters``'s and each compile ``launch.compile_report``'s (tests/moe/test_triton_launch.py
+checks the tables' tiles the same way in CI).
 """
 
 from __future__ import annotations
@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from quarkmoe_jax.kernels.base import TileConfig
+from quarkmoe_jax.kernels.triton import launch
 from quarkmoe_jax.kernels.triton import mx_gemm as mx
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CONFIGS = [  # (block_m, block_n, num_warps, num_stages, prefetch_l2, exact, format)
     (16, 128, 4, 4, 0, False, "mxfp4"),
     (16, 128, 4, 3, 0, True, "mxfp4"),
@@ -39,59 +35,28 @@ CONFIGS = [  # (block_m, block_n, num_warps, num_stages, prefetch_l2, exact, for
     (16, 256, 8, 4, 0, False, "mxfp6_e2m3"),
     (64, 128, 4, 3, 0, False, "mxfp6_e3m2"),
 ]
+POINTERS = ("int32", "bfloat16", "uint8", "uint8", "uint8", "float32")  # tile_expert, a, w, s, low, out
 
 
 def compile_one(block_m, block_n, warps, stages, prefetch, exact, fmt, out_dir=None):
-    kernel = mx._mx_fragment_gemm_kernel
-    pointers = {
-        "tile_expert_ptr": "*i32",
-        "a_ptr": "*bf16",
-        "w_ptr": "*u8",
-        "s_ptr": "*u8",
-        "low_ptr": "*u8",
-        "out_ptr": "*fp32",
-    }
-    constexprs = dict(
-        K_UNITS=32,
-        N_UNITS=28672 // 16,
-        M_PAD=64,
-        N_OUT=28672,
-        INTERLEAVED=False,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        SPLIT_K=1,
-        EXACT=exact,
-        PREFETCH_L2=prefetch,
-        NUM_STAGES=stages,
-        FP6=fmt != "mxfp4",
-        E3M2=fmt == "mxfp6_e3m2",
-        ELEM_BIAS=3 if fmt == "mxfp6_e3m2" else 1,
-    )
-    signature = {**pointers, **{k: "constexpr" for k in constexprs}}
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in pointers}
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-    )
-    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
-    ptxas = subprocess.run(
-        [os.path.join(BIN, "ptxas"), "-arch=sm_90a", "-v", "-", "-o", "/dev/null"],
-        input=ptx,
-        capture_output=True,
-        text=True,
-    ).stderr
+    """The report of one tile: Mixtral's GEMM1 (N = 28672, K = 4096), 4 row tiles, no split."""
+    config = TileConfig(block_m, block_n, warps, stages, prefetch_l2=prefetch)
+    params = mx.launch_parameters(num_tiles=4, n_pad=28672, k_pad=4096, fmt_name=fmt, exact=exact, config=config)
+    params.pop("grid")
+    report = launch.compile_report(mx._mx_fragment_gemm_kernel, POINTERS, **params)
+    ttgir, ptx = report.ttgir, report.ptx
     tag = f"{fmt}_m{block_m}_n{block_n}_w{warps}_s{stages}_pf{prefetch}_{'exact' if exact else 'fast'}"
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        for kind in ("ttgir", "ptx"):
+        for kind, text in (("ttgir", ttgir), ("ptx", ptx)):
             with open(os.path.join(out_dir, f"{tag}.{kind}"), "w") as f:
-                f.write(compiled.asm[kind])
+                f.write(text)
     loop = ttgir[ttgir.find("scf.for") :]
     return {
         "config": tag,
-        "registers": re.findall(r"Used (\d+) registers", ptxas),
-        "spills": re.findall(r"(\d+) bytes spill stores", ptxas),
-        "shared_bytes": compiled.metadata.shared,
+        "registers": report.registers,
+        "spill_bytes": report.spill_bytes,
+        "shared_bytes": report.shared_bytes,
         "wgmma": len(re.findall(r"wgmma.mma_async", ptx)),
         "loop_local_alloc": loop.count("ttg.local_alloc"),
         "loop_bf16_converts": len(re.findall(r"convert_layout %\S+ : tensor<\d+x\d+xbf16", loop)),

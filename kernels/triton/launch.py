@@ -126,11 +126,12 @@ def kernel_ttir(kernel, pointer_dtypes: tuple[str, ...], constants: tuple, num_w
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
     """What Triton and ptxas made of a kernel for one launch: ``registers`` per thread, ``spill_bytes`` (spill
-    stores + loads per thread), ``shared_bytes`` (dynamic shared memory), and the ``ptx``."""
+    stores + loads per thread), ``shared_bytes`` (dynamic shared memory), the ``ttgir`` and the ``ptx``."""
 
     registers: int
     spill_bytes: int
     shared_bytes: int
+    ttgir: str
     ptx: str
 
 
@@ -166,7 +167,8 @@ def compile_report(
         report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    return CompileReport(registers, int(spills.group(1)) + int(spills.group(2)), compiled.metadata.shared, ptx)
+    spill_bytes = int(spills.group(1)) + int(spills.group(2))
+    return CompileReport(registers, spill_bytes, compiled.metadata.shared, compiled.asm["ttgir"], ptx)
 
 
 def _compute_capability() -> int:
