@@ -57,9 +57,13 @@ def launcher() -> str:
     return name
 
 
-def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int, **constants):
-    """``kernel`` over ``grid`` on ``args`` (JAX arrays) -> one array of ``out_shape``
-    (a ``jax.ShapeDtypeStruct``), launched by :func:`launcher`'s way."""
+def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int, input_output_aliases=None,
+                **constants):
+    """``kernel`` over ``grid`` on ``args`` (JAX arrays) -> one array of ``out_shape`` (a
+    ``jax.ShapeDtypeStruct``), or a list of them for a list of shapes, launched by :func:`launcher`'s way.
+    ``input_output_aliases``: ``{operand index: output index}``, the output written in place of the operand
+    (the kernel sees its buffer twice, among the operands and among the outputs)."""
+    aliases = dict(input_output_aliases or {})
     if launcher() == "jax_triton":
         import jax_triton as jt
 
@@ -70,18 +74,22 @@ def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int,
             grid=grid,
             num_warps=num_warps,
             num_stages=num_stages,
+            input_output_aliases=aliases,
             **constants,
         )
-    (out,) = _xla_triton_p.bind(
+    several = isinstance(out_shape, (list, tuple))
+    shapes = tuple(out_shape) if several else (out_shape,)
+    outs = _xla_triton_p.bind(
         *args,
         kernel=kernel,
-        out_shapes=(jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype),),
+        out_shapes=tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes),
         grid=tuple(grid) + (1,) * (3 - len(grid)),
         num_warps=num_warps,
         num_stages=num_stages,
+        aliases=tuple(sorted(aliases.items())),
         constants=tuple(sorted(constants.items())),
     )
-    return out
+    return list(outs) if several else outs[0]
 
 
 @functools.cache
@@ -180,7 +188,7 @@ def _abstract_eval(*_, out_shapes, **__):
     return [jax_core.ShapedArray(s.shape, s.dtype) for s in out_shapes]
 
 
-def _lowering(ctx, *operands, kernel, out_shapes, grid, num_warps, num_stages, constants):
+def _lowering(ctx, *operands, kernel, out_shapes, grid, num_warps, num_stages, aliases, constants):
     dtypes = tuple(jnp.dtype(a.dtype).name for a in (*ctx.avals_in, *ctx.avals_out))
     ttir, name = kernel_ttir(kernel, dtypes, constants, num_warps, num_stages, _compute_capability())
     context = mlir.JaxIrContext()
@@ -211,6 +219,7 @@ def _lowering(ctx, *operands, kernel, out_shapes, grid, num_warps, num_stages, c
         api_version=4,
         operand_layouts=row_major(ctx.avals_in),
         result_layouts=row_major(ctx.avals_out),
+        operand_output_aliases=dict(aliases),
     ).results
 
 

@@ -168,21 +168,15 @@ if triton is not None:
         )
 
     @triton.jit
-    def _mx_fragment_gemm_kernel(
-        tile_expert_ptr,
-        a_ptr,
-        w_ptr,
-        s_ptr,
-        low_ptr,
-        out_ptr,
+    def _mx_accumulate(
+        w_base,
+        s_base,
+        low_base,
+        a_base,
+        iterations,
         K_UNITS: tl.constexpr,
-        N_UNITS: tl.constexpr,
-        M_PAD: tl.constexpr,
-        N_OUT: tl.constexpr,
-        INTERLEAVED: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        SPLIT_K: tl.constexpr,
         EXACT: tl.constexpr,
         PREFETCH_L2: tl.constexpr,
         NUM_STAGES: tl.constexpr,
@@ -190,19 +184,8 @@ if triton is not None:
         E3M2: tl.constexpr,
         ELEM_BIAS: tl.constexpr,
     ):
-        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        expert = tl.load(tile_expert_ptr + pid_m)
-        units_per_split: tl.constexpr = K_UNITS // SPLIT_K
-        iterations = tl.where(expert >= 0, units_per_split, 0)
-        e = tl.maximum(expert, 0).to(tl.int64)
-        unit_row0 = pid_n * (BLOCK_N // 16)
-        first_unit = pid_k * units_per_split
-        w_base = w_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 1024
-        s_base = s_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 64
-        low_base = low_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 512
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
-
+        """The K loop of one program: float32 ``acc[BLOCK_N, BLOCK_M] = decode(W) @ a^T`` over ``iterations``
+        128-K units from the given bases (weight units, scales, FP6 low planes, activation rows)."""
         g = tl.arange(0, 8)
         blk = tl.arange(0, BLOCK_N // 16)
         sj = tl.arange(0, 8)
@@ -284,11 +267,232 @@ if triton is not None:
             w = _scaled(w, factors)
             acc = tl.dot(w, tl.trans(a), acc)
 
+        return acc
+
+    @triton.jit
+    def _mx_fragment_gemm_kernel(
+        tile_expert_ptr,
+        a_ptr,
+        w_ptr,
+        s_ptr,
+        low_ptr,
+        out_ptr,
+        K_UNITS: tl.constexpr,
+        N_UNITS: tl.constexpr,
+        M_PAD: tl.constexpr,
+        N_OUT: tl.constexpr,
+        INTERLEAVED: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EXACT: tl.constexpr,
+        PREFETCH_L2: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        FP6: tl.constexpr,
+        E3M2: tl.constexpr,
+        ELEM_BIAS: tl.constexpr,
+    ):
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        expert = tl.load(tile_expert_ptr + pid_m)
+        units_per_split: tl.constexpr = K_UNITS // SPLIT_K
+        iterations = tl.where(expert >= 0, units_per_split, 0)
+        e = tl.maximum(expert, 0).to(tl.int64)
+        unit_row0 = pid_n * (BLOCK_N // 16)
+        first_unit = pid_k * units_per_split
+        w_base = w_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 1024
+        s_base = s_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 64
+        low_base = low_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 512
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
+
+        acc = _mx_accumulate(
+            w_base,
+            s_base,
+            low_base,
+            a_base,
+            iterations,
+            K_UNITS,
+            BLOCK_M,
+            BLOCK_N,
+            EXACT,
+            PREFETCH_L2,
+            NUM_STAGES,
+            FP6,
+            E3M2,
+            ELEM_BIAS,
+        )
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if INTERLEAVED:  # gpt-oss: weight row c is gate (c even) or up (c odd) of channel c // 2: shard-major
             cols = (cols % 2) * (N_OUT // 2) + cols // 2
         out_rows = pid_k * M_PAD + rows
         tl.store(out_ptr + out_rows.to(tl.int64)[None, :] * N_OUT + cols[:, None], acc)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial_sum(
+        acc, partial_ptr, count_ptr, rows, cols, pid_k, M_PAD: tl.constexpr, N_PAD: tl.constexpr, SPLIT_K: tl.constexpr
+    ):
+        """Split-K in the kernel: every split stores its float32 ``acc[cols, rows]`` into ``partial`` and counts
+        itself in; the split that arrives last returns the sum of all splits in split order (the same sum,
+        bit for bit, whichever split is last) and ``True``; the others return ``False``."""
+        offsets = rows.to(tl.int64)[None, :] * N_PAD + cols[:, None]
+        tl.store(partial_ptr + pid_k * (M_PAD * N_PAD) + offsets, acc)
+        tl.debug_barrier()  # every thread's partial is stored before the count says so
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+        last = arrived == SPLIT_K - 1
+        total = tl.zeros_like(acc)
+        if last:
+            for k in tl.static_range(SPLIT_K):
+                total += tl.load(partial_ptr + k * (M_PAD * N_PAD) + offsets, cache_modifier=".cg")
+        return total, last
+
+    @triton.jit
+    def _rounded(x, ACT_BF16: tl.constexpr):
+        """``x`` (float32) rounded to the activation dtype and back (a no-op for float32 activations)."""
+        if ACT_BF16:
+            return x.to(tl.bfloat16).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _mx_fused_gemm_kernel(
+        tile_expert_ptr,
+        a_ptr,
+        w_ptr,
+        s_ptr,
+        low_ptr,
+        bias_ptr,
+        row_scale_ptr,
+        row_weight_ptr,
+        count_in_ptr,
+        out_ptr,
+        partial_ptr,
+        count_ptr,
+        K_UNITS: tl.constexpr,
+        N_UNITS: tl.constexpr,
+        M_PAD: tl.constexpr,
+        N_PAD: tl.constexpr,
+        N_STORE: tl.constexpr,
+        GATED: tl.constexpr,
+        INTERLEAVED: tl.constexpr,
+        ACTIVATION: tl.constexpr,
+        LIMIT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ROW_SCALES: tl.constexpr,
+        ROW_WEIGHTS: tl.constexpr,
+        ACT_BF16: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EXACT: tl.constexpr,
+        PREFETCH_L2: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+        FP6: tl.constexpr,
+        E3M2: tl.constexpr,
+        ELEM_BIAS: tl.constexpr,
+    ):
+        """The v2 K loop with the epilogue in the kernel (v3): split-K summed by the last split, then row
+        scales, bias, the gated activation (``ACTIVATION``: 1 silu, 2 swigluoai; clamp ``LIMIT`` if > 0),
+        router weights, and the output written in its dtype, ``out[M_PAD, N_STORE]``. Gated weights:
+        interleaved rows (gpt-oss: row 2c gate, 2c + 1 up of channel c) or halves (Mixtral: rows ``[0, N/2)``
+        gate, ``[N/2, N)`` up; each program then runs the K loop over both halves' ``BLOCK_N`` rows)."""
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        expert = tl.load(tile_expert_ptr + pid_m)
+        units_per_split: tl.constexpr = K_UNITS // SPLIT_K
+        iterations = tl.where(expert >= 0, units_per_split, 0)
+        e = tl.maximum(expert, 0).to(tl.int64)
+        unit_row0 = pid_n * (BLOCK_N // 16)
+        first_unit = pid_k * units_per_split
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
+        unit = (e * N_UNITS + unit_row0) * K_UNITS + first_unit
+        acc = _mx_accumulate(
+            w_ptr + unit * 1024,
+            s_ptr + unit * 64,
+            low_ptr + unit * 512,
+            a_base,
+            iterations,
+            K_UNITS,
+            BLOCK_M,
+            BLOCK_N,
+            EXACT,
+            PREFETCH_L2,
+            NUM_STAGES,
+            FP6,
+            E3M2,
+            ELEM_BIAS,
+        )
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows of this program (gate rows for halves)
+        HALVES: tl.constexpr = GATED and not INTERLEAVED
+        if HALVES:
+            up_unit = unit + (N_UNITS // 2) * K_UNITS
+            up_acc = _mx_accumulate(
+                w_ptr + up_unit * 1024,
+                s_ptr + up_unit * 64,
+                low_ptr + up_unit * 512,
+                a_base,
+                iterations,
+                K_UNITS,
+                BLOCK_M,
+                BLOCK_N,
+                EXACT,
+                PREFETCH_L2,
+                NUM_STAGES,
+                FP6,
+                E3M2,
+                ELEM_BIAS,
+            )
+        if SPLIT_K > 1:
+            count = count_ptr + pid_m * tl.num_programs(1) + pid_n
+            if HALVES:  # both halves into one buffer: gate rows then up rows
+                both = tl.join(acc, up_acc).permute(2, 0, 1).reshape(2 * BLOCK_N, BLOCK_M)
+                both_cols = tl.join(cols, cols + N_PAD // 2).permute(1, 0).reshape(2 * BLOCK_N)
+                total, last = _partial_sum(both, partial_ptr, count, rows, both_cols, pid_k, M_PAD, N_PAD, SPLIT_K)
+                acc, up_acc = total.reshape(2, BLOCK_N, BLOCK_M).permute(1, 2, 0).split()
+            else:
+                acc, last = _partial_sum(acc, partial_ptr, count, rows, cols, pid_k, M_PAD, N_PAD, SPLIT_K)
+        else:
+            last = True
+        if last:
+            valid = expert >= 0
+            if ROW_SCALES:
+                row_scale = tl.load(row_scale_ptr + rows)[None, :]
+                acc = acc * row_scale
+                if HALVES:
+                    up_acc = up_acc * row_scale
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + e * N_PAD + cols)[:, None]
+                if HALVES:
+                    up_acc = up_acc + tl.load(bias_ptr + e * N_PAD + N_PAD // 2 + cols)[:, None]
+            if GATED:
+                if INTERLEAVED:  # rows 2c, 2c + 1 -> channel c
+                    gate, up = acc.reshape(BLOCK_N // 2, 2, BLOCK_M).permute(0, 2, 1).split()
+                    out_cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+                else:
+                    gate, up = acc, up_acc
+                    out_cols = cols
+                gate = _rounded(gate, ACT_BF16)
+                up = _rounded(up, ACT_BF16)
+                if LIMIT > 0:
+                    gate = tl.minimum(gate, LIMIT)
+                    up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+                if ACTIVATION == 1:  # silu(gate) rounded to the activation dtype, times up
+                    out = _rounded(_rounded(gate * tl.sigmoid(gate), ACT_BF16) * up, ACT_BF16)
+                else:  # swigluoai: (up + 1) * gate * sigmoid(1.702 gate), rounded once
+                    out = _rounded((up + 1.0) * gate * tl.sigmoid(1.702 * gate), ACT_BF16)
+            else:
+                out = acc
+                out_cols = cols
+            if ROW_WEIGHTS:
+                out = out * tl.load(row_weight_ptr + rows)[None, :]
+            out = tl.where(valid, out, 0.0)
+            offsets = rows.to(tl.int64)[None, :] * N_STORE + out_cols[:, None]
+            if OUT_BF16:
+                tl.store(out_ptr + offsets, out.to(tl.bfloat16), mask=out_cols[:, None] < N_STORE)
+            else:
+                tl.store(out_ptr + offsets, out, mask=out_cols[:, None] < N_STORE)
 
 
 def launch_parameters(
@@ -382,3 +586,144 @@ def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: boo
     if interleaved:  # each shard's n_pad/2 columns end with the padded rows' zeros
         return out.reshape(m_pad, 2, n_pad // 2)[:, :, : n // 2].reshape(m_pad, n)
     return out[:, :n]
+
+
+FUSED_ACTIVATIONS = {"silu": 1, "swigluoai": 2}
+"""Gated activations the v3 epilogue computes in the kernel (``ACTIVATION`` codes); others run the v2 kernel
+with the epilogue in XLA."""
+
+
+def fused_unsupported(weight: QArray, epilogue, config, out_dtype) -> str | None:
+    """Why :func:`mx_fused_gemm` cannot take this launch (``None``: it can)."""
+    if epilogue.col_scales:
+        return "per-column weight scales (MX weights have none)"
+    if epilogue.gated and epilogue.activation not in FUSED_ACTIVATIONS:
+        return f"gated activation {epilogue.activation!r} (in the kernel: {', '.join(FUSED_ACTIVATIONS)})"
+    if not epilogue.gated and epilogue.activation is not None:
+        return f"non-gated activation {epilogue.activation!r}"
+    if jnp.dtype(epilogue.activation_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        return f"activation dtype {epilogue.activation_dtype}"
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        return f"output dtype {jnp.dtype(out_dtype).name}"
+    n = weight.shape[1]
+    if epilogue.gated and not epilogue.interleaved and (padded_shape(weight)[1] != n or (n // 2) % config.block_n):
+        return f"gate / up halves of {n // 2} rows not tiled by block_n {config.block_n}"
+    return None
+
+
+def fused_launch_parameters(
+    *,
+    num_tiles: int,
+    n: int,
+    n_pad: int,
+    k_pad: int,
+    fmt_name: str,
+    exact: bool,
+    config,
+    epilogue,
+    n_out: int,
+    out_dtype,
+) -> dict:
+    """:func:`launch_parameters` for the v3 kernel (epilogue in the kernel): its grid (gate / up halves: one
+    program per ``block_n`` channels of both halves) and the epilogue's constants."""
+    params = launch_parameters(
+        num_tiles=num_tiles, n_pad=n_pad, k_pad=k_pad, fmt_name=fmt_name, exact=exact, config=config
+    )
+    del params["N_OUT"], params["INTERLEAVED"]
+    halves = epilogue.gated and not epilogue.interleaved
+    limit = epilogue.swiglu_limit
+    if epilogue.activation == "swigluoai" and limit is None:
+        from quarkmoe_jax.activations import SWIGLUOAI_LIMIT
+
+        limit = SWIGLUOAI_LIMIT
+    params.update(
+        grid=(num_tiles, (n // 2 if halves else n_pad) // config.block_n, config.split_k),
+        N_PAD=n_pad,
+        N_STORE=n_out,
+        GATED=bool(epilogue.gated),
+        INTERLEAVED=bool(epilogue.gated and epilogue.interleaved),
+        ACTIVATION=FUSED_ACTIVATIONS.get(epilogue.activation, 0),
+        LIMIT=float(limit or 0.0),
+        HAS_BIAS=bool(epilogue.has_bias),
+        ROW_SCALES=bool(epilogue.row_scales),
+        ROW_WEIGHTS=bool(epilogue.row_weights),
+        ACT_BF16=jnp.dtype(epilogue.activation_dtype) == jnp.bfloat16,
+        OUT_BF16=jnp.dtype(out_dtype) == jnp.bfloat16,
+    )
+    return params
+
+
+def mx_fused_gemm(
+    a,
+    weight: QArray,
+    tile_expert,
+    bias=None,
+    row_weights=None,
+    row_scales=None,
+    *,
+    config,
+    epilogue,
+    n_out,
+    out_dtype,
+):
+    """The v3 kernel: :func:`mx_fragment_gemm`'s product with the epilogue (``epilogue``: row scales, bias
+    ``[E, N]``, the gated activation, router ``row_weights``) and the split-K sum in the kernel ->
+    ``out_dtype [M_pad, n_out]``, as :func:`quarkmoe_jax.kernels.base.epilogue_of_accumulators` computes it
+    from the v2 accumulators (to float32 summation order and the activation's last bit).
+
+    Raises:
+      NotImplementedError: :func:`fused_unsupported` names a reason, or ``block_n`` does not tile the rows.
+    """
+    from quarkmoe_jax.kernels.triton.launch import triton_call
+
+    reason = fused_unsupported(weight, epilogue, config, out_dtype)
+    if reason is not None:
+        raise NotImplementedError(f"triton backend, fused epilogue: {reason}")
+    _, n_pad, k_pad = padded_shape(weight)
+    n = weight.shape[1]
+    if not fits(weight, config.block_n):
+        raise NotImplementedError(f"triton backend: block_n {config.block_n} does not tile N = {n_pad}")
+    num_tiles = tile_expert.shape[0]
+    m_pad = a.shape[0]
+    if m_pad != num_tiles * config.block_m:
+        raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {config.block_m}")
+    a = a.astype(jnp.bfloat16)
+    if a.shape[1] < k_pad:
+        a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
+    params = fused_launch_parameters(
+        num_tiles=num_tiles,
+        n=n,
+        n_pad=n_pad,
+        k_pad=k_pad,
+        fmt_name=weight.qtype.element,
+        exact=exact_scales(weight),
+        config=config,
+        epilogue=epilogue,
+        n_out=n_out,
+        out_dtype=out_dtype,
+    )
+    split = config.split_k
+    programs = params["grid"][0] * params["grid"][1]
+    unused = jnp.zeros((1,), jnp.float32)
+    bias = unused if bias is None else jnp.pad(jnp.asarray(bias, jnp.float32), ((0, 0), (0, n_pad - n)))
+    fp6 = weight.extra is not None
+    out, _, _ = triton_call(
+        tile_expert.astype(jnp.int32),
+        a,
+        weight.values,
+        weight.scales,
+        weight.extra if fp6 else weight.values,  # not read for MXFP4
+        bias,
+        unused if row_scales is None else jnp.asarray(row_scales, jnp.float32),
+        unused if row_weights is None else jnp.asarray(row_weights, jnp.float32),
+        jnp.zeros((programs if split > 1 else 1,), jnp.int32),
+        kernel=_mx_fused_gemm_kernel,
+        out_shape=[
+            jax.ShapeDtypeStruct((m_pad, n_out), out_dtype),
+            jax.ShapeDtypeStruct((split * m_pad * n_pad if split > 1 else 1,), jnp.float32),
+            jax.ShapeDtypeStruct((programs if split > 1 else 1,), jnp.int32),
+        ],
+        input_output_aliases={8: 2},
+        **params,
+    )
+    return out
