@@ -71,6 +71,7 @@ class TileConfig:
     swap_ab: bool = False
     split_k: int = 1
     prefetch_l2: int = 0  # the v2 MX kernels (triton/mx_gemm.py): > 0 = direct loads + L2 prefetch that far ahead
+    fused_epilogue: bool = False  # the MX kernels (triton): epilogue and split-K sum in the kernel (v3)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 
@@ -27,6 +28,9 @@ __all__ = ["TritonBackend", "TRITON", "MIN_MX_BLOCK_N", "split_k_for"]
 
 MIN_MX_BLOCK_N = 64
 """The v2 kernel's smallest ``block_n`` (one warpgroup's 64 rows)."""
+FUSED_EPILOGUE_ENV = "QUARKMOE_MX_FUSED_EPILOGUE"
+"""``1``: every MX launch runs the v3 kernel (epilogue and split-K sum in the kernel) where it can, whatever
+the tile table says (an experiment switch until the tables are tuned with it)."""
 
 
 @functools.cache
@@ -70,7 +74,8 @@ class TritonBackend(KernelBackend):
             block_n //= 2
         _, n_pad, k_pad = padded_shape(weight)
         split_k = split_k_for(num_tiles, n_pad // block_n, k_pad // UNIT_K, config.split_k)
-        return dataclasses.replace(config, block_n=block_n, split_k=split_k)
+        fused = config.fused_epilogue or os.environ.get(FUSED_EPILOGUE_ENV, "") == "1"
+        return dataclasses.replace(config, block_n=block_n, split_k=split_k, fused_epilogue=fused)
 
     def in_layout(self, weight: QArray) -> bool:
         return weight.layout == FRAGMENT_LAYOUT

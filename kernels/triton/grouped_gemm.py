@@ -187,6 +187,21 @@ def triton_grouped_gemm(
     shards = 2 if epilogue.gated else 1
     n_total = shards * n_out
     if isinstance(weight, QArray) and weight.kind == "mx":
+        if config.fused_epilogue and _fused_unsupported(weight, epilogue, config, out_dtype) is None:
+            from quarkmoe_jax.kernels.triton import mx_gemm
+
+            return mx_gemm.mx_fused_gemm(
+                a,
+                weight,
+                tile_expert,
+                bias,
+                row_weights,
+                row_scales,
+                config=config,
+                epilogue=epilogue,
+                n_out=n_out,
+                out_dtype=out_dtype,
+            )
         acc = _fragment_accumulators(a, weight, tile_expert, config, epilogue)
     else:
         acc = _dense_accumulators(a, weight, tile_expert, bm, n_out, n_total, epilogue)
@@ -202,6 +217,14 @@ def triton_grouped_gemm(
         row_scales=row_scales,
         col_scales=col_scales,
     )
+
+
+def _fused_unsupported(weight, epilogue, config, out_dtype):
+    from quarkmoe_jax.kernels.triton import mx_gemm
+
+    if weight.layout != FRAGMENT_LAYOUT:
+        return "not in the fragment layout"
+    return mx_gemm.fused_unsupported(weight, epilogue, config, out_dtype)
 
 
 def _fragment_accumulators(a, weight, tile_expert, config, epilogue):

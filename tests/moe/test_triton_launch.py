@@ -133,3 +133,100 @@ def test_every_table_tile_of_the_mx_kernel_compiles_for_hopper_without_spills(fm
         assert report.shared_bytes <= 227 * 1024, (tile, report.shared_bytes)
         mmas = wgmma.findall(report.ptx)
         assert mmas and all(int(n) == tile.block_m and a == "{" for n, a in mmas), (tile, mmas[:2])
+
+
+def test_the_v3_fused_epilogue_kernel_compiles_for_each_layer_epilogue():
+    """The v3 kernel (epilogue and split-K sum in the kernel) for the epilogues the MoE layers launch —
+    gpt-oss's interleaved swigluoai with bias, Mixtral's silu over gate / up halves (also MXFP6 with split-K
+    and row scales), GEMM2 with bias and router weights, a 64-row prefill tile — compiles for sm_90a without
+    spills, runs the v2 K loop (as many wgmma per program as v2 on the tile, twice for halves), and counts
+    its splits with one atomic exactly when it splits K."""
+    pytest.importorskip("triton")
+    from quarkmoe_jax.kernels.base import Epilogue, TileConfig
+    from quarkmoe_jax.kernels.triton import mx_gemm
+
+    swigluoai = Epilogue("swigluoai", True, True, None, "bfloat16", has_bias=True)
+    silu = Epilogue("silu", True, False, None, "bfloat16")
+    cases = [  # (tile, epilogue, N, N out, out dtype, format)
+        (TileConfig(16, 128, 4, 3, split_k=2), swigluoai, 5760, 2880, "bfloat16", "mxfp4"),
+        (
+            TileConfig(16, 128, 4, 3, split_k=4),
+            Epilogue(has_bias=True, row_weights=True),
+            2944,
+            2880,
+            "bfloat16",
+            "mxfp4",
+        ),
+        (TileConfig(16, 128, 4, 4), silu, 28672, 14336, "bfloat16", "mxfp4"),
+        (
+            TileConfig(16, 128, 4, 4, split_k=2),
+            Epilogue("silu", True, row_scales=True),
+            28672,
+            14336,
+            "bfloat16",
+            "mxfp6_e3m2",
+        ),
+        (TileConfig(16, 256, 8, 1, prefetch_l2=3), Epilogue(row_weights=True), 4096, 4096, "float32", "mxfp4"),
+        (TileConfig(64, 128, 4, 3), silu, 28672, 14336, "bfloat16", "mxfp4"),
+    ]
+    wgmma = re.compile(r"wgmma\.mma_async")
+    pointers = ("int32", "bfloat16", "uint8", "uint8", "uint8", "float32", "float32", "float32", "int32")
+    for tile, epilogue, n, n_out, out_dtype, fmt_name in cases:
+        params = mx_gemm.fused_launch_parameters(
+            num_tiles=4,
+            n=n,
+            n_pad=n,
+            k_pad=4096,
+            fmt_name=fmt_name,
+            exact=False,
+            config=tile,
+            epilogue=epilogue,
+            n_out=n_out,
+            out_dtype=out_dtype,
+        )
+        params.pop("grid")
+        fused = launch.compile_report(
+            mx_gemm._mx_fused_gemm_kernel, pointers + (out_dtype, "float32", "int32"), **params
+        )
+        v2 = mx_gemm.launch_parameters(num_tiles=4, n_pad=n, k_pad=4096, fmt_name=fmt_name, exact=False, config=tile)
+        v2.pop("grid")
+        plain = launch.compile_report(
+            mx_gemm._mx_fragment_gemm_kernel, ("int32", "bfloat16", "uint8", "uint8", "uint8", "float32"), **v2
+        )
+        halves = epilogue.gated and not epilogue.interleaved
+        assert fused.spill_bytes == 0 and fused.shared_bytes <= 227 * 1024, (tile, epilogue, fused.registers)
+        assert len(wgmma.findall(fused.ptx)) == (2 if halves else 1) * len(wgmma.findall(plain.ptx)), (tile, epilogue)
+        assert ("atom.global.gpu.acq_rel.add" in fused.ptx) == (tile.split_k > 1), (tile, epilogue)
+
+
+def test_the_v3_kernel_lowers_with_its_split_counts_updated_in_place(monkeypatch):
+    """Through XLA's Triton call the v3 kernel's split counters (zeros made by XLA) are an operand aliased to
+    an output, so the kernel's atomics write a buffer XLA gave it to write, and the call returns the output."""
+    pytest.importorskip("triton")
+    import quarkmoe_jax as qm
+    from quarkmoe_jax.formats.fragment_layout import to_fragment_layout
+    from quarkmoe_jax.formats.mx import pack_codes
+    from quarkmoe_jax.kernels.base import Epilogue, TileConfig
+    from quarkmoe_jax.kernels.triton import mx_gemm
+
+    monkeypatch.setenv(launch.LAUNCHER_ENV, "xla")
+    monkeypatch.setattr(launch, "_compute_capability", lambda: 90)
+    fmt = qm.MX_FORMATS["mxfp4"]
+    weight = to_fragment_layout(
+        qm.MXTensor(pack_codes(jnp.zeros((2, 256, 512), jnp.uint8), fmt), jnp.zeros((2, 256, 16), jnp.uint8), fmt)
+    )
+    epilogue = Epilogue("swigluoai", True, True, None, "bfloat16", has_bias=True)
+
+    def call(a, w, t, bias):
+        config = TileConfig(16, 128, 4, 3, split_k=2, fused_epilogue=True)
+        return mx_gemm.mx_fused_gemm(a, w, t, bias, config=config, epilogue=epilogue, n_out=128, out_dtype=jnp.bfloat16)
+
+    args = (jnp.ones((32, 512), jnp.bfloat16), weight, jnp.zeros((2,), jnp.int32), jnp.ones((2, 256), jnp.float32))
+    lowered = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",))
+    hlo = lowered.as_text()
+    assert hlo.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+    assert (
+        "output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [2], operand_index = 8" in hlo
+    )
+    assert 'name = "_mx_fused_gemm_kernel"' in hlo and "grid_z = 2 : i32" in hlo
+    assert lowered.out_info.shape == (32, 128)
