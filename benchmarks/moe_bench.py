@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,6 +48,7 @@ from quarkmoe_jax.formats import float_qarray, scaled_qarray
 from quarkmoe_jax.kernels import base as kernel_base
 from quarkmoe_jax.kernels.registry import KERNEL_BACKENDS
 from quarkmoe_jax.kernels.triton import launch as triton_launch
+from quarkmoe_jax.kernels.triton.backend import FUSED_EPILOGUE_ENV
 from quarkmoe_jax.moe import op
 from quarkmoe_jax.moe.fused import kernel_weights
 from quarkmoe_jax.schemes import ActivationQuant, MoEQuantConfig, MoEShape, WeightQuant, get_moe_scheme
@@ -465,6 +467,7 @@ def main(argv=None) -> int:
         "platform": device.platform,
         "jax": jax.__version__,
         "triton_launcher": triton_launch.launcher(),  # kernels/triton/launch.py
+        "mx_fused_epilogue": os.environ.get(FUSED_EPILOGUE_ENV, "") == "1",  # the v3 kernel forced on
         "quarkmoe_jax": qm.__version__,
         "timer": TIMER,
         "l2_flush_bytes": FLUSH_BYTES if on_gpu else 0,
