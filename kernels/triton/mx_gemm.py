@@ -345,7 +345,7 @@ if triton is not None:
         total = tl.zeros_like(acc)
         if last:
             for k in tl.static_range(SPLIT_K):
-                total += tl.load(partial_ptr + k * (M_PAD * N_PAD) + offsets, cache_modifier=".cg")
+                total += tl.load(partial_ptr + k * (M_PAD * N_PAD) + offsets)  # unread before: no stale L1 line
         return total, last
 
     @triton.jit
