@@ -168,10 +168,27 @@ if triton is not None:
         )
 
     @triton.jit
+    def _program_tile(tile_expert_ptr, a_ptr, K_UNITS, N_UNITS, BLOCK_M, BLOCK_N, SPLIT_K):
+        """This program's share: its row tile's ``expert`` (-1: unused), the K units it runs (``iterations``),
+        its ``rows``, the base of its activation rows and its first weight unit (rows of ``program_id(1)``,
+        K split ``program_id(2)``)."""
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        expert = tl.load(tile_expert_ptr + pid_m)
+        units_per_split = K_UNITS // SPLIT_K
+        iterations = tl.where(expert >= 0, units_per_split, 0)
+        e = tl.maximum(expert, 0).to(tl.int64)
+        first_unit = pid_k * units_per_split
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
+        unit = (e * N_UNITS + pid_n * (BLOCK_N // 16)) * K_UNITS + first_unit
+        return expert, iterations, rows, a_base, unit
+
+    @triton.jit
     def _mx_accumulate(
-        w_base,
-        s_base,
-        low_base,
+        w_ptr,
+        s_ptr,
+        low_ptr,
+        unit,
         a_base,
         iterations,
         K_UNITS: tl.constexpr,
@@ -185,7 +202,11 @@ if triton is not None:
         ELEM_BIAS: tl.constexpr,
     ):
         """The K loop of one program: float32 ``acc[BLOCK_N, BLOCK_M] = decode(W) @ a^T`` over ``iterations``
-        128-K units from the given bases (weight units, scales, FP6 low planes, activation rows)."""
+        128-K units from weight unit ``unit`` (its bytes, scales and FP6 low plane) and activation rows at
+        ``a_base``."""
+        w_base = w_ptr + unit * 1024
+        s_base = s_ptr + unit * 64
+        low_base = low_ptr + unit * 512
         g = tl.arange(0, 8)
         blk = tl.arange(0, BLOCK_N // 16)
         sj = tl.arange(0, 8)
@@ -292,23 +313,15 @@ if triton is not None:
         E3M2: tl.constexpr,
         ELEM_BIAS: tl.constexpr,
     ):
-        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        expert = tl.load(tile_expert_ptr + pid_m)
-        units_per_split: tl.constexpr = K_UNITS // SPLIT_K
-        iterations = tl.where(expert >= 0, units_per_split, 0)
-        e = tl.maximum(expert, 0).to(tl.int64)
-        unit_row0 = pid_n * (BLOCK_N // 16)
-        first_unit = pid_k * units_per_split
-        w_base = w_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 1024
-        s_base = s_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 64
-        low_base = low_ptr + ((e * N_UNITS + unit_row0) * K_UNITS + first_unit) * 512
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
-
+        pid_n, pid_k = tl.program_id(1), tl.program_id(2)
+        expert, iterations, rows, a_base, unit = _program_tile(
+            tile_expert_ptr, a_ptr, K_UNITS, N_UNITS, BLOCK_M, BLOCK_N, SPLIT_K
+        )
         acc = _mx_accumulate(
-            w_base,
-            s_base,
-            low_base,
+            w_ptr,
+            s_ptr,
+            low_ptr,
+            unit,
             a_base,
             iterations,
             K_UNITS,
@@ -399,19 +412,15 @@ if triton is not None:
         interleaved rows (gpt-oss: row 2c gate, 2c + 1 up of channel c) or halves (Mixtral: rows ``[0, N/2)``
         gate, ``[N/2, N)`` up; each program then runs the K loop over both halves' ``BLOCK_N`` rows)."""
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        expert = tl.load(tile_expert_ptr + pid_m)
-        units_per_split: tl.constexpr = K_UNITS // SPLIT_K
-        iterations = tl.where(expert >= 0, units_per_split, 0)
+        expert, iterations, rows, a_base, unit = _program_tile(
+            tile_expert_ptr, a_ptr, K_UNITS, N_UNITS, BLOCK_M, BLOCK_N, SPLIT_K
+        )
         e = tl.maximum(expert, 0).to(tl.int64)
-        unit_row0 = pid_n * (BLOCK_N // 16)
-        first_unit = pid_k * units_per_split
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        a_base = a_ptr + rows.to(tl.int64)[:, None] * (K_UNITS * 128) + first_unit * 128
-        unit = (e * N_UNITS + unit_row0) * K_UNITS + first_unit
         acc = _mx_accumulate(
-            w_ptr + unit * 1024,
-            s_ptr + unit * 64,
-            low_ptr + unit * 512,
+            w_ptr,
+            s_ptr,
+            low_ptr,
+            unit,
             a_base,
             iterations,
             K_UNITS,
@@ -427,11 +436,11 @@ if triton is not None:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # weight rows of this program (gate rows for halves)
         HALVES: tl.constexpr = GATED and not INTERLEAVED
         if HALVES:
-            up_unit = unit + (N_UNITS // 2) * K_UNITS
             up_acc = _mx_accumulate(
-                w_ptr + up_unit * 1024,
-                s_ptr + up_unit * 64,
-                low_ptr + up_unit * 512,
+                w_ptr,
+                s_ptr,
+                low_ptr,
+                unit + (N_UNITS // 2) * K_UNITS,
                 a_base,
                 iterations,
                 K_UNITS,
