@@ -28,6 +28,8 @@ No CPU path (jax-triton has none): :func:`unavailable_reason` says why a call ca
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -678,7 +680,9 @@ def mx_fused_gemm(
     """The v3 kernel: :func:`mx_fragment_gemm`'s product with the epilogue (``epilogue``: row scales, bias
     ``[E, N]``, the gated activation, router ``row_weights``) and the split-K sum in the kernel ->
     ``out_dtype [M_pad, n_out]``, as :func:`quarkmoe_jax.kernels.base.epilogue_of_accumulators` computes it
-    from the v2 accumulators (to float32 summation order and the activation's last bit).
+    from the v2 accumulators (to float32 summation order and the activation's last bit). Gate / up halves
+    run half v2's programs (each over both halves), so their K split is sized again on that grid (up to
+    twice ``config.split_k``).
 
     Raises:
       NotImplementedError: :func:`fused_unsupported` names a reason, or ``block_n`` does not tile the rows.
@@ -699,6 +703,11 @@ def mx_fused_gemm(
     a = a.astype(jnp.bfloat16)
     if a.shape[1] < k_pad:
         a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
+    if epilogue.gated and not epilogue.interleaved:  # half v2's programs: split K again to fill the GPU
+        from quarkmoe_jax.kernels.triton.backend import split_k_for
+
+        split = split_k_for(num_tiles, n // 2 // config.block_n, k_pad // UNIT_K, 2 * config.split_k)
+        config = dataclasses.replace(config, split_k=split)
     params = fused_launch_parameters(
         num_tiles=num_tiles,
         n=n,
