@@ -10,10 +10,10 @@
 
 The TTIR is Triton 3.6's and XLA reads it with its own Triton dialect, so an op whose syntax changed
 between the two fails at lowering (jaxlib 0.12.1 no longer parses ``tt.load``'s ``cacheModifier = cg``: the
-kernels use no cache modifiers); CI lowers every MX kernel both ways in both venvs
-(tests/moe/test_triton_launch.py). Measured on an H100 (docs/performance.md, 2026-12-08): XLA's build of the
-v2 kernel runs 0.5-9 % slower per layer; what it may save, the launches of a decode step outside command
-buffers, is not measured yet.
+kernels use no cache modifiers); CI lowers the MX kernels' variants to XLA's Triton call in both venvs
+(tests/moe/test_triton_launch.py; jax-triton's own lowering needs a GPU). Measured on an H100
+(docs/performance.md, 2026-12-08): XLA's build of the v2 kernel runs 0.5-9 % slower per layer; what it may
+save, the launches of a decode step outside command buffers, is not measured yet.
 
 :func:`launcher` reads ``$QUARKMOE_TRITON_LAUNCHER`` (default ``"jax_triton"``). Both take the same kernel,
 arguments, grid and constants; the kernel's pointer arguments are the call's operands then its outputs (as

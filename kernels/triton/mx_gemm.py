@@ -360,7 +360,8 @@ if triton is not None:
         total = tl.zeros_like(acc)
         if last:
             for k in tl.static_range(SPLIT_K):
-                total += tl.load(partial_ptr + k * (M_PAD * N_PAD) + offsets)  # unread before: no stale L1 line
+                # visible here: each split stored, then a barrier, then its release; this program's acquire
+                total += tl.load(partial_ptr + k * (M_PAD * N_PAD) + offsets)
         return total, last
 
     @triton.jit
@@ -680,7 +681,8 @@ def mx_fused_gemm(
     """The v3 kernel: :func:`mx_fragment_gemm`'s product with the epilogue (``epilogue``: row scales, bias
     ``[E, N]``, the gated activation, router ``row_weights``) and the split-K sum in the kernel ->
     ``out_dtype [M_pad, n_out]``, as :func:`quarkmoe_jax.kernels.base.epilogue_of_accumulators` computes it
-    from the v2 accumulators (to float32 summation order and the activation's last bit). Gate / up halves
+    from the v2 accumulators (to float32 summation order and the activation's last bit; rows of unused tiles,
+    which no pair reads, are zeros here). Gate / up halves
     run half v2's programs (each over both halves), so their K split is sized again on that grid (up to
     twice ``config.split_k``).
 
@@ -692,6 +694,13 @@ def mx_fused_gemm(
     reason = fused_unsupported(weight, epilogue, config, out_dtype)
     if reason is not None:
         raise NotImplementedError(f"triton backend, fused epilogue: {reason}")
+    for name, wanted, given in (
+        ("bias", epilogue.has_bias, bias),
+        ("row_scales", epilogue.row_scales, row_scales),
+        ("row_weights", epilogue.row_weights, row_weights),
+    ):
+        if wanted and given is None:
+            raise ValueError(f"mx_fused_gemm: the epilogue applies {name} but none was given")
     _, n_pad, k_pad = padded_shape(weight)
     n = weight.shape[1]
     if not fits(weight, config.block_n):

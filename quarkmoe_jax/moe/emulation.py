@@ -237,7 +237,7 @@ def scaled_in_order(acc, a_scale, w_scale, w_per_tensor: bool = False):
     if a_scale is not None:
         a_scale = jnp.asarray(a_scale, jnp.float32)
         acc = acc * a_scale
-        if w_scale is not None and (a_scale.ndim == 0 or w_per_tensor):
+        if w_scale is not None and (a_scale.size == 1 or w_per_tensor):
             acc = lax.optimization_barrier(acc)
     if w_scale is not None:
         acc = acc * w_scale

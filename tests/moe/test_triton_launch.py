@@ -196,12 +196,18 @@ def test_the_v3_fused_epilogue_kernel_compiles_for_each_layer_epilogue():
         halves = epilogue.gated and not epilogue.interleaved
         assert fused.spill_bytes == 0 and fused.shared_bytes <= 227 * 1024, (tile, epilogue, fused.registers)
         assert len(wgmma.findall(fused.ptx)) == (2 if halves else 1) * len(wgmma.findall(plain.ptx)), (tile, epilogue)
-        assert ("atom.global.gpu.acq_rel.add" in fused.ptx) == (tile.split_k > 1), (tile, epilogue)
+        atomic = fused.ptx.find("atom.global.gpu.acq_rel.add")
+        assert (atomic >= 0) == (tile.split_k > 1), (tile, epilogue)
+        if atomic >= 0:  # every thread's partial stored, then the barrier, then the count
+            before = fused.ptx[:atomic]
+            assert before.rfind("bar.sync") > before.rfind("st.global"), (tile, epilogue)
 
 
-def test_the_v3_kernel_lowers_with_its_split_counts_updated_in_place(monkeypatch):
-    """Through XLA's Triton call the v3 kernel's split counters (zeros made by XLA) are an operand aliased to
-    an output, so the kernel's atomics write a buffer XLA gave it to write, and the call returns the output."""
+@pytest.mark.parametrize("layout", ["interleaved", "halves"])
+def test_the_v3_kernel_lowers_with_its_split_counts_updated_in_place(monkeypatch, layout):
+    """Through XLA's Triton call (its own Triton dialect parses the kernel: ``tt.join`` / ``tt.split`` /
+    atomics included) the v3 kernel's split counters (zeros made by XLA) are an operand aliased to an
+    output, so the kernel's atomics write a buffer XLA gave it to write, and the call returns the output."""
     pytest.importorskip("triton")
     import quarkmoe_jax as qm
     from quarkmoe_jax.formats.fragment_layout import to_fragment_layout
@@ -215,18 +221,54 @@ def test_the_v3_kernel_lowers_with_its_split_counts_updated_in_place(monkeypatch
     weight = to_fragment_layout(
         qm.MXTensor(pack_codes(jnp.zeros((2, 256, 512), jnp.uint8), fmt), jnp.zeros((2, 256, 16), jnp.uint8), fmt)
     )
-    epilogue = Epilogue("swigluoai", True, True, None, "bfloat16", has_bias=True)
+    if layout == "interleaved":
+        epilogue = Epilogue("swigluoai", True, True, None, "bfloat16", has_bias=True)
+    else:
+        epilogue = Epilogue("silu", True, False, 7.0, "bfloat16", has_bias=True, row_scales=True)
 
-    def call(a, w, t, bias):
+    def call(a, w, t, bias, row_scales):
         config = TileConfig(16, 128, 4, 3, split_k=2, fused_epilogue=True)
-        return mx_gemm.mx_fused_gemm(a, w, t, bias, config=config, epilogue=epilogue, n_out=128, out_dtype=jnp.bfloat16)
+        row_scales = row_scales if epilogue.row_scales else None
+        return mx_gemm.mx_fused_gemm(
+            a, w, t, bias, None, row_scales, config=config, epilogue=epilogue, n_out=128, out_dtype=jnp.bfloat16
+        )
 
-    args = (jnp.ones((32, 512), jnp.bfloat16), weight, jnp.zeros((2,), jnp.int32), jnp.ones((2, 256), jnp.float32))
+    args = (
+        jnp.ones((32, 512), jnp.bfloat16),
+        weight,
+        jnp.zeros((2,), jnp.int32),
+        jnp.ones((2, 256), jnp.float32),
+        jnp.ones((32,), jnp.float32),
+    )
     lowered = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",))
     hlo = lowered.as_text()
     assert hlo.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
     assert (
         "output_operand_aliases = [#stablehlo.output_operand_alias<output_tuple_indices = [2], operand_index = 8" in hlo
     )
-    assert 'name = "_mx_fused_gemm_kernel"' in hlo and "grid_z = 2 : i32" in hlo
+    split = 2 if layout == "interleaved" else 4  # halves: half the programs, the split sized again (up to 2x)
+    assert 'name = "_mx_fused_gemm_kernel"' in hlo and f"grid_z = {split} : i32" in hlo
     assert lowered.out_info.shape == (32, 128)
+
+
+def test_the_v3_kernel_refuses_an_epilogue_input_it_was_not_given():
+    import quarkmoe_jax as qm
+    from quarkmoe_jax.formats.fragment_layout import to_fragment_layout
+    from quarkmoe_jax.formats.mx import pack_codes
+    from quarkmoe_jax.kernels.base import Epilogue, TileConfig
+    from quarkmoe_jax.kernels.triton import mx_gemm
+
+    fmt = qm.MX_FORMATS["mxfp4"]
+    weight = to_fragment_layout(
+        qm.MXTensor(pack_codes(jnp.zeros((1, 128, 256), jnp.uint8), fmt), jnp.zeros((1, 128, 8), jnp.uint8), fmt)
+    )
+    with pytest.raises(ValueError, match="applies row_weights but none was given"):
+        mx_gemm.mx_fused_gemm(
+            jnp.ones((16, 256), jnp.bfloat16),
+            weight,
+            jnp.zeros((1,), jnp.int32),
+            config=TileConfig(16, 128, 4, 3, fused_epilogue=True),
+            epilogue=Epilogue(row_weights=True),
+            n_out=128,
+            out_dtype=jnp.bfloat16,
+        )
