@@ -52,9 +52,15 @@ def generations_of(doc: dict, weight_class: str) -> dict[str, int]:
 
 def rank_backends(results: list[dict]) -> dict:
     """``{device: {family: {tokens: {"backends": [fastest first], "generations": {backend: n}}}}}`` from
-    moe_bench JSON documents."""
+    moe_bench JSON documents. Runs of an experiment (the v3 MX kernel forced on, or the Triton kernels
+    launched another way than the default) time kernels ``auto`` does not run: they are left out."""
     times = {}  # (device, family, tokens) -> {(shape, scheme, skewed): {backend: us}}
     generations = {}  # (device, family, tokens) -> {backend: generation}
+    results = [
+        doc
+        for doc in results
+        if not doc["meta"].get("mx_fused_epilogue") and doc["meta"].get("triton_launcher", "jax_triton") == "jax_triton"
+    ]
     for doc in sorted(results, key=lambda d: d["meta"].get("date", "")):
         device = doc["meta"]["device"]
         measured = collections.defaultdict(dict)

@@ -70,6 +70,11 @@ def test_backend_table_ranks_a_family_on_its_newest_measurement_only():
     ranked = rank([older])["GPU"]
     assert ranked["mxfp4/none"]["1"] == {"backends": ["pallas", "triton"], "generations": {"pallas": 1, "triton": 1}}
     assert ranked["int8/int8"]["1"]["generations"] == {"triton": 1}
+    # runs of an experiment (the v3 kernel forced on, XLA's Triton call) time what auto does not run: left out
+    for experiment in ({"mx_fused_epilogue": True}, {"triton_launcher": "xla"}):
+        newer = doc("2026-12-09", [("w_mxfp6_e2m3", 16, "triton", 9.0), ("w_mxfp6_e2m3", 16, "pallas", 4.0)])
+        newer["meta"].update(experiment)
+        assert rank([old, new, newer]) == {"GPU": {"mxfp6/none": {"16": both}, "mxfp4/none": {"16": both}}}
 
 
 def test_moe_bench_prints_the_newest_anchor_figures_for_the_device():
