@@ -29,7 +29,6 @@ import os
 import re
 import subprocess
 import tempfile
-import types
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +98,17 @@ def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int,
     return list(outs) if several else outs[0]
 
 
+def _source(kernel, pointer_dtypes: tuple[str, ...], constants: dict):
+    """``kernel`` as Triton's front end takes it: its pointer arguments of ``pointer_dtypes`` (numpy dtype names)
+    16-byte aligned, as jax-triton and XLA pass buffers, every other argument one of ``constants``."""
+    from triton.compiler.compiler import ASTSource
+
+    signature = {kernel.arg_names[i]: "*" + _TRITON_TYPES[d] for i, d in enumerate(pointer_dtypes)}
+    signature.update({name: "constexpr" for name in constants})
+    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(pointer_dtypes))}
+    return ASTSource(kernel, signature, constants, aligned)
+
+
 @functools.cache
 def kernel_ttir(kernel, pointer_dtypes: tuple[str, ...], constants: tuple, num_warps: int, num_stages: int, cc: int):
     """``(ttir, name)``: ``kernel`` specialised to ``constants`` and to 16-byte-aligned pointers of
@@ -107,27 +117,15 @@ def kernel_ttir(kernel, pointer_dtypes: tuple[str, ...], constants: tuple, num_w
     import triton._C.libtriton as libtriton
     from triton.backends.nvidia.compiler import CUDABackend, GPUTarget
     from triton.compiler.code_generator import ast_to_ttir
-    from triton.compiler.compiler import ASTSource
 
     backend = CUDABackend(GPUTarget("cuda", cc, 32))
-    types_ = ["*" + _TRITON_TYPES[d] for d in pointer_dtypes]
-    signature = {kernel.arg_names[i]: t for i, t in enumerate(types_)}
-    aligned = [
-        libtriton.native_specialize_impl(
-            backend, types.SimpleNamespace(data_ptr=lambda: 16, dtype=t.removeprefix("*")), False, True, True
-        )
-        for t in types_
-    ]
-    attrs = {(i,): backend.parse_attr(attr) for i, (_, attr) in enumerate(aligned)}
-    constexprs = dict(constants)
-    signature.update({name: "constexpr" for name in constexprs})
     options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages, "num_ctas": 1})
     context = libtriton.ir.context()
     libtriton.ir.load_dialects(context)
     backend.load_dialects(context)
     module = ast_to_ttir(
         kernel,
-        ASTSource(kernel, constexprs=constexprs, signature=signature, attrs=attrs),
+        _source(kernel, pointer_dtypes, dict(constants)),
         options=options,
         codegen_fns=backend.get_codegen_implementation(options),
         context=context,
@@ -159,14 +157,9 @@ def compile_report(
     from triton import compile as triton_compile
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler.compiler import ASTSource
 
-    types_ = ["*" + _TRITON_TYPES[d] for d in pointer_dtypes]
-    signature = {kernel.arg_names[i]: t for i, t in enumerate(types_)}
-    signature.update({name: "constexpr" for name in constants})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(types_))}
     compiled = triton_compile(
-        ASTSource(kernel, signature, constants, attrs),
+        _source(kernel, pointer_dtypes, constants),
         target=GPUTarget("cuda", cc, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )

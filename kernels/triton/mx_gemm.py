@@ -546,6 +546,22 @@ def launch_parameters(
     )
 
 
+def _operand(a, weight: QArray, tile_expert, config):
+    """``a`` as both MX kernels read it (bfloat16, K padded to the weight's) and the launch's sizes
+    ``(a, n, n_pad, k_pad, num_tiles, m_pad)``; raises as :func:`mx_fragment_gemm` says."""
+    _, n_pad, k_pad = padded_shape(weight)
+    if not fits(weight, config.block_n):
+        raise NotImplementedError(f"triton backend: block_n {config.block_n} does not tile N = {n_pad}")
+    num_tiles = tile_expert.shape[0]
+    m_pad = a.shape[0]
+    if m_pad != num_tiles * config.block_m:
+        raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {config.block_m}")
+    a = a.astype(jnp.bfloat16)
+    if a.shape[1] < k_pad:
+        a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
+    return a, weight.shape[1], n_pad, k_pad, num_tiles, m_pad
+
+
 def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: bool = False):
     """``a [M_pad, K]`` (bfloat16, rows in the dispatch's tile layout) times MX ``weight`` (MXFP4 or MXFP6,
     fragment layout, ``[E, N, K]``) of each row tile's expert -> float32 ``[M_pad, N]`` accumulators.
@@ -561,17 +577,7 @@ def mx_fragment_gemm(a, weight: QArray, tile_expert, *, config, interleaved: boo
     """
     from quarkmoe_jax.kernels.triton.launch import triton_call
 
-    _, n_pad, k_pad = padded_shape(weight)
-    n = weight.shape[1]
-    if not fits(weight, config.block_n):
-        raise NotImplementedError(f"triton backend: block_n {config.block_n} does not tile N = {n_pad}")
-    num_tiles = tile_expert.shape[0]
-    m_pad = a.shape[0]
-    if m_pad != num_tiles * config.block_m:
-        raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {config.block_m}")
-    a = a.astype(jnp.bfloat16)
-    if a.shape[1] < k_pad:
-        a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
+    a, n, n_pad, k_pad, num_tiles, m_pad = _operand(a, weight, tile_expert, config)
     fmt_name = weight.qtype.element
     launch = launch_parameters(
         num_tiles=num_tiles,
@@ -701,17 +707,7 @@ def mx_fused_gemm(
     ):
         if wanted and given is None:
             raise ValueError(f"mx_fused_gemm: the epilogue applies {name} but none was given")
-    _, n_pad, k_pad = padded_shape(weight)
-    n = weight.shape[1]
-    if not fits(weight, config.block_n):
-        raise NotImplementedError(f"triton backend: block_n {config.block_n} does not tile N = {n_pad}")
-    num_tiles = tile_expert.shape[0]
-    m_pad = a.shape[0]
-    if m_pad != num_tiles * config.block_m:
-        raise ValueError(f"a has {m_pad} rows, expected {num_tiles} tiles x {config.block_m}")
-    a = a.astype(jnp.bfloat16)
-    if a.shape[1] < k_pad:
-        a = jnp.pad(a, ((0, 0), (0, k_pad - a.shape[1])))
+    a, n, n_pad, k_pad, num_tiles, m_pad = _operand(a, weight, tile_expert, config)
     if epilogue.gated and not epilogue.interleaved:  # half v2's programs: split K again to fill the GPU
         from quarkmoe_jax.kernels.triton.backend import split_k_for
 
